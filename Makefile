@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create and reuse .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.isosweep-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# Pinned, known-good versions (torch 2.14.1 + torchvision 0.29.1: see README "Installing").
+	$(PY) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## demo: set up, then run the built-in demo sweep on an embedded local Ray
+demo: install
+	$(VENV)/bin/isosweep run search_spaces/demo.yaml $(DEMO_ARGS)
+
+## test: set up, then run the whole test suite (Ray, MLflow and S3 servers on loopback included)
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-fast: only the tests that start no Ray, MLflow or S3 server
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/iso_step.py
+	$(PY) bench/jacobian.py
+	$(PY) bench/sampling.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,426 @@
+"""The sweep spec: one typed, validated YAML file per sweep.
+
+Every section is a pydantic model with unknown keys forbidden, so a misspelt key fails at load time
+with the file, the field, the bad value and the fix in one message (`SpecError`). The same schema is
+used by `isosweep validate`, `run`, `train` and `eval`; the resolved spec is saved with every trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METRIC_NAMES = ("stereographic", "identity", "ambient")
+EVAL_METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "ls")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file, the field, the value and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelSpec(_Section):
+    """Where the pretrained UNet comes from.
+
+    `source` is one of: `builtin:shapes` (trained by `isosweep pretrain` and cached), a local diffusers
+    directory, a hub id such as `google/ddpm-ema-celebahq-256` (loaded from the local HF cache when
+    offline), or an MLflow model URI (`models:/NAME@alias`, `runs:/ID/model`).
+    """
+
+    source: str = Field("builtin:shapes", description="builtin:shapes, a diffusers directory, a hub id, or an MLflow model URI")
+    subfolder: str | None = Field(None, description="subfolder of the source holding the UNet, e.g. 'unet' for a pipeline")
+    pretrain_steps: int = Field(1500, ge=1, description="optimizer steps for builtin:shapes pretraining")
+    pretrain_batch_size: int = Field(32, ge=1, description="batch size for builtin:shapes pretraining")
+    cache_dir: str | None = Field(None, description="where builtin models are cached (default ~/.cache/isosweep/models)")
+
+
+class DatasetSpec(_Section):
+    """The training images: the built-in `shapes` problem or an image folder (CelebA-HQ/LSUN layout)."""
+
+    kind: Literal["shapes", "image_folder"] = Field("shapes", description="shapes (built in, labelled) or image_folder")
+    path: str | None = Field(None, description="root of the image tree (image_folder only)")
+    resolution: int = Field(32, ge=8, description="side length in pixels after resize and center crop")
+    size: int = Field(4096, ge=1, description="number of images for shapes (ignored for image_folder)")
+    seed: int = Field(0, description="seed that generates shapes")
+    center_crop: bool = Field(True, description="center crop to a square before resizing")
+    random_flip: bool = Field(True, description="random horizontal flip during training")
+    attributes: str | None = Field(None, description="CSV of per-image attribute labels for LS (image_folder only)")
+
+    @model_validator(mode="after")
+    def _path_for_folder(self) -> "DatasetSpec":
+        if self.kind == "image_folder" and not self.path:
+            raise ValueError("dataset.kind is image_folder but dataset.path is empty; set dataset.path to the image root")
+        return self
+
+
+class TrainSpec(_Section):
+    """One trial's fine-tuning: L = L_dsm + lambda_iso * 1[t > pT] * L_iso (MATH.md sections 3-4)."""
+
+    lambda_iso: float = Field(1e-4, ge=0.0, description="weight of the isometry loss; 0 is the baseline")
+    p: float = Field(0.5, ge=0.0, le=1.0, description="fraction of the schedule (low-noise end) without the isometry loss; 1 is the baseline")
+    metric: Literal["stereographic", "identity", "ambient"] = Field("stereographic", description="the metric G on the noise space")
+    iso_reduction: Literal["global", "local"] = Field("global", description="global: ratio of all-reduced means (faithful); local: per-worker ratio")
+    learning_rate: float = Field(1e-4, gt=0.0, description="Adam learning rate")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    global_batch_size: int = Field(32, ge=1, description="images per optimizer step over all workers and accumulation steps")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step on each worker")
+    epochs: float = Field(10, gt=0, description="passes over the dataset (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    ema_decay: float = Field(0.9999, ge=0.0, le=1.0, description="EMA decay per optimizer step")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast dtype on GPU; forced to 'no' on CPU")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="max gradient norm; null disables clipping")
+    seed: int = Field(0, description="seed for data order, timesteps, noise and probes")
+    report_every: int = Field(1, ge=1, description="report metrics to Ray every k optimizer steps")
+    checkpoint_every: int = Field(200, ge=1, description="checkpoint every N optimizer steps (and at the end)")
+    timesteps: int = Field(1000, ge=2, description="T of the DDPM schedule (must match the model's scheduler)")
+
+    def per_worker_batch_size(self, num_workers: int) -> int:
+        """Images per micro-batch on one worker; global batch must divide evenly."""
+        denom = num_workers * self.grad_accumulation
+        if self.global_batch_size % denom:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"workers_per_trial*grad_accumulation={denom}; choose a multiple of {denom}"
+            )
+        return self.global_batch_size // denom
+
+
+class FidSpec(_Section):
+    num_samples: int = Field(10000, ge=2, description="generated images (paper: 10k)")
+    ddim_steps: int = Field(20, ge=1, description="DDIM steps per sample (paper: 20)")
+    reference_samples: int | None = Field(None, ge=2, description="dataset images for reference statistics (default: all)")
+
+
+class PplSpec(_Section):
+    num_samples: int = Field(50000, ge=2, description="slerp pairs (paper: 50k)")
+    ddim_steps: int = Field(100, ge=1, description="DDIM steps (paper: 100)")
+    eps: float = Field(1e-4, gt=0.0, description="step along the slerp path")
+
+
+class RtlSpec(_Section):
+    num_pairs: int = Field(64, ge=1, description="latent pairs")
+    num_points: int = Field(16, ge=2, description="K: intervals on each slerp path (K+1 points)")
+    ddim_steps: int = Field(20, ge=1, description="DDIM steps along each trajectory")
+
+
+class JacobianSpec(_Section):
+    num_samples: int = Field(32, ge=2, description="noisy samples x_t whose encoder Jacobian is decomposed")
+    pool: int | None = Field(2, ge=1, description="average-pool kernel on h before the Jacobian; null for none")
+    timestep: int = Field(999, ge=0, description="t at which J_e(x_t) is taken")
+    memory_budget_mb: int = Field(2048, ge=64, description="chunk VJPs to stay under this much memory")
+
+
+class LsSpec(_Section):
+    num_samples: int = Field(2000, ge=10, description="generated images labelled by the attribute classifier")
+    keep: int = Field(1000, ge=4, description="most confident per attribute kept for the SVM")
+    ddim_steps: int = Field(20, ge=1)
+    kernels: list[Literal["linear", "rbf"]] = Field(default_factory=lambda: ["linear", "rbf"])
+
+
+class EvaluationSpec(_Section):
+    """What every trial measures at the end, and with which feature networks."""
+
+    metrics: list[Literal["fid", "ppl", "mrtl", "mcn", "vor", "ls"]] = Field(
+        default_factory=lambda: ["fid", "ppl", "mrtl", "mcn", "vor"], description="metrics computed per trial"
+    )
+    backbone: Literal["auto", "standard", "domain"] = Field(
+        "auto", description="standard: Inception/LPIPS-AlexNet; domain: the project's shapes network; auto: standard if weights are present"
+    )
+    weights_dir: str | None = Field(None, description="directory with pre-staged Inception/AlexNet weights (air-gapped clusters)")
+    cache_dir: str | None = Field(None, description="where reference statistics and domain networks are cached")
+    batch_size: int = Field(64, ge=1, description="images per sampling/feature batch")
+    seed: int = Field(1234, description="seed for evaluation latents, identical for every trial")
+    fid: FidSpec = Field(default_factory=FidSpec)
+    ppl: PplSpec = Field(default_factory=PplSpec)
+    mrtl: RtlSpec = Field(default_factory=RtlSpec)
+    jacobian: JacobianSpec = Field(default_factory=JacobianSpec)
+    ls: LsSpec = Field(default_factory=LsSpec)
+
+
+class Distribution(_Section):
+    """A search dimension: `loguniform`/`uniform` (low, high), or `choice` (values)."""
+
+    type: Literal["loguniform", "uniform", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Distribution":
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"a {self.type} distribution needs 'low' and 'high'")
+            if self.low > self.high:
+                raise ValueError(f"low={self.low} is above high={self.high}; swap them")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0 (got {self.low}); the baseline lambda_iso=0 is always added on its own")
+        return self
+
+    def bounds(self) -> list[float]:
+        """All the values this dimension can take at its edges (for range checks)."""
+        if self.type == "choice":
+            return [v for v in self.values if isinstance(v, (int, float))]
+        return [self.low, self.high]
+
+
+class SearchSpec(_Section):
+    """The Ray Tune search over lambda_iso, p and G."""
+
+    algorithm: Literal["optuna", "random", "grid"] = Field("optuna", description="optuna (multi-objective TPE), random, or grid")
+    num_trials: int = Field(8, ge=1, description="searched trials (the baseline trial is added on top)")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's resources fit")
+    lambda_iso: Distribution = Field(default_factory=lambda: Distribution(type="loguniform", low=1e-5, high=1e-3))
+    p: Distribution = Field(default_factory=lambda: Distribution(type="choice", values=[0.0, 0.5]))
+    metric: Distribution = Field(default_factory=lambda: Distribution(type="choice", values=["stereographic", "identity"]))
+    scheduler: Literal["none"] = Field(
+        "none", description="early stopping: none (FID and PPL exist only after evaluation; never prune on the denoising loss)"
+    )
+    seed: int = Field(0, description="seed of the search algorithm")
+    max_failures: int = Field(2, ge=0, description="retries of a failed trial (Tune) and of its workers (Train)")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SearchSpec":
+        for v in self.lambda_iso.bounds():
+            if v < 0:
+                raise ValueError(f"search.lambda_iso can reach {v} < 0; lambda_iso must be >= 0")
+        for v in self.p.bounds():
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"search.p can reach {v}; p must lie in [0, 1]")
+        if self.metric.type != "choice":
+            raise ValueError("search.metric must be a choice of " + ", ".join(METRIC_NAMES))
+        bad = [m for m in self.metric.values if m not in METRIC_NAMES]
+        if bad:
+            raise ValueError(f"search.metric has unknown metric(s) {bad}; use any of {list(METRIC_NAMES)}")
+        if self.algorithm == "grid":
+            for name in ("lambda_iso", "p", "metric"):
+                if getattr(self, name).type != "choice":
+                    raise ValueError(f"grid search needs search.{name} to be a choice (a list of values)")
+        return self
+
+
+class SelectionSpec(_Section):
+    """How the champion is chosen from the (FID, PPL) Pareto front."""
+
+    objectives: list[str] = Field(default_factory=lambda: ["fid", "ppl"], description="both minimised")
+    rule: Literal["fid_tolerance", "knee", "weighted"] = Field(
+        "fid_tolerance", description="fid_tolerance: lowest PPL with FID <= baseline*(1+tol); knee; weighted"
+    )
+    fid_tolerance: float = Field(0.10, ge=0.0, description="relative FID increase over the baseline allowed (0.10 = 10%)")
+    weights: dict[str, float] = Field(default_factory=lambda: {"fid": 1.0, "ppl": 1.0}, description="for rule=weighted, on normalised objectives")
+
+    @field_validator("objectives")
+    @classmethod
+    def _two(cls, v: list[str]) -> list[str]:
+        bad = [o for o in v if o not in EVAL_METRICS]
+        if bad or len(v) != 2:
+            raise ValueError(f"selection.objectives must be two of {list(EVAL_METRICS)} (got {v})")
+        return v
+
+
+class ResourcesSpec(_Section):
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per trial")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL backend")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _gpu(self) -> "ResourcesSpec":
+        if self.use_gpu and self.gpus_per_worker == 0:
+            self.__dict__["gpus_per_worker"] = 1.0
+        return self
+
+
+class TrackingSpec(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under the storage path")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the spec name)")
+    registry_name: str | None = Field(None, description="registered model name (default: isodiff-<name>)")
+    register_champion: bool = Field(True, description="register the champion with alias 'champion'")
+
+
+class StorageSpec(_Section):
+    path: str = Field("runs", description="local directory or s3://bucket/prefix for Ray Tune results and checkpoints")
+
+
+class SweepSpec(_Section):
+    """A whole sweep: the root of the YAML file."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="sweep name; also the MLflow experiment by default")
+    base_model: BaseModelSpec = Field(default_factory=BaseModelSpec)
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepSpec":
+        self.train.per_worker_batch_size(self.resources.workers_per_trial)
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registry_name(self) -> str:
+        return self.tracking.registry_name or f"isodiff-{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+_FIXES = {
+    "extra_forbidden": "remove it, or check its spelling against the spec reference in README.md",
+    "missing": "add it",
+    "literal_error": "use one of the allowed values",
+    "greater_than_equal": "raise it to the minimum",
+    "greater_than": "raise it above the minimum",
+    "less_than_equal": "lower it to the maximum",
+    "less_than": "lower it below the maximum",
+    "string_pattern_mismatch": "use letters, digits, '_', '.' and '-' only",
+}
+
+
+def _lookup(data: Any, loc: tuple) -> Any:
+    for key in loc:
+        try:
+            data = data[key]
+        except (KeyError, IndexError, TypeError):
+            return "<missing>"
+    return data
+
+
+def _format_errors(source: str, exc: ValidationError, data: dict) -> str:
+    lines = [f"{source}: invalid sweep spec ({exc.error_count()} problem(s))"]
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        field = ".".join(str(p) for p in loc) or "<root>"
+        value = _lookup(data, loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        fix = _FIXES.get(err["type"], "")
+        line = f"  - field '{field}': {msg} (got {value!r})"
+        lines.append(line + (f"; fix: {fix}" if fix else ""))
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a nested dict, returning a copy."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"{source}: '{item}' is not key.path=value; fix: write e.g. search.num_trials=2")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise SpecError(f"{source}: '{key}' goes through '{part}', which is not a section; fix: check the key path")
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return out
+
+
+def spec_from_dict(data: dict, source: str = "<spec>", check_paths: bool = True) -> SweepSpec:
+    """Validate a spec dict; raise SpecError naming the source, the field, the value and the fix."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the top level must be a mapping of sections (got {type(data).__name__})")
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(source, exc, data)) from None
+    if check_paths:
+        _check_paths(spec, source)
+    return spec
+
+
+def _check_paths(spec: SweepSpec, source: str) -> None:
+    ds = spec.dataset
+    if ds.kind == "image_folder" and ds.path and "://" not in ds.path and not Path(os.path.expanduser(ds.path)).is_dir():
+        raise SpecError(
+            f"{source}: field 'dataset.path': directory does not exist (got {ds.path!r}); "
+            "fix: point it at the root of the image tree, or --set dataset.path=/data/celebahq"
+        )
+    if ds.attributes and not Path(os.path.expanduser(ds.attributes)).is_file():
+        raise SpecError(f"{source}: field 'dataset.attributes': file does not exist (got {ds.attributes!r}); fix: give the CSV's path or remove the field")
+    src = spec.base_model.source
+    looks_local = src.startswith(("/", "./", "../", "~"))
+    if looks_local and not Path(os.path.expanduser(src)).exists():
+        raise SpecError(f"{source}: field 'base_model.source': path does not exist (got {src!r}); fix: point it at a diffusers model directory")
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> SweepSpec:
+    """Read, override and validate a YAML spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file; fix: give the path of a YAML spec such as search_spaces/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return spec_from_dict(data, source=str(path), check_paths=check_paths)
+
+
+def check_cluster_fits(spec: SweepSpec, cluster_resources: dict[str, float], source: str = "<spec>") -> None:
+    """Fail early when one trial needs more GPUs or CPUs than the whole cluster has."""
+    res = spec.resources
+    need_gpu = res.workers_per_trial * res.gpus_per_worker
+    need_cpu = res.workers_per_trial * res.cpus_per_worker
+    have_gpu = cluster_resources.get("GPU", 0.0)
+    have_cpu = cluster_resources.get("CPU", 0.0)
+    if need_gpu > have_gpu:
+        raise SpecError(
+            f"{source}: field 'resources': one trial needs {need_gpu:g} GPUs "
+            f"(workers_per_trial={res.workers_per_trial} x gpus_per_worker={res.gpus_per_worker:g}) but the cluster has {have_gpu:g}; "
+            "fix: lower resources.workers_per_trial, set resources.use_gpu=false, or connect to a GPU cluster with --address"
+        )
+    if need_cpu > have_cpu:
+        raise SpecError(
+            f"{source}: field 'resources': one trial needs {need_cpu:g} CPUs "
+            f"(workers_per_trial={res.workers_per_trial} x cpus_per_worker={res.cpus_per_worker:g}) but the cluster has {have_cpu:g}; "
+            "fix: lower resources.workers_per_trial or resources.cpus_per_worker"
+        )
+
+
+def max_concurrent(spec: SweepSpec, cluster_resources: dict[str, float]) -> int:
+    """How many trials fit at once: the spec's value, else what the cluster's GPUs (or CPUs) allow."""
+    if spec.search.max_concurrent_trials:
+        return spec.search.max_concurrent_trials
+    res = spec.resources
+    if res.gpus_per_worker > 0:
+        fit = cluster_resources.get("GPU", 0.0) // (res.workers_per_trial * res.gpus_per_worker)
+    else:
+        # the trial's own function holds no CPU (it waits on its TorchTrainer)
+        fit = cluster_resources.get("CPU", 1.0) // (res.workers_per_trial * res.cpus_per_worker)
+    return max(1, int(fit))
+
+
+def is_baseline(lambda_iso: float, p: float) -> bool:
+    """lambda_iso = 0 or p = 1 turns the isometry loss off entirely."""
+    return lambda_iso == 0.0 or p >= 1.0 or math.isclose(p, 1.0)
