@@ -1,0 +1,23 @@
+"""Shared test settings: quiet, small, CPU-only unless a test is marked gpu."""
+
+import os
+
+import pytest
+
+# Tests start their own Ray clusters; the dashboard costs a GB and a few seconds each time.
+os.environ.setdefault("ISOSWEEP_RAY_DASHBOARD", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run where CUDA exists and are skipped, saying why, where it does not."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
