@@ -70,10 +70,10 @@ class TrainSpec(_Section):
     metric: Literal["stereographic", "identity", "ambient"] = Field("stereographic", description="the metric G on the noise space")
     iso_reduction: Literal["global", "local"] = Field("global", description="global: ratio of all-reduced means (faithful); local: per-worker ratio")
     learning_rate: float = Field(1e-4, gt=0.0, description="Adam learning rate")
-    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    adam_eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")
+    adam_eps: float = Field(1e-8, gt=0.0, description="Adam epsilon")
+    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (0 = plain Adam)")
     global_batch_size: int = Field(32, ge=1, description="images per optimizer step over all workers and accumulation steps")
     grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step on each worker")
     epochs: float = Field(10, gt=0, description="passes over the dataset (ignored when max_steps is set)")
@@ -125,8 +125,8 @@ class JacobianSpec(_Section):
 class LsSpec(_Section):
     num_samples: int = Field(2000, ge=10, description="generated images labelled by the attribute classifier")
     keep: int = Field(1000, ge=4, description="most confident per attribute kept for the SVM")
-    ddim_steps: int = Field(20, ge=1)
-    kernels: list[Literal["linear", "rbf"]] = Field(default_factory=lambda: ["linear", "rbf"])
+    ddim_steps: int = Field(20, ge=1, description="DDIM steps per labelled sample")
+    kernels: list[Literal["linear", "rbf"]] = Field(default_factory=lambda: ["linear", "rbf"], description="SVM kernels: linear (LS) and rbf (LS radial)")
 
 
 class EvaluationSpec(_Section):
@@ -184,9 +184,18 @@ class SearchSpec(_Section):
     algorithm: Literal["optuna", "random", "grid"] = Field("optuna", description="optuna (multi-objective TPE), random, or grid")
     num_trials: int = Field(8, ge=1, description="searched trials (the baseline trial is added on top)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's resources fit")
-    lambda_iso: Distribution = Field(default_factory=lambda: Distribution(type="loguniform", low=1e-5, high=1e-3))
-    p: Distribution = Field(default_factory=lambda: Distribution(type="choice", values=[0.0, 0.5]))
-    metric: Distribution = Field(default_factory=lambda: Distribution(type="choice", values=["stereographic", "identity"]))
+    lambda_iso: Distribution = Field(
+        default_factory=lambda: Distribution(type="loguniform", low=1e-5, high=1e-3),
+        description="{type: loguniform|uniform, low, high} or {type: choice, values: [...]}, all >= 0",
+    )
+    p: Distribution = Field(
+        default_factory=lambda: Distribution(type="choice", values=[0.0, 0.5]),
+        description="{type: uniform, low, high} or {type: choice, values}, inside [0, 1]",
+    )
+    metric: Distribution = Field(
+        default_factory=lambda: Distribution(type="choice", values=["stereographic", "identity"]),
+        description="{type: choice, values} of stereographic, identity, ambient",
+    )
     scheduler: Literal["none"] = Field(
         "none", description="early stopping: none (FID and PPL exist only after evaluation; never prune on the denoising loss)"
     )
@@ -235,8 +244,8 @@ class SelectionSpec(_Section):
 class ResourcesSpec(_Section):
     workers_per_trial: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per trial")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL backend")
-    cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker (1 when use_gpu and left at 0)")
 
     @model_validator(mode="after")
     def _gpu(self) -> "ResourcesSpec":
@@ -424,3 +433,47 @@ def max_concurrent(spec: SweepSpec, cluster_resources: dict[str, float]) -> int:
 def is_baseline(lambda_iso: float, p: float) -> bool:
     """lambda_iso = 0 or p = 1 turns the isometry loss off entirely."""
     return lambda_iso == 0.0 or p >= 1.0 or math.isclose(p, 1.0)
+
+
+def _type_name(ann: Any) -> str:
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if args:
+        inner = [_type_name(a) for a in args if a is not type(None)]
+        name = getattr(origin, "__name__", "") if origin not in (typing.Union, getattr(__import__("types"), "UnionType", None)) else ""
+        text = f"{name}[{', '.join(inner)}]" if name else " or ".join(inner)
+        return text + (" or null" if type(None) in args else "")
+    return getattr(ann, "__name__", str(ann))
+
+
+def _walk_fields(model: type[BaseModel], prefix: str = ""):
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not Distribution else None
+        path = f"{prefix}{name}"
+        if sub is not None:
+            yield from _walk_fields(sub, path + ".")
+            continue
+        if info.is_required():
+            default = "(required)"
+        else:
+            value = info.get_default(call_default_factory=True)
+            if isinstance(value, BaseModel):
+                value = value.model_dump(mode="json", exclude_none=True)
+            default = f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
+        type_name = _type_name(ann)
+        if ann is Distribution:
+            type_name = "distribution"
+        yield path, type_name, default, (info.description or "")
+
+
+def spec_reference_markdown() -> str:
+    """The spec reference table (every field, its type, default and meaning), generated from the schema."""
+    lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for path, type_name, default, desc in _walk_fields(SweepSpec):
+        type_name = type_name.replace("|", "or")
+        lines.append(f"| `{path}` | {type_name} | {default.replace('|', '/')} | {desc.replace('|', '/')} |")
+    return "\n".join(lines)
