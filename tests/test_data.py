@@ -1,0 +1,115 @@
+"""The shapes dataset, image folders and per-worker shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from isosweep.config import DatasetSpec
+from isosweep.data import (POSITIONS, ImageFolderDataset, ShapesDataset, ShardedLoader, ShardSampler,
+                           build_dataset, render_shape)
+
+
+def test_shapes_deterministic_per_seed():
+    a, b, c = ShapesDataset(16, 32, seed=3), ShapesDataset(16, 32, seed=3), ShapesDataset(16, 32, seed=4)
+    for i in range(16):
+        assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+    assert not all(torch.equal(a[i][0], c[i][0]) for i in range(16))
+    img, lab = a[0]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert img.min() >= -1 and img.max() <= 1
+    assert lab.dtype == torch.long and lab.shape == (5,)
+    assert a.factor_names == ("shape", "colour", "size", "x", "y") and a.num_classes == (3, 4, 3, 5, 5)
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_shapes_labels_match_images(resolution):
+    """The shape's pixel centroid is nearest its x/y position class; its colour is the colour class."""
+    ds = ShapesDataset(200, resolution, seed=1)
+    centres = np.array(POSITIONS) * resolution
+    for i in range(len(ds)):
+        img, lab = ds[i]
+        mask = (img > -1).any(0).numpy()
+        assert mask.sum() > 0
+        ys, xs = np.nonzero(mask)
+        cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+        assert np.argmin(abs(centres - cx)) == lab[3], (i, cx, lab)
+        assert np.argmin(abs(centres - cy)) == lab[4], (i, cy, lab)
+        # every shape pixel carries the factor's colour
+        rgb = img[:, ys[0], xs[0]]
+        from isosweep.data import COLOURS
+        assert torch.equal(rgb, torch.tensor(list(COLOURS.values())[lab[1]]))
+
+
+def test_shape_classes_differ_in_area():
+    """Same position and size: square > circle > triangle in area; sizes grow with the size class."""
+    area = lambda lab: (render_shape(lab, 32) > -1).any(0).sum()
+    sq, ci, tri = area((1, 0, 2, 2, 2)), area((0, 0, 2, 2, 2)), area((2, 0, 2, 2, 2))
+    assert sq > ci > tri
+    assert area((0, 0, 0, 2, 2)) < area((0, 0, 1, 2, 2)) < area((0, 0, 2, 2, 2))
+
+
+def test_shard_sampler_disjoint_and_covering():
+    n, world = 103, 4
+    seen = []
+    for rank in range(world):
+        s = ShardSampler(n, rank, world, seed=7)
+        s.set_epoch(2)
+        idx = list(s)
+        assert len(idx) == n // world == len(s)
+        seen += idx
+    assert len(set(seen)) == len(seen) == (n // world) * world  # no image twice in an epoch
+    s0 = ShardSampler(n, 0, world, seed=7)
+    s0.set_epoch(2)
+    s0b = ShardSampler(n, 0, world, seed=7)
+    s0b.set_epoch(3)
+    assert list(s0) != list(s0b)  # reshuffled per epoch
+    s0.set_epoch(2, start=5)
+    assert list(s0) == seen[5:n // world]  # resume skips what was consumed
+
+
+def test_sharded_loader_resume_order():
+    ds = ShapesDataset(40, 8, seed=0)
+    loader = ShardedLoader(ds, batch_size=4, rank=1, world_size=2, seed=0)
+    assert loader.batches_per_epoch == 5
+    full = [lab for _, lab in loader.epoch_batches(1)]
+    tail = [lab for _, lab in loader.epoch_batches(1, start_batch=3)]
+    assert len(full) == 5 and len(tail) == 2
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], tail))
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a" / "x.png")
+    Image.fromarray(rng.integers(0, 255, (50, 30, 3), dtype=np.uint8)).save(tmp_path / "a" / "b" / "y.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "z.webp")
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = ImageFolderDataset(tmp_path, 16, center_crop=True, random_flip=False)
+    assert len(ds) == 3
+    for i in range(3):
+        img, lab = ds[i]
+        assert img.shape == (3, 16, 16) and img.min() >= -1 and img.max() <= 1 and lab.numel() == 0
+    flip = ImageFolderDataset(tmp_path, 16, center_crop=False, random_flip=True, seed=0)
+    noflip = ImageFolderDataset(tmp_path, 16, center_crop=False, random_flip=False)
+    flipped = [not torch.equal(flip[i][0], noflip[i][0]) for i in range(3)]
+    for i in range(3):
+        if flipped[i]:
+            assert torch.equal(flip[i][0], noflip[i][0].flip(-1))
+    spec = DatasetSpec(kind="image_folder", path=str(tmp_path), resolution=16)
+    assert len(build_dataset(spec, train=False)) == 3
+
+
+def test_image_folder_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        ImageFolderDataset(tmp_path, 16)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolderDataset(tmp_path / "missing", 16)
+
+
+def test_build_dataset_shapes():
+    ds = build_dataset(DatasetSpec(kind="shapes", size=10, resolution=16, seed=2))
+    assert isinstance(ds, ShapesDataset) and len(ds) == 10 and ds[0][0].shape == (3, 16, 16)

@@ -1,0 +1,101 @@
+"""DSM loss, the per-batch p split of timesteps, and the combined loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from isosweep.losses import IsoDiffusionLoss, add_noise, dsm_loss, iso_cutoff, sample_timesteps
+from isosweep.models import default_scheduler
+
+
+def tiny_unet(seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8)
+
+
+def test_split_fraction_and_ranges():
+    g = torch.Generator().manual_seed(0)
+    T, p, n = 1000, 0.3, 4000
+    on = 0
+    for _ in range(n):
+        t, iso = sample_timesteps(4, p, T, g, lambda_iso=1e-4)
+        if iso:
+            on += 1
+            assert t.min() >= iso_cutoff(p, T) == 300  # never iso with t < pT
+        else:
+            assert t.max() < 300
+        assert t.dtype == torch.long and t.shape == (4,) and t.max() < T
+    assert abs(on / n - (1 - p)) < 0.03  # binomial sd ~ 0.007
+
+
+@pytest.mark.parametrize("lam,p", [(0.0, 0.5), (1e-4, 1.0)])
+def test_baseline_never_iso_and_uniform(lam, p):
+    g = torch.Generator().manual_seed(1)
+    ts = []
+    for _ in range(500):
+        t, iso = sample_timesteps(8, p, 1000, g, lambda_iso=lam)
+        assert not iso
+        ts.append(t)
+    ts = torch.cat(ts).float()
+    assert ts.min() < 50 and ts.max() > 950 and abs(ts.mean().item() - 499.5) < 20
+
+
+def test_p_zero_always_iso():
+    g = torch.Generator().manual_seed(2)
+    assert all(sample_timesteps(2, 0.0, 1000, g)[1] for _ in range(50))
+
+
+def test_forced_branch():
+    g = torch.Generator().manual_seed(3)
+    t, iso = sample_timesteps(64, 0.5, 1000, g, iso_on=False)
+    assert not iso and t.max() < 500
+    t, iso = sample_timesteps(64, 0.5, 1000, g, iso_on=True)
+    assert iso and t.min() >= 500
+
+
+def test_dsm_loss_zero_for_perfect_predictor():
+    sched = default_scheduler()
+    x0, noise = torch.rand(3, 3, 8, 8) * 2 - 1, torch.randn(3, 3, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    xt = add_noise(x0, noise, t, sched.alphas_cumprod)
+    assert torch.allclose(xt, sched.add_noise(x0, noise, t), atol=1e-6)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t):
+            return type("Out", (), {"sample": noise})()
+
+    assert dsm_loss(Oracle(), xt, t, noise).item() == 0.0
+
+
+def test_baseline_loss_skips_isometry(monkeypatch):
+    import isosweep.geometry as geometry
+
+    def boom(*a, **k):
+        raise AssertionError("the baseline must not compute the isometry term")
+
+    monkeypatch.setattr(geometry, "isometry_terms", boom)
+    unet, sched = tiny_unet(), default_scheduler()
+    x0, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    t = torch.tensor([600, 900])
+    for loss_fn in (IsoDiffusionLoss(lambda_iso=0.0, p=0.5), IsoDiffusionLoss(lambda_iso=1.0, p=1.0)):
+        out = loss_fn(unet, unet, x0, t, noise, True, sched.alphas_cumprod)
+        assert not out.iso_on and out.iso is None and torch.equal(out.loss.detach(), out.dsm)
+
+
+@pytest.mark.parametrize("metric", ["stereographic", "identity", "ambient"])
+def test_combined_loss(metric):
+    unet, sched = tiny_unet(), default_scheduler()
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    t = torch.tensor([600, 700, 800, 999])
+    lam = 0.5
+    out = IsoDiffusionLoss(lambda_iso=lam, p=0.5, metric=metric)(
+        unet, unet, x0, t, noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(0))
+    assert out.iso_on and torch.isfinite(out.loss) and out.iso > 0 and out.tr_r > 0
+    assert torch.allclose(out.loss.detach(), out.dsm + lam * out.iso)
+    out.loss.backward()
+    # the isometry term reaches the encoder (conv_in) and the dsm term the decoder
+    assert unet.conv_in.weight.grad.abs().sum() > 0 and unet.conv_out.weight.grad.abs().sum() > 0

@@ -1,0 +1,174 @@
+"""The training loop in-process (no Ray): checkpoints, resume, the p split, non-finite losses, evaluation."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+
+import isosweep.losses as losses
+import isosweep.training as training
+from isosweep.config import spec_from_dict
+from isosweep.models import default_scheduler, load_unet_and_scheduler
+from isosweep.training import LocalReporter, NonFiniteLossError, load_train_state, train_loop
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny DDPM pipeline directory (8x8 images) standing in for a pretrained base model."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8)
+    d = tmp_path_factory.mktemp("base") / "pipe"
+    DDPMPipeline(unet=unet, scheduler=default_scheduler()).save_pretrained(d)
+    return d
+
+
+def make_spec(model_dir, **train):
+    t = dict(lambda_iso=0.1, p=0.5, global_batch_size=4, max_steps=6, checkpoint_every=3, report_every=1,
+             ema_decay=0.9, learning_rate=1e-3, seed=0)
+    t.update(train)
+    return spec_from_dict({"name": "t", "base_model": {"source": str(model_dir)},
+                           "dataset": {"kind": "shapes", "size": 64, "resolution": 8},
+                           "train": t, "resources": {"workers_per_trial": 1}})
+
+
+def _params(path):
+    return UNet2DModel.from_pretrained(path / "unet").state_dict()
+
+
+def test_checkpoint_layout_and_resume_continues(tiny_model_dir, tmp_path):
+    spec = make_spec(tiny_model_dir, grad_accumulation=2)
+    full = LocalReporter(tmp_path / "full")
+    res = train_loop(spec, full)
+    assert res.step == 6 and [r["step"] for r in full.reports] == [1, 2, 3, 4, 5, 6]
+    assert [c.name for c in full.checkpoints] == ["checkpoint_000003", "checkpoint_000006"]
+    for r in full.reports:
+        assert np.isfinite(r["loss"]) and np.isfinite(r["dsm_loss"])
+        assert {"lr", "images_per_s", "s_per_step", "epoch", "iso_fraction"} <= r.keys()
+        if r["iso_fraction"] > 0:
+            assert np.isfinite(r["iso_loss"]) and r["tr_r"] > 0
+    last = full.checkpoints[-1]
+    # a plain diffusers directory holding the EMA weights
+    pipe = DDPMPipeline.from_pretrained(last)
+    assert isinstance(pipe.unet, UNet2DModel) and pipe.scheduler.config.num_train_timesteps == 1000
+    state = load_train_state(last)
+    assert state["step"] == 6 and state["ema"]["num_updates"] == 6
+    raw = state["unet"]
+    ema = pipe.unet.state_dict()
+    assert any(not torch.allclose(raw[k], ema[k]) for k in raw)  # the checkpointed UNet is the EMA, not the raw weights
+    saved = json.loads((last / "spec.json").read_text())
+    assert saved["spec"]["train"]["lambda_iso"] == 0.1
+
+    # interrupted after 3 steps, then resumed from that checkpoint by a new run
+    part = LocalReporter(tmp_path / "part")
+    train_loop(make_spec(tiny_model_dir, grad_accumulation=2, max_steps=3), part)
+    resumed = LocalReporter(tmp_path / "resumed")
+    res2 = train_loop(spec, resumed, resume_from=str(part.checkpoints[-1]))
+    assert res2.step == 6 and [r["step"] for r in resumed.reports] == [4, 5, 6]
+    assert load_train_state(resumed.checkpoints[-1])["ema"]["num_updates"] == 6
+    a, b = _params(last), _params(resumed.checkpoints[-1])
+    for k in a:  # same step count, data order, noise and EMA as the uninterrupted run
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    for r_full, r_res in zip(full.reports[3:], resumed.reports):
+        assert r_full["loss"] == pytest.approx(r_res["loss"], rel=1e-5)
+
+
+def test_iso_fraction_and_never_below_pT(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    real = training.sample_timesteps
+
+    def spy(*args, **kwargs):
+        t, iso = real(*args, **kwargs)
+        calls.append((t.clone(), iso))
+        return t, iso
+
+    monkeypatch.setattr(training, "sample_timesteps", spy)
+    import isosweep.geometry as geometry
+
+    # this test is about the split, not the geometry: a constant stand-in keeps 40 steps cheap
+    monkeypatch.setattr(geometry, "isometry_terms", lambda enc, x, metric, generator=None: (torch.ones(len(x)), torch.ones(len(x))))
+    p, steps = 0.25, 40
+    rep = LocalReporter(tmp_path)
+    train_loop(make_spec(tiny_model_dir, p=p, max_steps=steps, checkpoint_every=1000, report_every=10, lambda_iso=1e-3), rep)
+    assert len(calls) == steps
+    cut = losses.iso_cutoff(p, 1000)
+    for t, iso in calls:
+        assert (t.min() >= cut) if iso else (t.max() < cut)
+    frac = np.mean([iso for _, iso in calls])
+    assert abs(frac - (1 - p)) < 0.25  # 40 Bernoulli(0.75): sd 0.07
+    assert np.mean([r["iso_fraction"] for r in rep.reports]) == pytest.approx(frac)
+
+
+def test_baseline_costs_nothing_extra(tiny_model_dir, tmp_path, monkeypatch):
+    import isosweep.geometry as geometry
+
+    monkeypatch.setattr(geometry, "isometry_terms", lambda *a, **k: pytest.fail("baseline computed L_iso"))
+    rep = LocalReporter(tmp_path)
+    train_loop(make_spec(tiny_model_dir, max_steps=3), rep, trial_params={"lambda_iso": 0.0})
+    assert all(r["iso_fraction"] == 0 and "iso_loss" not in r for r in rep.reports)
+    assert json.loads((rep.checkpoints[-1] / "spec.json").read_text())["spec"]["train"]["lambda_iso"] == 0.0
+
+
+@pytest.mark.parametrize("term", ["dsm", "iso"])
+def test_non_finite_loss_names_step_and_term(tiny_model_dir, tmp_path, monkeypatch, term):
+    import isosweep.geometry as geometry
+
+    counter = {"n": 0}
+    if term == "dsm":
+        real = losses.dsm_loss
+
+        def bad(*a, **k):
+            counter["n"] += 1
+            out = real(*a, **k)
+            return out * float("nan") if counter["n"] == 3 else out
+
+        monkeypatch.setattr(losses, "dsm_loss", bad)
+    else:
+        monkeypatch.setattr(geometry, "isometry_ratio", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
+    rep = LocalReporter(tmp_path)
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite {term} loss at optimizer step \d+") as err:
+        train_loop(make_spec(tiny_model_dir, p=0.0, max_steps=5, checkpoint_every=1), rep)
+    if term == "dsm":
+        assert "optimizer step 3 " in str(err.value)
+        assert [c.name for c in rep.checkpoints] == ["checkpoint_000001", "checkpoint_000002"]  # nothing written at step 3
+    else:
+        assert rep.checkpoints == []
+
+
+def test_evaluation_saved_with_final_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_evaluate_model(unet, scheduler, eval_spec, dataset_spec, *, metrics=None, device=None, rank=0, world_size=1, progress=True):
+        seen.update(training=unet.training, rank=rank, world_size=world_size)
+        return SimpleNamespace(metrics={"fid": 1.5, "ppl": 20.0}, backbones={"fid": "domain"}, rtl_curve=[1.0, 1.1],
+                               images={"samples": np.zeros((8, 8, 3), np.uint8)}, frame_distances={"slerp": [0.1]})
+
+    import sys
+    monkeypatch.setitem(sys.modules, "isosweep.evaluate", SimpleNamespace(evaluate_model=fake_evaluate_model))
+    rep = LocalReporter(tmp_path)
+    res = train_loop(make_spec(tiny_model_dir, max_steps=2, checkpoint_every=100), rep, evaluate=True)
+    assert seen == {"training": False, "rank": 0, "world_size": 1}
+    assert rep.reports[-1]["fid"] == 1.5 and res.metrics["ppl"] == 20.0
+    ck = rep.checkpoints[-1]
+    assert json.loads((ck / "eval" / "metrics.json").read_text())["rtl_curve"] == [1.0, 1.1]
+    assert (ck / "eval" / "samples.png").is_file()
+
+
+def test_load_local_pipeline_and_bare_unet(tiny_model_dir, tmp_path):
+    from isosweep.config import BaseModelSpec
+
+    unet, sched = load_unet_and_scheduler(BaseModelSpec(source=str(tiny_model_dir)))
+    assert sched.config.num_train_timesteps == 1000 and sched.config.beta_schedule == "linear"
+    unet.save_pretrained(tmp_path / "bare")
+    unet2, sched2 = load_unet_and_scheduler(BaseModelSpec(source=str(tmp_path / "bare")))
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, unet2.state_dict()[k])
+    unet3, _ = load_unet_and_scheduler(BaseModelSpec(source=str(tiny_model_dir), subfolder="unet"))
+    with pytest.raises(FileNotFoundError, match="no UNet config.json"):
+        load_unet_and_scheduler(BaseModelSpec(source=str(tmp_path)))
