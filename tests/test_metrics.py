@@ -1,0 +1,246 @@
+"""Metrics and sampling (issue 4): closed forms, known maps, and a tiny UNet end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from isosweep.metrics import (
+    batched_jacobian,
+    frechet_distance,
+    jacobian_singular_values,
+    lerp,
+    linear_separability,
+    looped_jacobian,
+    mcn,
+    relative_trajectory_length,
+    slerp,
+    vor,
+)
+from isosweep.metrics.jacobian import autodiff_context, pooled_encoder, unet_encoder
+from isosweep.metrics.ppl import filtered_mean
+from isosweep.sampling import ddim_sample, initial_noise
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 2 shared cores: several intra-op threads per process oversubscribe them (10-20x slower AD here)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_unet(sample_size: int = 16, seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8,
+    ).eval()
+
+
+def ddpm_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000)
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+
+def test_frechet_identical_statistics_is_zero():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(500, 6))
+    mu, sigma = f.mean(0), np.cov(f, rowvar=False)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_frechet_matches_closed_form_for_diagonal_gaussians():
+    # for commuting covariances: |mu1-mu2|^2 + sum (sqrt(l1) - sqrt(l2))^2
+    rng = np.random.default_rng(1)
+    Q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    l1, l2 = rng.uniform(0.5, 3, 5), rng.uniform(0.5, 3, 5)
+    s1, s2 = Q @ np.diag(l1) @ Q.T, Q @ np.diag(l2) @ Q.T
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(l1) - np.sqrt(l2)) ** 2)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_one_dimensional_closed_form():
+    # W2^2 of N(0, 1) and N(3, 4): 9 + (1 - 2)^2 = 10
+    assert frechet_distance(np.array([0.0]), np.array([[1.0]]), np.array([3.0]), np.array([[4.0]])) == pytest.approx(10.0)
+
+
+# ---------------------------------------------------------------- slerp / lerp / RTL
+
+
+def test_slerp_uses_each_pairs_own_angle():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [-1.0, 1e-9]])  # 90 and ~180 degrees
+    b[1] = torch.tensor([math.cos(2.5), math.sin(2.5)])
+    s = torch.tensor([0.5, 0.5])
+    out = slerp(a, b, s)
+    # the midpoint of each pair is at half of that pair's own angle
+    assert torch.allclose(out[0], torch.tensor([math.cos(math.pi / 4), math.sin(math.pi / 4)]), atol=1e-6)
+    assert torch.allclose(out[1], torch.tensor([math.cos(1.25), math.sin(1.25)]), atol=1e-6)
+    # and a batch gives the same as each pair alone
+    for i in range(2):
+        assert torch.allclose(out[i], slerp(a[i : i + 1], b[i : i + 1], s[i : i + 1])[0])
+
+
+def test_slerp_endpoints_exact_and_constant_norm():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    b = b / b.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * a.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    assert torch.equal(slerp(a, b, torch.zeros(4)), a)
+    assert torch.equal(slerp(a, b, torch.ones(4)), b)
+    norms = a.flatten(1).norm(dim=1)
+    for s in torch.linspace(0, 1, 7):
+        out = slerp(a, b, s.expand(4))
+        assert torch.allclose(out.flatten(1).norm(dim=1), norms, rtol=1e-5)
+
+
+def test_lerp_per_pair():
+    a, b = torch.zeros(3, 2), torch.ones(3, 2)
+    out = lerp(a, b, torch.tensor([0.0, 0.25, 1.0]))
+    assert torch.allclose(out[:, 0], torch.tensor([0.0, 0.25, 1.0]))
+
+
+def test_rtl_straight_path_is_one_and_half_circle_is_half_pi():
+    k = torch.linspace(0, 1, 11)
+    straight = (k[:, None, None] * torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 4.0]])[None])  # (K+1, B=2, 3)
+    assert torch.allclose(relative_trajectory_length(straight), torch.ones(2, dtype=torch.float64))
+    theta = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
+    circle = torch.stack([torch.cos(theta), torch.sin(theta)], dim=-1)[:, None, :] * 3.0  # radius 3
+    assert relative_trajectory_length(circle).item() == pytest.approx(math.pi / 2, rel=1e-6)
+
+
+# ---------------------------------------------------------------- Jacobian, MCN, VoR
+
+
+def test_mcn_one_and_vor_zero_for_scaled_orthogonal_encoder():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    enc = lambda x: 2.5 * x @ Q.T  # noqa: E731
+    sv = jacobian_singular_values(enc, torch.randn(8, 6, generator=g, dtype=torch.float64), pool=None)
+    assert sv.shape == (8, 6)
+    assert mcn(sv) == pytest.approx(1.0, abs=1e-9)
+    assert vor(sv) == pytest.approx(0.0, abs=1e-12)
+    assert torch.allclose(sv, torch.full_like(sv, 2.5))
+
+
+def test_mcn_equals_condition_number_of_a_known_linear_map():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(4, 7, generator=g)
+    sv = jacobian_singular_values(lambda x: x @ A.T, torch.randn(5, 7, generator=g), pool=None)
+    assert torch.all(sv[:, :-1] >= sv[:, 1:])  # largest first
+    assert mcn(sv) == pytest.approx(torch.linalg.cond(A.double()).item(), rel=1e-5)
+
+
+def test_vor_positive_when_metric_varies_and_scale_invariant():
+    # encoder x -> (1 + x_0^2) x: singular values change with x
+    enc = lambda x: (1 + x[:, :1] ** 2) * x  # noqa: E731
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sv = jacobian_singular_values(enc, x, pool=None)
+    sv10 = jacobian_singular_values(lambda x: 10 * enc(x), x, pool=None)
+    assert vor(sv) > 0.01
+    assert vor(sv10) == pytest.approx(vor(sv), rel=1e-9)
+
+
+def test_batched_jacobian_equals_looped_on_tiny_unet():
+    unet = tiny_unet(8)
+    enc = pooled_encoder(unet_encoder(unet, 500), 2)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with autodiff_context(unet):
+        ref = looped_jacobian(enc, x)
+        assert ref.shape == (2, 32 * 2 * 2, 3 * 8 * 8)
+        assert ref.abs().max() > 1e-3
+        for method in ("vjp", "jvp", "batched", "auto"):
+            J = batched_jacobian(enc, x, method=method, chunk_size=37)
+            assert J.shape == ref.shape
+            assert torch.allclose(J, ref, atol=1e-5, rtol=1e-4), method
+        # the chunk sized from the memory budget gives the same
+        assert torch.allclose(batched_jacobian(enc, x, method="vjp", memory_budget_mb=1), ref, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- linear separability
+
+
+def test_ls_is_one_for_hyperplane_separable_labels():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(600, 5))
+    w1, w2 = rng.normal(size=5), rng.normal(size=5)
+    m1, m2 = z @ w1, z @ w2
+    keep = (np.abs(m1) > 0.3) & (np.abs(m2) > 0.3)  # a margin
+    z, labels = z[keep], np.stack([m1[keep] > 0, m2[keep] > 0], axis=1).astype(int)
+    assert linear_separability(z, labels, "linear") == pytest.approx(1.0, abs=1e-9)
+    assert linear_separability(z, labels, "rbf") == pytest.approx(1.0, abs=0.05)
+
+
+def test_ls_is_about_two_per_independent_balanced_binary_attribute():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(4000, 4))
+    labels = rng.integers(0, 2, size=(4000, 2))
+    assert linear_separability(z, labels[:, :1], "linear") == pytest.approx(2.0, rel=0.02)
+    assert linear_separability(z, labels, "linear") == pytest.approx(4.0, rel=0.04)
+
+
+def test_ls_keeps_the_most_confident():
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(400, 3))
+    labels = (z[:, :1] > 0).astype(int)
+    conf = np.abs(z[:, :1])
+    noisy = labels.copy()
+    low = np.argsort(conf[:, 0])[:200]
+    noisy[low] = rng.integers(0, 2, size=(200, 1))  # the least confident are noise
+    assert linear_separability(z, noisy, confidence=conf, keep=200) == pytest.approx(1.0, abs=1e-9)
+    assert linear_separability(z, noisy) > 1.1
+
+
+def test_ppl_percentile_filter():
+    v = np.concatenate([np.ones(990), np.full(5, 1e9), np.full(5, -1e9)])
+    assert filtered_mean(v) == pytest.approx(1.0)
+    assert filtered_mean(np.arange(101.0)) == pytest.approx(50.0)  # drops 0 and 100
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_initial_noise_sharded_equals_unsharded():
+    full = initial_noise(7, (3, 4, 4), seed=5)
+    parts = torch.cat([initial_noise(3, (3, 4, 4), 5, start=0), initial_noise(4, (3, 4, 4), 5, start=3)])
+    assert torch.equal(full, parts)
+    assert not torch.equal(initial_noise(2, (3,), 5), initial_noise(2, (3,), 6))
+    assert not torch.equal(initial_noise(2, (3,), 5, stream=1), initial_noise(2, (3,), 5))
+
+
+def test_ddim_sampling_is_deterministic_and_batch_independent():
+    unet, sched = tiny_unet(16), ddpm_scheduler()
+    x = initial_noise(3, (3, 16, 16), seed=0)
+    a = ddim_sample(unet, sched, x, 4, batch_size=3, capture_h=True, progress=False)
+    b = ddim_sample(unet, sched, x, 4, batch_size=2, capture_h=True, progress=False)
+    assert a.images.shape == (3, 3, 16, 16) and a.images.min() >= -1 and a.images.max() <= 1
+    assert a.h.shape == (4, 3, 32, 8, 8)
+    assert len(a.timesteps) == 4 and a.timesteps[0] > a.timesteps[-1]
+    assert torch.allclose(a.images, b.images, atol=1e-5)
+    assert torch.allclose(a.h, b.h, atol=1e-5)
+    assert sched.num_inference_steps is None  # the caller's scheduler is untouched
+
+
+def test_ddim_sample_matches_diffusers_ddim_pipeline():
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    unet, sched = tiny_unet(16), ddpm_scheduler()
+    x = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(7))
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(sched.config))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(batch_size=2, generator=torch.Generator().manual_seed(7), eta=0.0, num_inference_steps=5,
+               output_type="np").images  # (B, H, W, C) in [0, 1], from the same noise
+    ours = ddim_sample(unet, sched, x, 5, progress=False).images
+    assert np.allclose((ours.numpy().transpose(0, 2, 3, 1) + 1) / 2, ref, atol=1e-5)

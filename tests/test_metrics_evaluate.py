@@ -1,0 +1,142 @@
+"""Backbones and the whole evaluation suite on a tiny model (issue 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from isosweep import backbones as bb
+from isosweep.config import DatasetSpec, EvaluationSpec
+from isosweep.evaluate import EvalResult, evaluate_model, format_row, shard_range
+
+FAST_DOMAIN = dict(steps=40, batch_size=32, train_size=512)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fast_domain(monkeypatch):
+    """A short training recipe for the domain network (its cache key includes the recipe)."""
+    monkeypatch.setattr(bb, "_DOMAIN_RECIPE", {**bb._DOMAIN_RECIPE, **FAST_DOMAIN})
+
+
+def tiny_unet(sample_size: int = 16):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=sample_size, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, attention_head_dim=8).eval()
+
+
+def tiny_eval_spec(tmp_path, **kw) -> EvaluationSpec:
+    return EvaluationSpec(
+        metrics=["fid", "ppl", "mrtl", "mcn", "vor", "ls"], backbone="domain", cache_dir=str(tmp_path), batch_size=16, seed=3,
+        fid={"num_samples": 12, "ddim_steps": 2, "reference_samples": 64},
+        ppl={"num_samples": 6, "ddim_steps": 2},
+        mrtl={"num_pairs": 2, "num_points": 3, "ddim_steps": 2},
+        jacobian={"num_samples": 2, "pool": 2, "timestep": 999, "memory_budget_mb": 64},
+        ls={"num_samples": 24, "keep": 12, "ddim_steps": 2}, **kw,
+    )
+
+
+def test_shard_range_covers_everything_once():
+    for n in (0, 1, 7, 10):
+        for w in (1, 2, 3):
+            idx = [i for r in range(w) for i in range(*shard_range(n, r, w))]
+            assert idx == list(range(n))
+
+
+def test_resolve_backbone(tmp_path):
+    shapes, folder = DatasetSpec(kind="shapes"), DatasetSpec(kind="image_folder", path=str(tmp_path))
+    empty = str(tmp_path / "no-weights")
+    assert bb.resolve_backbone(EvaluationSpec(backbone="domain"), shapes) == bb.DOMAIN_SHAPES
+    if not all(bb.find_standard_weights(empty).values()):
+        assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=empty), shapes) == bb.DOMAIN_SHAPES
+        with pytest.raises(bb.BackboneUnavailable, match="inception-2015-12-05.pt") as err:
+            bb.resolve_backbone(EvaluationSpec(backbone="standard", weights_dir=empty), shapes)
+        assert empty in str(err.value) and "evaluation.weights_dir" in str(err.value)
+        with pytest.raises(bb.BackboneUnavailable):
+            bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=empty), folder)
+    with pytest.raises(bb.BackboneUnavailable, match="only for dataset.kind=shapes"):
+        bb.resolve_backbone(EvaluationSpec(backbone="domain"), folder)
+
+
+def test_standard_weights_found_in_weights_dir(tmp_path):
+    (tmp_path / bb.INCEPTION_FILE).write_bytes(b"x")
+    (tmp_path / bb.ALEXNET_FILE).write_bytes(b"x")
+    found = bb.find_standard_weights(str(tmp_path))
+    assert found == {"inception": tmp_path / bb.INCEPTION_FILE, "alexnet": tmp_path / bb.ALEXNET_FILE}
+    assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=str(tmp_path)), DatasetSpec()) == "standard"
+
+
+def test_lpips_loads_alexnet_from_a_file(tmp_path):
+    # a randomly initialised AlexNet saved like torchvision's checkpoint: LPIPS must use exactly these weights
+    from torchvision.models import alexnet
+
+    torch.manual_seed(0)
+    state = {k: v for k, v in alexnet().state_dict().items() if k.startswith("features.")}  # all LPIPS reads
+    torch.save(state, tmp_path / bb.ALEXNET_FILE)
+    d = bb.LpipsDistance(tmp_path / bb.ALEXNET_FILE)
+    assert torch.equal(d.model.net.slice1[0].weight, state["features.0.weight"])
+    assert torch.equal(getattr(d.model.net.slice5, "10").bias, state["features.10.bias"])
+    a = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(d(a, a), torch.zeros(2), atol=1e-7)
+    assert (d(a, a.flip(0)) > 0).all()
+
+
+def test_domain_network_learns_the_factors_and_is_cached(tmp_path, fast_domain):
+    net = bb.load_shapes_net(16, tmp_path, **{**FAST_DOMAIN, "steps": 200})
+    files = list((tmp_path / "domain").glob(f"{bb.DOMAIN_SHAPES}-r16-*.pt"))
+    assert len(files) == 1
+    info = torch.load(files[0], weights_only=False)["info"]
+    # chance is 1/3, 1/4, 1/3, 1/5, 1/5; a short training must beat it clearly on held-out images
+    acc = info["heldout_accuracy"]
+    assert acc["colour"] > 0.9 and acc["x"] > 0.5 and acc["y"] > 0.5, acc
+    again = bb.load_shapes_net(16, tmp_path, **{**FAST_DOMAIN, "steps": 200})  # from the cache: same weights
+    for p, q in zip(net.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    from isosweep.data import ShapesDataset
+
+    imgs = torch.stack([ShapesDataset(8, 16, seed=99)[i][0] for i in range(8)])
+    dist = bb.DomainDistance(net, 16)
+    assert torch.allclose(dist(imgs, imgs), torch.zeros(8), atol=1e-6)
+    assert (dist(imgs, imgs.roll(1, 0)) > 0).all()
+    lab, conf = bb.DomainClassifier(net, 16)(imgs)
+    assert lab.shape == conf.shape == (8, 5) and ((conf > 0) & (conf <= 1)).all()
+    assert bb.DomainFeatures(net, 16)(imgs).shape == (8, 256)
+
+
+def test_whole_suite_on_a_tiny_model(tmp_path, fast_domain):
+    from diffusers import DDPMScheduler
+
+    unet, sched = tiny_unet(16), DDPMScheduler(num_train_timesteps=1000)
+    spec = tiny_eval_spec(tmp_path)
+    data = DatasetSpec(kind="shapes", resolution=16, size=64)
+    res = evaluate_model(unet, sched, spec, data, progress=False)
+    assert isinstance(res, EvalResult)
+    assert set(res.metrics) == {"fid", "ppl", "mrtl", "mcn", "vor", "ls", "ls_rbf"}
+    assert all(np.isfinite(v) for v in res.metrics.values()), res.metrics
+    assert res.metrics["fid"] > 0 and res.metrics["ppl"] >= 0 and res.metrics["mrtl"] >= 1 - 1e-6
+    assert res.metrics["mcn"] >= 1 and res.metrics["vor"] >= 0 and res.metrics["ls"] >= 1
+    # every metric names its network; the domain network's name where one is used
+    assert res.backbones["fid"] == res.backbones["ppl"] == res.backbones["ls"] == bb.DOMAIN_SHAPES
+    assert res.backbones["mcn"] == "none"
+    assert "fid[domain-shapes-v1]" in res.keyed_metrics()
+    assert len(res.rtl_curve) == 2
+    for key in ("samples", "slerp_strip", "lerp_strip"):
+        assert res.images[key].dtype == np.uint8 and res.images[key].ndim == 3 and res.images[key].shape[2] == 3
+    assert len(res.frame_distances["slerp"]) == len(res.frame_distances["lerp"]) == 8
+    assert list((tmp_path / "fid_stats").glob("domain-shapes-v1-*.npz"))
+    assert "FID" in format_row(res) and "domain-shapes-v1" in format_row(res)
+    # the same seed gives the same numbers (the reference statistics now come from the cache)
+    again = evaluate_model(unet, sched, spec, data, metrics=["fid", "mrtl"], progress=False)
+    assert again.metrics["fid"] == pytest.approx(res.metrics["fid"], rel=1e-6)
+    assert again.metrics["mrtl"] == pytest.approx(res.metrics["mrtl"], rel=1e-6)
