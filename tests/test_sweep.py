@@ -1,0 +1,161 @@
+"""The sweep end to end on an embedded local Ray: trials, baseline, front, champion, tables, report,
+MLflow runs and the registry; and resume after the driver is killed mid-sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "search_spaces" / "demo.yaml"
+
+# Tiny budgets: every phase runs for real, just briefly.
+TINY = [
+    "train.max_steps=3",
+    "train.global_batch_size=4",
+    "train.checkpoint_every=2",
+    "train.report_every=1",
+    "base_model.pretrain_steps=20",
+    "base_model.pretrain_batch_size=8",
+    "dataset.size=256",
+    "evaluation.batch_size=16",
+    "evaluation.fid.num_samples=16",
+    "evaluation.fid.reference_samples=64",
+    "evaluation.fid.ddim_steps=2",
+    "evaluation.ppl.num_samples=8",
+    "evaluation.ppl.ddim_steps=2",
+    "evaluation.mrtl.num_pairs=2",
+    "evaluation.mrtl.num_points=3",
+    "evaluation.mrtl.ddim_steps=2",
+    "evaluation.jacobian.num_samples=2",
+    "evaluation.ls.num_samples=32",
+    "evaluation.ls.keep=16",
+    "evaluation.ls.ddim_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("isosweep-cache")
+    old = os.environ.get("ISOSWEEP_CACHE")
+    os.environ["ISOSWEEP_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("ISOSWEEP_CACHE", None)
+    else:
+        os.environ["ISOSWEEP_CACHE"] = old
+
+
+def _runs(tracking_uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.mark.slow
+def test_demo_sweep_three_trials(tmp_path, cache_env):
+    import ray
+
+    from isosweep.config import load_spec
+    from isosweep.sweep import run_sweep
+
+    spec = load_spec(DEMO, TINY + ["search.num_trials=2", "search.max_concurrent_trials=2"])
+    try:
+        outcome = run_sweep(spec, str(DEMO), storage=str(tmp_path / "runs"), dashboard=False)
+    finally:
+        ray.shutdown()
+
+    rows = outcome.rows
+    assert len(rows) == 3
+    base = [r for r in rows if r["baseline"]]
+    assert len(base) == 1 and base[0]["lambda_iso"] == 0.0 and base[0]["p"] == 1.0
+    assert all(r["status"] == "DONE" for r in rows), rows
+    for r in rows:
+        for k in ("fid", "ppl", "mrtl", "mcn", "vor"):
+            assert r[k] == r[k], (k, r)  # finite, not NaN
+        assert r["backbone_fid"] and r["backbone_ppl"]
+    assert outcome.front and outcome.champion is not None
+    assert outcome.champion.row in outcome.front
+    searched = [r for r in rows if not r["baseline"]]
+    assert all(r["lambda_iso"] > 0 for r in searched)
+
+    sweep_dir = outcome.sweep_dir
+    assert (sweep_dir / "results.csv").is_file() and (sweep_dir / "pareto.png").is_file()
+    md = (sweep_dir / "results.md").read_text()
+    assert "baseline" in md and "champion" in md
+    report = outcome.report_dir / "report.md"
+    assert report.is_file()
+    text = report.read_text()
+    assert f"{outcome.champion.row['fid']:.4g}" in text
+    assert (outcome.report_dir / "rtl_curves.png").is_file()
+    assert (outcome.report_dir / "strips_slerp.png").is_file()
+
+    # MLflow: one parent, one child per trial, each child FINISHED with its final metrics
+    client, runs = _runs(outcome.tracking_uri, spec.experiment_name)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == outcome.parent_run_id]
+    assert len(children) == 3
+    assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
+    mv = client.get_model_version_by_alias(spec.registry_name, "champion")
+    assert mv.run_id == outcome.champion.row["mlflow_run_id"]
+
+
+def _evaluated_results(experiment_dir: Path) -> dict[str, int]:
+    """trial dir name -> number of evaluated (final) results it has reported."""
+    counts = {}
+    for result in experiment_dir.rglob("result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        counts[result.parent.name] = sum(1 for x in lines if x.get("evaluated"))
+    return counts
+
+
+@pytest.mark.slow
+def test_resume_after_driver_killed(tmp_path, cache_env):
+    storage = tmp_path / "runs"
+    env = {**os.environ, "ISOSWEEP_CACHE": str(cache_env), "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
+    args = [str(DEMO), "--storage", str(storage)]
+    for o in TINY + ["search.num_trials=2", "search.max_concurrent_trials=1"]:
+        args += ["--set", o]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "isosweep", "run", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    deadline = time.time() + 600
+    sweep_dirs: list[Path] = []
+    try:
+        while time.time() < deadline:
+            sweep_dirs = [p for p in storage.glob("demo-*") if p.is_dir()]
+            if sweep_dirs and sum(_evaluated_results(sweep_dirs[0]).values()) >= 1:
+                break
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(1)
+        else:
+            pytest.fail("no trial finished within 10 minutes")
+        time.sleep(3)  # let Tune write its experiment state
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _evaluated_results(sweep_dirs[0])
+    finished = [k for k, v in before.items() if v]
+    assert finished and not (sweep_dirs[0] / "sweep_done.json").exists()
+
+    out = subprocess.run([sys.executable, "-m", "isosweep", "resume", *args], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    after = _evaluated_results(sweep_dirs[0])
+    assert len(after) == 3
+    for name in finished:
+        assert after[name] == 1, f"finished trial {name} was rerun"
+    assert all(v == 1 for v in after.values()), after
+    assert (sweep_dirs[0] / "sweep_done.json").exists()
+    state = json.loads((sweep_dirs[0] / "isosweep_sweep.json").read_text())
+    _, runs = _runs(state["tracking_uri"], "demo")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
+    assert len(children) == 3, "a resumed trial must reopen its MLflow run, not duplicate it"
