@@ -451,7 +451,6 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -506,6 +505,7 @@ def run_sweep(
         from isosweep.models import load_unet_and_scheduler
 
         load_unet_and_scheduler(spec.base_model, spec.dataset)
+    _prepare_backbones(spec)
 
     tracking_uri = tracking.resolve_tracking_uri(spec.tracking.uri, tracking_uri, str(state_dir.parent))
     parent_run_id = tracking.find_or_create_sweep_run(spec, spec_path, tracking_uri, sweep_id, storage_path=experiment_path)
@@ -562,6 +562,25 @@ def run_sweep(
     (state_dir / DONE_MARKER).write_text(json.dumps({"finished": time.time(), "champion": champion.row["trial_id"] if champion else None}))
     tracking.end_run(tracking_uri, parent_run_id, "FINISHED" if all(r["status"] == "DONE" for r in rows) else "FAILED")
     return outcome
+
+
+def _prepare_backbones(spec: SweepSpec) -> None:
+    """Resolve and cache the feature networks once in the driver, before trials start.
+
+    Fails early when standard weights are asked for but missing, and keeps concurrent trials from
+    each training the offline domain network.
+    """
+    from isosweep.backbones import BackboneUnavailable, load_feature_networks
+
+    needs = tuple(m for m in spec.evaluation.metrics if m in ("fid", "ppl", "ls"))
+    if not needs:
+        return
+    _phase("feature networks: resolving the evaluation backbone (the offline domain network is trained once and cached)")
+    try:
+        nets = load_feature_networks(spec.evaluation, spec.dataset, needs=needs, progress=True)
+    except BackboneUnavailable as exc:
+        raise SpecError(f"{spec.name}: field 'evaluation.backbone': {exc}") from None
+    _phase(f"feature networks: {nets.family}")
 
 
 def _phase(msg: str) -> None:
