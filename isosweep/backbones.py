@@ -379,8 +379,14 @@ class FeatureNetworks:
 
 def load_feature_networks(eval_spec, dataset_spec, *, needs: tuple[str, ...] = ("fid", "ppl", "ls"),
                           device: torch.device | str = "cpu", progress: bool = False) -> FeatureNetworks:
-    """Load what the metrics in `needs` use (resolving evaluation.backbone); raises BackboneUnavailable."""
-    family = resolve_backbone(eval_spec, dataset_spec)
+    """Load what the metrics in `needs` use (resolving evaluation.backbone); raises BackboneUnavailable.
+
+    LS on an image folder uses the attribute classifier trained from dataset.attributes
+    (`isosweep.attributes.train_attribute_classifier`, cached); its name is nets.names["ls"]. When no FID or
+    PPL network is needed there, evaluation.backbone is not resolved (LS alone needs no Inception/AlexNet).
+    """
+    folder_ls_only = dataset_spec.kind != "shapes" and not any(m in needs for m in ("fid", "ppl"))
+    family = "standard" if folder_ls_only else resolve_backbone(eval_spec, dataset_spec)
     nets = FeatureNetworks(family=family, names=metric_backbone_names(family, dataset_spec.kind))
     res = dataset_spec.resolution
     root = cache_dir(eval_spec)
@@ -388,13 +394,13 @@ def load_feature_networks(eval_spec, dataset_spec, *, needs: tuple[str, ...] = (
     if family == DOMAIN_SHAPES or ("ls" in needs and dataset_spec.kind == "shapes"):
         domain = load_shapes_net(res, root, device=device, progress=progress)
     if "ls" in needs:
-        if domain is None:
-            raise BackboneUnavailable(
-                "LS needs an attribute classifier; one exists only for dataset.kind=shapes. A CelebA attribute "
-                "classifier (dataset.attributes CSV) is not implemented yet (docs/metrics.md); fix: drop ls from "
-                "evaluation.metrics"
-            )
-        nets.classifier = DomainClassifier(domain, res)
+        if domain is not None:
+            nets.classifier = DomainClassifier(domain, res)
+        else:  # image folder: a classifier trained on dataset.attributes (AttributeFileError is a BackboneUnavailable)
+            from isosweep.attributes import train_attribute_classifier
+
+            nets.classifier = train_attribute_classifier(dataset_spec, root, device=device, progress=progress)
+            nets.names["ls"] = nets.classifier.name
     if family == "standard":
         found = find_standard_weights(eval_spec.weights_dir)
         if "fid" in needs:

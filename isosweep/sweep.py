@@ -433,6 +433,8 @@ def init_ray(address: str | None, dashboard: bool = True) -> dict:
     """Connect to a cluster by address, or start the embedded local Ray; returns what we print."""
     import ray
 
+    # Progress bars in workers are not terminals: redraw them at most every 15 s instead of per step.
+    worker_env = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "15"), "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
     quiet = {"logging_level": "WARNING", "log_to_driver": True}
     if ray.is_initialized():
         ctx = None
@@ -440,7 +442,8 @@ def init_ray(address: str | None, dashboard: bool = True) -> dict:
         ctx = ray.init(address=address, **quiet)
     else:
         dashboard = dashboard and os.environ.get("ISOSWEEP_RAY_DASHBOARD", "1") != "0"
-        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
+        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       runtime_env={"env_vars": worker_env}, **quiet)
     url = getattr(ctx, "dashboard_url", None) if ctx else None
     return {"dashboard_url": f"http://{url}" if url and not url.startswith("http") else url}
 

@@ -193,7 +193,14 @@ def is_secret_key(key: str) -> bool:
 
 def _secret_env_values() -> list[str]:
     """Values of secret-looking environment variables present now (longest first)."""
-    vals = {v for k, v in os.environ.items() if is_secret_key(k) and v and len(v) >= 6}
+    env: dict[str, str] = {}
+    for _ in range(5):  # another thread (MLflow's telemetry) may change os.environ while we copy it
+        try:
+            env = dict(os.environ)
+            break
+        except (KeyError, RuntimeError):
+            continue
+    vals = {v for k, v in env.items() if is_secret_key(k) and v and len(v) >= 6}
     return sorted(vals, key=len, reverse=True)
 
 

@@ -8,6 +8,7 @@ each worker runs: it wraps Ray's context in a `Reporter` and calls the plain tra
 
 from __future__ import annotations
 
+
 import os
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from isosweep.config import SweepSpec, load_spec
@@ -103,11 +104,24 @@ def _fault_hook(fault: dict | None, rank: int) -> Callable[[int], None] | None:
     return on_step
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train logs every report in full at INFO through a logger named by its file path (outside
+    `ray.train`, so LoggingConfig misses it); our one-line progress already says the same."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray version without this module: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every Train worker runs. config keys: spec (dict), trial_params, evaluate, mlflow
     ({tracking_uri, run_id}, rank 0 logs step metrics there), resume_from, _fail_once (tests)."""
     from isosweep.training import resolve_spec, train_loop
 
+    _quiet_train_reports()
     spec = resolve_spec(config["spec"], _trial_overrides(config.get("trial_params")))
     rank = ray.train.get_context().get_world_rank()
     step_logger = None
@@ -157,6 +171,8 @@ def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_pa
             failure_config=FailureConfig(max_failures=spec.search.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=3),  # the last three (the final one included)
             callbacks=callbacks,
+            # Train logs each report, checkpoint and resource request at INFO; our progress line says it
+            logging_config=LoggingConfig(log_level=os.environ.get("ISOSWEEP_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
 

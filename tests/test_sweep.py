@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import mlflow_server, s3_server  # noqa: F401  (fixtures: real moto S3 + mlflow server)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "search_spaces" / "demo.yaml"
@@ -62,7 +63,8 @@ def _runs(tracking_uri: str, experiment: str):
 
 
 @pytest.mark.slow
-def test_demo_sweep_three_trials(tmp_path, cache_env):
+def test_demo_sweep_three_trials(tmp_path, cache_env, mlflow_server):
+    """Tracking goes to a real `mlflow server` whose artifacts land in a moto S3 bucket."""
     import ray
 
     from isosweep.config import load_spec
@@ -70,7 +72,7 @@ def test_demo_sweep_three_trials(tmp_path, cache_env):
 
     spec = load_spec(DEMO, TINY + ["search.num_trials=2", "search.max_concurrent_trials=2"])
     try:
-        outcome = run_sweep(spec, str(DEMO), storage=str(tmp_path / "runs"), dashboard=False)
+        outcome = run_sweep(spec, str(DEMO), storage=str(tmp_path / "runs"), tracking_uri=mlflow_server.uri, dashboard=False)
     finally:
         ray.shutdown()
 
@@ -106,6 +108,14 @@ def test_demo_sweep_three_trials(tmp_path, cache_env):
     assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
     mv = client.get_model_version_by_alias(spec.registry_name, "champion")
     assert mv.run_id == outcome.champion.row["mlflow_run_id"]
+
+    # the artifacts are in the bucket: every trial's checkpoint and images, the parent's summary
+    keys = mlflow_server.s3.keys("mlflow/")
+    for child in children:
+        mine = [k for k in keys if f"/{child.info.run_id}/" in k]
+        assert any(k.endswith("checkpoint/unet/diffusion_pytorch_model.safetensors") for k in mine), mine
+        assert any(k.endswith(".png") and "/eval/" in k for k in mine), mine
+    assert any(f"/{outcome.parent_run_id}/" in k and k.endswith("pareto.png") for k in keys)
 
 
 def _evaluated_results(experiment_dir: Path) -> dict[str, int]:
@@ -159,3 +169,25 @@ def test_resume_after_driver_killed(tmp_path, cache_env):
     _, runs = _runs(state["tracking_uri"], "demo")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
     assert len(children) == 3, "a resumed trial must reopen its MLflow run, not duplicate it"
+
+
+@pytest.mark.slow
+def test_sweep_by_address_on_two_node_cluster(tmp_path, cache_env):
+    """`isosweep run --address` against a head plus a second node started with `ray start`."""
+    from ray_cluster import start_local_cluster, stop_local_cluster
+
+    cluster = start_local_cluster(worker_nodes=1, head_cpus=2, worker_cpus=1, auth=True, include_dashboard=False)
+    try:
+        env = {**cluster.env, "ISOSWEEP_CACHE": str(cache_env), "PYTHONUNBUFFERED": "1"}
+        args = [str(DEMO), "--address", cluster.address, "--storage", str(tmp_path / "runs")]
+        for o in TINY + ["search.num_trials=1", "search.max_concurrent_trials=2"]:
+            args += ["--set", o]
+        out = subprocess.run([sys.executable, "-m", "isosweep", "run", *args], capture_output=True, text=True,
+                             env=env, timeout=900)
+    finally:
+        stop_local_cluster(cluster)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:] + cluster.log_tail()
+    assert "champion:" in out.stdout and "baseline" in out.stdout
+    sweep_dir = next((tmp_path / "runs").glob("demo-*"))
+    assert (sweep_dir / "sweep_done.json").exists()
+    assert len(_evaluated_results(sweep_dir)) == 2

@@ -1,0 +1,54 @@
+"""The search space per algorithm: the baseline always comes first, searched trials never are baseline."""
+
+from pathlib import Path
+
+import pytest
+
+from isosweep.config import load_spec
+from isosweep.sweep import BASELINE_PARAMS, build_search
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+
+
+def _suggestions(alg, space, num_samples, n):
+    alg.set_search_properties(None, None, space)
+    out = []
+    for i in range(n):
+        s = alg.suggest(f"t{i}")
+        if isinstance(s, dict):
+            out.append(s)
+    return out
+
+
+def test_optuna_baseline_first_then_searched(tmp_path):
+    spec = load_spec(DEMO, ["search.num_trials=4"])
+    space, alg, num_samples = build_search(spec, tmp_path)
+    assert num_samples == 5
+    got = _suggestions(alg, space, num_samples, 3)
+    assert got[0] == BASELINE_PARAMS
+    for s in got[1:]:
+        assert s["baseline"] is False
+        assert 1e-3 <= s["lambda_iso"] <= 1.0 and s["p"] in (0.0, 0.5) and s["metric"] in ("stereographic", "identity")
+    # the searcher's state survives a save/restore (Tune checkpoints it for resume)
+    alg.save(str(tmp_path / "searcher.pkl"))
+    _, fresh, _ = build_search(spec, tmp_path / "other")
+    fresh.restore(str(tmp_path / "searcher.pkl"))
+    assert fresh.baseline_trial == "t0"
+
+
+@pytest.mark.parametrize("algorithm", ["random", "grid"])
+def test_basic_variant_algorithms_put_the_baseline_first(algorithm, tmp_path):
+    overrides = [f"search.algorithm={algorithm}", "search.num_trials=3"]
+    if algorithm == "grid":
+        overrides += ["search.lambda_iso={type: choice, values: [0.01, 0.1]}"]
+    spec = load_spec(DEMO, overrides)
+    space, alg, num_samples = build_search(spec, tmp_path)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    assert isinstance(alg, BasicVariantGenerator)
+    assert alg._points_to_evaluate == [BASELINE_PARAMS]
+    if algorithm == "grid":
+        assert num_samples == 1 and space["lambda_iso"] == {"grid_search": [0.01, 0.1]}
+    else:
+        assert num_samples == 4
+    assert space["baseline"] is False
