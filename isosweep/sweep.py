@@ -164,6 +164,8 @@ def build_search(spec: SweepSpec, state_dir: Path):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    # the study lives beside the sweep, where `optuna-dashboard sqlite:///.../optuna.db` opens it
+    state_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}")
     inner = OptunaSearch(
         metric=objectives,
