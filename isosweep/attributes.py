@@ -358,7 +358,7 @@ def fit_attribute_net(images: torch.Tensor, labels: np.ndarray | torch.Tensor, r
         sched.step()
     net = net.cpu().eval()
     info: dict = {"train_images": len(train), "heldout_images": n_hold, "steps": int(r["steps"]),
-                  "final_loss": round(float(loss), 4), "train_s": round(time.time() - t0, 1)}
+                  "final_loss": round(float(loss.detach()), 4), "train_s": round(time.time() - t0, 1)}
     if n_hold:
         with torch.no_grad():
             pred = torch.cat([(net(_to_float(images[hold[i:i + 256]])) > 0).float() for i in range(0, n_hold, 256)])

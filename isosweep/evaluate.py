@@ -178,7 +178,7 @@ def evaluate_model(
             torch.distributed.barrier()
         if nets is None:
             nets = bb.load_feature_networks(eval_spec, dataset_spec, needs=needs, device=device, progress=False)
-    names = bb.metric_backbone_names(nets.family, dataset_spec.kind) if nets else bb.metric_backbone_names("standard", dataset_spec.kind)
+    names = nets.names if nets else bb.metric_backbone_names("standard", dataset_spec.kind)
 
     if "fid" in wanted:
         t0 = time.time()

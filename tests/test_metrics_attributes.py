@@ -12,7 +12,7 @@ from isosweep.config import DatasetSpec, EvaluationSpec
 
 RES = 16
 NAMES = ("Bright", "Left_Red")
-FAST = dict(steps=150, batch_size=32, lr=3e-3)
+FAST = dict(steps=100, batch_size=32, lr=3e-3)
 
 
 @pytest.fixture(autouse=True, scope="module")
