@@ -284,29 +284,32 @@ class SweepOutcome:
     registered: dict = field(default_factory=dict)
 
 
+def make_row(trial_id: str, config: dict, metrics: dict, status: str) -> dict:
+    """One flat table row: the trial's parameters, status, metrics, backbones and where its model is."""
+    row = {
+        "trial_id": trial_id,
+        "baseline": bool(config.get("baseline", False)),
+        "lambda_iso": float(config.get("lambda_iso", math.nan)),
+        "p": float(config.get("p", math.nan)),
+        "metric": config.get("metric", ""),
+        "status": "DONE" if metrics.get("evaluated") else status,
+    }
+    for k in RESULT_METRICS:
+        v = metrics.get(k)
+        row[k] = float(v) if isinstance(v, (int, float)) else math.nan
+    row.update({k: v for k, v in metrics.items() if k.startswith("backbone_")})
+    row["checkpoint_path"] = metrics.get("checkpoint_path", "")
+    row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
+    return row
+
+
 def rows_from_results(results) -> list[dict]:
-    """One flat row per Tune trial: parameters, status, metrics, backbones, where its model is."""
+    """One row per trial of a finished Tune run (a ResultGrid), baseline first."""
     rows = []
     for res in results:
         m = dict(res.metrics or {})
-        cfg = dict(res.config or {})
-        row = {
-            "trial_id": m.get("trial_id") or (res.path.rstrip("/").split("/")[-1] if res.path else ""),
-            "baseline": bool(cfg.get("baseline", False)),
-            "lambda_iso": float(cfg.get("lambda_iso", float("nan"))),
-            "p": float(cfg.get("p", float("nan"))),
-            "metric": cfg.get("metric", ""),
-            "status": "ERROR" if res.error else ("DONE" if m.get("evaluated") else "INCOMPLETE"),
-        }
-        for k in RESULT_METRICS:
-            v = m.get(k)
-            row[k] = float(v) if isinstance(v, (int, float)) else float("nan")
-        for k, v in m.items():
-            if k.startswith("backbone_"):
-                row[k] = v
-        row["checkpoint_path"] = m.get("checkpoint_path", "")
-        row["mlflow_run_id"] = m.get("mlflow_run_id", "")
-        rows.append(row)
+        trial_id = m.get("trial_id") or (res.path.rstrip("/").split("/")[-1] if res.path else "")
+        rows.append(make_row(trial_id, dict(res.config or {}), m, "ERROR" if res.error else "INCOMPLETE"))
     rows.sort(key=lambda r: (not r["baseline"], r["trial_id"]))
     return rows
 
@@ -648,25 +651,7 @@ def load_outcome(sweep_dir: Path) -> tuple[SweepSpec, SweepOutcome]:
     state = json.loads((sweep_dir / STATE_FILE).read_text())
     spec = SweepSpec.model_validate(state["spec"])
     analysis = ExperimentAnalysis(state["experiment_path"])
-    rows = []
-    for trial in analysis.trials:
-        last = dict(trial.last_result or {})
-        cfg = dict(trial.config or {})
-        row = {
-            "trial_id": trial.trial_id,
-            "baseline": bool(cfg.get("baseline", False)),
-            "lambda_iso": float(cfg.get("lambda_iso", math.nan)),
-            "p": float(cfg.get("p", math.nan)),
-            "metric": cfg.get("metric", ""),
-            "status": "DONE" if last.get("evaluated") else trial.status,
-        }
-        for k in RESULT_METRICS:
-            v = last.get(k)
-            row[k] = float(v) if isinstance(v, (int, float)) else math.nan
-        row.update({k: v for k, v in last.items() if k.startswith("backbone_")})
-        row["checkpoint_path"] = last.get("checkpoint_path", "")
-        row["mlflow_run_id"] = last.get("mlflow_run_id", "")
-        rows.append(row)
+    rows = [make_row(t.trial_id, dict(t.config or {}), dict(t.last_result or {}), t.status) for t in analysis.trials]
     rows.sort(key=lambda r: (not r["baseline"], r["trial_id"]))
     front, champion = summarize(spec, rows)
     return spec, SweepOutcome(state["sweep_id"], sweep_dir, rows, front, champion,

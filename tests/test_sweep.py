@@ -170,6 +170,13 @@ def test_resume_after_driver_killed(tmp_path, cache_env):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
     assert len(children) == 3, "a resumed trial must reopen its MLflow run, not duplicate it"
 
+    # `isosweep results` rebuilds the table from storage alone
+    res = subprocess.run([sys.executable, "-m", "isosweep", "results", str(sweep_dirs[0])], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "finished" in res.stdout and "baseline" in res.stdout and "champion:" in res.stdout
+    assert res.stdout.count(" DONE") == 3
+
 
 @pytest.mark.slow
 def test_sweep_by_address_on_two_node_cluster(tmp_path, cache_env):
