@@ -38,7 +38,7 @@ class BaseModelSpec(_Section):
 
     source: str = Field("builtin:shapes", description="builtin:shapes, a diffusers directory, a hub id, or an MLflow model URI")
     subfolder: str | None = Field(None, description="subfolder of the source holding the UNet, e.g. 'unet' for a pipeline")
-    pretrain_steps: int = Field(1500, ge=1, description="optimizer steps for builtin:shapes pretraining")
+    pretrain_steps: int = Field(600, ge=1, description="optimizer steps for builtin:shapes pretraining")
     pretrain_batch_size: int = Field(32, ge=1, description="batch size for builtin:shapes pretraining")
     cache_dir: str | None = Field(None, description="where builtin models are cached (default ~/.cache/isosweep/models)")
 
@@ -182,7 +182,7 @@ class SearchSpec(_Section):
     """The Ray Tune search over lambda_iso, p and G."""
 
     algorithm: Literal["optuna", "random", "grid"] = Field("optuna", description="optuna (multi-objective TPE), random, or grid")
-    num_trials: int = Field(8, ge=1, description="searched trials (the baseline trial is added on top)")
+    num_trials: int = Field(8, ge=1, description="searched trials (the baseline trial is added on top); for grid, passes over the whole grid")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's resources fit")
     lambda_iso: Distribution = Field(
         default_factory=lambda: Distribution(type="loguniform", low=1e-5, high=1e-3),

@@ -1,6 +1,9 @@
 """The training loss of Isometric Diffusion: L = L_dsm + lambda_iso(p, t) L_iso (MATH.md sections 3-4).
 
-- `dsm_loss`: the epsilon-prediction MSE of DDPM.
+- `dsm_loss`: the denoising MSE of DDPM in the model's own parameterisation (`denoising_target`):
+  epsilon (MATH.md's L_dsm, the paper's and google/ddpm-* models), or v / x0 ("sample") for models
+  whose scheduler config says so (the built-in shapes model predicts x0; docs/training.md says why).
+  The isometry term acts on the encoder only and does not depend on the output parameterisation.
 - `sample_timesteps`: the per-batch split. With probability p a batch's timesteps come from [0, pT)
   and the isometry loss is off; otherwise from [pT, T) and it is on. Overall t stays uniform on
   [0, T) (for pT an integer). The baseline (lambda_iso = 0 or p = 1) draws t uniformly, never turns
@@ -68,9 +71,33 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
     return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
 
 
-def dsm_loss(model, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Epsilon-prediction MSE, mean over the batch and all pixels (float32)."""
-    return F.mse_loss(model(x_t, t).sample.float(), noise.float())
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def denoising_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                     alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output at x_t, as diffusers' schedulers read it (`prediction_type`).
+
+    epsilon: eps; v_prediction: sqrt(abar_t) eps - sqrt(1 - abar_t) x_0; sample: x_0.
+    """
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[t].view(-1, *([1] * (x0.dim() - 1)))
+        return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
+    return x0
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"the base model's scheduler has prediction_type={prediction_type!r}; "
+                         f"isosweep trains {', '.join(PREDICTION_TYPES)}: use a model with one of those")
+
+
+def dsm_loss(model, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Denoising MSE against `target` (the noise for epsilon models), mean over batch and pixels (float32)."""
+    return F.mse_loss(model(x_t, t).sample.float(), target.float())
 
 
 @dataclass
@@ -97,8 +124,10 @@ class IsoDiffusionLoss:
     """
 
     def __init__(self, *, lambda_iso: float, p: float, metric: str = "stereographic",
-                 reduction: str = "global", timesteps: int = 1000) -> None:
+                 reduction: str = "global", timesteps: int = 1000, prediction_type: str = "epsilon") -> None:
+        check_prediction_type(prediction_type)
         self.lambda_iso, self.p, self.metric, self.reduction, self.T = lambda_iso, p, metric, reduction, timesteps
+        self.prediction_type = prediction_type
 
     @property
     def baseline(self) -> bool:
@@ -107,7 +136,7 @@ class IsoDiffusionLoss:
     def __call__(self, model, unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, iso_on: bool,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
         x_t = add_noise(x0, noise, t, alphas_cumprod)
-        dsm = dsm_loss(model, x_t, t, noise)
+        dsm = dsm_loss(model, x_t, t, denoising_target(self.prediction_type, x0, noise, t, alphas_cumprod))
         if not iso_on or self.baseline:
             return LossOutput(dsm, dsm.detach(), None, None, False)
         from isosweep.geometry import isometry_ratio, isometry_terms

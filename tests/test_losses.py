@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from isosweep.losses import IsoDiffusionLoss, add_noise, dsm_loss, iso_cutoff, sample_timesteps
+from isosweep.losses import IsoDiffusionLoss, add_noise, denoising_target, dsm_loss, iso_cutoff, sample_timesteps
 from isosweep.models import default_scheduler
 
 
@@ -69,6 +69,45 @@ def test_dsm_loss_zero_for_perfect_predictor():
             return type("Out", (), {"sample": noise})()
 
     assert dsm_loss(Oracle(), xt, t, noise).item() == 0.0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_denoising_target_is_what_diffusers_reads(prediction_type):
+    """An output equal to the target makes diffusers' DDIM/DDPM step recover x_0 exactly."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type, clip_sample=False)
+    x0, noise = torch.rand(3, 3, 8, 8) * 2 - 1, torch.randn(3, 3, 8, 8)
+    for t in (1, 400, 999):
+        tt = torch.full((3,), t)
+        xt = add_noise(x0, noise, tt, sched.alphas_cumprod)
+        target = denoising_target(prediction_type, x0, noise, tt, sched.alphas_cumprod)
+        for s in (sched, DDIMScheduler.from_config(sched.config)):
+            if isinstance(s, DDIMScheduler):
+                s.set_timesteps(10)
+            x0_hat = s.step(target, t, xt).pred_original_sample
+            assert torch.allclose(x0_hat, x0, atol=2e-3 if t == 999 and prediction_type == "epsilon" else 1e-4), (t, type(s).__name__)
+    if prediction_type == "v_prediction":
+        assert torch.allclose(target, sched.get_velocity(x0, noise, tt), atol=1e-6)
+
+
+def test_combined_loss_uses_the_models_parameterisation():
+    """An x_0-predicting oracle has zero denoising loss only when the loss is told prediction_type=sample."""
+    sched = default_scheduler()
+    x0, noise, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+
+    class X0Oracle(torch.nn.Module):
+        def forward(self, x, t):
+            return type("Out", (), {"sample": x0})()
+
+    oracle = X0Oracle()
+    assert IsoDiffusionLoss(lambda_iso=0.0, p=0.5, prediction_type="sample")(oracle, oracle, x0, t, noise, False, sched.alphas_cumprod).dsm.item() == 0.0
+    assert IsoDiffusionLoss(lambda_iso=0.0, p=0.5)(oracle, oracle, x0, t, noise, False, sched.alphas_cumprod).dsm.item() > 0.1
+
+
+def test_unknown_prediction_type_is_named():
+    with pytest.raises(ValueError, match="prediction_type='flow'"):
+        IsoDiffusionLoss(lambda_iso=1.0, p=0.5, prediction_type="flow")
 
 
 def test_baseline_loss_skips_isometry(monkeypatch):

@@ -31,6 +31,8 @@ def test_builtin_pretrain_is_cached(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))  # the temporary directory was renamed into place
     unet, sched = load_unet_and_scheduler(bm, ds, progress=False)
     assert unet.config.sample_size == 8 and sched.config.num_train_timesteps == 1000
+    # the built-in model predicts x_0; fine-tuning and DDIM read it from the scheduler config
+    assert sched.config.prediction_type == "sample" == json.loads(info)["recipe"]["prediction_type"]
     assert tuple(DDPMPipeline.from_pretrained(path).unet.config.block_out_channels) == (16, 32, 64)
     other = BaseModelSpec(source="builtin:shapes", pretrain_steps=3, pretrain_batch_size=2, cache_dir=str(tmp_path))
     assert builtin_model_dir(other, ds) != path  # the key is the recipe
