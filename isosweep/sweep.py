@@ -144,6 +144,14 @@ def _domain(dist, tune):
     return tune.choice(list(dist.values))
 
 
+def planned_trials(spec: SweepSpec) -> int:
+    """How many trials the search will run, the baseline included (a grid runs every combination)."""
+    s = spec.search
+    if s.algorithm != "grid":
+        return s.num_trials + 1
+    return 1 + s.num_trials * len(s.lambda_iso.values) * len(s.p.values) * len(s.metric.values)
+
+
 def build_search(spec: SweepSpec, state_dir: Path):
     """(param_space, search_alg, num_samples) for the spec's algorithm, with the baseline first."""
     from ray import tune
@@ -155,7 +163,8 @@ def build_search(spec: SweepSpec, state_dir: Path):
         space = {k: tune.grid_search(list(getattr(s, k).values)) for k in ("lambda_iso", "p", "metric")}
         space["baseline"] = False
         alg = BasicVariantGenerator(points_to_evaluate=[dict(BASELINE_PARAMS)], random_state=s.seed)
-        return space, alg, 1
+        # the baseline point uses up one sample; each further sample is one pass over the whole grid
+        return space, alg, s.num_trials + 1
     space = {k: _domain(getattr(s, k), tune) for k in ("lambda_iso", "p", "metric")}
     if s.algorithm == "random":
         space["baseline"] = False
@@ -449,7 +458,7 @@ def init_ray(address: str | None, dashboard: bool = True) -> dict:
         dashboard = dashboard and os.environ.get("ISOSWEEP_RAY_DASHBOARD", "1") != "0"
         ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
                        runtime_env={"env_vars": worker_env}, **quiet)
-    url = getattr(ctx, "dashboard_url", None) if ctx else None
+    url = getattr(ctx, "dashboard_url", None) if ctx is not None else None  # `if ctx` warns (len)
     return {"dashboard_url": f"http://{url}" if url and not url.startswith("http") else url}
 
 
@@ -497,6 +506,14 @@ def run_sweep(
     train_storage = f"{experiment_path}/train" if is_remote(storage) else str(Path(storage) / sweep_id / "train")
     _phase(f"sweep {sweep_id}: storage {experiment_path}")
 
+    if spec.base_model.source.startswith("builtin:"):
+        # before Ray starts, so pretraining has the CPUs to itself
+        _phase("base model: preparing the built-in base model (cached after the first run)")
+        from isosweep.models import load_unet_and_scheduler
+
+        load_unet_and_scheduler(spec.base_model, spec.dataset)
+    _prepare_backbones(spec)
+
     info = init_ray(address, dashboard)
     try:
         check_cluster_fits(spec, ray.cluster_resources(), spec_path or spec.name)
@@ -507,13 +524,6 @@ def run_sweep(
         _phase(f"warning: {exc}\n  (connected by address: trials will queue until the autoscaler adds nodes)")
     if info.get("dashboard_url"):
         _phase(f"Ray dashboard: {info['dashboard_url']} (token: `ray get-auth-token` if it asks)")
-
-    if spec.base_model.source.startswith("builtin:"):
-        _phase("base model: preparing the built-in base model (cached after the first run)")
-        from isosweep.models import load_unet_and_scheduler
-
-        load_unet_and_scheduler(spec.base_model, spec.dataset)
-    _prepare_backbones(spec)
 
     tracking_uri = tracking.resolve_tracking_uri(spec.tracking.uri, tracking_uri, str(state_dir.parent))
     parent_run_id = tracking.find_or_create_sweep_run(spec, spec_path, tracking_uri, sweep_id, storage_path=experiment_path)
@@ -537,7 +547,7 @@ def run_sweep(
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         space, alg, num_samples = build_search(spec, state_dir)
-        _phase(f"search: {spec.search.algorithm}, {num_samples} trials (baseline included), up to {concurrency} at once")
+        _phase(f"search: {spec.search.algorithm}, {planned_trials(spec)} trials (baseline included), up to {concurrency} at once")
         tuner = tune.Tuner(
             trainable,
             param_space=space,

@@ -48,7 +48,22 @@ def test_basic_variant_algorithms_put_the_baseline_first(algorithm, tmp_path):
     assert isinstance(alg, BasicVariantGenerator)
     assert alg._points_to_evaluate == [BASELINE_PARAMS]
     if algorithm == "grid":
-        assert num_samples == 1 and space["lambda_iso"] == {"grid_search": [0.01, 0.1]}
-    else:
-        assert num_samples == 4
+        assert space["lambda_iso"] == {"grid_search": [0.01, 0.1]}
     assert space["baseline"] is False
+    # drive the generator as Tune does: the baseline first, then every trial the spec asks for
+    from ray.tune.experiment import Experiment
+
+    alg.add_configurations([Experiment("t", run=lambda config: None, config=space, num_samples=num_samples,
+                                       storage_path=str(tmp_path / "tune"))])
+    configs = []
+    while (trial := alg.next_trial()) is not None:
+        configs.append(trial.config)
+    assert configs[0]["baseline"] is True and all(c["baseline"] is False for c in configs[1:])
+    from isosweep.sweep import planned_trials
+
+    assert len(configs) == planned_trials(spec)
+    if algorithm == "grid":  # 3 passes over lambda {0.01, 0.1} x p {0, 0.5} x G {stereographic, identity}
+        combos = [(c["lambda_iso"], c["p"], c["metric"]) for c in configs[1:]]
+        assert len(combos) == 3 * 8 and len(set(combos)) == 8
+    else:
+        assert len(configs) == 4
