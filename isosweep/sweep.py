@@ -152,8 +152,12 @@ def planned_trials(spec: SweepSpec) -> int:
     return 1 + s.num_trials * len(s.lambda_iso.values) * len(s.p.values) * len(s.metric.values)
 
 
-def build_search(spec: SweepSpec, state_dir: Path):
-    """(param_space, search_alg, num_samples) for the spec's algorithm, with the baseline first."""
+def build_search(spec: SweepSpec, state_dir: Path, max_concurrent: int = 0):
+    """(param_space, search_alg, num_samples) for the spec's algorithm, with the baseline first.
+
+    max_concurrent (0: no limit) goes into BasicVariantGenerator itself: Tune applies
+    `TuneConfig.max_concurrent_trials` only to Searchers and silently ignores it for random and grid.
+    """
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -162,13 +166,15 @@ def build_search(spec: SweepSpec, state_dir: Path):
     if s.algorithm == "grid":
         space = {k: tune.grid_search(list(getattr(s, k).values)) for k in ("lambda_iso", "p", "metric")}
         space["baseline"] = False
-        alg = BasicVariantGenerator(points_to_evaluate=[dict(BASELINE_PARAMS)], random_state=s.seed)
+        alg = BasicVariantGenerator(points_to_evaluate=[dict(BASELINE_PARAMS)], max_concurrent=max_concurrent,
+                                    random_state=s.seed)
         # the baseline point uses up one sample; each further sample is one pass over the whole grid
         return space, alg, s.num_trials + 1
     space = {k: _domain(getattr(s, k), tune) for k in ("lambda_iso", "p", "metric")}
     if s.algorithm == "random":
         space["baseline"] = False
-        alg = BasicVariantGenerator(points_to_evaluate=[dict(BASELINE_PARAMS)], random_state=s.seed)
+        alg = BasicVariantGenerator(points_to_evaluate=[dict(BASELINE_PARAMS)], max_concurrent=max_concurrent,
+                                    random_state=s.seed)
         return space, alg, s.num_trials + 1
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -546,7 +552,7 @@ def run_sweep(
         _phase(f"resuming {sweep_id}: finished trials are kept, unfinished ones continue from their checkpoints")
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        space, alg, num_samples = build_search(spec, state_dir)
+        space, alg, num_samples = build_search(spec, state_dir, concurrency)
         _phase(f"search: {spec.search.algorithm}, {planned_trials(spec)} trials (baseline included), up to {concurrency} at once")
         tuner = tune.Tuner(
             trainable,

@@ -42,7 +42,7 @@ def test_basic_variant_algorithms_put_the_baseline_first(algorithm, tmp_path):
     if algorithm == "grid":
         overrides += ["search.lambda_iso={type: choice, values: [0.01, 0.1]}"]
     spec = load_spec(DEMO, overrides)
-    space, alg, num_samples = build_search(spec, tmp_path)
+    space, alg, num_samples = build_search(spec, tmp_path, max_concurrent=2)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     assert isinstance(alg, BasicVariantGenerator)
@@ -55,9 +55,14 @@ def test_basic_variant_algorithms_put_the_baseline_first(algorithm, tmp_path):
 
     alg.add_configurations([Experiment("t", run=lambda config: None, config=space, num_samples=num_samples,
                                        storage_path=str(tmp_path / "tune"))])
-    configs = []
+    first = [alg.next_trial() for _ in range(3)]
+    assert first[2] is None  # max_concurrent: a third trial waits until one of two finishes
+    configs = [t.config for t in first[:2]]
+    for t in first[:2]:
+        alg.on_trial_complete(t.trial_id)
     while (trial := alg.next_trial()) is not None:
         configs.append(trial.config)
+        alg.on_trial_complete(trial.trial_id)
     assert configs[0]["baseline"] is True and all(c["baseline"] is False for c in configs[1:])
     from isosweep.sweep import planned_trials
 
