@@ -454,7 +454,10 @@ def init_ray(address: str | None, dashboard: bool = True) -> dict:
     import ray
 
     # Progress bars in workers are not terminals: redraw them at most every 15 s instead of per step.
-    worker_env = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "15"), "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+    # Train V2 re-routes print() in workers to its logger and also tees it to the wrapped stdout, so every
+    # "[isosweep] step ..." line reached the terminal twice; plain print keeps one copy (and the log file).
+    worker_env = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "15"), "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+                  "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
     quiet = {"logging_level": "WARNING", "log_to_driver": True}
     if ray.is_initialized():
         ctx = None

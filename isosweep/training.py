@@ -212,12 +212,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_eval(directory: Path, result) -> None:
-    """eval/metrics.json (metrics, backbones, rtl_curve, frame_distances) and eval/<name>.png."""
+    """eval/metrics.json (metrics, backbones, rtl_curve, frame_distances, timings) and eval/<name>.png."""
     from PIL import Image
 
     out = Path(directory) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    payload = {k: getattr(result, k, None) for k in ("metrics", "backbones", "rtl_curve", "frame_distances")}
+    payload = {k: getattr(result, k, None) for k in ("metrics", "backbones", "rtl_curve", "frame_distances", "timings")}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2, default=float))
     for name, image in (getattr(result, "images", None) or {}).items():
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(out / f"{name}.png")
@@ -254,7 +254,8 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
     opt = build_optimizer(unet.parameters(), tr)
     amp = autocast_dtype(tr.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    loss_fn = IsoDiffusionLoss(lambda_iso=tr.lambda_iso, p=tr.p, metric=tr.metric, reduction=tr.iso_reduction, timesteps=tr.timesteps)
+    loss_fn = IsoDiffusionLoss(lambda_iso=tr.lambda_iso, p=tr.p, metric=tr.metric, reduction=tr.iso_reduction, timesteps=tr.timesteps,
+                               prediction_type=scheduler.config.get("prediction_type", "epsilon"))
     alphas = scheduler.alphas_cumprod.to(device)
 
     batch = tr.per_worker_batch_size(world)
