@@ -198,6 +198,53 @@ def build_search(spec: SweepSpec, state_dir: Path, max_concurrent: int = 0):
 # ----------------------------------------------------------------------------------------------
 
 
+def sweep_eta(durations: list[float], running_since: list[float], remaining: int, concurrency: int, now: float) -> float | None:
+    """Seconds until the sweep ends, from the mean finished-trial duration; None before any trial ends.
+
+    Trials still running are assumed to need the mean duration in total; queued ones run
+    `concurrency` at a time after them.
+    """
+    if not durations:
+        return None
+    mean = sum(durations) / len(durations)
+    running_left = max((max(0.0, mean - (now - t)) for t in running_since), default=0.0)
+    queued = max(0, remaining - len(running_since))
+    return running_left + math.ceil(queued / max(1, concurrency)) * mean
+
+
+def _make_progress_callback(total: int, concurrency: int):
+    """A Tune callback that prints one line per finished trial: how many are done and about how long is left."""
+    from ray.tune import Callback
+
+    class SweepProgress(Callback):
+        def __init__(self) -> None:
+            self.started: dict[str, float] = {}
+            self.durations: list[float] = []
+            self.done = 0
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.setdefault(trial.trial_id, time.time())
+
+        def _finished(self, trial, how: str) -> None:
+            now = time.time()
+            self.done += 1
+            if trial.trial_id in self.started:
+                self.durations.append(now - self.started.pop(trial.trial_id))
+            eta = sweep_eta(self.durations, list(self.started.values()), total - self.done, concurrency, now)
+            left = ""
+            if eta is not None and self.done < total:
+                left = f"; about {eta / 60:.0f} min left" if eta >= 90 else f"; about {eta:.0f} s left"
+            _phase(f"trial {trial.trial_id} {how} ({self.done}/{total} done{left})")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finished(trial, "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finished(trial, "failed")
+
+    return SweepProgress()
+
+
 def _make_forward_callback(objectives: list[str]):
     """A Train callback that forwards each Train report to Tune (live per-trial status).
 
@@ -547,6 +594,7 @@ def run_sweep(
     concurrency = max_concurrent(spec, ray.cluster_resources())
     run_config = tune.RunConfig(
         name=sweep_id,
+        callbacks=[_make_progress_callback(planned_trials(spec), concurrency)],
         storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
         verbose=1,

@@ -26,6 +26,15 @@ from isosweep.config import SweepSpec, load_spec
 PRINTED = ("loss", "dsm_loss", "iso_loss", "tr_r", "images_per_s")
 
 
+def training_eta(first: tuple[int, float], now: tuple[int, float], max_steps: int | None) -> str:
+    """Time left in training as "M:SS" from the pace since the first report; "" when it is unknown."""
+    (s0, t0), (s1, t1) = first, now
+    if not max_steps or s1 <= s0 or s1 >= max_steps:
+        return ""
+    left = (t1 - t0) / (s1 - s0) * (max_steps - s1)
+    return f"{int(left // 60)}:{int(left % 60):02d}"
+
+
 class RayReporter:
     """`training.Reporter` on top of Ray Train V2; rank 0 also logs to MLflow, Ray metrics and stdout."""
 
@@ -38,6 +47,7 @@ class RayReporter:
         self.device = ray.train.torch.get_device()
         self.max_steps, self.step_logger, self.verbose, self.resume_from = max_steps, step_logger, verbose, resume_from
         self._gauges = _gauges(ctx.get_experiment_name()) if self.rank == 0 else None
+        self._first: tuple[int, float] | None = None  # (step, time) of this run's first report, for the ETA
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -52,8 +62,12 @@ class RayReporter:
                     gauge.set(float(metrics[name]))
         if self.verbose:
             stats = " ".join(f"{k}={metrics[k]:.4g}" for k in PRINTED if k in metrics)
+            step, now = int(metrics["step"]), time.monotonic()
+            self._first = self._first or (step, now)
             total = f"/{self.max_steps}" if self.max_steps else ""
-            print(f"[isosweep] step {int(metrics['step'])}{total} {stats}" + (" (checkpoint)" if checkpoint else ""), flush=True)
+            eta = training_eta(self._first, (step, now), self.max_steps)
+            print(f"[isosweep] step {step}{total} {stats}" + (f" eta {eta}" if eta else "")
+                  + (" (checkpoint)" if checkpoint else ""), flush=True)
 
     def latest_checkpoint(self) -> str | None:
         """The run's own latest checkpoint (after a worker failure), else `resume_from`, as a local dir."""

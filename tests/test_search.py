@@ -72,3 +72,22 @@ def test_basic_variant_algorithms_put_the_baseline_first(algorithm, tmp_path):
         assert len(combos) == 3 * 8 and len(set(combos)) == 8
     else:
         assert len(configs) == 4
+
+
+def test_sweep_eta_from_finished_trials():
+    from isosweep.sweep import sweep_eta
+
+    assert sweep_eta([], [0.0], remaining=3, concurrency=2, now=10.0) is None  # nothing finished yet
+    # two finished trials of 100 s and 120 s (mean 110); one running for 60 s; 4 left = 1 running + 3 queued
+    eta = sweep_eta([100.0, 120.0], [40.0], remaining=4, concurrency=2, now=100.0)
+    assert eta == (110 - 60) + 2 * 110  # the running one's 50 s, then 3 queued in 2 waves
+    assert sweep_eta([100.0], [], remaining=0, concurrency=2, now=0.0) == 0.0
+
+
+def test_training_eta():
+    from isosweep.trial import training_eta
+
+    assert training_eta((5, 100.0), (15, 120.0), 40) == "0:50"  # 2 s a step, 25 steps left
+    assert training_eta((5, 100.0), (5, 100.0), 40) == ""  # no pace yet
+    assert training_eta((5, 100.0), (40, 170.0), 40) == ""  # done
+    assert training_eta((5, 100.0), (15, 120.0), None) == ""  # epochs mode: total unknown
