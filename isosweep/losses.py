@@ -67,8 +67,13 @@ def sample_timesteps(batch_size: int, p: float, T: int, generator: torch.Generat
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, per sample."""
-    a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[t].view(-1, *([1] * (x0.dim() - 1)))
+    a = _abar(alphas_cumprod, t, x0)
     return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+
+
+def _abar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """abar_t per sample, float32, shaped to broadcast over `like` (B, ...)."""
+    return alphas_cumprod.to(device=like.device, dtype=torch.float32)[t].view(-1, *([1] * (like.dim() - 1)))
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -84,7 +89,7 @@ def denoising_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
-        a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[t].view(-1, *([1] * (x0.dim() - 1)))
+        a = _abar(alphas_cumprod, t, x0)
         return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
     return x0
 

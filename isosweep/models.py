@@ -193,7 +193,7 @@ def pretrain_builtin(base_model_spec, dataset_spec=None, *, force: bool = False,
     train at once, the first rename wins and the other's copy is discarded.
     """
     from isosweep.data import ShapesDataset
-    from isosweep.losses import denoising_target
+    from isosweep.losses import add_noise, denoising_target
 
     target = builtin_model_dir(base_model_spec, dataset_spec)
     if (target / "model_index.json").is_file() and not force:
@@ -221,8 +221,7 @@ def pretrain_builtin(base_model_spec, dataset_spec=None, *, force: bool = False,
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, recipe["timesteps"], (bs,), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = add_noise(x0, noise, t, alphas)
         wanted = denoising_target(recipe["prediction_type"], x0, noise, t, alphas)
         loss = torch.nn.functional.mse_loss(unet(xt, t).sample, wanted)
         if not torch.isfinite(loss):

@@ -25,13 +25,7 @@ from isosweep.metrics.ppl import filtered_mean
 from isosweep.sampling import ddim_sample, initial_noise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: several intra-op threads per process oversubscribe them (10-20x slower AD here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(sample_size: int = 16, seed: int = 0):

@@ -15,12 +15,7 @@ NAMES = ("Bright", "Left_Red")
 FAST = dict(steps=100, batch_size=32, lr=3e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -13,12 +13,7 @@ from isosweep.evaluate import EvalResult, evaluate_model, format_row, shard_rang
 FAST_DOMAIN = dict(steps=40, batch_size=32, train_size=512)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
