@@ -39,8 +39,8 @@ from diffusers import UNet2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from isosweep.geometry import inverse_stereographic, isometry_loss, isometry_ratio, isometry_terms, stereographic  # noqa: E402
-from isosweep.hspace import decode, encoder_at  # noqa: E402
+from isosweep.core.geometry import inverse_stereographic, isometry_loss, isometry_ratio, isometry_terms, stereographic  # noqa: E402
+from isosweep.core.hspace import decode, encoder_at  # noqa: E402
 
 T = 1000  # DDPM steps (linear beta schedule)
 P_SPLIT = 0.5  # fraction of the schedule without the isometry loss

@@ -33,8 +33,15 @@ def main() -> None:
 
     from diffusers import UNet2DModel
 
-    from isosweep.metrics.jacobian import autodiff_context, batched_jacobian, choose_method, looped_jacobian, pooled_encoder, unet_encoder
-    from isosweep.models import builtin_unet_config
+    from isosweep.evaluation.metrics.jacobian import (
+        autodiff_context,
+        batched_jacobian,
+        choose_method,
+        looped_jacobian,
+        pooled_encoder,
+        unet_encoder,
+    )
+    from isosweep.models.builtin import builtin_unet_config
 
     device = torch.device(args.device)
     torch.manual_seed(0)

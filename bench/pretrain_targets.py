@@ -36,9 +36,9 @@ def main() -> None:
 
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from isosweep.data import ShapesDataset
-    from isosweep.losses import add_noise, denoising_target
-    from isosweep.models import builtin_unet_config, default_scheduler
+    from isosweep.core.losses import add_noise, denoising_target
+    from isosweep.data.datasets import ShapesDataset
+    from isosweep.models.builtin import builtin_unet_config, default_scheduler
 
     torch.manual_seed(0)
     unet = UNet2DModel(**builtin_unet_config(32))
@@ -88,9 +88,8 @@ def main() -> None:
         return ((imgs + 1).abs() < 0.15).all(dim=1).float().mean().item()
 
     if args.out:
-        from PIL import Image
 
-        from isosweep.images import make_grid
+        from isosweep.data.images import make_grid
 
         make_grid(x.numpy().transpose(0, 2, 3, 1)).save(args.out)
     print(json.dumps(dict(target=args.target, min_snr=args.min_snr, steps=args.steps, wall_s=round(wall, 1),

@@ -1,4 +1,4 @@
-"""Images per second of deterministic DDIM sampling (isosweep.sampling.ddim_sample).
+"""Images per second of deterministic DDIM sampling (isosweep.core.sampling.ddim_sample).
 
     python bench/sampling.py --size 32 --n 32 --steps 20 --batch 32 --threads 1
 
@@ -28,8 +28,8 @@ def main() -> None:
 
     from diffusers import UNet2DModel
 
-    from isosweep.models import builtin_unet_config, default_scheduler
-    from isosweep.sampling import ddim_sample, initial_noise
+    from isosweep.core.sampling import ddim_sample, initial_noise
+    from isosweep.models.builtin import builtin_unet_config, default_scheduler
 
     device = torch.device(args.device)
     torch.manual_seed(0)

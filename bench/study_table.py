@@ -19,6 +19,11 @@ from pathlib import Path
 METRICS = ("fid", "ppl", "mrtl", "mcn", "vor")
 
 
+def _g(row: dict) -> str:
+    """The trial's metric G: column `iso_metric` (sweeps before the rename wrote `metric`)."""
+    return row.get("iso_metric") or row.get("metric", "")
+
+
 def _num(value: str) -> float:
     try:
         return float(value)
@@ -38,14 +43,14 @@ def main() -> None:
     base = next((r for r in rows if r["baseline"] == "True"), None)
     if base is None:
         raise SystemExit(f"{args.sweep_dir}/results.csv has no baseline row")
-    rows.sort(key=lambda r: (r["baseline"] != "True", _num(r["p"]), r["metric"], _num(r["lambda_iso"])))
+    rows.sort(key=lambda r: (r["baseline"] != "True", _num(r["p"]), _g(r), _num(r["lambda_iso"])))
     metrics = [m for m in METRICS if not math.isnan(_num(base.get(m)))]
     head = ["p", "G", "lambda_iso", *metrics, "role"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         is_base = r["baseline"] == "True"
-        cells = ["1 (baseline)" if is_base else f"{_num(r['p']):g}", "-" if is_base else r["metric"],
+        cells = ["1 (baseline)" if is_base else f"{_num(r['p']):g}", "-" if is_base else _g(r),
                  "0" if is_base else f"{_num(r['lambda_iso']):g}"]
         for m in metrics:
             v, b = _num(r[m]), _num(base[m])
@@ -56,22 +61,24 @@ def main() -> None:
     print("\nbackbones: " + ", ".join(f"{m}={n}" for m, n in names.items()))
 
     if args.rtl_plot:
-        from isosweep.report import load_trial_eval, rtl_plot
+        from isosweep.results.plots import rtl_plot
+        from isosweep.results.report import load_trial_eval
 
         curves = {}
         for r in rows:
             curve = load_trial_eval(r).get("rtl_curve")
             if curve:
-                label = "baseline" if r["baseline"] == "True" else f"p={_num(r['p']):g} {r['metric'][:6]} lambda={_num(r['lambda_iso']):g}"
+                label = "baseline" if r["baseline"] == "True" else f"p={_num(r['p']):g} {_g(r)[:6]} lambda={_num(r['lambda_iso']):g}"
                 curves[label] = curve
         rtl_plot(curves, args.rtl_plot)
         print(f"wrote {args.rtl_plot} ({len(curves)} curves)")
     if args.strips:
-        from isosweep.report import load_trial_eval, strips_figure
+        from isosweep.results.plots import strips_figure
+        from isosweep.results.report import load_trial_eval
 
         entries = []
         for r in rows:
-            if r["baseline"] != "True" and r["metric"] != "stereographic":
+            if r["baseline"] != "True" and _g(r) != "stereographic":
                 continue
             ev = load_trial_eval(r)
             if "slerp_strip" in ev.get("images", {}):

@@ -1,8 +1,14 @@
-"""`isosweep` command line: thin argument parsing that hands over to one module per command."""
+"""`isosweep` command line: argument parsing and dispatch only; each verb group lives in `commands/`.
+
+Importing a command module imports what it runs (Ray for the sweep verbs, MLflow for the model
+verbs), so `isosweep --help` and `isosweep validate` still start in a second or two: the commands are
+imported when dispatched, not here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from isosweep.config import SpecError
@@ -112,49 +118,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# verb -> (module in isosweep.commands, function)
+COMMANDS = {
+    "validate": ("validate", "validate_command"),
+    "run": ("sweep", "run_command"),
+    "resume": ("sweep", "resume_command"),
+    "results": ("sweep", "results_command"),
+    "status": ("sweep", "results_command"),
+    "submit": ("submit", "submit_command"),
+    "train": ("train", "train_command"),
+    "pretrain": ("models", "pretrain_command"),
+    "eval": ("evaluate", "eval_command"),
+    "pull": ("models", "pull_command"),
+    "sample": ("models", "sample_command"),
+    "interpolate": ("models", "interpolate_command"),
+    "sync": ("sync", "sync_command"),
+}
+
+
 def _dispatch(args: argparse.Namespace) -> int | None:
-    cmd = args.command
-    if cmd == "validate":
-        from isosweep.config import load_spec
-        import yaml
-
-        spec = load_spec(args.spec, args.overrides, check_paths=not args.no_path_checks)
-        print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
-        print(f"ok: {args.spec} is a valid sweep spec", file=sys.stderr)
-        return 0
-    if cmd in ("run", "resume"):
-        from isosweep.sweep import run_command
-
-        return run_command(args, resume=cmd == "resume")
-    if cmd in ("results", "status"):
-        from isosweep.sweep import results_command
-
-        return results_command(args)
-    if cmd == "submit":
-        from isosweep.jobs import submit_command
-
-        return submit_command(args)
-    if cmd == "train":
-        from isosweep.trial import train_command
-
-        return train_command(args)
-    if cmd == "pretrain":
-        from isosweep.models import pretrain_command
-
-        return pretrain_command(args)
-    if cmd == "eval":
-        from isosweep.evaluate import eval_command
-
-        return eval_command(args)
-    if cmd in ("pull", "sample", "interpolate"):
-        from isosweep import registry
-
-        return getattr(registry, f"{cmd}_command")(args)
-    if cmd == "sync":
-        from isosweep.tracking import sync_command
-
-        return sync_command(args)
-    raise AssertionError(cmd)
+    module, function = COMMANDS[args.command]
+    # imported on dispatch, not at the top: the sweep verbs import Ray and the model verbs MLflow and
+    # torch, which would make `isosweep --help` and `isosweep validate` take several seconds
+    return getattr(importlib.import_module(f"isosweep.commands.{module}"), function)(args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ used by `isosweep validate`, `run`, `train` and `eval`; the resolved spec is sav
 from __future__ import annotations
 
 import copy
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,8 +15,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METRIC_NAMES = ("stereographic", "identity", "ambient")
+from isosweep.core.geometry import ISO_METRICS
+
+# The evaluation metrics a spec can ask for, and the values a results row carries ("ls" gives ls and,
+# with the rbf kernel, ls_rbf). Every list of metric names in isosweep is one of these two.
 EVAL_METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "ls")
+RESULT_METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "ls", "ls_rbf")
+# What a trial varies: written into `train` by `resolve_trial_spec`, searched by Tune, one column each.
+TRIAL_KEYS = ("lambda_iso", "p", "iso_metric")
+# The baseline trial every sweep runs first (lambda_iso = 0: no isometry loss anywhere).
+BASELINE_PARAMS = {"lambda_iso": 0.0, "p": 1.0, "iso_metric": "stereographic", "baseline": True}
+# Fields renamed since earlier versions: old key -> new key, refused with a message naming the new one.
+RENAMED_FIELDS = {("train", "metric"): "iso_metric", ("search", "metric"): "iso_metric"}
 
 
 class SpecError(ValueError):
@@ -67,7 +76,7 @@ class TrainSpec(_Section):
 
     lambda_iso: float = Field(1e-4, ge=0.0, description="weight of the isometry loss; 0 is the baseline")
     p: float = Field(0.5, ge=0.0, le=1.0, description="fraction of the schedule (low-noise end) without the isometry loss; 1 is the baseline")
-    metric: Literal["stereographic", "identity", "ambient"] = Field("stereographic", description="the metric G on the noise space")
+    iso_metric: Literal[ISO_METRICS] = Field("stereographic", description="the metric G on the noise space of the isometry loss (MATH.md 2)")
     iso_reduction: Literal["global", "local"] = Field("global", description="global: ratio of all-reduced means (faithful); local: per-worker ratio")
     learning_rate: float = Field(1e-4, gt=0.0, description="Adam learning rate")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
@@ -132,7 +141,7 @@ class LsSpec(_Section):
 class EvaluationSpec(_Section):
     """What every trial measures at the end, and with which feature networks."""
 
-    metrics: list[Literal["fid", "ppl", "mrtl", "mcn", "vor", "ls"]] = Field(
+    metrics: list[Literal[EVAL_METRICS]] = Field(
         default_factory=lambda: ["fid", "ppl", "mrtl", "mcn", "vor"], description="metrics computed per trial"
     )
     backbone: Literal["auto", "standard", "domain"] = Field(
@@ -192,7 +201,7 @@ class SearchSpec(_Section):
         default_factory=lambda: Distribution(type="choice", values=[0.0, 0.5]),
         description="{type: uniform, low, high} or {type: choice, values}, inside [0, 1]",
     )
-    metric: Distribution = Field(
+    iso_metric: Distribution = Field(
         default_factory=lambda: Distribution(type="choice", values=["stereographic", "identity"]),
         description="{type: choice, values} of stereographic, identity, ambient",
     )
@@ -210,13 +219,13 @@ class SearchSpec(_Section):
         for v in self.p.bounds():
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"search.p can reach {v}; p must lie in [0, 1]")
-        if self.metric.type != "choice":
-            raise ValueError("search.metric must be a choice of " + ", ".join(METRIC_NAMES))
-        bad = [m for m in self.metric.values if m not in METRIC_NAMES]
+        if self.iso_metric.type != "choice":
+            raise ValueError("search.iso_metric must be a choice of " + ", ".join(ISO_METRICS))
+        bad = [m for m in self.iso_metric.values if m not in ISO_METRICS]
         if bad:
-            raise ValueError(f"search.metric has unknown metric(s) {bad}; use any of {list(METRIC_NAMES)}")
+            raise ValueError(f"search.iso_metric has unknown value(s) {bad}; use any of {list(ISO_METRICS)}")
         if self.algorithm == "grid":
-            for name in ("lambda_iso", "p", "metric"):
+            for name in TRIAL_KEYS:
                 if getattr(self, name).type != "choice":
                     raise ValueError(f"grid search needs search.{name} to be a choice (a list of values)")
         return self
@@ -358,6 +367,7 @@ def spec_from_dict(data: dict, source: str = "<spec>", check_paths: bool = True)
     """Validate a spec dict; raise SpecError naming the source, the field, the value and the fix."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the top level must be a mapping of sections (got {type(data).__name__})")
+    _refuse_renamed(data, source)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
@@ -365,6 +375,36 @@ def spec_from_dict(data: dict, source: str = "<spec>", check_paths: bool = True)
     if check_paths:
         _check_paths(spec, source)
     return spec
+
+
+def _refuse_renamed(data: dict, source: str) -> None:
+    """An old key gets an error naming its new name, instead of pydantic's generic 'extra field'."""
+    for (section, old), new in RENAMED_FIELDS.items():
+        if isinstance(data.get(section), dict) and old in data[section]:
+            raise SpecError(f"{source}: field '{section}.{old}' was renamed to '{section}.{new}' (the metric G of the "
+                            f"isometry loss, not an evaluation metric); fix: rename the key to '{new}'")
+
+
+def resolve_trial_spec(spec: "SweepSpec | dict", trial_params: dict[str, Any] | None = None) -> "SweepSpec":
+    """The spec with one trial's lambda_iso / p / iso_metric written into `train` (validated).
+
+    Other keys of trial_params (`baseline`) are labels and are ignored; an unknown key is an error.
+    """
+    data = spec.to_dict() if isinstance(spec, SweepSpec) else copy.deepcopy(spec)
+    for key, value in (trial_params or {}).items():
+        if key == "baseline":
+            continue
+        if key not in TRIAL_KEYS:
+            raise ValueError(f"unknown trial parameter {key!r}; trial parameters are {list(TRIAL_KEYS)}")
+        data["train"][key] = value
+    return spec_from_dict(data, source="trial config", check_paths=False)
+
+
+def trial_params_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial keys and the baseline label of a Tune config (or a results row)."""
+    params = {k: config[k] for k in TRIAL_KEYS if k in config}
+    params["baseline"] = bool(config.get("baseline", False))
+    return params
 
 
 def _check_paths(spec: SweepSpec, source: str) -> None:
@@ -394,86 +434,3 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, check
     if overrides:
         data = apply_overrides(data, overrides)
     return spec_from_dict(data, source=str(path), check_paths=check_paths)
-
-
-def check_cluster_fits(spec: SweepSpec, cluster_resources: dict[str, float], source: str = "<spec>") -> None:
-    """Fail early when one trial needs more GPUs or CPUs than the whole cluster has."""
-    res = spec.resources
-    need_gpu = res.workers_per_trial * res.gpus_per_worker
-    need_cpu = res.workers_per_trial * res.cpus_per_worker
-    have_gpu = cluster_resources.get("GPU", 0.0)
-    have_cpu = cluster_resources.get("CPU", 0.0)
-    if need_gpu > have_gpu:
-        raise SpecError(
-            f"{source}: field 'resources': one trial needs {need_gpu:g} GPUs "
-            f"(workers_per_trial={res.workers_per_trial} x gpus_per_worker={res.gpus_per_worker:g}) but the cluster has {have_gpu:g}; "
-            "fix: lower resources.workers_per_trial, set resources.use_gpu=false, or connect to a GPU cluster with --address"
-        )
-    if need_cpu > have_cpu:
-        raise SpecError(
-            f"{source}: field 'resources': one trial needs {need_cpu:g} CPUs "
-            f"(workers_per_trial={res.workers_per_trial} x cpus_per_worker={res.cpus_per_worker:g}) but the cluster has {have_cpu:g}; "
-            "fix: lower resources.workers_per_trial or resources.cpus_per_worker"
-        )
-
-
-def max_concurrent(spec: SweepSpec, cluster_resources: dict[str, float]) -> int:
-    """How many trials fit at once: the spec's value, else what the cluster's GPUs (or CPUs) allow."""
-    if spec.search.max_concurrent_trials:
-        return spec.search.max_concurrent_trials
-    res = spec.resources
-    if res.gpus_per_worker > 0:
-        fit = cluster_resources.get("GPU", 0.0) // (res.workers_per_trial * res.gpus_per_worker)
-    else:
-        # the trial's own function holds no CPU (it waits on its TorchTrainer)
-        fit = cluster_resources.get("CPU", 1.0) // (res.workers_per_trial * res.cpus_per_worker)
-    return max(1, int(fit))
-
-
-def is_baseline(lambda_iso: float, p: float) -> bool:
-    """lambda_iso = 0 or p = 1 turns the isometry loss off entirely."""
-    return lambda_iso == 0.0 or p >= 1.0 or math.isclose(p, 1.0)
-
-
-def _type_name(ann: Any) -> str:
-    import typing
-
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
-    if args:
-        inner = [_type_name(a) for a in args if a is not type(None)]
-        name = getattr(origin, "__name__", "") if origin not in (typing.Union, getattr(__import__("types"), "UnionType", None)) else ""
-        text = f"{name}[{', '.join(inner)}]" if name else " or ".join(inner)
-        return text + (" or null" if type(None) in args else "")
-    return getattr(ann, "__name__", str(ann))
-
-
-def _walk_fields(model: type[BaseModel], prefix: str = ""):
-    for name, info in model.model_fields.items():
-        ann = info.annotation
-        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not Distribution else None
-        path = f"{prefix}{name}"
-        if sub is not None:
-            yield from _walk_fields(sub, path + ".")
-            continue
-        if info.is_required():
-            default = "(required)"
-        else:
-            value = info.get_default(call_default_factory=True)
-            if isinstance(value, BaseModel):
-                value = value.model_dump(mode="json", exclude_none=True)
-            default = f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
-        type_name = _type_name(ann)
-        if ann is Distribution:
-            type_name = "distribution"
-        yield path, type_name, default, (info.description or "")
-
-
-def spec_reference_markdown() -> str:
-    """The spec reference table (every field, its type, default and meaning), generated from the schema."""
-    lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
-    for path, type_name, default, desc in _walk_fields(SweepSpec):
-        type_name = type_name.replace("|", "or")
-        lines.append(f"| `{path}` | {type_name} | {default.replace('|', '/')} | {desc.replace('|', '/')} |")
-    return "\n".join(lines)

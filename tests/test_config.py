@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from isosweep.cli import main
-from isosweep.config import SpecError, apply_overrides, check_cluster_fits, load_spec, max_concurrent
+from isosweep.config import SpecError, apply_overrides, load_spec
+from isosweep.sweep.resources import check_cluster_fits, max_concurrent
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -85,13 +86,13 @@ def test_negative_lambda(tmp_path):
 
 def test_unknown_metric_name(tmp_path):
     data = demo_data()
-    data["search"]["metric"] = {"type": "choice", "values": ["stereographic", "riemann"]}
+    data["search"]["iso_metric"] = {"type": "choice", "values": ["stereographic", "riemann"]}
     msg = _error(tmp_path, data)
-    assert "search.metric" in msg and "riemann" in msg and "identity" in msg
+    assert "search.iso_metric" in msg and "riemann" in msg and "identity" in msg
     data = demo_data()
-    data["train"]["metric"] = "riemann"
+    data["train"]["iso_metric"] = "riemann"
     msg = _error(tmp_path, data)
-    assert "train.metric" in msg and "stereographic" in msg
+    assert "train.iso_metric" in msg and "stereographic" in msg
 
 
 def test_missing_dataset_path(tmp_path):
@@ -120,8 +121,8 @@ def test_too_many_gpus_for_cluster():
 
 def test_overrides(tmp_path):
     path = write(tmp_path, demo_data())
-    spec = load_spec(path, ["search.num_trials=2", "train.lambda_iso=0.5", "search.metric.values=[identity]"])
-    assert spec.search.num_trials == 2 and spec.train.lambda_iso == 0.5 and spec.search.metric.values == ["identity"]
+    spec = load_spec(path, ["search.num_trials=2", "train.lambda_iso=0.5", "search.iso_metric.values=[identity]"])
+    assert spec.search.num_trials == 2 and spec.train.lambda_iso == 0.5 and spec.search.iso_metric.values == ["identity"]
     with pytest.raises(SpecError, match="key.path=value"):
         apply_overrides({}, ["search.num_trials"])
     with pytest.raises(SpecError, match="search.num_trial"):
@@ -132,6 +133,20 @@ def test_validate_command(tmp_path, capsys):
     assert main(["validate", str(ROOT / "search_spaces" / "demo.yaml")]) == 0
     assert "name: demo" in capsys.readouterr().out
     data = demo_data()
-    data["train"]["metric"] = "riemann"
+    data["train"]["iso_metric"] = "riemann"
     assert main(["validate", str(write(tmp_path, data))]) == 2
-    assert "train.metric" in capsys.readouterr().err
+    assert "train.iso_metric" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("section", ["train", "search"])
+def test_old_metric_key_names_its_new_name(tmp_path, section, capsys):
+    """`metric:` was renamed `iso_metric:` (the metric G, not an evaluation metric): the error says so."""
+    data = demo_data()
+    data[section]["metric"] = data[section].pop("iso_metric")
+    path = write(tmp_path, data)
+    msg = _error(tmp_path, data)
+    assert f"{section}.metric' was renamed to '{section}.iso_metric'" in msg and str(path) in msg
+    assert main(["validate", str(path)]) == 2
+    assert "rename the key to 'iso_metric'" in capsys.readouterr().err
+    with pytest.raises(SpecError, match="renamed"):
+        load_spec(ROOT / "search_spaces" / "demo.yaml", [f"{section}.metric=identity" if section == "train" else "search.metric.type=choice"])

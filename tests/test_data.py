@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from isosweep.config import DatasetSpec
-from isosweep.data import (POSITIONS, ImageFolderDataset, ShapesDataset, ShardedLoader, ShardSampler,
+from isosweep.data.datasets import (POSITIONS, ImageFolderDataset, ShapesDataset, ShardedLoader, ShardSampler,
                            build_dataset, render_shape)
 
 
@@ -38,7 +38,7 @@ def test_shapes_labels_match_images(resolution):
         assert np.argmin(abs(centres - cy)) == lab[4], (i, cy, lab)
         # every shape pixel carries the factor's colour
         rgb = img[:, ys[0], xs[0]]
-        from isosweep.data import COLOURS
+        from isosweep.data.datasets import COLOURS
         assert torch.equal(rgb, torch.tensor(list(COLOURS.values())[lab[1]]))
 
 

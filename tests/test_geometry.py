@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from isosweep.geometry import (
-    METRICS,
+from isosweep.core.geometry import (
+    ISO_METRICS,
     conformal_factor,
     inverse_stereographic,
     isometry_loss,
@@ -142,7 +142,7 @@ def test_conformal_factor_is_the_pulled_back_metric_and_varies():
 
 
 @pytest.mark.parametrize("encoder_cls", [Linear, Tiny])
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", ISO_METRICS)
 def test_estimator_with_basis_probes_equals_explicit_chart_jacobian(encoder_cls, metric):
     encoder = encoder_cls()
     x = _points(4)
@@ -167,7 +167,7 @@ def test_tangent_projector_formulas_equal_the_chart(encoder_cls):
     torch.testing.assert_close(id_r2, g**2 * chart_r2)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", ISO_METRICS)
 def test_hutchinson_means_converge_to_exact_traces(metric):
     encoder = Tiny()
     x = _points(3)
@@ -299,7 +299,7 @@ def test_global_reduction_without_process_group_is_local():
 _WORKER = textwrap.dedent(
     """
     import os, sys, torch, torch.distributed as dist
-    from isosweep.geometry import isometry_terms, isometry_ratio
+    from isosweep.core.geometry import isometry_terms, isometry_ratio
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)

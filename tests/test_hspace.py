@@ -5,8 +5,8 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from isosweep.geometry import isometry_loss, isometry_terms
-from isosweep.hspace import autodiff_safe, decode, encode, encode_with_skips, encoder_at
+from isosweep.core.geometry import isometry_loss, isometry_terms
+from isosweep.core.hspace import autodiff_safe, decode, encode, encode_with_skips, encoder_at
 
 # Small UNet2DModel layouts built from config: no attention at all, diffusers' default (attention
 # in down, mid and up blocks), the CelebA-HQ DDPM's (google/ddpm-ema-celebahq-256: one attention

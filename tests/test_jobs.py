@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from isosweep import jobs
+from isosweep.sweep import jobs
+from isosweep.commands import submit
 from isosweep.cli import build_parser
 from isosweep.config import SpecError
 
@@ -98,12 +99,12 @@ def test_invalid_spec_fails_before_any_connection(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsearch: {num_trialz: 2}\n")
     with pytest.raises(SpecError, match="num_trialz"):
-        jobs.submit_command(_submit_args(bad, "http://127.0.0.1:9"))
+        submit.submit_command(_submit_args(bad, "http://127.0.0.1:9"))
 
 
 def test_unreachable_address_is_named_with_a_fix(tmp_spec, capsys):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    code = jobs.submit_command(_submit_args(tmp_spec, address, "--token", "x"))
+    code = submit.submit_command(_submit_args(tmp_spec, address, "--token", "x"))
     err = capsys.readouterr().err
     assert code == 1
     assert f"cannot reach a Ray dashboard at {address}" in err and "ray dashboard" in err
@@ -153,7 +154,7 @@ def test_submit_validate_job_succeeds_and_streams_its_output(ray_two_node_cluste
     spec = DEMO
     args = _submit_args(spec, cluster.dashboard_url, "--token", cluster.token, "--set", "search.num_trials=3")
     start = time.monotonic()
-    code = jobs.submit_command(args, command="validate")
+    code = submit.submit_command(args, command="validate")
     out, err = capsys.readouterr()
     assert code == 0, f"job failed:\n{out[-3000:]}\n{err[-3000:]}"
     job_id = next(l.split()[-1] for l in out.splitlines() if l.startswith("submitted job:"))
@@ -171,7 +172,7 @@ def test_submit_validate_job_succeeds_and_streams_its_output(ray_two_node_cluste
 def test_submit_with_token_from_env_and_no_wait(ray_two_node_cluster, tmp_spec, monkeypatch, capsys):
     cluster = ray_two_node_cluster
     monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
-    code = jobs.submit_command(_submit_args(tmp_spec, cluster.dashboard_url, "--no-wait"), command="validate")
+    code = submit.submit_command(_submit_args(tmp_spec, cluster.dashboard_url, "--no-wait"), command="validate")
     out = capsys.readouterr().out
     assert code == 0
     job_id = next(l.split()[-1] for l in out.splitlines() if l.startswith("submitted job:"))
@@ -188,7 +189,7 @@ def test_submit_with_token_from_env_and_no_wait(ray_two_node_cluster, tmp_spec, 
 @pytest.mark.slow
 def test_bad_or_missing_token_fails_with_an_explanation(ray_two_node_cluster, tmp_spec, tmp_path, monkeypatch, capsys):
     cluster = ray_two_node_cluster
-    code = jobs.submit_command(_submit_args(tmp_spec, cluster.dashboard_url, "--token", "wrong"), command="validate")
+    code = submit.submit_command(_submit_args(tmp_spec, cluster.dashboard_url, "--token", "wrong"), command="validate")
     err = capsys.readouterr().err
     assert code == 1
     assert "rejected the auth token from --token" in err and "ray get-auth-token" in err and "RAY_AUTH_TOKEN" in err
@@ -197,7 +198,7 @@ def test_bad_or_missing_token_fails_with_an_explanation(ray_two_node_cluster, tm
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    code = jobs.submit_command(_submit_args(tmp_spec, cluster.dashboard_url), command="validate")
+    code = submit.submit_command(_submit_args(tmp_spec, cluster.dashboard_url), command="validate")
     err = capsys.readouterr().err
     assert code == 1
     assert "requires an auth token and none was sent" in err and "--token" in err
@@ -209,7 +210,7 @@ def test_a_failing_job_returns_its_exit_code_and_the_cluster_checks_paths(ray_tw
     spec = tmp_path / "nodata.yaml"
     spec.write_text(yaml.safe_dump({"name": "nodata", "dataset": {"kind": "image_folder", "path": "/no/such/images"}}))
     # valid locally (paths are the cluster's), invalid on the cluster: `isosweep validate` exits 2 there
-    code = jobs.submit_command(_submit_args(spec, cluster.dashboard_url, "--token", cluster.token), command="validate")
+    code = submit.submit_command(_submit_args(spec, cluster.dashboard_url, "--token", cluster.token), command="validate")
     out, err = capsys.readouterr()
     assert code == 2, out[-2000:] + err[-2000:]
     assert "FAILED" in err and "dataset.path" in out + err

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from isosweep.losses import IsoDiffusionLoss, add_noise, denoising_target, dsm_loss, iso_cutoff, sample_timesteps
-from isosweep.models import default_scheduler
+from isosweep.core.losses import IsoDiffusionLoss, add_noise, denoising_target, dsm_loss, iso_cutoff, sample_timesteps
+from isosweep.models.builtin import default_scheduler
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
@@ -111,7 +111,7 @@ def test_unknown_prediction_type_is_named():
 
 
 def test_baseline_loss_skips_isometry(monkeypatch):
-    import isosweep.geometry as geometry
+    import isosweep.core.geometry as geometry
 
     def boom(*a, **k):
         raise AssertionError("the baseline must not compute the isometry term")
@@ -131,7 +131,7 @@ def test_combined_loss(metric):
     x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
     t = torch.tensor([600, 700, 800, 999])
     lam = 0.5
-    out = IsoDiffusionLoss(lambda_iso=lam, p=0.5, metric=metric)(
+    out = IsoDiffusionLoss(lambda_iso=lam, p=0.5, iso_metric=metric)(
         unet, unet, x0, t, noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(0))
     assert out.iso_on and torch.isfinite(out.loss) and out.iso > 0 and out.tr_r > 0
     assert torch.allclose(out.loss.detach(), out.dsm + lam * out.iso)

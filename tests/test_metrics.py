@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep.metrics import (
+from isosweep.core.sampling import ddim_sample, initial_noise
+from isosweep.evaluation.metrics import (
     batched_jacobian,
     frechet_distance,
     jacobian_singular_values,
@@ -20,10 +21,8 @@ from isosweep.metrics import (
     slerp,
     vor,
 )
-from isosweep.metrics.jacobian import autodiff_context, pooled_encoder, unet_encoder
-from isosweep.metrics.ppl import filtered_mean
-from isosweep.sampling import ddim_sample, initial_noise
-
+from isosweep.evaluation.metrics.jacobian import autodiff_context, pooled_encoder, unet_encoder
+from isosweep.evaluation.metrics.ppl import filtered_mean
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep import attributes as at
-from isosweep import backbones as bb
 from isosweep.config import DatasetSpec, EvaluationSpec
+from isosweep.data import attributes as label_files
+from isosweep.evaluation.features import attributes as at
+from isosweep.evaluation.features import common
+from isosweep.evaluation.features import resolver as bb
 
 RES = 16
 NAMES = ("Bright", "Left_Red")
@@ -70,15 +72,15 @@ def folder_spec(folder, attributes) -> DatasetSpec:
 
 
 def test_both_formats_parse_to_the_same_labels(folder):
-    from isosweep.data import ImageFolderDataset
+    from isosweep.data.datasets import ImageFolderDataset
 
     files = ImageFolderDataset(folder["root"], RES).files
     want = {rel: lab for rel, lab in zip(folder["rels"], folder["labels"])}
     for key in ("celeba", "csv"):
-        table = at.read_attributes(folder[key])
+        table = label_files.read_attributes(folder[key])
         assert table.format == key and table.names == list(NAMES) and len(table) == 64
         assert table.values.dtype == np.uint8 and set(np.unique(table.values)) == {0, 1}
-        idx, labels, counts = at.match_images(table, folder["root"], files)
+        idx, labels, counts = label_files.match_images(table, folder["root"], files)
         assert counts == {"images": 64, "labelled": 64, "rows": 64, "unused_rows": 0}
         got = {files[i].relative_to(folder["root"]).as_posix(): lab for i, lab in zip(idx, labels)}
         assert set(got) == set(want)
@@ -88,11 +90,11 @@ def test_both_formats_parse_to_the_same_labels(folder):
 def test_a_csv_without_a_count_and_with_pm1_values(tmp_path):
     p = tmp_path / "a.csv"
     p.write_text("\ufeffimage_id,Smiling,Young\n./x/1.jpg,-1,1\n2.jpg,1,-1\n")
-    t = at.read_attributes(p)
+    t = label_files.read_attributes(p)
     assert t.images == ["x/1.jpg", "2.jpg"] and t.values.tolist() == [[0, 1], [1, 0]]
     w = tmp_path / "b.txt"  # whitespace, no count line, the header naming the file column
     w.write_text("file Smiling Young\n1.jpg 0 1\n2.jpg 1 1\n")
-    assert at.read_attributes(w).names == ["Smiling", "Young"]
+    assert label_files.read_attributes(w).names == ["Smiling", "Young"]
 
 
 @pytest.mark.parametrize("text, line, words", [
@@ -106,22 +108,22 @@ def test_a_csv_without_a_count_and_with_pm1_values(tmp_path):
 def test_bad_files_name_the_file_the_line_and_the_fix(tmp_path, text, line, words):
     p = tmp_path / "bad.txt"
     p.write_text(text)
-    with pytest.raises(at.AttributeFileError) as err:
-        at.read_attributes(p)
+    with pytest.raises(label_files.AttributeFileError) as err:
+        label_files.read_attributes(p)
     msg = str(err.value)
     assert str(p) in msg and f"line {line}:" in msg and "fix:" in msg, msg
     for w in words:
         assert w in msg, msg
-    assert isinstance(err.value, bb.BackboneUnavailable)
+    assert isinstance(err.value, ValueError)  # load_feature_networks turns it into BackboneUnavailable
 
 
 def test_no_matching_image_is_an_error(folder, tmp_path):
-    from isosweep.data import ImageFolderDataset
+    from isosweep.data.datasets import ImageFolderDataset
 
     p = tmp_path / "other.csv"
     p.write_text("image,Bright\nnot_here.png,1\n")
-    with pytest.raises(at.AttributeFileError, match="dataset.path") as err:
-        at.match_images(at.read_attributes(p), folder["root"], ImageFolderDataset(folder["root"], RES).files)
+    with pytest.raises(label_files.AttributeFileError, match="dataset.path") as err:
+        label_files.match_images(label_files.read_attributes(p), folder["root"], ImageFolderDataset(folder["root"], RES).files)
     assert "not_here.png" in str(err.value) and "000.png" in str(err.value)
 
 
@@ -162,7 +164,7 @@ def test_classifier_learns_the_attributes_and_is_cached(folder, tmp_path, fast_r
 
 def test_load_feature_networks_needs_dataset_attributes(folder, tmp_path, fast_recipe):
     ev = EvaluationSpec(metrics=["ls"], cache_dir=str(tmp_path), weights_dir=str(tmp_path / "no-weights"))
-    with pytest.raises(bb.BackboneUnavailable, match="set dataset.attributes"):
+    with pytest.raises(common.BackboneUnavailable, match="set dataset.attributes"):
         bb.load_feature_networks(ev, folder_spec(folder, None), needs=("ls",))
     nets = bb.load_feature_networks(ev, folder_spec(folder, folder["celeba"]), needs=("ls",))
     assert isinstance(nets.classifier, at.AttributeClassifier)
@@ -172,7 +174,7 @@ def test_load_feature_networks_needs_dataset_attributes(folder, tmp_path, fast_r
 def test_ls_on_an_image_folder(folder, tmp_path, fast_recipe):
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from isosweep.evaluate import evaluate_model
+    from isosweep.evaluation.suite import evaluate_model
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=RES, block_out_channels=(16, 32), layers_per_block=1,

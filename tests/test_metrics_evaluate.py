@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep import backbones as bb
+from isosweep.evaluation.features import common, domain, standard
+from isosweep.evaluation.features import resolver as bb
 from isosweep.config import DatasetSpec, EvaluationSpec
-from isosweep.evaluate import EvalResult, evaluate_model, format_row, shard_range
+from isosweep.evaluation.record import EvalResult, format_row
+from isosweep.evaluation.suite import evaluate_model, shard_range
 
 FAST_DOMAIN = dict(steps=40, batch_size=32, train_size=512)
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def fast_domain(monkeypatch):
     """A short training recipe for the domain network (its cache key includes the recipe)."""
-    monkeypatch.setattr(bb, "_DOMAIN_RECIPE", {**bb._DOMAIN_RECIPE, **FAST_DOMAIN})
+    monkeypatch.setattr(domain, "_DOMAIN_RECIPE", {**domain._DOMAIN_RECIPE, **FAST_DOMAIN})
 
 
 def tiny_unet(sample_size: int = 16):
@@ -52,23 +54,23 @@ def test_shard_range_covers_everything_once():
 def test_resolve_backbone(tmp_path):
     shapes, folder = DatasetSpec(kind="shapes"), DatasetSpec(kind="image_folder", path=str(tmp_path))
     empty = str(tmp_path / "no-weights")
-    assert bb.resolve_backbone(EvaluationSpec(backbone="domain"), shapes) == bb.DOMAIN_SHAPES
-    if not all(bb.find_standard_weights(empty).values()):
-        assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=empty), shapes) == bb.DOMAIN_SHAPES
-        with pytest.raises(bb.BackboneUnavailable, match="inception-2015-12-05.pt") as err:
+    assert bb.resolve_backbone(EvaluationSpec(backbone="domain"), shapes) == common.DOMAIN_SHAPES
+    if not all(standard.find_standard_weights(empty).values()):
+        assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=empty), shapes) == common.DOMAIN_SHAPES
+        with pytest.raises(common.BackboneUnavailable, match="inception-2015-12-05.pt") as err:
             bb.resolve_backbone(EvaluationSpec(backbone="standard", weights_dir=empty), shapes)
         assert empty in str(err.value) and "evaluation.weights_dir" in str(err.value)
-        with pytest.raises(bb.BackboneUnavailable):
+        with pytest.raises(common.BackboneUnavailable):
             bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=empty), folder)
-    with pytest.raises(bb.BackboneUnavailable, match="only for dataset.kind=shapes"):
+    with pytest.raises(common.BackboneUnavailable, match="only for dataset.kind=shapes"):
         bb.resolve_backbone(EvaluationSpec(backbone="domain"), folder)
 
 
 def test_standard_weights_found_in_weights_dir(tmp_path):
-    (tmp_path / bb.INCEPTION_FILE).write_bytes(b"x")
-    (tmp_path / bb.ALEXNET_FILE).write_bytes(b"x")
-    found = bb.find_standard_weights(str(tmp_path))
-    assert found == {"inception": tmp_path / bb.INCEPTION_FILE, "alexnet": tmp_path / bb.ALEXNET_FILE}
+    (tmp_path / common.INCEPTION_FILE).write_bytes(b"x")
+    (tmp_path / common.ALEXNET_FILE).write_bytes(b"x")
+    found = standard.find_standard_weights(str(tmp_path))
+    assert found == {"inception": tmp_path / common.INCEPTION_FILE, "alexnet": tmp_path / common.ALEXNET_FILE}
     assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=str(tmp_path)), DatasetSpec()) == "standard"
 
 
@@ -78,8 +80,8 @@ def test_lpips_loads_alexnet_from_a_file(tmp_path):
 
     torch.manual_seed(0)
     state = {k: v for k, v in alexnet().state_dict().items() if k.startswith("features.")}  # all LPIPS reads
-    torch.save(state, tmp_path / bb.ALEXNET_FILE)
-    d = bb.LpipsDistance(tmp_path / bb.ALEXNET_FILE)
+    torch.save(state, tmp_path / common.ALEXNET_FILE)
+    d = standard.LpipsDistance(tmp_path / common.ALEXNET_FILE)
     assert torch.equal(d.model.net.slice1[0].weight, state["features.0.weight"])
     assert torch.equal(getattr(d.model.net.slice5, "10").bias, state["features.10.bias"])
     a = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -88,25 +90,25 @@ def test_lpips_loads_alexnet_from_a_file(tmp_path):
 
 
 def test_domain_network_learns_the_factors_and_is_cached(tmp_path, fast_domain):
-    net = bb.load_shapes_net(16, tmp_path, **{**FAST_DOMAIN, "steps": 200})
-    files = list((tmp_path / "domain").glob(f"{bb.DOMAIN_SHAPES}-r16-*.pt"))
+    net = domain.load_shapes_net(16, tmp_path, **{**FAST_DOMAIN, "steps": 200})
+    files = list((tmp_path / "domain").glob(f"{common.DOMAIN_SHAPES}-r16-*.pt"))
     assert len(files) == 1
     info = torch.load(files[0], weights_only=False)["info"]
     # chance is 1/3, 1/4, 1/3, 1/5, 1/5; a short training must beat it clearly on held-out images
     acc = info["heldout_accuracy"]
     assert acc["colour"] > 0.9 and acc["x"] > 0.5 and acc["y"] > 0.5, acc
-    again = bb.load_shapes_net(16, tmp_path, **{**FAST_DOMAIN, "steps": 200})  # from the cache: same weights
+    again = domain.load_shapes_net(16, tmp_path, **{**FAST_DOMAIN, "steps": 200})  # from the cache: same weights
     for p, q in zip(net.parameters(), again.parameters()):
         assert torch.equal(p, q)
-    from isosweep.data import ShapesDataset
+    from isosweep.data.datasets import ShapesDataset
 
     imgs = torch.stack([ShapesDataset(8, 16, seed=99)[i][0] for i in range(8)])
-    dist = bb.DomainDistance(net, 16)
+    dist = domain.DomainDistance(net, 16)
     assert torch.allclose(dist(imgs, imgs), torch.zeros(8), atol=1e-6)
     assert (dist(imgs, imgs.roll(1, 0)) > 0).all()
-    lab, conf = bb.DomainClassifier(net, 16)(imgs)
+    lab, conf = domain.DomainClassifier(net, 16)(imgs)
     assert lab.shape == conf.shape == (8, 5) and ((conf > 0) & (conf <= 1)).all()
-    assert bb.DomainFeatures(net, 16)(imgs).shape == (8, 256)
+    assert domain.DomainFeatures(net, 16)(imgs).shape == (8, 256)
 
 
 def test_whole_suite_on_a_tiny_model(tmp_path, fast_domain):
@@ -122,7 +124,7 @@ def test_whole_suite_on_a_tiny_model(tmp_path, fast_domain):
     assert res.metrics["fid"] > 0 and res.metrics["ppl"] >= 0 and res.metrics["mrtl"] >= 1 - 1e-6
     assert res.metrics["mcn"] >= 1 and res.metrics["vor"] >= 0 and res.metrics["ls"] >= 1
     # every metric names its network; the domain network's name where one is used
-    assert res.backbones["fid"] == res.backbones["ppl"] == res.backbones["ls"] == bb.DOMAIN_SHAPES
+    assert res.backbones["fid"] == res.backbones["ppl"] == res.backbones["ls"] == common.DOMAIN_SHAPES
     assert res.backbones["mcn"] == "none"
     assert "fid[domain-shapes-v1]" in res.keyed_metrics()
     assert len(res.rtl_curve) == 2

@@ -7,19 +7,18 @@ import pickle
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from test_metrics_evaluate import FAST_DOMAIN, tiny_eval_spec, tiny_unet
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
     from diffusers import DDPMScheduler
 
-    from isosweep import backbones as bb
     from isosweep.config import DatasetSpec
-    from isosweep.evaluate import evaluate_model
+    from isosweep.evaluation.features import domain
+    from isosweep.evaluation.suite import evaluate_model
 
     torch.set_num_threads(1)
-    bb._DOMAIN_RECIPE = {**bb._DOMAIN_RECIPE, **FAST_DOMAIN}  # same recipe as the parent, so the cache hits
+    domain._DOMAIN_RECIPE = {**domain._DOMAIN_RECIPE, **FAST_DOMAIN}  # same recipe as the parent, so the cache hits
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
     try:
         from pathlib import Path
@@ -36,11 +35,11 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     from diffusers import DDPMScheduler
 
-    from isosweep import backbones as bb
     from isosweep.config import DatasetSpec
-    from isosweep.evaluate import evaluate_model
+    from isosweep.evaluation.features import domain
+    from isosweep.evaluation.suite import evaluate_model
 
-    monkeypatch.setattr(bb, "_DOMAIN_RECIPE", {**bb._DOMAIN_RECIPE, **FAST_DOMAIN})
+    monkeypatch.setattr(domain, "_DOMAIN_RECIPE", {**domain._DOMAIN_RECIPE, **FAST_DOMAIN})
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

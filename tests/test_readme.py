@@ -4,7 +4,7 @@ import shlex
 from pathlib import Path
 
 from isosweep.cli import build_parser
-from isosweep.config import spec_reference_markdown
+from isosweep.spec_reference import spec_reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -15,7 +15,7 @@ def test_spec_reference_matches_schema():
     shown = README.split(begin)[1].split(end)[0].strip()
     assert shown == spec_reference_markdown().strip(), (
         "README spec reference is stale: regenerate it with "
-        "python -c 'from isosweep.config import spec_reference_markdown as f; print(f())'"
+        "python -c 'from isosweep.spec_reference import spec_reference_markdown as f; print(f())'"
     )
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from isosweep.config import load_spec
-from isosweep.sweep import BASELINE_PARAMS, build_search
+from isosweep.config import BASELINE_PARAMS, load_spec
+from isosweep.sweep.search import build_search
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
@@ -28,7 +28,7 @@ def test_optuna_baseline_first_then_searched(tmp_path):
     assert got[0] == BASELINE_PARAMS
     for s in got[1:]:
         assert s["baseline"] is False
-        assert 1e-3 <= s["lambda_iso"] <= 1.0 and s["p"] in (0.0, 0.5) and s["metric"] in ("stereographic", "identity")
+        assert 1e-3 <= s["lambda_iso"] <= 1.0 and s["p"] in (0.0, 0.5) and s["iso_metric"] in ("stereographic", "identity")
     # the searcher's state survives a save/restore (Tune checkpoints it for resume)
     alg.save(str(tmp_path / "searcher.pkl"))
     _, fresh, _ = build_search(spec, tmp_path / "other")
@@ -64,18 +64,18 @@ def test_basic_variant_algorithms_put_the_baseline_first(algorithm, tmp_path):
         configs.append(trial.config)
         alg.on_trial_complete(trial.trial_id)
     assert configs[0]["baseline"] is True and all(c["baseline"] is False for c in configs[1:])
-    from isosweep.sweep import planned_trials
+    from isosweep.sweep.search import planned_trials
 
     assert len(configs) == planned_trials(spec)
     if algorithm == "grid":  # 3 passes over lambda {0.01, 0.1} x p {0, 0.5} x G {stereographic, identity}
-        combos = [(c["lambda_iso"], c["p"], c["metric"]) for c in configs[1:]]
+        combos = [(c["lambda_iso"], c["p"], c["iso_metric"]) for c in configs[1:]]
         assert len(combos) == 3 * 8 and len(set(combos)) == 8
     else:
         assert len(configs) == 4
 
 
 def test_sweep_eta_from_finished_trials():
-    from isosweep.sweep import sweep_eta
+    from isosweep.sweep.callbacks import sweep_eta
 
     assert sweep_eta([], [0.0], remaining=3, concurrency=2, now=10.0) is None  # nothing finished yet
     # two finished trials of 100 s and 120 s (mean 110); one running for 60 s; 4 left = 1 running + 3 queued
@@ -85,7 +85,7 @@ def test_sweep_eta_from_finished_trials():
 
 
 def test_training_eta():
-    from isosweep.trial import training_eta
+    from isosweep.sweep.trainer import training_eta
 
     assert training_eta((5, 100.0), (15, 120.0), 40) == "0:50"  # 2 s a step, 25 steps left
     assert training_eta((5, 100.0), (5, 100.0), 40) == ""  # no pace yet

@@ -68,7 +68,7 @@ def test_demo_sweep_three_trials(tmp_path, cache_env, mlflow_server):
     import ray
 
     from isosweep.config import load_spec
-    from isosweep.sweep import run_sweep
+    from isosweep.sweep.driver import run_sweep
 
     spec = load_spec(DEMO, TINY + ["search.num_trials=2", "search.max_concurrent_trials=2"])
     try:

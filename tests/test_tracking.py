@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from servers import free_port, mlflow_server, s3_server  # noqa: F401  (fixtures)
 
-from isosweep import registry, tracking
+from isosweep.commands import models as model_cmds
+from isosweep.commands import sync as sync_cmd
 from isosweep.config import spec_from_dict
+from isosweep.tracking import artifacts, client, redact, registry, runs
+from isosweep.tracking import steps as step_metrics
 
 RES = 8  # image side of the tiny model
 
@@ -55,7 +57,7 @@ def trial_checkpoint(root: Path, trial_id: str, fid: float = 12.5) -> Path:
     }))
     Image.new("RGB", (20, 20), (255, 0, 0)).save(ev / "grid.png")
     Image.new("RGB", (40, 10), (0, 255, 0)).save(ev / "strip_slerp.png")
-    (ckpt / "trial_params.json").write_text(json.dumps({"trial_id": trial_id, "params": {"lambda_iso": 1e-4, "p": 0.5, "metric": "stereographic"}}))
+    (ckpt / "trial_params.json").write_text(json.dumps({"trial_id": trial_id, "params": {"lambda_iso": 1e-4, "p": 0.5, "iso_metric": "stereographic"}}))
     return ckpt
 
 
@@ -71,7 +73,7 @@ def spec_file(path: Path, name: str, storage: Path) -> Path:
 
 @pytest.fixture
 def local_uri(tmp_path: Path) -> str:
-    return tracking.resolve_tracking_uri(None, None, tmp_path / "runs")
+    return client.resolve_tracking_uri(None, None, tmp_path / "runs")
 
 
 @pytest.fixture(autouse=True)
@@ -85,19 +87,19 @@ def _fast_retries(monkeypatch):
 
 
 def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
-    assert tracking.resolve_tracking_uri("http://spec:5000", "http://cli:5000", tmp_path) == "http://cli:5000"
-    assert tracking.resolve_tracking_uri("http://spec:5000", None, tmp_path) == "http://spec:5000"
+    assert client.resolve_tracking_uri("http://spec:5000", "http://cli:5000", tmp_path) == "http://cli:5000"
+    assert client.resolve_tracking_uri("http://spec:5000", None, tmp_path) == "http://spec:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
-    assert tracking.resolve_tracking_uri(None, None, tmp_path) == "http://env:5000"
+    assert client.resolve_tracking_uri(None, None, tmp_path) == "http://env:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.resolve_tracking_uri(None, None, tmp_path / "st") == f"sqlite:///{(tmp_path / 'st').resolve()}/mlflow.db"
+    assert client.resolve_tracking_uri(None, None, tmp_path / "st") == f"sqlite:///{(tmp_path / 'st').resolve()}/mlflow.db"
 
 
 def test_parent_and_child_runs_with_batched_step_metrics(tmp_path, local_uri, monkeypatch):
     spec = make_spec("local-sweep", tmp_path / "runs")
     sf = spec_file(tmp_path / "spec.yaml", "local-sweep", tmp_path / "runs")
-    parent = tracking.start_sweep_run(spec, sf, local_uri, "local-sweep-001")
-    c = tracking.client(local_uri)
+    parent = runs.find_or_create_sweep_run(spec, sf, local_uri, "local-sweep-001")
+    c = client.client(local_uri)
     run = c.get_run(parent)
     assert run.data.params["train.lambda_iso"] == "0.0001"
     assert run.data.tags["isosweep.sweep_id"] == "local-sweep-001"
@@ -106,11 +108,11 @@ def test_parent_and_child_runs_with_batched_step_metrics(tmp_path, local_uri, mo
     # artifacts sit next to the database, not in ./mlruns
     assert run.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
     # resume: the same sweep id finds the same parent run
-    assert tracking.find_or_create_sweep_run(spec, sf, local_uri, "local-sweep-001") == parent
+    assert runs.find_or_create_sweep_run(spec, sf, local_uri, "local-sweep-001") == parent
 
-    child = tracking.open_trial_run(local_uri, spec.experiment_name, parent, "trial_0001", {"lambda_iso": 1e-4, "p": 0.5})
+    child = runs.open_trial_run(local_uri, spec.experiment_name, parent, "trial_0001", {"lambda_iso": 1e-4, "p": 0.5})
     calls = []
-    logger = tracking.StepLogger(local_uri, child, flush_every=10)
+    logger = step_metrics.StepLogger(local_uri, child, flush_every=10)
     real = logger._client.log_batch
     monkeypatch.setattr(logger._client, "log_batch", lambda *a, **k: (calls.append(len(k.get("metrics", []))), real(*a, **k))[1])
     for step in range(25):
@@ -126,35 +128,35 @@ def test_parent_and_child_runs_with_batched_step_metrics(tmp_path, local_uri, mo
 
 def test_retried_trial_reopens_its_run(tmp_path, local_uri):
     spec = make_spec("retry-sweep", tmp_path / "runs")
-    parent = tracking.start_sweep_run(spec, None, local_uri, "retry-1")
-    first = tracking.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5})
-    tracking.end_run(local_uri, first, "FAILED")
-    again = tracking.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5})
+    parent = runs.find_or_create_sweep_run(spec, None, local_uri, "retry-1")
+    first = runs.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5})
+    runs.end_run(local_uri, first, "FAILED")
+    again = runs.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5})
     assert again == first
-    c = tracking.client(local_uri)
+    c = client.client(local_uri)
     assert c.get_run(again).info.status == "RUNNING"
     exp = c.get_experiment_by_name(spec.experiment_name).experiment_id
     children = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 1
-    other = tracking.open_trial_run(local_uri, spec.experiment_name, parent, "t2", {"p": 0.0})
+    other = runs.open_trial_run(local_uri, spec.experiment_name, parent, "t2", {"p": 0.0})
     assert other != first
 
 
 def test_crashed_trial_ends_failed(tmp_path, local_uri):
     spec = make_spec("crash-sweep", tmp_path / "runs")
-    parent = tracking.start_sweep_run(spec, None, local_uri, "crash-1")
-    run_id = tracking.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {})
+    parent = runs.find_or_create_sweep_run(spec, None, local_uri, "crash-1")
+    run_id = runs.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {})
     with pytest.raises(RuntimeError, match="boom"):
-        with tracking.run_guard(local_uri, run_id):
+        with runs.run_guard(local_uri, run_id):
             raise RuntimeError("boom")
-    c = tracking.client(local_uri)
+    c = client.client(local_uri)
     assert c.get_run(run_id).info.status == "FAILED"
-    ok = tracking.open_trial_run(local_uri, spec.experiment_name, parent, "t2", {})
-    with tracking.run_guard(local_uri, ok):
+    ok = runs.open_trial_run(local_uri, spec.experiment_name, parent, "t2", {})
+    with runs.run_guard(local_uri, ok):
         pass
     assert c.get_run(ok).info.status == "FINISHED"
     with pytest.raises(ValueError):
-        tracking.end_run(local_uri, ok, "DONE")
+        runs.end_run(local_uri, ok, "DONE")
 
 
 def test_registry_champion_pull_sample_interpolate(tmp_path, local_uri, monkeypatch):
@@ -162,17 +164,17 @@ def test_registry_champion_pull_sample_interpolate(tmp_path, local_uri, monkeypa
     from diffusers import DDPMPipeline
 
     spec = make_spec("reg-sweep", tmp_path / "runs")
-    parent = tracking.start_sweep_run(spec, None, local_uri, "reg-1")
+    parent = runs.find_or_create_sweep_run(spec, None, local_uri, "reg-1")
     rows = []
     for i, fid in enumerate([10.0, 20.0]):
-        rid = tracking.open_trial_run(local_uri, spec.experiment_name, parent, f"t{i}", {"p": 0.5})
+        rid = runs.open_trial_run(local_uri, spec.experiment_name, parent, f"t{i}", {"p": 0.5})
         ckpt = trial_checkpoint(tmp_path / f"ckpt{i}", f"t{i}", fid)
-        tracking.log_trial_result(local_uri, rid, ckpt)
-        tracking.end_run(local_uri, rid)
+        artifacts.log_trial_result(local_uri, rid, ckpt)
+        runs.end_run(local_uri, rid)
         # t1's checkpoint is not on this machine: registering it downloads the run's checkpoint/ artifacts
         where = str(ckpt) if i == 0 else "s3://elsewhere/t1/checkpoint_000002"
         rows.append({"trial_id": f"t{i}", "mlflow_run_id": rid, "fid": fid, "ppl": 40.0, "checkpoint_path": where})
-    c = tracking.client(local_uri)
+    c = client.client(local_uri)
     r0 = c.get_run(rows[0]["mlflow_run_id"])
     assert r0.data.metrics["fid"] == 10.0 and r0.data.tags["backbone.fid"] == "domain-shapes-v1"
     assert len(c.get_metric_history(r0.info.run_id, "rtl_t")) == 4
@@ -208,15 +210,15 @@ def test_registry_champion_pull_sample_interpolate(tmp_path, local_uri, monkeypa
 
     out = tmp_path / "pulled"
     ns = argparse.Namespace
-    assert registry.pull_command(ns(model_uri="models:/isodiff-reg@champion", out=str(out), tracking_uri=local_uri)) == 0
+    assert model_cmds.pull_command(ns(model_uri="models:/isodiff-reg@champion", out=str(out), tracking_uri=local_uri)) == 0
     assert (out / registry.PIPELINE_SUBPATH / "model_index.json").is_file()
     grid = tmp_path / "grid.png"
-    assert registry.sample_command(ns(model=str(out), n=4, steps=2, seed=0, out=str(grid), tracking_uri=None)) == 0
+    assert model_cmds.sample_command(ns(model=str(out), n=4, steps=2, seed=0, out=str(grid), tracking_uri=None)) == 0
     pad = 2
     assert Image.open(grid).size == (2 * RES + 3 * pad, 2 * RES + 3 * pad)
     strip = tmp_path / "strip.png"
     for mode in ("slerp", "lerp"):
-        assert registry.interpolate_command(ns(model="models:/isodiff-reg@champion", seeds=[1, 2], frames=5, mode=mode, steps=2,
+        assert model_cmds.interpolate_command(ns(model="models:/isodiff-reg@champion", seeds=[1, 2], frames=5, mode=mode, steps=2,
                                                out=str(strip), tracking_uri=local_uri)) == 0
         assert Image.open(strip).size == (5 * RES + 6 * pad, RES + 2 * pad)
         assert (tmp_path / "strip_distances.png").is_file()
@@ -234,16 +236,16 @@ def test_sync_uploads_what_storage_has(tmp_path, local_uri, capsys):
     (sweep_dir / "train" / "t3" / "checkpoint_000001").mkdir(parents=True)  # unfinished: no eval, ignored
     spec = make_spec("sync-sweep", storage)
     sf = spec_file(tmp_path / "spec.yaml", "sync-sweep", storage)
-    parent = tracking.start_sweep_run(spec, sf, local_uri, sweep_dir.name)
+    parent = runs.find_or_create_sweep_run(spec, sf, local_uri, sweep_dir.name)
     (sweep_dir / "isosweep_sweep.json").write_text(json.dumps({"sweep_id": sweep_dir.name, "parent_run_id": parent, "tracking_uri": local_uri}))
     # t1's run exists (the trial logged its params) but the final upload failed
-    t1 = tracking.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5})
-    tracking.end_run(local_uri, t1, "FAILED")
+    t1 = runs.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5})
+    runs.end_run(local_uri, t1, "FAILED")
 
     args = argparse.Namespace(spec=str(sf), overrides=[], tracking_uri=None, storage=str(storage))
-    assert tracking.sync_command(args) == 0
+    assert sync_cmd.sync_command(args) == 0
     assert "synced 2 of 2" in capsys.readouterr().out
-    c = tracking.client(local_uri)
+    c = client.client(local_uri)
     exp = c.get_experiment_by_name("sync-sweep").experiment_id
     children = {r.data.tags["isosweep.trial_id"]: r for r in c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")}
     assert set(children) == {"t1", "t2"} and children["t1"].info.run_id == t1
@@ -253,7 +255,7 @@ def test_sync_uploads_what_storage_has(tmp_path, local_uri, capsys):
         assert any(a.path == "checkpoint/model_index.json" for a in c.list_artifacts(r.info.run_id, "checkpoint"))
         assert any(a.path == "eval/grid.png" for a in c.list_artifacts(r.info.run_id, "eval"))
     assert children["t2"].data.params["lambda_iso"] == "0.001"
-    assert tracking.sync_command(args) == 0
+    assert sync_cmd.sync_command(args) == 0
     assert "synced 0 of 2" in capsys.readouterr().out
 
 
@@ -263,39 +265,39 @@ def test_sync_uploads_what_storage_has(tmp_path, local_uri, capsys):
 def test_unreachable_server_clear_error(monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     t0 = time.monotonic()
-    with pytest.raises(tracking.TrackingError, match=f"{uri}.*after 3 attempt"):
-        tracking.open_trial_run(uri, "exp", "parent", "t1", {})
+    with pytest.raises(client.TrackingError, match=f"{uri}.*after 3 attempt"):
+        runs.open_trial_run(uri, "exp", "parent", "t1", {})
     assert time.monotonic() - t0 < 30
-    logger = tracking.StepLogger(uri, "run", flush_every=1)
+    logger = step_metrics.StepLogger(uri, "run", flush_every=1)
     with pytest.warns(RuntimeWarning, match="kept in memory"):
         logger.log({"loss": 1.0}, 0)  # a periodic flush fails: training goes on
     logger.log({"loss": 0.5}, 1)
     assert len(logger._buffer) == 2
-    with pytest.raises(tracking.TrackingError, match=f"final flush of 2 .*{uri}"):
+    with pytest.raises(client.TrackingError, match=f"final flush of 2 .*{uri}"):
         logger.close()
-    tracking.end_run(uri, "run", "FAILED", quiet=True)  # warns, does not raise
+    runs.end_run(uri, "run", "FAILED", quiet=True)  # warns, does not raise
     with pytest.raises(RuntimeError, match="boom"):  # run_guard keeps the trial's own error
-        with tracking.run_guard(uri, "run"):
+        with runs.run_guard(uri, "run"):
             raise RuntimeError("boom")
     # inside `with`, a training error is not hidden by the tracking error
     with pytest.raises(ZeroDivisionError), pytest.warns(RuntimeWarning, match="final flush"):
-        with tracking.StepLogger(uri, "run", flush_every=100) as steps:
+        with step_metrics.StepLogger(uri, "run", flush_every=100) as steps:
             steps.log({"loss": 1.0}, 0)
             1 / 0
 
 
 def test_scrub_rules():
-    assert tracking.scrub("AWS_SECRET_ACCESS_KEY", "abc") == "***"
-    assert tracking.scrub("hub_token", "x") == "***"
-    assert tracking.scrub("db.password", "x") == "***"
-    assert tracking.scrub("base_model.source", "https://bob:pw@host/x") == "https://***@host/x"
-    assert "hf_" not in tracking.scrub_text("id hf_abcdefghijklmnopqrstuvwxyz123")
-    assert "AKIA" not in tracking.scrub_text("key AKIAABCDEFGHIJKLMNOP here")
-    assert tracking.scrub_text("s3://b/p?endpoint_override=h:1&X-Amz-Signature=deadbeef") == "s3://b/p?endpoint_override=h:1&X-Amz-Signature=***"
-    assert tracking.scrub("train.p", 0.5) == "0.5"
-    assert tracking.scrub_text("hub_token: abc123\nname: x") == "hub_token: ***\nname: x"
-    assert tracking.scrub_text('{"aws_secret_access_key": "abc", "p": 0.5}') == '{"aws_secret_access_key": "***", "p": 0.5}'
-    assert tracking.scrub_text("s3://b/p?endpoint_override=h:1&scheme=http") == "s3://b/p?endpoint_override=h:1&scheme=http"
+    assert redact.scrub("AWS_SECRET_ACCESS_KEY", "abc") == "***"
+    assert redact.scrub("hub_token", "x") == "***"
+    assert redact.scrub("db.password", "x") == "***"
+    assert redact.scrub("base_model.source", "https://bob:pw@host/x") == "https://***@host/x"
+    assert "hf_" not in redact.scrub_text("id hf_abcdefghijklmnopqrstuvwxyz123")
+    assert "AKIA" not in redact.scrub_text("key AKIAABCDEFGHIJKLMNOP here")
+    assert redact.scrub_text("s3://b/p?endpoint_override=h:1&X-Amz-Signature=deadbeef") == "s3://b/p?endpoint_override=h:1&X-Amz-Signature=***"
+    assert redact.scrub("train.p", 0.5) == "0.5"
+    assert redact.scrub_text("hub_token: abc123\nname: x") == "hub_token: ***\nname: x"
+    assert redact.scrub_text('{"aws_secret_access_key": "abc", "p": 0.5}') == '{"aws_secret_access_key": "***", "p": 0.5}'
+    assert redact.scrub_text("s3://b/p?endpoint_override=h:1&scheme=http") == "s3://b/p?endpoint_override=h:1&scheme=http"
 
 
 def test_no_secret_in_params_tags_or_spec_artifact(tmp_path, local_uri, monkeypatch):
@@ -307,14 +309,14 @@ def test_no_secret_in_params_tags_or_spec_artifact(tmp_path, local_uri, monkeypa
     spec = make_spec("secret-sweep", tmp_path / "runs", base_model={"source": source})
     sf = tmp_path / "spec.yaml"
     sf.write_text(f"name: secret-sweep\nbase_model:\n  source: {source}\nstorage:\n  path: {storage}\n")
-    parent = tracking.start_sweep_run(spec, sf, local_uri, "secret-1", storage_path=storage)
-    child = tracking.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5, "hub_token": token, "note": f"uses {aws_secret}"})
-    c = tracking.client(local_uri)
+    parent = runs.find_or_create_sweep_run(spec, sf, local_uri, "secret-1", storage_path=storage)
+    child = runs.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5, "hub_token": token, "note": f"uses {aws_secret}"})
+    c = client.client(local_uri)
     texts = []
     for rid in (parent, child):
         r = c.get_run(rid)
         texts += list(r.data.params.values()) + list(r.data.tags.values())
-    dl = Path(tracking.retry_call("dl", local_uri, __import__("mlflow").artifacts.download_artifacts,
+    dl = Path(client.retry_call("dl", local_uri, __import__("mlflow").artifacts.download_artifacts,
                                   run_id=parent, artifact_path="spec", dst_path=str(tmp_path / "dl"), tracking_uri=local_uri))
     texts += [p.read_text() for p in dl.iterdir()]
     blob = "\n".join(texts)
@@ -334,17 +336,17 @@ def test_s3_artifacts_through_mlflow_server(tmp_path, mlflow_server, monkeypatch
     uri = mlflow_server.uri
     spec = make_spec("s3-sweep", tmp_path / "runs")
     sf = spec_file(tmp_path / "spec.yaml", "s3-sweep", tmp_path / "runs")
-    parent = tracking.start_sweep_run(spec, sf, uri, "s3-sweep-1")
-    child = tracking.open_trial_run(uri, spec.experiment_name, parent, "t1", {"lambda_iso": 1e-4, "p": 0.5, "metric": "identity"})
-    with tracking.StepLogger(uri, child, flush_every=5) as steps:
+    parent = runs.find_or_create_sweep_run(spec, sf, uri, "s3-sweep-1")
+    child = runs.open_trial_run(uri, spec.experiment_name, parent, "t1", {"lambda_iso": 1e-4, "p": 0.5, "iso_metric": "identity"})
+    with step_metrics.StepLogger(uri, child, flush_every=5) as steps:
         for step in range(12):
             steps.log({"loss": 1.0 / (step + 1)}, step)
     ckpt = trial_checkpoint(tmp_path / "ckpt", "t1")
-    tracking.log_trial_result(uri, child, ckpt)
-    tracking.end_run(uri, child)
+    artifacts.log_trial_result(uri, child, ckpt)
+    runs.end_run(uri, child)
     version = registry.log_and_register(uri, child, ckpt, "isodiff-s3", alias="champion", tags={"pareto": "true"}, description="fid 12.5")
-    tracking.log_sweep_summary(uri, parent, pareto_png=ckpt / "eval" / "grid.png", champion_run_id=child)
-    tracking.end_run(uri, parent)
+    artifacts.log_sweep_summary(uri, parent, pareto_png=ckpt / "eval" / "grid.png", champion_run_id=child)
+    runs.end_run(uri, parent)
 
     keys = mlflow_server.s3.keys("mlflow/")
     run_keys = [k for k in keys if f"/{child}/" in k]
@@ -354,7 +356,7 @@ def test_s3_artifacts_through_mlflow_server(tmp_path, mlflow_server, monkeypatch
     assert any(k.endswith("artifacts/pipeline/unet/diffusion_pytorch_model.safetensors") for k in keys)  # the logged model
     assert any(f"/{parent}/" in k and k.endswith("results/grid.png") for k in keys)
 
-    c = tracking.client(uri)
+    c = client.client(uri)
     assert len(c.get_metric_history(child, "loss")) == 12
     assert c.get_run(child).info.status == "FINISHED"
     assert c.get_model_version_by_alias("isodiff-s3", "champion").version == version
@@ -369,10 +371,10 @@ def test_client_side_s3_artifact_location(tmp_path, local_uri, s3_server, monkey
         monkeypatch.setenv(k, v)
     spec = make_spec("client-s3", tmp_path / "runs")
     location = f"s3://{s3_server.bucket}/client-side"
-    parent = tracking.start_sweep_run(spec, None, local_uri, "client-s3-1", artifact_location=location)
-    child = tracking.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5})
-    tracking.log_trial_result(local_uri, child, trial_checkpoint(tmp_path / "ckpt", "t1"))
-    tracking.end_run(local_uri, child)
+    parent = runs.find_or_create_sweep_run(spec, None, local_uri, "client-s3-1", artifact_location=location)
+    child = runs.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5})
+    artifacts.log_trial_result(local_uri, child, trial_checkpoint(tmp_path / "ckpt", "t1"))
+    runs.end_run(local_uri, child)
     keys = s3_server.keys("client-side/")
     assert any(k.endswith(f"{child}/artifacts/checkpoint/unet/diffusion_pytorch_model.safetensors") for k in keys), keys
     assert any(k.endswith(f"{child}/artifacts/eval/grid.png") for k in keys)

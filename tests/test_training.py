@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
-import isosweep.losses as losses
-import isosweep.training as training
+import isosweep.core.losses as losses
 from isosweep.config import spec_from_dict
-from isosweep.models import default_scheduler, load_unet_and_scheduler
-from isosweep.training import LocalReporter, NonFiniteLossError, load_train_state, train_loop
+from isosweep.models.builtin import default_scheduler
+from isosweep.models.loading import load_unet_and_scheduler
+from isosweep.training.checkpoint import load_train_state
+from isosweep.training.loop import NonFiniteLossError, train_loop
+from isosweep.training.reporting import LocalReporter
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +82,15 @@ def test_checkpoint_layout_and_resume_continues(tiny_model_dir, tmp_path):
 
 def test_iso_fraction_and_never_below_pT(tiny_model_dir, tmp_path, monkeypatch):
     calls = []
-    real = training.sample_timesteps
+    real = losses.sample_timesteps
 
     def spy(*args, **kwargs):
         t, iso = real(*args, **kwargs)
         calls.append((t.clone(), iso))
         return t, iso
 
-    monkeypatch.setattr(training, "sample_timesteps", spy)
-    import isosweep.geometry as geometry
+    monkeypatch.setattr(losses, "sample_timesteps", spy)
+    import isosweep.core.geometry as geometry
 
     # this test is about the split, not the geometry: a constant stand-in keeps 40 steps cheap
     monkeypatch.setattr(geometry, "isometry_terms", lambda enc, x, metric, generator=None: (torch.ones(len(x)), torch.ones(len(x))))
@@ -106,7 +107,7 @@ def test_iso_fraction_and_never_below_pT(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_baseline_costs_nothing_extra(tiny_model_dir, tmp_path, monkeypatch):
-    import isosweep.geometry as geometry
+    import isosweep.core.geometry as geometry
 
     monkeypatch.setattr(geometry, "isometry_terms", lambda *a, **k: pytest.fail("baseline computed L_iso"))
     rep = LocalReporter(tmp_path)
@@ -117,7 +118,7 @@ def test_baseline_costs_nothing_extra(tiny_model_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("term", ["dsm", "iso"])
 def test_non_finite_loss_names_step_and_term(tiny_model_dir, tmp_path, monkeypatch, term):
-    import isosweep.geometry as geometry
+    import isosweep.core.geometry as geometry
 
     counter = {"n": 0}
     if term == "dsm":
@@ -141,23 +142,31 @@ def test_non_finite_loss_names_step_and_term(tiny_model_dir, tmp_path, monkeypat
         assert rep.checkpoints == []
 
 
-def test_evaluation_saved_with_final_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
-    seen = {}
+def test_evaluation_saved_with_final_checkpoint(tiny_model_dir, tmp_path):
+    """The evaluator runs once, on the final EMA weights in eval mode; its record lands in the final checkpoint."""
+    from isosweep.evaluation.record import EvalResult, read_record
 
-    def fake_evaluate_model(unet, scheduler, eval_spec, dataset_spec, *, metrics=None, device=None, rank=0, world_size=1, progress=True):
-        seen.update(training=unet.training, rank=rank, world_size=world_size)
-        return SimpleNamespace(metrics={"fid": 1.5, "ppl": 20.0}, backbones={"fid": "domain"}, rtl_curve=[1.0, 1.1],
-                               images={"samples": np.zeros((8, 8, 3), np.uint8)}, frame_distances={"slerp": [0.1]})
+    calls = []
 
-    import sys
-    monkeypatch.setitem(sys.modules, "isosweep.evaluate", SimpleNamespace(evaluate_model=fake_evaluate_model))
+    def evaluator(unet, scheduler, device, rank, world_size):
+        calls.append(dict(training=unet.training, rank=rank, world_size=world_size,
+                          weights={k: v.clone() for k, v in unet.state_dict().items()}))
+        return EvalResult(metrics={"fid": 1.5, "ppl": 20.0}, backbones={"fid": "domain"}, rtl_curve=[1.0, 1.1],
+                          images={"samples": np.zeros((8, 8, 3), np.uint8)}, frame_distances={"slerp": [0.1]})
+
     rep = LocalReporter(tmp_path)
-    res = train_loop(make_spec(tiny_model_dir, max_steps=2, checkpoint_every=100), rep, evaluate=True)
-    assert seen == {"training": False, "rank": 0, "world_size": 1}
-    assert rep.reports[-1]["fid"] == 1.5 and res.metrics["ppl"] == 20.0
-    ck = rep.checkpoints[-1]
-    assert json.loads((ck / "eval" / "metrics.json").read_text())["rtl_curve"] == [1.0, 1.1]
-    assert (ck / "eval" / "samples.png").is_file()
+    res = train_loop(make_spec(tiny_model_dir, max_steps=4, checkpoint_every=2), rep, evaluator=evaluator)
+    assert len(calls) == 1 and {k: calls[0][k] for k in ("training", "rank", "world_size")} == \
+        {"training": False, "rank": 0, "world_size": 1}
+    assert rep.reports[-1]["fid"] == 1.5 and res.metrics["ppl"] == 20.0 and "fid" not in rep.reports[0]
+    first, final = rep.checkpoints
+    assert read_record(first) is None  # only the final checkpoint is evaluated
+    record = read_record(final)
+    assert record.metrics == {"fid": 1.5, "ppl": 20.0} and record.rtl_curve == [1.0, 1.1]
+    assert (final / "eval" / "samples.png").is_file()
+    saved = _params(final)  # the checkpoint's UNet is the EMA: the evaluated weights are the saved ones
+    for k, v in calls[0]["weights"].items():
+        torch.testing.assert_close(v, saved[k])
 
 
 def test_load_local_pipeline_and_bare_unet(tiny_model_dir, tmp_path):

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
 from isosweep.config import spec_from_dict
-from isosweep.models import default_scheduler
+from isosweep.models.builtin import default_scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def ray_local():
 def test_two_worker_trial_survives_a_killed_worker(ray_local, tmp_path):
     """2 gloo workers on shapes: finite losses, rank 1 killed once at step 3 and the run resumes from
     the step-2 checkpoint (not from scratch); the final checkpoint is a loadable diffusers pipeline."""
-    from isosweep.trial import build_trainer
+    from isosweep.sweep.trainer import build_trainer
 
     base = tmp_path / "base"
     DDPMPipeline(unet=_tiny_unet(), scheduler=default_scheduler()).save_pretrained(base)
@@ -86,7 +86,7 @@ def _batch():
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from isosweep.losses import IsoDiffusionLoss
+    from isosweep.core.losses import IsoDiffusionLoss
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -94,7 +94,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(unet)
     x0, noise, t = _batch()
     sl = slice(2 * rank, 2 * rank + 2)
-    loss_fn = IsoDiffusionLoss(lambda_iso=0.5, p=0.5, metric="stereographic", reduction="global")
+    loss_fn = IsoDiffusionLoss(lambda_iso=0.5, p=0.5, iso_metric="stereographic", reduction="global")
     out = loss_fn(ddp, unet, x0[sl], t[sl], noise[sl], True, default_scheduler().alphas_cumprod,
                   generator=torch.Generator().manual_seed(100 + rank))
     out.loss.backward()
@@ -107,9 +107,9 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     """2 gloo ranks x 2 samples (global isometry ratio) == one process on the 4-sample batch."""
     import torch.multiprocessing as mp
 
-    from isosweep.geometry import isometry_ratio, isometry_terms
-    from isosweep.hspace import encoder_at
-    from isosweep.losses import add_noise, dsm_loss
+    from isosweep.core.geometry import isometry_ratio, isometry_terms
+    from isosweep.core.hspace import encoder_at
+    from isosweep.core.losses import add_noise, dsm_loss
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

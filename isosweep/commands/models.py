@@ -1,0 +1,134 @@
+"""`isosweep pretrain`, `pull`, `sample` and `interpolate`: the built-in base model and a registered model in use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from isosweep.config import apply_overrides, load_spec, spec_from_dict
+from isosweep.core.sampling import ddim_sample, sample_shape
+from isosweep.data.images import make_grid, make_strip, save_png, to_uint8
+from isosweep.evaluation.metrics.paths import lerp, slerp
+from isosweep.models.builtin import BUILTIN_SHAPES, builtin_model_dir, pretrain_builtin, sample_grid
+from isosweep.models.loading import is_model_uri, load_local
+from isosweep.results.plots import distance_plot
+from isosweep.tracking.models import resolve_model
+from isosweep.tracking.registry import PIPELINE_SUBPATH
+
+
+def pretrain_command(args: argparse.Namespace) -> int:
+    """`isosweep pretrain [SPEC] [--set ...] [--force] [--out grid.png]`."""
+    if args.spec:
+        spec = load_spec(args.spec, args.overrides)
+    else:
+        spec = spec_from_dict(apply_overrides({"name": "pretrain"}, args.overrides), source="--set")
+    if spec.base_model.source != BUILTIN_SHAPES:
+        print(f"base_model.source is {spec.base_model.source!r}: nothing to pretrain (only builtin:shapes is trained here)")
+        return 0
+    target = builtin_model_dir(spec.base_model, spec.dataset)
+    cached = (target / "model_index.json").is_file() and not args.force
+    t0 = time.time()
+    path = pretrain_builtin(spec.base_model, spec.dataset, force=args.force)
+    wall = time.time() - t0
+    info = json.loads((path / "pretrain.json").read_text()) if (path / "pretrain.json").is_file() else {}
+    if cached:
+        print(f"reused cached base model {path} (trained in {info.get('wall_s', '?')} s; --force retrains)")
+    else:
+        print(f"pretrained base model in {wall:.0f} s ({info.get('recipe', {}).get('steps')} steps, "
+              f"final dsm loss {info.get('final_loss', float('nan')):.4f}): {path}")
+    if args.out:
+        unet, scheduler = load_local(path, None)
+        grid = Image.fromarray(sample_grid(unet, scheduler, n=64, steps=50, seed=0))
+        grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(args.out)  # 3x: visible at a glance
+        print(f"wrote 64 DDIM samples (50 steps) to {args.out}")
+    return 0
+
+
+def pull_command(args: argparse.Namespace) -> int:
+    """`isosweep pull MODEL_URI --out DIR`: download, load with DDPMPipeline, 1-step sample, print the path."""
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder")
+    if is_model_uri(args.model_uri):
+        pipe_dir = resolve_model(args.model_uri, args.tracking_uri, dst=out)
+    else:
+        shutil.copytree(resolve_model(args.model_uri), out / PIPELINE_SUBPATH, dirs_exist_ok=True)
+        pipe_dir = out / PIPELINE_SUBPATH
+    unet, scheduler = load_local(pipe_dir, None)
+    img = _ddim(unet, scheduler, _noise(0, sample_shape(unet)), 1)
+    if not np.isfinite(img).all():
+        raise RuntimeError(f"{args.model_uri}: a 1-step sample is not finite; the model is broken")
+    n_params = sum(p.numel() for p in unet.parameters())
+    print(f"pulled {args.model_uri} -> {out}")
+    print(f"diffusers pipeline: {pipe_dir}  (DDPMPipeline.from_pretrained loads it; UNet {n_params / 1e6:.2f}M params, "
+          f"{'x'.join(map(str, sample_shape(unet)))} images)")
+    return 0
+
+
+def sample_grid_image(model: str, n: int, steps: int, seed: int, tracking_uri: str | None = None) -> Image.Image:
+    """A PIL grid of n DDIM samples of a model dir or URI (seed -> the latents (n, C, H, W))."""
+    unet, scheduler = load_local(resolve_model(model, tracking_uri), None)
+    return make_grid(to_uint8(_ddim(unet, scheduler, _noise(seed, sample_shape(unet), n), steps)))
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    """`isosweep sample MODEL --n 16 --steps 50 --seed 0 --out grid.png`."""
+    if args.n < 1 or args.steps < 1:
+        raise ValueError("--n and --steps must be at least 1")
+    path = save_png(sample_grid_image(args.model, args.n, args.steps, args.seed, args.tracking_uri), args.out)
+    print(f"wrote {path} ({args.n} samples, DDIM {args.steps} steps, seed {args.seed})")
+    return 0
+
+
+def interpolation_frames(unet, scheduler, seeds: Sequence[int], frames: int, mode: str, steps: int) -> np.ndarray:
+    """Images (frames, C, H, W) in [-1, 1] along the slerp/lerp path between two seeds' latents."""
+    shape = sample_shape(unet)
+    a, b = _noise(seeds[0], shape), _noise(seeds[1], shape)
+    s = torch.linspace(0.0, 1.0, frames)
+    path = slerp if mode == "slerp" else lerp
+    return _ddim(unet, scheduler, path(a.expand(frames, *shape), b.expand(frames, *shape), s), steps)
+
+
+def frame_distances(frames: np.ndarray) -> np.ndarray:
+    """Pixel L2 distance between adjacent frames: (F, C, H, W) in [-1, 1] -> (F-1,), RMS per pixel."""
+    d = frames[1:].astype(np.float64) - frames[:-1].astype(np.float64)
+    return np.sqrt((d.reshape(len(d), -1) ** 2).mean(axis=1))
+
+
+def interpolate_command(args: argparse.Namespace) -> int:
+    """`isosweep interpolate MODEL --seeds 1 2 --frames 9 --mode slerp --steps 50 --out strip.png`.
+
+    Writes the strip and, next to it, `<out stem>_distances.png` (adjacent-frame pixel L2, paper
+    Fig. 6) and `<out stem>_distances.json`.
+    """
+    if args.frames < 2 or args.steps < 1:
+        raise ValueError("--frames must be at least 2 and --steps at least 1")
+    unet, scheduler = load_local(resolve_model(args.model, args.tracking_uri), None)
+    frames = interpolation_frames(unet, scheduler, args.seeds, args.frames, args.mode, args.steps)
+    out = save_png(make_strip(to_uint8(frames)), args.out)
+    dists = frame_distances(frames)
+    plot = distance_plot(dists, out.with_name(out.stem + "_distances.png"),
+                         f"{args.mode} seeds {args.seeds[0]}->{args.seeds[1]}, DDIM {args.steps} steps")
+    out.with_name(out.stem + "_distances.json").write_text(json.dumps(
+        {"mode": args.mode, "seeds": list(args.seeds), "steps": args.steps, "distance": "pixel_l2_rms", "values": dists.tolist()}
+    ))
+    print(f"wrote {out} ({args.frames} frames, {args.mode}) and {plot} (pixel L2 between adjacent frames)")
+    return 0
+
+
+def _ddim(unet, scheduler, x_T: torch.Tensor, steps: int) -> np.ndarray:
+    """DDIM (eta = 0) from x_T (B, C, H, W): images (B, C, H, W) in [-1, 1] as numpy."""
+    return ddim_sample(unet, scheduler, x_T, steps, batch_size=16, progress=False).images.numpy()
+
+
+def _noise(seed: int, shape: tuple[int, int, int], n: int = 1) -> torch.Tensor:
+    """The latents of `--seed` / `--seeds`: one generator seeded with the seed, (n, C, H, W)."""
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(int(seed)))

@@ -1,0 +1,169 @@
+"""The training loss of Isometric Diffusion: L = L_dsm + lambda_iso(p, t) L_iso (MATH.md sections 3-4).
+
+- `dsm_loss`: the denoising MSE of DDPM in the model's own parameterisation (`denoising_target`):
+  epsilon (MATH.md's L_dsm, the paper's and google/ddpm-* models), or v / x0 ("sample") for models
+  whose scheduler config says so (the built-in shapes model predicts x0; docs/training.md says why).
+  The isometry term acts on the encoder only and does not depend on the output parameterisation.
+- `sample_timesteps`: the per-batch split. With probability p a batch's timesteps come from [0, pT)
+  and the isometry loss is off; otherwise from [pT, T) and it is on. Overall t stays uniform on
+  [0, T) (for pT an integer). The baseline (lambda_iso = 0 or p = 1) draws t uniformly, never turns
+  the isometry loss on, and so costs exactly a plain denoising step.
+- `IsoDiffusionLoss`: both terms for one micro-batch, as one callable `loss(model, unet, x0, t, noise,
+  iso_on, alphas_cumprod, generator)`, independent of the network it regularises. It also draws its own
+  randomness: `coin(shared)` once per optimizer step (identical on every rank), `draw(x0, iso_on,
+  generator)` the timesteps and noise of each micro-batch.
+
+Isometry ratio under data parallelism: `reduction="global"` (the default, `train.iso_reduction`) takes
+E[Tr R^2] / E[Tr R]^2 over the means all-reduced (differentiably) across DDP ranks, i.e. over the
+global micro-batch: the faithful estimator. `"local"` uses each worker's own means (an approximation
+whose bias grows as the per-worker batch shrinks). Either way the ratio is per micro-batch; with
+gradient accumulation the step's L_iso is the mean of the micro-batch ratios.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from isosweep.core import geometry
+from isosweep.core.hspace import encoder_at  # runs each encoder call inside hspace.autodiff_safe
+
+
+def iso_cutoff(p: float, T: int) -> int:
+    """The first timestep on which the isometry loss applies: round(pT), kept inside [0, T-1]."""
+    return min(max(int(round(p * T)), 0), T - 1)
+
+
+def is_baseline(lambda_iso: float, p: float) -> bool:
+    """lambda_iso = 0 or p = 1: no isometry loss anywhere."""
+    return lambda_iso == 0.0 or p >= 1.0 or math.isclose(p, 1.0)
+
+
+def choose_iso(p: float, generator: torch.Generator | None = None) -> bool:
+    """The per-batch coin: True (isometry loss on, t in [pT, T)) with probability 1 - p.
+
+    Under DDP every rank must draw the same coin (the global isometry ratio is a collective), so the
+    caller passes a generator seeded identically on all ranks.
+    """
+    return bool(torch.rand((), generator=generator).item() >= p)
+
+
+def sample_timesteps(batch_size: int, p: float, T: int, generator: torch.Generator | None = None, *,
+                     lambda_iso: float = 1.0, iso_on: bool | None = None,
+                     device: torch.device | str | None = None) -> tuple[torch.Tensor, bool]:
+    """Timesteps (batch_size,) long and whether the isometry loss is on for this batch.
+
+    Baseline (lambda_iso = 0 or p = 1): t ~ U{0..T-1}, iso off. Otherwise, unless `iso_on` is given,
+    flip `choose_iso(p)`; iso on: t ~ U{pT..T-1}; off: t ~ U{0..pT-1}.
+    """
+    if is_baseline(lambda_iso, p):
+        return torch.randint(0, T, (batch_size,), generator=generator).to(device), False
+    cut = iso_cutoff(p, T)
+    if iso_on is None:
+        iso_on = choose_iso(p, generator)
+    if cut == 0:
+        iso_on = True  # p rounds to 0: every timestep is in the isometry range
+    lo, hi = (cut, T) if iso_on else (0, cut)
+    return torch.randint(lo, hi, (batch_size,), generator=generator).to(device), iso_on
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, per sample."""
+    a = _abar(alphas_cumprod, t, x0)
+    return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+
+
+def _abar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """abar_t per sample, float32, shaped to broadcast over `like` (B, ...)."""
+    return alphas_cumprod.to(device=like.device, dtype=torch.float32)[t].view(-1, *([1] * (like.dim() - 1)))
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def denoising_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                     alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output at x_t, as diffusers' schedulers read it (`prediction_type`).
+
+    epsilon: eps; v_prediction: sqrt(abar_t) eps - sqrt(1 - abar_t) x_0; sample: x_0.
+    """
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = _abar(alphas_cumprod, t, x0)
+        return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
+    return x0
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"the base model's scheduler has prediction_type={prediction_type!r}; "
+                         f"isosweep trains {', '.join(PREDICTION_TYPES)}: use a model with one of those")
+
+
+def dsm_loss(model, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Denoising MSE against `target` (the noise for epsilon models), mean over batch and pixels (float32)."""
+    return F.mse_loss(model(x_t, t).sample.float(), target.float())
+
+
+@dataclass
+class LossOutput:
+    """One micro-batch's loss. Statistics are detached tensors (no device sync until they are read)."""
+
+    loss: torch.Tensor  # scalar, with graph
+    dsm: torch.Tensor  # scalar
+    iso: torch.Tensor | None  # scalar L_iso (unweighted), None when off
+    tr_r: torch.Tensor | None  # mean Tr(R) estimate over the local micro-batch, None when off
+    iso_on: bool
+
+
+class IsoDiffusionLoss:
+    """L = L_dsm + lambda_iso * 1[iso_on] * L_iso for one micro-batch.
+
+    `model` runs the denoising forward (the DDP wrapper under data parallelism, so its reducer sees the
+    forward); `unet` is the raw UNet2DModel the isometry term is computed on (for DDP, `model.module`:
+    its parameters are the same tensors, so the single backward of the total loss accumulates both
+    terms' gradients into the same `.grad` and the DDP hooks all-reduce the sum).
+    The isometry term runs in float32 outside autocast (the trace ratio of a JVP/VJP pair is precision
+    sensitive) through `hspace.encoder_at`, i.e. inside `hspace.autodiff_safe` (math attention,
+    contiguous GroupNorm); the denoising forward keeps the fast attention kernels.
+    """
+
+    def __init__(self, *, lambda_iso: float, p: float, iso_metric: str = "stereographic",
+                 reduction: str = "global", timesteps: int = 1000, prediction_type: str = "epsilon") -> None:
+        check_prediction_type(prediction_type)
+        self.lambda_iso, self.p, self.iso_metric, self.reduction, self.T = lambda_iso, p, iso_metric, reduction, timesteps
+        self.prediction_type = prediction_type
+
+    @property
+    def baseline(self) -> bool:
+        return is_baseline(self.lambda_iso, self.p)
+
+    def coin(self, shared: torch.Generator) -> bool:
+        """This optimizer step's iso coin (False for the baseline, which never draws). `shared` must be
+        seeded identically on every rank: the global isometry ratio is a collective."""
+        return not self.baseline and choose_iso(self.p, shared)
+
+    def draw(self, x0: torch.Tensor, iso_on: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(t, noise, iso_on) for one micro-batch x0 (B, C, H, W): timesteps from the range the coin chose,
+        then the noise, both from `generator` (this rank's stream), on x0's device."""
+        t, iso_on = sample_timesteps(x0.shape[0], self.p, self.T, generator, lambda_iso=self.lambda_iso,
+                                     iso_on=iso_on, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        return t, noise, iso_on
+
+    def __call__(self, model, unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, iso_on: bool,
+                 alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        x_t = add_noise(x0, noise, t, alphas_cumprod)
+        dsm = dsm_loss(model, x_t, t, denoising_target(self.prediction_type, x0, noise, t, alphas_cumprod))
+        if not iso_on or self.baseline:
+            return LossOutput(dsm, dsm.detach(), None, None, False)
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            tr_r, tr_r2 = geometry.isometry_terms(encoder_at(unet, t), x_t.float(), self.iso_metric, generator=generator)
+            iso = geometry.isometry_ratio(tr_r, tr_r2, reduction=self.reduction)
+        loss = dsm + self.lambda_iso * iso
+        return LossOutput(loss, dsm.detach(), iso.detach(), tr_r.detach().mean(), True)

@@ -1,0 +1,101 @@
+"""The standard feature networks: clean-fid's Inception-v3 for FID and LPIPS v0.1 with AlexNet for PPL.
+
+Nothing here downloads: the weight files are looked up in `evaluation.weights_dir`, then where
+clean-fid (`/tmp`) and torchvision (`$TORCH_HOME/hub/checkpoints`) keep them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lpips
+import numpy as np
+import torch
+from cleanfid.inception_torchscript import InceptionV3W
+from cleanfid.resize import build_resizer
+
+from isosweep.data.images import to_uint8_tensor
+from isosweep.evaluation.features.common import ALEXNET_FILE, INCEPTION_FILE, INCEPTION_NAME, LPIPS_NAME
+
+
+def _torch_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _candidates(weights_dir: str | None, filename: str, default_dir: Path) -> list[Path]:
+    out = []
+    if weights_dir:
+        out.append(Path(os.path.expanduser(weights_dir)) / filename)
+    out.append(default_dir / filename)
+    return out
+
+
+def find_standard_weights(weights_dir: str | None = None) -> dict[str, Path | None]:
+    """{'inception': path or None, 'alexnet': path or None}: the first existing candidate of each
+    (weights_dir, then /tmp for Inception as clean-fid uses, $TORCH_HOME/hub/checkpoints for AlexNet)."""
+    found: dict[str, Path | None] = {}
+    for key, filename, default in (("inception", INCEPTION_FILE, Path("/tmp")), ("alexnet", ALEXNET_FILE, _torch_checkpoints())):
+        found[key] = next((p for p in _candidates(weights_dir, filename, default) if p.is_file()), None)
+    return found
+
+
+def missing_weights_message(weights_dir: str | None, found: dict[str, Path | None]) -> str:
+    lines = ["the standard backbones (Inception for FID, LPIPS-AlexNet for PPL) need weight files that are not here:"]
+    where = {"inception": (INCEPTION_FILE, Path("/tmp"), "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
+             "alexnet": (ALEXNET_FILE, _torch_checkpoints(), "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth")}
+    for key, (filename, default, url) in where.items():
+        if found.get(key) is None:
+            places = [str(p) for p in _candidates(weights_dir, filename, default)]
+            lines.append(f"  - {filename} (from {url}); looked in: {', '.join(places)}")
+    lines.append("fix: download them on a connected machine and copy both into one directory, then set "
+                 "evaluation.weights_dir=/that/dir (or use evaluation.backbone=domain for the built-in shapes problem)")
+    return "\n".join(lines)
+
+
+class InceptionFeatures:
+    """clean-fid's Inception-v3 pool features: images (B, 3, H, W) in [-1, 1] -> (B, 2048) float32.
+
+    Preprocessing ("clean" mode): quantise to uint8 values, then clean-fid's PIL bicubic float resize to
+    299x299, per image, exactly as `cleanfid.fid.get_model_features` does.
+    """
+
+    name = INCEPTION_NAME
+
+    def __init__(self, weights_path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
+        path = Path(weights_path)
+        self.device = torch.device(device)
+        self.model = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(self.device).eval()
+        self.resize = build_resizer("clean")
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_uint8_tensor(images).float().cpu().numpy()  # on the uint8 grid, as a saved PNG read back.transpose(0, 2, 3, 1)
+        if x.shape[-1] == 1:
+            x = np.repeat(x, 3, axis=-1)
+        batch = torch.from_numpy(np.stack([self.resize(im).transpose(2, 0, 1) for im in x])).float()
+        return self.model(batch.to(self.device)).float().cpu()
+
+
+class LpipsDistance:
+    """LPIPS v0.1 with AlexNet: two image batches (B, 3, H, W) in [-1, 1] -> (B,) distances.
+
+    The AlexNet weights come from `alexnet_path` (never downloaded); the linear layers from the lpips
+    package. Images are used at their own resolution.
+    """
+
+    name = LPIPS_NAME
+
+    def __init__(self, alexnet_path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+        state = torch.load(alexnet_path, map_location="cpu", weights_only=True)
+        net = model.net  # slices hold torchvision's alexnet.features modules under their original indices
+        for pname, param in net.named_parameters():
+            _slice, idx, leaf = pname.split(".")
+            param.data.copy_(state[f"features.{idx}.{leaf}"])
+        self.model = model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.model(a.to(self.device).float(), b.to(self.device).float()).reshape(-1).cpu()

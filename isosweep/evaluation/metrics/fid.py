@@ -1,0 +1,158 @@
+"""Frechet distance between Gaussian fits of feature sets (FID; MATH.md section 5).
+
+`frechet_distance` is a pure NumPy function; `fid_score` samples a model with deterministic latents,
+embeds the images with a feature extractor (clean-fid's Inception or the domain network, see
+`isosweep.evaluation.features.resolver`) and compares with reference statistics that the caller computed and cached
+(`reference_statistics`). No image files are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from scipy import linalg
+from tqdm.auto import tqdm
+
+from isosweep.core.sampling import Sampler, initial_noise
+from isosweep.files import write_bytes_atomic
+
+__all__ = [
+    "frechet_distance",
+    "feature_statistics",
+    "generated_features",
+    "fid_from_features",
+    "reference_statistics",
+    "fid_score",
+]
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # images (B, C, H, W) in [-1, 1] -> features (B, d)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """Squared Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2):
+
+        |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2})
+
+    mu (d,), sigma (d, d). As clean-fid does, a singular product is retried with eps added to both
+    diagonals, and a negligible imaginary part of the square root is dropped. Computed in float64.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # handled below: non-finite -> retry with eps
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):g} in sqrtm")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (d,) and covariance (d, d) (unbiased, as clean-fid's np.cov) of features (N, d), float64."""
+    feats = np.asarray(feats, np.float64)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def fid_from_features(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
+    """FID of generated features (N, d) against reference statistics."""
+    mu, sigma = feature_statistics(feats)
+    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+
+
+@torch.inference_mode()
+def generated_features(
+    sampler: Sampler,
+    features: FeatureFn,
+    *,
+    num_samples: int,
+    ddim_steps: int,
+    seed: int,
+    shape: tuple[int, ...],
+    start: int = 0,
+    stop: int | None = None,
+    batch_size: int = 64,
+    keep_images: int = 0,
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Features (n, d) of generated samples start..stop-1 (default: all num_samples), batch by batch.
+
+    Latents come from `initial_noise(.., seed, start=i)`, so shards over index ranges concatenate to the
+    unsharded result. The first `keep_images` images (of this range) are returned too, for a grid.
+    """
+    stop = num_samples if stop is None else min(stop, num_samples)
+    out, kept = [], []
+    for lo in range(start, stop, batch_size):
+        n = min(batch_size, stop - lo)
+        imgs = sampler(initial_noise(n, shape, seed, start=lo), ddim_steps).images
+        out.append(features(imgs).float().cpu().numpy())
+        if sum(k.shape[0] for k in kept) < keep_images:
+            kept.append(imgs)
+    feats = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    images = torch.cat(kept)[:keep_images] if kept else None
+    return feats, images
+
+
+def _stats_key(dataset_key: dict, backbone: str) -> str:
+    blob = json.dumps({"dataset": dataset_key, "backbone": backbone}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.inference_mode()
+def reference_statistics(
+    images: Iterable[torch.Tensor],
+    features: FeatureFn,
+    *,
+    backbone: str,
+    dataset_key: dict,
+    cache_dir: str | os.PathLike,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the features of a dataset's images, cached in cache_dir/fid_stats.
+
+    images: an iterable of (B, C, H, W) batches in [-1, 1] (only consumed on a cache miss).
+    The cache file is keyed by the dataset description `dataset_key` (kind, path or seed, resolution,
+    count, ...) and the backbone name, so statistics of different feature networks never mix.
+    """
+    folder = Path(cache_dir).expanduser() / "fid_stats"
+    path = folder / f"{backbone}-{_stats_key(dataset_key, backbone)}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["mu"], z["sigma"]
+    feats = [features(b).float().cpu().numpy() for b in tqdm(images, desc="reference features", disable=not progress, leave=False)]
+    mu, sigma = feature_statistics(np.concatenate(feats))
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu, sigma=sigma, key=json.dumps({"dataset": dataset_key, "backbone": backbone}, sort_keys=True))
+    write_bytes_atomic(path, buffer.getvalue())  # concurrent trials never read a half-written file
+    return mu, sigma
+
+
+def fid_score(
+    sampler: Sampler,
+    features: FeatureFn,
+    ref_mu: np.ndarray,
+    ref_sigma: np.ndarray,
+    *,
+    num_samples: int,
+    ddim_steps: int,
+    seed: int,
+    shape: tuple[int, ...],
+    batch_size: int = 64,
+) -> float:
+    """FID of num_samples DDIM samples (latents from `seed`) against reference statistics."""
+    feats, _ = generated_features(sampler, features, num_samples=num_samples, ddim_steps=ddim_steps, seed=seed,
+                                  shape=shape, batch_size=batch_size)
+    return fid_from_features(feats, ref_mu, ref_sigma)

@@ -1,0 +1,83 @@
+"""Perceptual path length in X (MATH.md section 5; Karras et al. 2019 with slerp, as for Gaussian z)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from isosweep.core.sampling import Sampler, index_generator, initial_noise
+from isosweep.evaluation.metrics.paths import slerp
+
+__all__ = ["ppl_pairs", "ppl_distances", "filtered_mean", "perceptual_path_length"]
+
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # two (B, C, H, W) in [-1, 1] -> (B,)
+
+# initial_noise streams: 0 = FID/LS samples, 1-2 = mRTL pairs, 3-4 = PPL pair ends, 5 = PPL positions
+_STREAM_A, _STREAM_B, _STREAM_S = 3, 4, 5
+
+
+def ppl_pairs(n: int, shape: tuple[int, ...], seed: int, *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pair ends z0, z1 (n, *shape) and positions s (n,) ~ U(0, 1) for pairs start..start+n-1; pair i depends
+    only on (seed, i)."""
+    z0 = initial_noise(n, shape, seed, start=start, stream=_STREAM_A)
+    z1 = initial_noise(n, shape, seed, start=start, stream=_STREAM_B)
+    s = torch.stack([torch.rand((), generator=index_generator(seed, start + k, _STREAM_S), dtype=torch.float64)
+                     for k in range(n)]) if n else torch.zeros(0, dtype=torch.float64)
+    return z0, z1, s
+
+
+@torch.inference_mode()
+def ppl_distances(
+    sampler: Sampler,
+    distance: Distance,
+    *,
+    num_samples: int,
+    ddim_steps: int,
+    eps: float,
+    seed: int,
+    shape: tuple[int, ...],
+    start: int = 0,
+    stop: int | None = None,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """d_i = distance(G(slerp(z0, z1; s)), G(slerp(z0, z1; s + eps))) / eps^2 for pairs start..stop-1: (n,) float64.
+
+    Both ends of a pair are decoded in the same batch with deterministic DDIM (eta = 0)."""
+    stop = num_samples if stop is None else min(stop, num_samples)
+    out = []
+    for lo in range(start, stop, batch_size):
+        n = min(batch_size, stop - lo)
+        z0, z1, s = ppl_pairs(n, shape, seed, start=lo)
+        xa, xb = slerp(z0, z1, s), slerp(z0, z1, s + eps)
+        imgs = sampler(torch.cat([xa, xb]), ddim_steps).images
+        d = distance(imgs[:n], imgs[n:]).double().cpu().reshape(-1) / eps**2
+        out.append(d.numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def filtered_mean(values: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> float:
+    """Mean of the values between the lo-th ('lower') and hi-th ('higher') percentiles, inclusive, as
+    StyleGAN's PPL does."""
+    values = np.asarray(values, np.float64)
+    a = np.percentile(values, lo, method="lower")
+    b = np.percentile(values, hi, method="higher")
+    return float(values[(values >= a) & (values <= b)].mean())
+
+
+def perceptual_path_length(
+    sampler: Sampler,
+    distance: Distance,
+    *,
+    num_samples: int,
+    ddim_steps: int,
+    eps: float = 1e-4,
+    seed: int,
+    shape: tuple[int, ...],
+    batch_size: int = 32,
+) -> float:
+    """PPL = mean over pairs (1st-99th percentile) of distance / eps^2 between slerp(s) and slerp(s + eps)."""
+    d = ppl_distances(sampler, distance, num_samples=num_samples, ddim_steps=ddim_steps, eps=eps, seed=seed,
+                      shape=shape, batch_size=batch_size)
+    return filtered_mean(d)

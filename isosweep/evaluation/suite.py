@@ -1,0 +1,315 @@
+"""The evaluation suite of one model (MATH.md section 5), sharded over a trial's workers.
+
+`evaluate_model` computes FID, PPL, mRTL (and the RTL(t) curve), MCN, VoR and LS with the feature
+networks `features.resolver` resolves, plus a sample grid and slerp/lerp strips. With `world_size > 1`
+(and torch.distributed initialised) every rank computes a contiguous range of the global sample, pair
+and Jacobian indices; latents depend only on (seed, index), so the gathered result equals the
+one-process result up to float noise. Rank 0 combines everything; all ranks return the same `EvalResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from isosweep.config import EVAL_METRICS, SweepSpec
+from isosweep.core.losses import add_noise
+from isosweep.core.sampling import DDIMSampler, initial_noise
+from isosweep.data.datasets import build_dataset
+from isosweep.data.images import make_grid, make_strip
+from isosweep.evaluation.features import resolver as bb
+from isosweep.evaluation.features.common import cache_dir
+from isosweep.evaluation.metrics.fid import fid_from_features, generated_features, reference_statistics
+from isosweep.evaluation.metrics.jacobian import autodiff_context, jacobian_singular_values, mcn, unet_encoder, vor
+from isosweep.evaluation.metrics.paths import lerp, slerp
+from isosweep.evaluation.metrics.ppl import filtered_mean, ppl_distances
+from isosweep.evaluation.metrics.rtl import pair_latents, rtl_per_pair, summarize_rtl
+from isosweep.evaluation.metrics.separability import classify_samples, ls_scores
+from isosweep.evaluation.record import EvalResult
+
+__all__ = ["evaluate_model", "trial_evaluator", "shard_range"]
+
+_JACOBIAN_NOISE_STREAM = 6  # initial_noise stream of the noise in x_t for MCN/VoR
+
+
+@dataclass
+class _Shard:
+    """What every metric's share needs: the model's sampler, this rank's place, and a stopwatch."""
+
+    sampler: DDIMSampler
+    unet: torch.nn.Module
+    scheduler: Any
+    eval_spec: Any
+    dataset_spec: Any
+    device: torch.device
+    rank: int
+    world_size: int
+    progress: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.sampler.sample_shape
+
+    def range(self, n: int) -> tuple[int, int]:
+        return shard_range(n, self.rank, self.world_size)
+
+
+def evaluate_model(unet: torch.nn.Module, scheduler, eval_spec, dataset_spec, *, metrics: list[str] | None = None,
+                   device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
+                   progress: bool = True) -> EvalResult:
+    """Evaluate one model: see the module docstring. `metrics` defaults to evaluation.metrics ("ls" gives
+    ls and, with the rbf kernel configured, ls_rbf). Progress bars only on rank 0."""
+    wanted = list(metrics if metrics is not None else eval_spec.metrics)
+    unknown = set(wanted) - set(EVAL_METRICS)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; use any of {' '.join(EVAL_METRICS)}")
+    dist = _distributed(world_size)
+    device = torch.device(device) if device is not None else next(unet.parameters()).device
+    show = progress and rank == 0
+    sampler = DDIMSampler(unet, scheduler, batch_size=eval_spec.batch_size, progress=show, device=device)
+    shard = _Shard(sampler, unet, scheduler, eval_spec, dataset_spec, device, rank, world_size, show)
+    nets = _feature_networks(shard, wanted, dist)
+    partial = {name: share(shard, nets) for name, share in _SHARES.items() if _needed(name, wanted)}
+    gathered = _gather(partial, dist, world_size)
+    result = EvalResult(settings=_settings(eval_spec, shard.shape))
+    if rank == 0 or not dist:
+        _combine(result, gathered, wanted, shard, nets)
+        _add_images(result, gathered, shard, nets)
+        result.timings = {k: round(v, 3) for k, v in shard.timings.items()}
+    return _broadcast(result, dist)
+
+
+def trial_evaluator(spec: SweepSpec) -> Callable[[torch.nn.Module, Any, torch.device, int, int], EvalResult]:
+    """The `training.loop.Evaluator` of a trial: the spec's evaluation suite on the final EMA weights."""
+
+    def evaluate(unet, scheduler, device, rank, world_size) -> EvalResult:
+        return evaluate_model(unet, scheduler, spec.evaluation, spec.dataset, device=device, rank=rank,
+                              world_size=world_size, progress=rank == 0)
+
+    return evaluate
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [lo, hi) of n global indices for `rank` (sizes differ by at most one)."""
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+# --- each metric's share on this rank -------------------------------------------------------------
+
+
+def _fid_share(s: _Shard, nets) -> dict[str, Any]:
+    t0, spec = time.time(), s.eval_spec
+    lo, hi = s.range(spec.fid.num_samples)
+    feats, grid = generated_features(s.sampler, nets.fid_features, num_samples=spec.fid.num_samples, ddim_steps=spec.fid.ddim_steps,
+                                     seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=spec.batch_size,
+                                     keep_images=16 if s.rank == 0 else 0)
+    s.timings["fid"] = time.time() - t0
+    return {"features": feats, "grid": grid}
+
+
+def _ppl_share(s: _Shard, nets) -> np.ndarray:
+    t0, spec = time.time(), s.eval_spec
+    lo, hi = s.range(spec.ppl.num_samples)
+    out = ppl_distances(s.sampler, nets.distance, num_samples=spec.ppl.num_samples, ddim_steps=spec.ppl.ddim_steps,
+                        eps=spec.ppl.eps, seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=max(1, spec.batch_size // 2))
+    s.timings["ppl"] = time.time() - t0
+    return out
+
+
+def _mrtl_share(s: _Shard, nets) -> torch.Tensor:
+    t0, spec = time.time(), s.eval_spec.mrtl
+    lo, hi = s.range(spec.num_pairs)
+    out = rtl_per_pair(s.sampler, num_pairs=spec.num_pairs, num_points=spec.num_points, ddim_steps=spec.ddim_steps,
+                       seed=s.eval_spec.seed, shape=s.shape, start=lo, stop=hi,
+                       pairs_per_batch=max(1, s.eval_spec.batch_size // (spec.num_points + 1)))
+    s.timings["mrtl"] = time.time() - t0
+    return out
+
+
+def _jacobian_share(s: _Shard, nets) -> torch.Tensor:
+    t0 = time.time()
+    lo, hi = s.range(s.eval_spec.jacobian.num_samples)
+    x = _jacobian_inputs(lo, hi, s)
+    out = _jacobian_svals(s.unet, x, s.eval_spec, s.device, s.progress)
+    s.timings["jacobian"] = time.time() - t0
+    return out
+
+
+def _ls_share(s: _Shard, nets) -> tuple[np.ndarray, np.ndarray]:
+    t0, spec = time.time(), s.eval_spec
+    lo, hi = s.range(spec.ls.num_samples)
+    out = classify_samples(s.sampler, nets.classifier, num_samples=spec.ls.num_samples, ddim_steps=spec.ls.ddim_steps,
+                           seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=spec.batch_size)
+    s.timings["ls_sampling"] = time.time() - t0
+    return out
+
+
+# name of the share -> how to compute it; "jacobian" serves both MCN and VoR
+_SHARES: dict[str, Callable[[_Shard, Any], Any]] = {
+    "fid": _fid_share, "ppl": _ppl_share, "mrtl": _mrtl_share, "jacobian": _jacobian_share, "ls": _ls_share}
+
+
+def _needed(share: str, wanted: list[str]) -> bool:
+    return ("mcn" in wanted or "vor" in wanted) if share == "jacobian" else share in wanted
+
+
+def _jacobian_inputs(lo: int, hi: int, s: _Shard) -> torch.Tensor:
+    """x_t for Jacobian samples lo..hi-1 (MATH.md section 1): x_0 = dataset image perm[i] (a permutation
+    seeded by evaluation.seed), eps from initial_noise stream 6, t = evaluation.jacobian.timestep."""
+    dataset = build_dataset(s.dataset_spec, train=False)
+    perm = np.random.default_rng(s.eval_spec.seed).permutation(len(dataset))
+    if hi <= lo:
+        return torch.zeros((0, *s.shape))
+    x0 = torch.stack([dataset[int(perm[i % len(dataset)])][0] for i in range(lo, hi)])
+    eps = initial_noise(hi - lo, s.shape, s.eval_spec.seed, start=lo, stream=_JACOBIAN_NOISE_STREAM)
+    t = torch.full((hi - lo,), s.eval_spec.jacobian.timestep, dtype=torch.long)
+    return add_noise(x0, eps, t, s.scheduler.alphas_cumprod)
+
+
+def _jacobian_svals(unet, x: torch.Tensor, eval_spec, device, progress: bool) -> torch.Tensor:
+    """Singular values (n, k) of the pooled encoder Jacobian at x, samples grouped to fit the budget."""
+    spec = eval_spec.jacobian
+    enc = unet_encoder(unet, spec.timestep)
+    if x.shape[0] == 0:
+        return torch.zeros((0, 0), dtype=torch.float64)
+    with torch.no_grad():
+        m = enc(x[:1].to(device)).numel()
+    m_pooled = m // (spec.pool**2) if spec.pool else m
+    per_sample = 4 * m_pooled * x[0].numel()  # bytes of one float32 Jacobian
+    group = int(max(1, min(eval_spec.batch_size, (spec.memory_budget_mb * 2**20 // 2) // per_sample)))
+    out = []
+    with autodiff_context(unet):
+        for lo in tqdm(range(0, x.shape[0], group), desc="Jacobians", disable=not progress, leave=False):
+            xb = x[lo : lo + group].to(device)
+            out.append(jacobian_singular_values(enc, xb, pool=spec.pool, memory_budget_mb=spec.memory_budget_mb // 2).cpu())
+    return torch.cat(out)
+
+
+# --- combining on rank 0 --------------------------------------------------------------------------
+
+
+def _feature_networks(s: _Shard, wanted: list[str], dist: bool):
+    """Rank 0 loads first, so a cache miss trains/computes once; the other ranks then read the cache."""
+    needs = tuple(m for m in ("fid", "ppl", "ls") if m in wanted)
+    if not needs:
+        return None
+    nets = None
+    if s.rank == 0 or not dist:
+        nets = bb.load_feature_networks(s.eval_spec, s.dataset_spec, needs=needs, device=s.device, progress=s.progress)
+    if dist:
+        torch.distributed.barrier()
+    if nets is None:
+        nets = bb.load_feature_networks(s.eval_spec, s.dataset_spec, needs=needs, device=s.device, progress=False)
+    return nets
+
+
+def _combine(result: EvalResult, gathered: list[dict], wanted: list[str], s: _Shard, nets) -> None:
+    """Rank 0: turn every rank's share into the final numbers."""
+    names = nets.names if nets else bb.metric_backbone_names("standard", s.dataset_spec.kind)
+    if "fid" in wanted:
+        t0 = time.time()
+        feats = np.concatenate([g["fid"]["features"] for g in gathered])
+        mu, sigma = _reference_stats(s.eval_spec, s.dataset_spec, nets.fid_features, names["fid"], s.progress)
+        result.metrics["fid"] = fid_from_features(feats, mu, sigma)
+        s.timings["fid"] += time.time() - t0
+    if "ppl" in wanted:
+        result.metrics["ppl"] = filtered_mean(np.concatenate([g["ppl"] for g in gathered]))
+    if "mrtl" in wanted:
+        result.metrics["mrtl"], result.rtl_curve = summarize_rtl(torch.cat([g["mrtl"] for g in gathered]))
+    if _needed("jacobian", wanted):
+        svals = torch.cat([g["jacobian"] for g in gathered if g["jacobian"].numel()])
+        for name, fn in (("mcn", mcn), ("vor", vor)):
+            if name in wanted:
+                result.metrics[name] = fn(svals)
+    if "ls" in wanted:
+        t0 = time.time()
+        labels = np.concatenate([g["ls"][0] for g in gathered])
+        conf = np.concatenate([g["ls"][1] for g in gathered])
+        latents = initial_noise(s.eval_spec.ls.num_samples, s.shape, s.eval_spec.seed).flatten(1).numpy()
+        result.metrics.update(ls_scores(latents, labels, conf, keep=s.eval_spec.ls.keep, kernels=tuple(s.eval_spec.ls.kernels),
+                                        seed=s.eval_spec.seed))
+        s.timings["ls_sampling"] += time.time() - t0
+    for name in result.metrics:
+        result.backbones[name] = names["ls" if name.startswith("ls") else name]
+
+
+def _add_images(result: EvalResult, gathered: list[dict], s: _Shard, nets) -> None:
+    """The sample grid (FID's first 16 samples when FID ran) and the slerp/lerp strips of mRTL's first pair."""
+    t0 = time.time()
+    grid = gathered[0]["fid"]["grid"] if "fid" in gathered[0] else None
+    if grid is None:
+        grid = s.sampler(initial_noise(16, s.shape, s.eval_spec.seed), s.eval_spec.fid.ddim_steps).images
+    result.images["samples"] = np.asarray(make_grid(grid.numpy()).convert("RGB"))
+    distance = nets.distance if nets is not None and nets.distance is not None else _pixel_distance
+    result.backbones["frame_distances"] = nets.names["ppl"] if distance is not _pixel_distance else "pixel-rms"
+    a, b = pair_latents(1, s.shape, s.eval_spec.seed)
+    frames = torch.linspace(0, 1, 9, dtype=torch.float64)
+    for mode, path in (("slerp", slerp), ("lerp", lerp)):
+        imgs = s.sampler(torch.cat([path(a, b, frames[k : k + 1]) for k in range(len(frames))]), s.eval_spec.fid.ddim_steps).images
+        result.images[f"{mode}_strip"] = np.asarray(make_strip(imgs.numpy()).convert("RGB"))
+        result.frame_distances[mode] = [float(v) for v in distance(imgs[:-1], imgs[1:])]
+    s.timings["images"] = time.time() - t0
+
+
+def _pixel_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b) ** 2).flatten(1).mean(1).sqrt()
+
+
+def _reference_stats(eval_spec, dataset_spec, features: Callable, backbone: str, progress: bool):
+    dataset = build_dataset(dataset_spec, train=False)
+    n = min(len(dataset), eval_spec.fid.reference_samples or len(dataset))
+    key = {"kind": dataset_spec.kind, "path": dataset_spec.path, "size": dataset_spec.size if dataset_spec.kind == "shapes" else None,
+           "seed": dataset_spec.seed if dataset_spec.kind == "shapes" else None, "resolution": dataset_spec.resolution,
+           "center_crop": dataset_spec.center_crop, "n": n, "version": 1}
+
+    def batches():
+        bs = eval_spec.batch_size
+        for lo in range(0, n, bs):
+            yield torch.stack([dataset[i][0] for i in range(lo, min(n, lo + bs))])
+
+    return reference_statistics(batches(), features, backbone=backbone, dataset_key=key, cache_dir=cache_dir(eval_spec),
+                                progress=progress)
+
+
+def _settings(eval_spec, shape) -> dict[str, Any]:
+    return {"seed": eval_spec.seed, "backbone": eval_spec.backbone, "sample_shape": list(shape),
+            "fid": eval_spec.fid.model_dump(), "ppl": eval_spec.ppl.model_dump(), "mrtl": eval_spec.mrtl.model_dump(),
+            "jacobian": eval_spec.jacobian.model_dump(), "ls": eval_spec.ls.model_dump()}
+
+
+# --- collectives ----------------------------------------------------------------------------------
+
+
+def _distributed(world_size: int) -> bool:
+    if world_size <= 1:
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised; initialise the "
+                           "process group first (Ray Train does) or pass world_size=1")
+    return True
+
+
+def _gather(obj: Any, dist: bool, world_size: int) -> list[Any]:
+    """Every rank's obj, in rank order (all ranks get the list)."""
+    if not dist:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(result: EvalResult, dist: bool) -> EvalResult:
+    """Rank 0's result on every rank."""
+    if not dist:
+        return result
+    box = [result]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,70 @@
+"""Atomic writes: the one way isosweep puts a file or a folder where a concurrent reader may look.
+
+Caches (the built-in base model, feature networks, reference statistics) and sweep records are read
+by other trials and other processes while they are being written. Everything is written beside its
+final place and renamed into it, so a reader sees the old entry, the new one, or none, never half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """The JSON object in `path`, or {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """`with atomic_directory(final) as tmp:` fill `tmp`; on success it is renamed to `final`.
+
+    When another process created `final` first, its copy is kept and ours discarded (both were made
+    from the same cache key), unless `replace=True`. On an exception nothing is left behind.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if replace and final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

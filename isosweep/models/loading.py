@@ -1,0 +1,124 @@
+"""Base models: load a pretrained `UNet2DModel` + `DDPMScheduler` from wherever the spec says.
+
+Sources (`base_model.source`):
+- `builtin:shapes`: the small UNet `models/builtin.py` pretrains on `shapes` and caches.
+- a local diffusers directory: a pipeline directory (with `unet/`, or `base_model.subfolder`) or a
+  bare UNet directory (config.json + weights).
+- a hub id such as `google/ddpm-ema-celebahq-256` (read from the local HF cache when offline).
+- an MLflow model URI (`models:/NAME@alias`, `runs:/RUN/model`): downloaded by the `fetch` callable the
+  caller passes (the tracking layer's `download_model`); the artifact holds a diffusers pipeline directory.
+
+The scheduler comes from the model's own scheduler config when there is one, converted to
+`DDPMScheduler`; otherwise DDPM with linear betas and T = 1000 (MATH.md section 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+from isosweep.models.builtin import BUILTIN_SHAPES, default_scheduler, pretrain_builtin
+
+# MLflow model and artifact URIs; any other `scheme://` URI (s3://, gs://...) is an artifact location too
+MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def load_unet_and_scheduler(base_model_spec, dataset_spec=None, *, progress: bool = True,
+                            fetch: Callable[[str], Path] | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
+    """The base UNet (float32, eval mode, on CPU) and its DDPM scheduler, from any supported source.
+
+    `dataset_spec` is only used by `builtin:shapes` (the resolution it is pretrained at). `fetch(uri)`
+    downloads an MLflow model URI to a local folder; it comes from the tracking layer
+    (`tracking.models.download_model`), which owns MLflow, so this layer never imports it.
+    """
+    src = base_model_spec.source
+    if src == BUILTIN_SHAPES:
+        return load_local(pretrain_builtin(base_model_spec, dataset_spec, progress=progress), None)
+    if is_model_uri(src):
+        if fetch is None:
+            raise ValueError(f"base_model.source {src!r} is an MLflow model URI, and no downloader was given; "
+                             "load it through isosweep.tracking.models.download_model")
+        found = find_diffusers_dir(fetch(src))
+        if found is None:
+            raise FileNotFoundError(f"{src} holds no diffusers directory (model_index.json or unet/config.json)")
+        return load_local(found, base_model_spec.subfolder)
+    local = Path(os.path.expanduser(src))
+    if local.exists():
+        return load_local(local, base_model_spec.subfolder)
+    return _load_hub(src, base_model_spec.subfolder)
+
+
+def load_local(path: Path | str, subfolder: str | None) -> tuple[UNet2DModel, DDPMScheduler]:
+    path = Path(path)
+    if subfolder:
+        unet_dir = path / subfolder
+    elif (path / "unet" / "config.json").is_file():
+        unet_dir = path / "unet"
+    else:
+        unet_dir = path
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no UNet config.json in {unet_dir}; base_model.source must be a diffusers pipeline directory "
+            "(with unet/) or a UNet directory, or set base_model.subfolder"
+        )
+    unet = UNet2DModel.from_pretrained(unet_dir).float().eval()
+    sched_cfg = None
+    for cand in (path / "scheduler" / "scheduler_config.json", unet_dir / "scheduler_config.json", path / "scheduler_config.json"):
+        if cand.is_file():
+            sched_cfg = json.loads(cand.read_text())
+            break
+    return unet, _ddpm_from_config(sched_cfg)
+
+
+def _load_hub(hub_id: str, subfolder: str | None) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Hub repos keep the UNet either at the root (google/ddpm-*) or in `unet/` (pipelines)."""
+    tries = [subfolder] if subfolder else [None, "unet"]
+    errors = []
+    for sub in tries:
+        try:
+            unet = UNet2DModel.from_pretrained(hub_id, subfolder=sub).float().eval()
+            break
+        except (OSError, ValueError, EnvironmentError) as exc:  # not found at this place / offline cache miss
+            errors.append(f"subfolder={sub!r}: {exc}")
+    else:
+        raise OSError(
+            f"could not load UNet2DModel {hub_id!r} from the Hugging Face hub or its local cache "
+            f"({'; '.join(errors)}); when offline, pre-download it with `huggingface-cli download {hub_id}` "
+            "or point base_model.source at a local diffusers directory"
+        )
+    sched_cfg = None
+    for sub in ("scheduler", None):
+        try:
+            sched_cfg = dict(DDPMScheduler.load_config(hub_id, subfolder=sub))
+            break
+        except (OSError, ValueError, EnvironmentError):
+            continue
+    return unet, _ddpm_from_config(sched_cfg)
+
+
+def _ddpm_from_config(cfg: dict | None) -> DDPMScheduler:
+    if not cfg:
+        return default_scheduler()
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return DDPMScheduler.from_config(cfg)
+
+
+def is_model_uri(text: str) -> bool:
+    """An MLflow model or artifact URI (models:/, runs:/, mlflow-artifacts:/, s3://...), not a folder or hub id."""
+    return str(text).startswith(MLFLOW_PREFIXES) or "://" in str(text)
+
+
+def find_diffusers_dir(root: Path) -> Path | None:
+    """The shallowest directory under `root` with model_index.json (a pipeline), else with a UNet config."""
+    root = Path(root)
+    for marker in ("model_index.json", "config.json"):
+        hits = sorted(root.rglob(marker), key=lambda p: len(p.parts))
+        if hits:
+            return hits[0].parent
+    return None
+
+

@@ -1,0 +1,153 @@
+"""The sweep report: a folder with report.md, report.html and the figures, every number from the run.
+
+Reads the rows, front and champion from the sweep and each trial's `eval/` folder (written by the
+trial's workers next to its final checkpoint): `metrics.json` (metrics, backbones, rtl_curve,
+frame_distances) and the PNG strips.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import shutil
+from pathlib import Path
+
+import yaml
+
+from isosweep.config import RESULT_METRICS, SweepSpec
+from isosweep.evaluation.record import read_record, record_images
+from isosweep.results.plots import rtl_plot, strips_figure
+from isosweep.results.rows import SweepOutcome
+from isosweep.results.tables import backbones_of, markdown_table
+
+
+def load_trial_eval(row: dict) -> dict:
+    """The trial's evaluation record (rtl_curve, frame_distances, ...) and image paths; {} when its checkpoint is not here."""
+    ckpt = Path(row.get("checkpoint_path") or "")
+    record = read_record(ckpt) if row.get("checkpoint_path") and ckpt.is_dir() else None
+    if record is None:
+        return {}
+    return {"rtl_curve": record.rtl_curve, "frame_distances": record.frame_distances, "images": record_images(ckpt)}
+
+
+def _metric_cell(v) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
+    """Write report.md, report.html and their figures into out_dir; returns out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = outcome.rows
+    backbones = backbones_of(rows)
+    pareto_src = outcome.sweep_dir / "pareto.png"
+    if pareto_src.is_file():
+        shutil.copy(pareto_src, out_dir / "pareto.png")
+    baseline = next((r for r in rows if r.get("baseline")), None)
+    champion = outcome.champion.row if outcome.champion else None
+    evals = {}
+    for label, r in (("baseline", baseline), ("champion", champion)):
+        if r is not None:
+            evals[label] = load_trial_eval(r)
+
+    md = [f"# Sweep report: {outcome.sweep_id}", ""]
+    md += [
+        "Every number below was produced by this run. FID and PPL name the feature network that",
+        "produced them; values from different backbones are not comparable.",
+        "",
+        "## Results (Table-1 style)",
+        "",
+        markdown_table(rows, backbones),
+        "",
+        "Backbones: " + (", ".join(f"`{k}`: {v}" for k, v in sorted(backbones.items())) or "none recorded"),
+        "",
+    ]
+    if outcome.champion:
+        c = champion
+        md += [
+            "## Champion",
+            "",
+            f"Trial `{c['trial_id']}`: lambda_iso = {c['lambda_iso']:.3g}, p = {c['p']:g}, G = {c['iso_metric']}.",
+            f"Rule `{spec.selection.rule}`: {outcome.champion.reason}.",
+            "",
+        ]
+        if baseline is not None:
+            md.append("| metric | baseline | champion |")
+            md.append("|---|---|---|")
+            for k in RESULT_METRICS:
+                md.append(f"| {k} | {_metric_cell(baseline.get(k))} | {_metric_cell(c.get(k))} |")
+            md.append("")
+    else:
+        md += ["## Champion", "", "No trial finished with finite FID and PPL.", ""]
+    if (out_dir / "pareto.png").is_file():
+        md += ["## Pareto front (FID vs PPL)", "", "![Pareto front](pareto.png)", ""]
+
+    curves = {k: v["rtl_curve"] for k, v in evals.items() if v.get("rtl_curve")}
+    if curves:
+        rtl_plot(curves, out_dir / "rtl_curves.png")
+        md += ["## RTL(t): baseline vs champion (Fig. 5)", "", "![RTL curves](rtl_curves.png)", ""]
+
+    for mode in ("slerp", "lerp"):
+        entries = []
+        for label, ev in evals.items():
+            img = ev.get("images", {}).get(f"{mode}_strip")
+            if img is not None:
+                dists = (ev.get("frame_distances") or {}).get(f"{mode}_strip") or (ev.get("frame_distances") or {}).get(mode)
+                entries.append((f"{label}: {mode} (same seeds)", img, dists))
+        if entries:
+            name = f"strips_{mode}.png"
+            strips_figure(entries, out_dir / name)
+            md += [f"## Interpolation strips, {mode} (Figs. 1 and 6)", "",
+                   "Same seeds for every model; below each strip the distance between adjacent frames.", "",
+                   f"![{mode} strips]({name})", ""]
+    for label, ev in evals.items():
+        img = ev.get("images", {}).get("samples")
+        if img is not None:
+            shutil.copy(img, out_dir / f"samples_{label}.png")
+            md += [f"### Samples: {label}", "", f"![samples {label}](samples_{label}.png)", ""]
+
+    md += ["## Spec", "", "```yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False).rstrip(), "```", ""]
+    text = "\n".join(md)
+    (out_dir / "report.md").write_text(text)
+    (out_dir / "report.html").write_text(markdown_to_html(text, title=f"isosweep report {outcome.sweep_id}"))
+    return out_dir
+
+
+def markdown_to_html(text: str, title: str) -> str:
+    """A small converter for the report's own markdown (headings, tables, images, code, paragraphs)."""
+    out, in_code, in_table = [], False, False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            out.append("<pre>" if not in_code else "</pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            out.append(f'<p><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}" style="max-width:100%"></p>')
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        out.append("</table>")
+    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"

@@ -1,0 +1,78 @@
+"""A sweep's results as rows: one flat dict per trial, the outcome of a sweep, and its roles.
+
+A row holds the trial's parameters (`config.TRIAL_KEYS` and `baseline`), its status, every value of
+`config.RESULT_METRICS` (NaN when missing), `backbone_<metric>` names, the checkpoint path and the
+MLflow run id. Every table, plot, report and registry description is made from rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from isosweep.config import RESULT_METRICS, SweepSpec
+from isosweep.results.selection import Choice, choose_champion, pareto_front
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished (or inspected) sweep left: its rows, the Pareto front and the champion."""
+
+    sweep_id: str
+    sweep_dir: Path
+    rows: list[dict]
+    front: list[dict]
+    champion: Choice | None
+    report_dir: Path | None = None
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    registered: dict = field(default_factory=dict)
+
+
+def make_row(trial_id: str, config: dict, metrics: dict, status: str) -> dict:
+    """One flat table row: the trial's parameters, status, metrics, backbones and where its model is."""
+    row = {
+        "trial_id": trial_id,
+        "baseline": bool(config.get("baseline", False)),
+        "lambda_iso": float(config.get("lambda_iso", math.nan)),
+        "p": float(config.get("p", math.nan)),
+        "iso_metric": config.get("iso_metric", ""),
+        "status": "DONE" if metrics.get("evaluated") else status,
+    }
+    for k in RESULT_METRICS:
+        v = metrics.get(k)
+        row[k] = float(v) if isinstance(v, (int, float)) else math.nan
+    row.update({k: v for k, v in metrics.items() if k.startswith("backbone_")})
+    row["checkpoint_path"] = metrics.get("checkpoint_path", "")
+    row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
+    return row
+
+
+def label_rows(rows: list[dict], front: list[dict], champion: Choice | None) -> None:
+    """Set each row's `role`: baseline, champion and/or pareto joined by '+', else '-'."""
+    front_ids = {r["trial_id"] for r in front}
+    champ = champion.row["trial_id"] if champion else None
+    for r in rows:
+        roles = []
+        if r["baseline"]:
+            roles.append("baseline")
+        if r["trial_id"] == champ:
+            roles.append("champion")
+        if r["trial_id"] in front_ids:
+            roles.append("pareto")
+        r["role"] = "+".join(roles) or "-"
+
+
+def summarize(spec: SweepSpec, rows: list[dict]) -> tuple[list[dict], Choice | None]:
+    """The Pareto front and champion of the DONE rows by the spec's selection rule; labels every row."""
+    done = [r for r in rows if r["status"] == "DONE"]
+    objectives = tuple(spec.selection.objectives)
+    front = pareto_front(done, objectives)
+    champion = choose_champion(
+        done, spec.selection.rule, objectives, spec.selection.fid_tolerance, spec.selection.weights
+    )
+    label_rows(rows, front, champion)
+    return front, champion
+
+

@@ -1,0 +1,66 @@
+"""The results table: Table-1 order, as Markdown, as plain text and as CSV, every number from the rows."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.4g}"
+    return str(v)
+
+
+TABLE_COLUMNS = ("role", "trial_id", "lambda_iso", "p", "iso_metric", "fid", "ppl", "mrtl", "mcn", "vor", "ls", "status")
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """Table-1 order: baseline, champion, the other Pareto trials, then the rest."""
+    def order(r):
+        role = r.get("role", "-")
+        return (0 if "baseline" in role else 1 if "champion" in role else 2 if "pareto" in role else 3, r.get("fid", 0.0))
+
+    return sorted(rows, key=order)
+
+
+def markdown_table(rows: list[dict], backbones: dict[str, str] | None = None) -> str:
+    head = [c if c not in ("fid", "ppl") or not backbones else f"{c} [{backbones.get(c, '?')}]" for c in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table_rows(rows):
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in TABLE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plain_table(rows: list[dict]) -> str:
+    cells = [list(TABLE_COLUMNS)] + [[_fmt(r.get(c, "")) for c in TABLE_COLUMNS] for r in table_rows(rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def backbones_of(rows: list[dict]) -> dict[str, str]:
+    out = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("backbone_") and v:
+                out.setdefault(k.removeprefix("backbone_"), v)
+    return out
+
+
+def save_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in table_rows(rows):
+            w.writerow(r)
+    md_path.write_text(markdown_table(rows, backbones_of(rows)) + "\n")
+    return csv_path, md_path
+
+

@@ -1,0 +1,54 @@
+"""The spec reference (every field, its type, default and meaning) generated from the schema, so the
+README's table cannot drift from `config.SweepSpec` (tests/test_readme.py compares them)."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from isosweep.config import Distribution, SweepSpec
+
+
+def _type_name(ann: Any) -> str:
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if args:
+        inner = [_type_name(a) for a in args if a is not type(None)]
+        name = getattr(origin, "__name__", "") if origin not in (typing.Union, types.UnionType) else ""
+        text = f"{name}[{', '.join(inner)}]" if name else " or ".join(inner)
+        return text + (" or null" if type(None) in args else "")
+    return getattr(ann, "__name__", str(ann))
+
+
+def _walk_fields(model: type[BaseModel], prefix: str = ""):
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not Distribution else None
+        path = f"{prefix}{name}"
+        if sub is not None:
+            yield from _walk_fields(sub, path + ".")
+            continue
+        if info.is_required():
+            default = "(required)"
+        else:
+            value = info.get_default(call_default_factory=True)
+            if isinstance(value, BaseModel):
+                value = value.model_dump(mode="json", exclude_none=True)
+            default = f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
+        type_name = _type_name(ann)
+        if ann is Distribution:
+            type_name = "distribution"
+        yield path, type_name, default, (info.description or "")
+
+
+def spec_reference_markdown() -> str:
+    """The spec reference table (every field, its type, default and meaning), generated from the schema."""
+    lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for path, type_name, default, desc in _walk_fields(SweepSpec):
+        type_name = type_name.replace("|", "or")
+        lines.append(f"| `{path}` | {type_name} | {default.replace('|', '/')} | {desc.replace('|', '/')} |")
+    return "\n".join(lines)

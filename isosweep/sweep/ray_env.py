@@ -1,0 +1,44 @@
+"""Ray for isosweep: connect to a cluster or start the embedded local one, with quiet, readable worker logs.
+
+Environment read here: ISOSWEEP_RAY_DASHBOARD (0: no dashboard for the embedded Ray), TQDM_MININTERVAL
+and RAY_TRAIN_ENABLE_PRINT_PATCH (passed on to workers); see docs/environment.md.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import ray
+
+
+def init_ray(address: str | None, dashboard: bool = True) -> dict:
+    """Connect to a cluster by address, or start the embedded local Ray; returns what we print."""
+    # Progress bars in workers are not terminals: redraw them at most every 15 s instead of per step.
+    # Train V2 re-routes print() in workers to its logger and also tees it to the wrapped stdout, so every
+    # "[isosweep] step ..." line reached the terminal twice; plain print keeps one copy (and the log file).
+    worker_env = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "15"), "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+                  "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
+    quiet = {"logging_level": "WARNING", "log_to_driver": True}
+    if ray.is_initialized():
+        ctx = None
+    elif address:
+        ctx = ray.init(address=address, **quiet)
+    else:
+        dashboard = dashboard and os.environ.get("ISOSWEEP_RAY_DASHBOARD", "1") != "0"
+        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       runtime_env={"env_vars": worker_env}, **quiet)
+    url = getattr(ctx, "dashboard_url", None) if ctx is not None else None  # `if ctx` warns (len)
+    return {"dashboard_url": f"http://{url}" if url and not url.startswith("http") else url}
+
+
+def quiet_libraries() -> None:
+    """Silence library noise that a user cannot act on; real warnings stay."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+

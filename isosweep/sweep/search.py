@@ -1,0 +1,121 @@
+"""The search: Tune's search space and algorithm for the spec, with the baseline trial always first.
+
+The baseline (lambda_iso = 0, `config.BASELINE_PARAMS`) is injected in front of any searcher: as a
+`points_to_evaluate` entry for random and grid, and by `BaselineFirst` for Optuna, so the searcher's
+model never sees it (its lambda_iso = 0 lies outside a log-uniform space and would corrupt TPE).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import optuna
+from ray import tune
+from ray.tune.search import Searcher
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from isosweep.config import BASELINE_PARAMS, TRIAL_KEYS, SweepSpec
+
+
+class BaselineFirst(Searcher):
+    """Suggests the baseline first, then delegates to the inner searcher; the baseline's result is never
+    given to the inner searcher."""
+
+    def __init__(self, inner: Searcher, baseline: dict):
+        self.inner = inner
+        self.baseline = dict(baseline)
+        self.baseline_trial: str | None = None
+        super().__init__(metric=inner.metric, mode=inner.mode)
+
+    def set_search_properties(self, metric, mode, config, **spec):
+        return self.inner.set_search_properties(metric, mode, config, **spec)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return self.inner.set_max_concurrency(max_concurrent)
+
+    def suggest(self, trial_id: str):
+        if self.baseline_trial is None:
+            self.baseline_trial = trial_id
+            return dict(self.baseline)
+        suggestion = self.inner.suggest(trial_id)
+        if isinstance(suggestion, dict):
+            suggestion = {**suggestion, "baseline": False}
+        return suggestion
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id != self.baseline_trial:
+            self.inner.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        if trial_id != self.baseline_trial:
+            self.inner.on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            inner_path = os.path.join(tmp, "inner.pkl")
+            self.inner.save(inner_path)
+            inner_bytes = Path(inner_path).read_bytes()
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"baseline_trial": self.baseline_trial, "baseline": self.baseline, "inner": inner_bytes}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.baseline_trial = state["baseline_trial"]
+        self.baseline = state["baseline"]
+        with tempfile.TemporaryDirectory() as tmp:
+            inner_path = os.path.join(tmp, "inner.pkl")
+            Path(inner_path).write_bytes(state["inner"])
+            self.inner.restore(inner_path)
+
+
+def planned_trials(spec: SweepSpec) -> int:
+    """How many trials the search will run, the baseline included (a grid runs every combination)."""
+    s = spec.search
+    if s.algorithm != "grid":
+        return s.num_trials + 1
+    combinations = 1
+    for key in TRIAL_KEYS:
+        combinations *= len(getattr(s, key).values)
+    return 1 + s.num_trials * combinations
+
+
+def build_search(spec: SweepSpec, state_dir: Path, max_concurrent: int = 0):
+    """(param_space, search_alg, num_samples) for the spec's algorithm, with the baseline first.
+
+    max_concurrent (0: no limit) goes into BasicVariantGenerator itself: Tune applies
+    `TuneConfig.max_concurrent_trials` only to Searchers and silently ignores it for random and grid.
+    For random and grid the baseline point uses up one sample, so num_samples is num_trials + 1.
+    """
+    s = spec.search
+    if s.algorithm in ("grid", "random"):
+        if s.algorithm == "grid":
+            space = {k: tune.grid_search(list(getattr(s, k).values)) for k in TRIAL_KEYS}
+        else:
+            space = {k: _domain(getattr(s, k)) for k in TRIAL_KEYS}
+        space["baseline"] = False
+        alg = BasicVariantGenerator(points_to_evaluate=[dict(BASELINE_PARAMS)], max_concurrent=max_concurrent,
+                                    random_state=s.seed)
+        return space, alg, s.num_trials + 1
+    # the study lives beside the sweep, where `optuna-dashboard sqlite:///.../optuna.db` opens it
+    state_dir.mkdir(parents=True, exist_ok=True)
+    inner = OptunaSearch(
+        metric=list(spec.selection.objectives),
+        mode=["min", "min"],
+        sampler=optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, min(10, s.num_trials // 2))),
+        storage=optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}"),
+        study_name=state_dir.name,
+    )
+    return {k: _domain(getattr(s, k)) for k in TRIAL_KEYS}, BaselineFirst(inner, BASELINE_PARAMS), s.num_trials + 1
+
+
+def _domain(dist):
+    if dist.type == "loguniform":
+        return tune.loguniform(dist.low, dist.high)
+    if dist.type == "uniform":
+        return tune.uniform(dist.low, dist.high)
+    return tune.choice(list(dist.values))

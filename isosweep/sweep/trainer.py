@@ -1,0 +1,182 @@
+"""Ray Train adapter: one trial = one `TorchTrainer` run of `training.loop.train_loop` on N DDP workers.
+
+`build_trainer` turns a spec into a TorchTrainer (gloo on CPU, NCCL on GPU; FailureConfig retries
+restart every worker from the run's latest checkpoint); `train_loop_per_worker` is the thin function
+each worker runs: it wraps Ray's context in a `Reporter`, hands the loop the evaluation suite as its
+evaluator and MLflow's downloader for `models:/` base models, and calls the plain training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.metrics import Gauge
+
+from isosweep.config import SweepSpec, resolve_trial_spec
+from isosweep.console import say
+from isosweep.evaluation.suite import trial_evaluator
+from isosweep.tracking.models import download_model
+from isosweep.tracking.steps import StepLogger
+from isosweep.training.loop import train_loop
+
+PRINTED = ("loss", "dsm_loss", "iso_loss", "tr_r", "images_per_s")
+
+
+def training_eta(first: tuple[int, float], now: tuple[int, float], max_steps: int | None) -> str:
+    """Time left in training as "M:SS" from the pace since the first report; "" when it is unknown."""
+    (s0, t0), (s1, t1) = first, now
+    if not max_steps or s1 <= s0 or s1 >= max_steps:
+        return ""
+    left = (t1 - t0) / (s1 - s0) * (max_steps - s1)
+    return f"{int(left // 60)}:{int(left % 60):02d}"
+
+
+class RayReporter:
+    """`training.Reporter` on top of Ray Train V2; rank 0 also logs to MLflow, Ray metrics and stdout."""
+
+    def __init__(self, *, max_steps: int | None = None, step_logger=None, verbose: bool = True,
+                 resume_from: str | None = None) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.max_steps, self.step_logger, self.verbose, self.resume_from = max_steps, step_logger, verbose, resume_from
+        self._gauges = _gauges(ctx.get_experiment_name()) if self.rank == 0 else None
+        self._first: tuple[int, float] | None = None  # (step, time) of this run's first report, for the ETA
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if self.rank != 0:
+            return
+        if self.step_logger is not None:
+            self.step_logger.log(metrics, int(metrics["step"]))
+        if self._gauges:
+            for name, gauge in self._gauges.items():
+                if name in metrics:
+                    gauge.set(float(metrics[name]))
+        if self.verbose:
+            stats = " ".join(f"{k}={metrics[k]:.4g}" for k in PRINTED if k in metrics)
+            step, now = int(metrics["step"]), time.monotonic()
+            self._first = self._first or (step, now)
+            total = f"/{self.max_steps}" if self.max_steps else ""
+            eta = training_eta(self._first, (step, now), self.max_steps)
+            say(f"step {step}{total} {stats}" + (f" eta {eta}" if eta else "") + (" (checkpoint)" if checkpoint else ""))
+
+    def latest_checkpoint(self) -> str | None:
+        """The run's own latest checkpoint (after a worker failure), else `resume_from`, as a local dir."""
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None and self.resume_from:
+            ckpt = Checkpoint(self.resume_from)
+        if ckpt is None:
+            return None
+        if type(ckpt.filesystem).__name__ == "LocalFileSystem" and os.path.isdir(ckpt.path):
+            return ckpt.path  # read in place (workers only read it)
+        # one private copy per worker: concurrent to_directory() calls into Ray's shared default
+        # location race with each other and corrupt train_state.pt
+        return ckpt.to_directory(tempfile.mkdtemp(prefix=f"isosweep-resume-rank{self.rank}-"))
+
+
+def _gauges(run_name: str) -> dict[str, Any] | None:
+    """Ray metrics (Prometheus, the Ray dashboard) for rank 0; None where the metrics agent is absent."""
+    try:
+        tags = {"run": run_name}
+        out = {}
+        for name, desc in (("step", "optimizer steps done"), ("loss", "total loss"), ("dsm_loss", "denoising loss"),
+                           ("iso_loss", "isometry loss"), ("images_per_s", "training throughput")):
+            g = Gauge(f"isosweep_train_{name}", description=desc, tag_keys=("run",))
+            g.set_default_tags(tags)
+            out[name] = g
+        return out
+    except Exception:  # metrics are a nicety: never fail a trial over them
+        return None
+
+
+def _fault_hook(fault: dict | None, rank: int) -> Callable[[int], None] | None:
+    """Test-only: `{"rank": r, "step": k, "marker": path}` kills rank r once right after step k.
+
+    It first waits until Ray Train has registered every reported checkpoint: the controller processes
+    reports asynchronously, and a crash resumes from the latest checkpoint it had registered."""
+    if not fault or fault.get("rank") != rank:
+        return None
+
+    def on_step(step: int) -> None:
+        marker = Path(fault["marker"])
+        if step == fault["step"] and not marker.exists():
+            ray.train.get_all_reported_checkpoints(timeout_s=120)
+            marker.write_text(f"killed rank {rank} at step {step}\n")
+            os._exit(1)
+
+    return on_step
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train logs every report in full at INFO through a logger named by its file path (outside
+    `ray.train`, so LoggingConfig misses it); our one-line progress already says the same."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context  # private, and may move: guarded
+    except ImportError:  # a Ray version without this module: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What every Train worker runs. config keys: spec (dict), trial_params, evaluate, mlflow
+    ({tracking_uri, run_id}, rank 0 logs step metrics there), resume_from, _fail_once (tests)."""
+    _quiet_train_reports()
+    spec = resolve_trial_spec(config["spec"], config.get("trial_params"))
+    rank = ray.train.get_context().get_world_rank()
+    step_logger = None
+    if config.get("mlflow") and rank == 0:
+        step_logger = StepLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"])
+    reporter = RayReporter(max_steps=spec.train.max_steps, step_logger=step_logger,
+                           verbose=config.get("verbose", True), resume_from=config.get("resume_from"))
+    try:
+        train_loop(spec, reporter, trial_params=config.get("trial_params"),  # recorded in each checkpoint's spec.json
+                   evaluator=trial_evaluator(spec) if config.get("evaluate") else None,
+                   on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=download_model)
+    finally:
+        if step_logger is not None:
+            step_logger.close()
+
+
+def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_params: dict[str, Any] | None = None,
+                  evaluate: bool = False, mlflow: dict[str, str] | None = None, resume_from: str | None = None,
+                  callbacks: list | None = None, extra_config: dict[str, Any] | None = None) -> TorchTrainer:
+    """A TorchTrainer for one trial.
+
+    Re-running with the same `run_name` and `storage_path` restores that run from its latest
+    checkpoint (Ray Train V2); `resume_from` starts a new run from a checkpoint directory. Worker
+    failures are retried `search.max_failures` times, each retry resuming from the latest checkpoint.
+    """
+    res = spec.resources
+    config = {"spec": spec.to_dict(), "trial_params": dict(trial_params or {}), "evaluate": evaluate,
+              "mlflow": mlflow, "resume_from": resume_from, **(extra_config or {})}
+    resources = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        resources["GPU"] = res.gpus_per_worker
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=spec.search.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),  # the last three (the final one included)
+            callbacks=callbacks,
+            # Train logs each report, checkpoint and resource request at INFO; our progress line says it
+            logging_config=LoggingConfig(log_level=os.environ.get("ISOSWEEP_TRAIN_LOG_LEVEL", "WARNING")),
+        ),
+    )

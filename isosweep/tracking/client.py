@@ -1,0 +1,202 @@
+"""The MLflow client of one tracking URI, and the retries every network call goes through.
+
+Every network call goes through `retry_call`: exponential backoff (`ISOSWEEP_TRACKING_RETRIES`
+attempts, first wait `ISOSWEEP_TRACKING_BACKOFF_S` seconds), then `TrackingError` naming the URI.
+MLflow's own HTTP retries are capped (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, unless the user set it) so
+the total wait stays bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+
+from mlflow import MlflowClient
+from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from isosweep.tracking.redact import scrub, scrub_text
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# MLflow 3.17's limits (mlflow.utils.validation): values longer than these are rejected.
+# MLflow 3.17's limits (mlflow.utils.validation): values longer than these are rejected.
+MAX_PARAM_VAL = 6000
+MAX_TAG_VAL = 8000
+MAX_KEY = 250
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+
+class TrackingError(RuntimeError):
+    """The tracking server (or its artifact store) could not be reached or refused a request."""
+
+
+def _retry_settings() -> tuple[int, float]:
+    attempts = int(os.environ.get("ISOSWEEP_TRACKING_RETRIES", "4"))
+    backoff = float(os.environ.get("ISOSWEEP_TRACKING_BACKOFF_S", "1.0"))
+    return max(1, attempts), max(0.0, backoff)
+
+
+def _bound_mlflow_http_retries() -> None:
+    """Cap MLflow's own HTTP retries (default 7 with factor 2: minutes) unless the user set them.
+
+    Our retry layer does the backing off; without this a dead server would block for ~4 minutes
+    per call before our first retry even starts.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """Errors a retry cannot fix: bad requests, missing resources, validation."""
+    if isinstance(exc, MlflowException):
+        code = getattr(exc, "error_code", "")
+        return code in {
+            "INVALID_PARAMETER_VALUE",
+            "RESOURCE_DOES_NOT_EXIST",
+            "RESOURCE_ALREADY_EXISTS",
+            "INVALID_STATE",
+            "BAD_REQUEST",
+            "PERMISSION_DENIED",
+            "UNAUTHENTICATED",
+        }
+    return isinstance(exc, (TypeError, ValueError, KeyError, FileNotFoundError, NotADirectoryError))
+
+
+def retry_call(
+    what: str,
+    uri: str,
+    fn: Callable[..., T],
+    *args: Any,
+    attempts: int | None = None,
+    backoff_s: float | None = None,
+    **kwargs: Any,
+) -> T:
+    """Call `fn(*args, **kwargs)`, retrying transient failures with exponential backoff.
+
+    Waits backoff_s, 2*backoff_s, 4*backoff_s, ... between `attempts` tries, then raises
+    `TrackingError` whose message names `what` and the (scrubbed) tracking `uri`.
+    """
+    _bound_mlflow_http_retries()
+    default_attempts, default_backoff = _retry_settings()
+    attempts = default_attempts if attempts is None else max(1, attempts)
+    backoff_s = default_backoff if backoff_s is None else backoff_s
+    last: BaseException | None = None
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _is_permanent(exc):
+                raise
+            last = exc
+            if i + 1 < attempts:
+                wait = backoff_s * (2**i)
+                log.warning("%s failed at %s (%s); retry %d/%d in %.1fs", what, scrub_text(uri), _short(exc), i + 1, attempts - 1, wait)
+                time.sleep(wait)
+    raise TrackingError(
+        f"{what}: MLflow tracking at {scrub_text(uri)} is unreachable or failing after {attempts} attempt(s): {_short(last)}. "
+        "Check that the server is up and MLFLOW_TRACKING_URI/--tracking-uri is right; the trial's checkpoints stay in "
+        "Ray storage and `isosweep sync SPEC` uploads them later."
+    ) from last
+
+
+def retrying(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator form of `retry_call` for functions whose first argument is the tracking URI."""
+
+    def deco(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def wrapper(tracking_uri: str, *args: Any, **kwargs: Any) -> T:
+            return retry_call(what, tracking_uri, fn, tracking_uri, *args, **kwargs)
+
+        return wrapper
+
+    return deco
+
+
+def _short(exc: BaseException | None) -> str:
+    text = f"{type(exc).__name__}: {exc}" if exc else "unknown error"
+    text = scrub_text(text)
+    return text if len(text) < 400 else text[:400] + "..."
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'p': 0.5}} -> {'train.p': 0.5}; lists are kept as one JSON value."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v, default=str)
+        else:
+            out[key] = v
+    return out
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def params_of(values: Mapping[str, Any]) -> list[Param]:
+    return [Param(clip(k, MAX_KEY), clip(scrub(k, v), MAX_PARAM_VAL)) for k, v in flatten(values).items()]
+
+
+def tags_of(values: Mapping[str, Any]) -> list[RunTag]:
+    return [RunTag(clip(k, MAX_KEY), clip(scrub(k, v), MAX_TAG_VAL)) for k, v in values.items()]
+
+
+def chunks(items: Sequence[T], n: int) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+
+def resolve_tracking_uri(spec_uri: str | None, cli_uri: str | None, storage_path: str | os.PathLike | None) -> str:
+    """--tracking-uri, then the spec's `tracking.uri`, then MLFLOW_TRACKING_URI, then a local SQLite file.
+
+    The local default is `sqlite:///<abs storage path>/mlflow.db` (no server; MLflow 3.17 refuses
+    the old ./mlruns file store). For s3:// storage the local default lives in ./isosweep-mlflow.
+    """
+    for uri in (cli_uri, spec_uri, os.environ.get("MLFLOW_TRACKING_URI")):
+        if uri:
+            return uri
+    storage = str(storage_path or "runs")
+    if "://" in storage:
+        storage = "isosweep-mlflow"
+    root = Path(storage).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """For a server-less sqlite store, keep artifacts next to the database instead of ./mlruns."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    """A client bound to this URI (the registry follows the tracking URI unless MLFLOW_REGISTRY_URI is set)."""
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
+
+
+@contextlib.contextmanager
+def use_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Temporarily point MLflow's fluent API (log_model, download_artifacts) at `tracking_uri`.
+
+    MLflow's own private helper: the public `set_tracking_uri` also writes MLFLOW_TRACKING_URI into
+    the environment and cannot restore an unset URI, which would leak into every later call.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # private: see the docstring
+
+    with _use_tracking_uri(tracking_uri):
+        yield
+
+

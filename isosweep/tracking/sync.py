@@ -1,0 +1,104 @@
+"""`isosweep sync`: upload to MLflow what a sweep's storage holds and its tracking server lacks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from isosweep.evaluation.record import EVAL_DIR, RECORD_FILE, read_record, record_path
+from isosweep.files import read_json
+from isosweep.results.layout import STATE_FILE, trial_id_from_path
+from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, EVAL_ARTIFACT_PATH, log_trial_result
+from isosweep.tracking.client import client, retry_call
+from isosweep.tracking.runs import end_run, find_or_create_sweep_run, find_trial_run, open_trial_run
+
+log = logging.getLogger(__name__)
+
+
+def _trial_info(ckpt: Path, sweep_dir: Path | None = None) -> tuple[str | None, dict]:
+    """(trial id, params) of a checkpoint dir.
+
+    The id comes from `trial_params.json` {"trial_id", "params"}, else `spec.json` ("trial_id"),
+    else the layout `<sweep>/train/<trial id>/checkpoint_*` (a trial's Train run is named after it).
+    Params come from trial_params.json, else spec.json's "trial_params".
+    """
+    tp = read_json(ckpt / "trial_params.json")
+    sp = read_json(ckpt / "spec.json")
+    params = tp.get("params") or sp.get("trial_params") or sp.get("params") or {}
+    tid = tp.get("trial_id") or sp.get("trial_id")
+    if not tid and sweep_dir is not None:
+        tid = trial_id_from_path(ckpt, sweep_dir)
+    return (str(tid) if tid else None), dict(params) if isinstance(params, dict) else {}
+
+
+def find_trial_results(sweep_dir: str | os.PathLike) -> dict[str, Path]:
+    """Per trial id, its final checkpoint dir under `sweep_dir`: a dir holding `eval/metrics.json`
+    whose trial id `_trial_info` can tell; of several, the one evaluated last."""
+    sweep_dir = Path(sweep_dir)
+    found: dict[str, Path] = {}
+    for metrics_file in sweep_dir.rglob(f"{EVAL_DIR}/{RECORD_FILE}"):
+        ckpt = metrics_file.parent.parent
+        tid, _ = _trial_info(ckpt, sweep_dir)
+        if not tid:
+            log.warning("sync: %s has results but no trial id (trial_params.json, spec.json or train/<id>/); skipped", ckpt)
+            continue
+        if tid not in found or metrics_file.stat().st_mtime > record_path(found[tid]).stat().st_mtime:
+            found[tid] = ckpt
+    return found
+
+
+def _sweep_parent(spec: Any, spec_path: str | None, tracking_uri: str, sweep_dir: Path, storage_path: str) -> str:
+    """The parent run recorded in the sweep's state file if the server has it, else found/created by sweep id."""
+    state = read_json(sweep_dir / STATE_FILE)
+    rid = state.get("parent_run_id")
+    if rid:
+        try:
+            retry_call("get run", tracking_uri, client(tracking_uri).get_run, rid)
+            return rid
+        except MlflowException:
+            pass  # recorded on another tracking server: create it here
+    sid = state.get("experiment_path") or state.get("sweep_id") or sweep_dir.name  # what the driver tagged
+    return find_or_create_sweep_run(spec, spec_path, tracking_uri, sid, storage_path=storage_path)
+
+
+def sync_sweep_dir(
+    spec: Any, spec_path: str | None, tracking_uri: str, sweep_dir: str | os.PathLike, storage_path: str | None = None
+) -> list[tuple[str, str, list[str]]]:
+    """Upload what one sweep folder holds but its MLflow runs lack; returns [(trial_id, run_id, uploaded)].
+
+    For each trial checkpoint found (`find_trial_results`): create the child run if missing; log
+    metrics from `eval/metrics.json` that the run lacks; log `checkpoint/` and `eval/` artifacts if
+    the run has none; end the run FINISHED if anything was uploaded. Complete runs are left alone.
+    """
+    sweep_dir = Path(sweep_dir)
+    parent = _sweep_parent(spec, spec_path, tracking_uri, sweep_dir, storage_path or str(sweep_dir.parent))
+    c = client(tracking_uri)
+    exp_id = retry_call("get run", tracking_uri, c.get_run, parent).info.experiment_id
+    done = []
+    for tid, ckpt in sorted(find_trial_results(sweep_dir).items()):
+        record = read_record(ckpt)
+        file_metrics = record.metrics if record is not None else {}
+        _, params = _trial_info(ckpt, sweep_dir)
+        run = find_trial_run(tracking_uri, exp_id, parent, tid)
+        uploaded: list[str] = []
+        if run is None:
+            run_id = open_trial_run(tracking_uri, exp_id, parent, tid, params)
+            have_metrics: set[str] = set()
+            uploaded.append("run")
+        else:
+            run_id, have_metrics = run.info.run_id, set(run.data.metrics)
+        metrics = {k: v for k, v in file_metrics.items() if k not in have_metrics}
+        need_ckpt = not retry_call("list artifacts", tracking_uri, c.list_artifacts, run_id, CHECKPOINT_ARTIFACT_PATH)
+        need_eval = not retry_call("list artifacts", tracking_uri, c.list_artifacts, run_id, EVAL_ARTIFACT_PATH)
+        if metrics or need_ckpt or need_eval or uploaded:
+            log_trial_result(tracking_uri, run_id, ckpt, only_metrics=set(metrics), log_eval=need_eval, log_checkpoint=need_ckpt)
+            uploaded += (["metrics:" + ",".join(sorted(metrics))] if metrics else []) + (["checkpoint"] if need_ckpt else []) + (["eval"] if need_eval else [])
+            end_run(tracking_uri, run_id, "FINISHED")
+        done.append((tid, run_id, uploaded))
+    return done
+
+

@@ -1,0 +1,284 @@
+"""One trial's fine-tuning loop: plain torch (+ DDP when torch.distributed is initialised), no Ray.
+
+`train_loop(spec, reporter)` fine-tunes the base UNet with L = L_dsm + lambda_iso(p, t) L_iso
+(`core.losses.IsoDiffusionLoss`), keeps an EMA of the weights, reports every `train.report_every`
+optimizer steps and checkpoints (`checkpoint.py`) every `train.checkpoint_every` steps and at the end.
+Ray lives in `sweep/trainer.py`, which hands the loop a `Reporter`; tests use `LocalReporter`.
+Evaluation is not imported here: the caller passes an `evaluator`, run once on the final EMA weights.
+
+Determinism: every optimizer step draws its randomness from generators seeded by (seed, step, rank),
+and the data order depends only on (seed, epoch), so a resumed run continues exactly where the
+checkpointed one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from diffusers import UNet2DModel
+
+from isosweep.config import SweepSpec, TrainSpec, resolve_trial_spec
+from isosweep.core.ema import EMA
+from isosweep.core.losses import IsoDiffusionLoss
+from isosweep.data.datasets import ShardedLoader, build_dataset
+from isosweep.models.loading import load_unet_and_scheduler
+from isosweep.training.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
+from isosweep.training.reporting import Reporter, StepStats
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; raised before the optimizer step, so no weights or checkpoint are poisoned."""
+
+
+class Evaluation(Protocol):
+    """What an evaluator returns: the metrics to report and a way to write its record into a checkpoint."""
+
+    metrics: dict[str, float]
+
+    def write(self, directory: Path) -> None: ...
+
+
+# evaluator(ema_unet, scheduler, device, rank, world_size): every rank calls it, on the final EMA weights
+Evaluator = Callable[[UNet2DModel, Any, torch.device, int, int], Evaluation]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last report
+    eval: Evaluation | None = None  # on every rank, when an evaluator was given
+
+
+@dataclass
+class Position:
+    """Where the loop is: optimizer steps done, the epoch, and steps done in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    resumed_at: list[int] = field(default_factory=list)  # provenance: the steps this run was resumed from
+
+    def state(self, steps_per_epoch: int) -> dict[str, Any]:
+        """As saved in a checkpoint: a finished epoch is saved as the start of the next one."""
+        done = self.step_in_epoch == steps_per_epoch
+        return {"step": self.step, "epoch": self.epoch + done, "step_in_epoch": self.step_in_epoch % steps_per_epoch,
+                "resumed_at": list(self.resumed_at)}
+
+
+@dataclass
+class Run:
+    """Everything one worker's loop holds: the model (and its DDP wrapper), optimiser, EMA and data."""
+
+    spec: SweepSpec
+    unet: UNet2DModel
+    model: torch.nn.Module  # the DDP wrapper, or the UNet itself on one worker
+    scheduler: Any
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+    loss_fn: IsoDiffusionLoss
+    alphas_cumprod: torch.Tensor  # on the device
+    loader: ShardedLoader
+    steps_per_epoch: int
+    max_steps: int
+    rank: int
+    world: int
+    device: torch.device
+
+
+def build_optimizer(params, tr: TrainSpec) -> torch.optim.Optimizer:
+    """Adam (paper, MATH.md section 4) when weight_decay is 0, else AdamW (decoupled decay)."""
+    cls = torch.optim.Adam if tr.weight_decay == 0 else torch.optim.AdamW
+    return cls(params, lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, weight_decay=tr.weight_decay)
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast on CUDA only; on CPU mixed precision is forced off (slower, no benefit)."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return None
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+def step_generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
+    """(shared, local): shared is identical on every rank (the per-step iso coin), local is per rank."""
+    # SeedSequence, not hash(): Python's string hashing differs between processes
+    shared = np.random.SeedSequence([seed, step, 0]).generate_state(1, dtype=np.uint64)[0]
+    local = np.random.SeedSequence([seed, step, 1, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(shared) >> 1), torch.Generator().manual_seed(int(local) >> 1)
+
+
+def check_finite(flags: torch.Tensor, values: torch.Tensor, step: int, world_size: int) -> None:
+    """Raise NonFiniteLossError on every rank if any rank saw a NaN/inf dsm (flags[0]) or iso (flags[1]) term.
+
+    One device sync and one all-reduce per optimizer step, whatever the accumulation count.
+    """
+    if world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags.any():
+        term = "dsm" if flags[0] > 0 else "iso"
+        value = values[0 if term == "dsm" else 1].item()
+        raise NonFiniteLossError(
+            f"non-finite {term} loss at optimizer step {step + 1} (value on rank 0 of this error: {value}); "
+            "the trial stops without writing a checkpoint: lower train.learning_rate or train.lambda_iso, "
+            "or enable train.grad_clip"
+        )
+
+
+def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict[str, Any] | None = None,
+               evaluator: Evaluator | None = None, resume_from: str | None = None,
+               on_step: Callable[[int], None] | None = None, fetch_base: Callable[[str], Path] | None = None) -> TrainResult:
+    """Fine-tune one trial on this worker's shard; every DDP rank calls it with the same arguments.
+
+    resume_from: a checkpoint directory used when the reporter has none (a restarted Ray run's own
+    checkpoint wins). on_step(step): called after each optimizer step (tests inject faults here).
+    fetch_base(uri): downloads an MLflow base model (see `models.loading.load_unet_and_scheduler`).
+    """
+    spec = resolve_trial_spec(spec, trial_params)
+    tr = spec.train
+    run = _build_run(spec, reporter, fetch_base)
+    pos = _resume(run, reporter.latest_checkpoint() or resume_from)
+    spec_json = {"spec": spec.to_dict(), "trial_params": trial_params or {}, "world_size": run.world}
+    stats, metrics, evaluation = StepStats(), {}, None
+    while pos.step < run.max_steps:
+        micro_batches = run.loader.epoch_batches(pos.epoch, start_batch=pos.step_in_epoch * tr.grad_accumulation)
+        while pos.step_in_epoch < run.steps_per_epoch and pos.step < run.max_steps:
+            _optimizer_step(run, micro_batches, pos.step, stats)
+            pos.step, pos.step_in_epoch = pos.step + 1, pos.step_in_epoch + 1
+            if on_step is not None:
+                on_step(pos.step)
+            final = pos.step >= run.max_steps
+            due_checkpoint = final or pos.step % tr.checkpoint_every == 0
+            if not (due_checkpoint or pos.step % tr.report_every == 0):
+                continue
+            metrics = stats.flush(run.world, run.device, tr.global_batch_size) | {
+                "step": pos.step, "epoch": pos.epoch + pos.step_in_epoch / run.steps_per_epoch,
+                "lr": run.optimizer.param_groups[0]["lr"]}
+            state = _train_state(run, pos) if due_checkpoint else None
+            if final and evaluator is not None:
+                evaluation = evaluator(_ema_model(run), run.scheduler, run.device, run.rank, run.world)
+                metrics |= dict(evaluation.metrics)
+            _report(reporter, run, metrics, state, spec_json, evaluation)
+        if pos.step_in_epoch == run.steps_per_epoch and pos.step < run.max_steps:
+            pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+    return TrainResult(step=pos.step, epoch=pos.epoch, metrics=metrics, eval=evaluation)
+
+
+def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Callable[[str], Path] | None) -> Run:
+    """Load the base model (rank 0 first), wrap it for DDP, and build the optimiser, EMA, loss and data shard."""
+    tr, rank, world, device = spec.train, reporter.rank, reporter.world_size, reporter.device
+    torch.manual_seed(tr.seed)
+    unet, scheduler = _load_base(spec, rank, world, fetch_base)
+    if scheduler.config.num_train_timesteps != tr.timesteps:
+        raise ValueError(f"train.timesteps={tr.timesteps} but the base model's scheduler has T={scheduler.config.num_train_timesteps}; set train.timesteps to match")
+    unet.to(device).train()
+    model = unet
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
+    ema = EMA(unet, tr.ema_decay)  # after DDP's broadcast of rank 0's weights, so EMAs agree
+    amp = autocast_dtype(tr.mixed_precision, device)
+    loss_fn = IsoDiffusionLoss(lambda_iso=tr.lambda_iso, p=tr.p, iso_metric=tr.iso_metric, reduction=tr.iso_reduction,
+                               timesteps=tr.timesteps, prediction_type=scheduler.config.get("prediction_type", "epsilon"))
+    loader = ShardedLoader(build_dataset(spec.dataset, train=True), tr.per_worker_batch_size(world), rank, world, seed=tr.seed)
+    steps_per_epoch = loader.batches_per_epoch // tr.grad_accumulation
+    if steps_per_epoch < 1:
+        raise ValueError(f"one epoch has {loader.batches_per_epoch} micro-batches per worker, fewer than train.grad_accumulation={tr.grad_accumulation}")
+    return Run(spec=spec, unet=unet, model=model, scheduler=scheduler, ema=ema, optimizer=build_optimizer(unet.parameters(), tr),
+               scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16), amp=amp, loss_fn=loss_fn,
+               alphas_cumprod=scheduler.alphas_cumprod.to(device), loader=loader,
+               steps_per_epoch=steps_per_epoch, max_steps=tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch)),
+               rank=rank, world=world, device=device)
+
+
+def _load_base(spec: SweepSpec, rank: int, world_size: int, fetch_base: Callable[[str], Path] | None):
+    """Rank 0 loads (and, for builtin:shapes, pretrains into the cache) first; the others then reuse it."""
+    if world_size > 1 and rank != 0:
+        dist.barrier()
+    unet, scheduler = load_unet_and_scheduler(spec.base_model, spec.dataset, progress=rank == 0, fetch=fetch_base)
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+    return unet, scheduler
+
+
+def _resume(run: Run, checkpoint: str | None) -> Position:
+    """Restore weights, optimiser, EMA, scaler and RNGs from `checkpoint`; the position to continue from."""
+    if not checkpoint:
+        return Position()
+    state = load_train_state(checkpoint)
+    run.unet.load_state_dict(state["unet"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.ema.load_state_dict(state["ema"])
+    run.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return Position(state["step"], state["epoch"], state["step_in_epoch"], list(state.get("resumed_at", [])) + [state["step"]])
+
+
+def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> None:
+    """One optimizer step over `grad_accumulation` micro-batches: the iso coin, losses, one finite check, update."""
+    tr = run.spec.train
+    t0 = time.perf_counter()
+    shared, local = step_generators(tr.seed, step, run.rank)
+    iso_on = run.loss_fn.coin(shared)
+    flags = torch.zeros(2, device=run.device)  # any non-finite dsm / iso term on this rank during this step
+    values = torch.zeros(2, device=run.device)
+    for k in range(tr.grad_accumulation):
+        x0, _ = next(micro_batches)
+        x0 = x0.to(run.device, non_blocking=True)
+        t, noise, iso_on = run.loss_fn.draw(x0, iso_on, local)
+        # DDP all-reduces gradients only on the last micro-batch of the step
+        last = k == tr.grad_accumulation - 1
+        sync = run.model.no_sync() if run.world > 1 and not last else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
+                out = run.loss_fn(run.model, run.unet, x0, t, noise, iso_on, run.alphas_cumprod, generator=local)
+            terms = torch.stack([out.dsm.float(), out.iso.float() if out.iso is not None else torch.zeros((), device=run.device)])
+            bad = (~torch.isfinite(terms)).float()
+            values = torch.where(bad > flags, terms, values)  # the first non-finite value of each term
+            flags = torch.maximum(flags, bad)
+            run.scaler.scale(out.loss / tr.grad_accumulation).backward()
+        stats.add(out, tr.grad_accumulation)
+    check_finite(flags, values, step, run.world)
+    run.scaler.unscale_(run.optimizer)
+    if tr.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(run.unet.parameters(), tr.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.update(run.unet)
+    stats.end_step(time.perf_counter() - t0, iso_on)
+
+
+def _train_state(run: Run, pos: Position) -> dict[str, Any]:
+    """What resume needs: raw weights, optimiser, EMA, scaler, position and RNG states (tensors and plain values)."""
+    return {"unet": {k: v.cpu() for k, v in run.unet.state_dict().items()}, "optimizer": run.optimizer.state_dict(),
+            "ema": run.ema.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
+            **pos.state(run.steps_per_epoch)}
+
+
+def _ema_model(run: Run) -> UNet2DModel:
+    """A copy of the UNet holding the EMA weights, in eval mode (what is evaluated and saved)."""
+    return run.ema.copy_to(copy.deepcopy(run.unet)).eval()
+
+
+def _report(reporter: Reporter, run: Run, metrics: dict[str, Any], state: dict[str, Any] | None,
+            spec_json: dict[str, Any], evaluation: Evaluation | None) -> None:
+    """Report on every rank; rank 0 also writes the checkpoint (and the evaluation record) to a temp dir."""
+    if state is None or run.rank != 0:
+        reporter.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="isosweep-ckpt-") as tmp:
+        save_checkpoint(Path(tmp), run.unet, run.ema, run.scheduler, state, spec_json)
+        if evaluation is not None:
+            evaluation.write(Path(tmp))
+        reporter.report(metrics, checkpoint_dir=tmp)

@@ -1,0 +1,170 @@
+"""The package is a stack of layers that import only downward (docs/architecture.md), checked from the source.
+
+Every `import` in every module counts, at the top of a file or inside a function. A module may import
+isosweep modules of a lower layer, or of its own folder; Ray only in `sweep/`; MLflow only in
+`tracking/` and `commands/`; nothing imports `commands/` but `cli.py`. The layout itself is named here,
+so a missing module fails the test instead of being skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import isosweep
+
+PACKAGE = Path(isosweep.__file__).parent
+
+# unit (a top-level module or folder of isosweep) -> layer; a unit imports only from lower layers
+LAYERS = {
+    "__init__": 0, "files": 0, "console": 0, "core": 0,
+    "config": 1,
+    "data": 2, "spec_reference": 2,
+    "models": 3,
+    "training": 4, "evaluation": 4,  # siblings: the loop takes an evaluator instead of importing evaluation
+    "results": 5,
+    "tracking": 6,
+    "sweep": 7,
+    "commands": 8,
+    "cli": 9,
+    "__main__": 10,
+}
+ALLOWED_THIRD_PARTY = {"ray": {"sweep"}, "mlflow": {"tracking", "commands"}}
+EXPECTED = {
+    "core": ["geometry", "hspace", "losses", "sampling", "ema"],
+    "data": ["datasets", "images", "attributes"],
+    "models": ["loading", "builtin"],
+    "training": ["loop", "checkpoint", "reporting"],
+    "evaluation": ["suite", "record", "metrics/fid", "metrics/ppl", "metrics/rtl", "metrics/jacobian", "metrics/separability",
+                   "metrics/paths", "features/resolver", "features/standard", "features/domain", "features/attributes",
+                   "features/common"],
+    "results": ["layout", "rows", "tables", "selection", "plots", "report"],
+    "tracking": ["client", "redact", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model"],
+    "sweep": ["ray_env", "search", "callbacks", "trainer", "trial", "driver", "jobs", "resources"],
+    "commands": ["validate", "sweep", "submit", "train", "evaluate", "models", "sync"],
+}
+MAX_LINES = 450  # "about 400": a module past this is doing more than one thing
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name (without `isosweep.`) -> file, for every module of the package."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        out[".".join(rel.parts)] = path
+    return out
+
+
+def _unit(module: str) -> str:
+    return module.split(".")[0]
+
+
+def _imports(path: Path, module: str) -> list[str]:
+    """Every module name `path` imports, anywhere in the file (relative imports resolved)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ("isosweep." + module).split(".")[: -node.level]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            names.append(prefix)
+            if prefix == "isosweep" or prefix.startswith("isosweep."):
+                names += [f"{prefix}.{a.name}" for a in node.names]  # `from isosweep.x import y` may name a module y
+    return names
+
+
+def _isosweep_targets(names: list[str], modules: dict[str, Path]) -> set[str]:
+    out = set()
+    for name in names:
+        if name.startswith("isosweep."):
+            inner = name.removeprefix("isosweep.")
+            if inner in modules or any(m.startswith(inner + ".") for m in modules):
+                out.add(inner)
+    return out
+
+
+def test_every_named_module_exists():
+    modules = _modules()
+    missing = [f"{unit}/{name}" for unit, names in EXPECTED.items() for name in names
+               if f"{unit}.{name.replace('/', '.')}" not in modules]
+    assert not missing, f"modules of the documented layout are missing: {missing}"
+    unknown = sorted({_unit(m) for m in modules} - set(LAYERS))
+    assert not unknown, f"modules outside the layer map {unknown}: give them a layer in tests/test_layers.py and docs/architecture.md"
+
+
+def test_imports_point_downward():
+    modules = _modules()
+    wrong = []
+    for module, path in modules.items():
+        unit = _unit(module)
+        for target in _isosweep_targets(_imports(path, module), modules):
+            if target == "" or _unit(target) == unit:
+                continue
+            if LAYERS[_unit(target)] >= LAYERS[unit]:
+                wrong.append(f"{module} imports {target} (layer {LAYERS[_unit(target)]} >= {LAYERS[unit]})")
+    assert not wrong, "imports that do not point down the layers:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("library", sorted(ALLOWED_THIRD_PARTY))
+def test_ray_and_mlflow_stay_in_their_layers(library):
+    allowed = ALLOWED_THIRD_PARTY[library]
+    wrong = [module for module, path in _modules().items()
+             if _unit(module) not in allowed and any(n == library or n.startswith(library + ".") for n in _imports(path, module))]
+    assert not wrong, f"{library} imported outside {sorted(allowed)}: {wrong}"
+
+
+def test_no_import_cycles_inside_a_folder():
+    modules = _modules()
+    graph = {m: {t for t in _isosweep_targets(_imports(p, m), modules) if _unit(t) == _unit(m) and t in modules and t != m}
+             for m, p in modules.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_cli_dispatches_to_existing_commands():
+    from isosweep.cli import COMMANDS, build_parser
+
+    verbs = set(build_parser()._subparsers._group_actions[0].choices)
+    assert verbs == set(COMMANDS)
+    for module, function in COMMANDS.values():
+        spec = importlib.util.find_spec(f"isosweep.commands.{module}")
+        assert spec is not None, f"isosweep.commands.{module} is missing"
+        assert f"def {function}(" in Path(spec.origin).read_text(), f"isosweep.commands.{module} has no {function}"
+
+
+def test_modules_stay_small():
+    big = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_the_math_and_data_import_neither_ray_nor_mlflow_transitively():
+    """Imported in a fresh interpreter: what the lower layers pull in, through every dependency."""
+    lower = [f"isosweep.{m}" for m, _ in _modules().items() if LAYERS[_unit(m)] <= 4 and not m.endswith("__init__")]
+    code = "import sys\n" + "".join(f"import {name}\n" for name in lower) + \
+           "print(' '.join(sorted({m.partition('.')[0] for m in sys.modules})))\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    top_level = set(result.stdout.split())
+    assert "torch" in top_level  # the probe itself works
+    assert not {"ray", "mlflow"} & top_level, f"importing the layers up to training/evaluation pulled in {sorted({'ray', 'mlflow'} & top_level)}"
