@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.isosweep-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-gpu bench clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install
 ## test-fast: only the tests that start no Ray, MLflow or S3 server
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## test-gpu: only the GPU tests (fp16/bf16 steps and resume, NCCL with two devices, TF32 during evaluation)
+test-gpu: install
+	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/iso_step.py

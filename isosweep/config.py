@@ -291,6 +291,10 @@ class SweepSpec(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> "SweepSpec":
         self.train.per_worker_batch_size(self.resources.workers_per_trial)
+        unmeasured = [o for o in self.selection.objectives if o not in self.evaluation.metrics]
+        if unmeasured:  # found now, not after every trial has trained
+            raise ValueError(f"selection.objectives {unmeasured} are not in evaluation.metrics {self.evaluation.metrics}; "
+                             "add them to evaluation.metrics or choose other objectives")
         return self
 
     @property
@@ -403,6 +407,8 @@ def resolve_trial_spec(spec: "SweepSpec | dict", trial_params: dict[str, Any] | 
 def trial_params_of(config: dict[str, Any]) -> dict[str, Any]:
     """The trial keys and the baseline label of a Tune config (or a results row)."""
     params = {k: config[k] for k in TRIAL_KEYS if k in config}
+    if "iso_metric" not in params and "metric" in config:  # a trial of a sweep started before the rename
+        params["iso_metric"] = config["metric"]
     params["baseline"] = bool(config.get("baseline", False))
     return params
 

@@ -33,3 +33,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The servers and the multi-node cluster are session fixtures registered here, once for the whole run:
+# imported into each test module instead, every module would start its own (about 10 s and 0.5 GB each).
+from ray_cluster import ray_cluster  # noqa: E402,F401
+from servers import mlflow_server, s3_server  # noqa: E402,F401

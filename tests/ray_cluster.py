@@ -2,10 +2,10 @@
 
 A plain module (not conftest.py) so any test module can import it:
 
-    from ray_cluster import ray_two_node_cluster  # noqa: F401  (the fixture)
+    # the fixture `ray_cluster` is registered in conftest.py: a test just names it
 
-    def test_sweep_by_address(ray_two_node_cluster):
-        c = ray_two_node_cluster
+    def test_sweep_by_address(ray_cluster):
+        c = ray_cluster
         subprocess.run([..., "isosweep", "run", spec, "--address", c.address], env=c.env, check=True)
 
 Why it is built the way it is:
@@ -130,6 +130,20 @@ def _alive_nodes(cluster: LocalRayCluster) -> int:
     return 0
 
 
+def _wait_alive(cluster: LocalRayCluster, count: int, proc: subprocess.Popen, deadline: float) -> bool:
+    """Wait until `count` nodes are alive (True), or until `proc` exits (False: the caller may retry it)."""
+    while _alive_nodes(cluster) < count:
+        if proc.poll() is not None:
+            return False
+        for other in cluster.procs:
+            if other is not proc and other.poll() is not None:
+                raise RuntimeError(f"a node exited with code {other.returncode}\n{cluster.log_tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} nodes not alive in time\n{cluster.log_tail()}")
+        time.sleep(0.5)
+    return True
+
+
 def _wait_port(port: int, proc: subprocess.Popen, deadline: float, what: str, cluster: LocalRayCluster) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -199,30 +213,31 @@ def start_local_cluster(
         head = _start_node(head_args, env, log)
         cluster.procs.append(head)
         _wait_port(gcs_port, head, deadline, "head GCS", cluster)
-        # workers need only the GCS: start them while the head's dashboard is still coming up
-        for i in range(worker_nodes):
-            p = _free_ports(6)
-            worker_args = [
-                f"--address={cluster.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={worker_cpus}",
-                "--num-gpus=0", "--disable-usage-stats",
-                f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
-                f"--dashboard-agent-listen-port={p[2]}", f"--dashboard-agent-grpc-port={p[3]}",
-                f"--metrics-export-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
-            ]
-            log = temp_dir / f"worker{i}.out"
-            cluster.logs.append(log)
-            cluster.procs.append(_start_node(worker_args, env, log))
         if include_dashboard:
             _wait_dashboard(cluster.dashboard_url, token, head, deadline, cluster)
-        while True:
-            if _alive_nodes(cluster) >= cluster.num_nodes:
-                break
-            for proc in cluster.procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a node exited with code {proc.returncode}\n{cluster.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{cluster.num_nodes} nodes not alive after {timeout_s:.0f} s\n{cluster.log_tail()}")
-            time.sleep(0.5)
+        # one worker node at a time, each alive before the next starts: three raylets starting together on
+        # two busy cores can miss the GCS's registration deadline ("The current node timed out during startup")
+        for i in range(worker_nodes):
+            for attempt in range(2):
+                p = _free_ports(6)
+                worker_args = [
+                    f"--address={cluster.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={worker_cpus}",
+                    "--num-gpus=0", "--disable-usage-stats",
+                    f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
+                    f"--dashboard-agent-listen-port={p[2]}", f"--dashboard-agent-grpc-port={p[3]}",
+                    f"--metrics-export-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
+                ]
+                log = temp_dir / f"worker{i}-{attempt}.out"
+                cluster.logs.append(log)
+                proc = _start_node(worker_args, env, log)
+                cluster.procs.append(proc)
+                if _wait_alive(cluster, 2 + i, proc, deadline):
+                    break
+                cluster.procs.remove(proc)  # it exited: its log stays in cluster.logs, and it is tried once more
+            else:
+                raise RuntimeError(f"worker node {i} failed to start twice\n{cluster.log_tail()}")
+        if not _wait_alive(cluster, 1 + worker_nodes, head, deadline):
+            raise RuntimeError(f"the head exited with code {head.returncode}\n{cluster.log_tail()}")
     except BaseException:
         stop_local_cluster(cluster)
         raise
@@ -294,14 +309,27 @@ def stop_local_cluster(cluster: LocalRayCluster, grace_s: float = 15.0) -> None:
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def ray_two_node_cluster() -> Iterator[LocalRayCluster]:
-    """A head (2 CPUs, dashboard) plus one worker node (1 CPU) on loopback, token auth on.
+def node_ids(cluster: LocalRayCluster) -> dict[str, list[str]]:
+    """{"head": [id], "workers": [ids]}: the alive nodes' Ray node ids, from the dashboard's state API."""
+    import requests
 
-    Yields a `LocalRayCluster`: `.address` (GCS, for `--address`), `.dashboard_url` (Jobs API),
-    `.token`, and `.env` (pass it to client subprocesses: it carries RAY_AUTH_MODE/RAY_AUTH_TOKEN).
+    headers = {"Authorization": f"Bearer {cluster.token}"} if cluster.token else {}
+    rows = requests.get(f"{cluster.dashboard_url}/api/v0/nodes", headers=headers, timeout=10).json()["data"]["result"]["result"]
+    alive = [n for n in rows if n.get("state") == "ALIVE"]
+    return {"head": [n["node_id"] for n in alive if n.get("is_head_node")],
+            "workers": [n["node_id"] for n in alive if not n.get("is_head_node")]}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[LocalRayCluster]:
+    """One multi-node cluster for the whole session, shaped like a real one: a head with the dashboard and
+    no CPUs for trials, plus two worker nodes of one CPU each, token auth on, all on loopback.
+
+    A trial of two 1-CPU workers must put one rank on each worker node. Yields a `LocalRayCluster`:
+    `.address` (GCS, for `--address`), `.dashboard_url` (Jobs API), `.token`, and `.env` (pass it to client
+    subprocesses: it carries RAY_AUTH_MODE/RAY_AUTH_TOKEN). Jobs' drivers run on the head (they need no CPU).
     """
-    cluster = start_local_cluster(worker_nodes=1, head_cpus=2, worker_cpus=1, auth=True)
+    cluster = start_local_cluster(worker_nodes=2, head_cpus=0, worker_cpus=1, auth=True)
     try:
         yield cluster
     finally:

@@ -2,7 +2,7 @@
 
 A plain module (not conftest.py), imported like tests/ray_cluster.py:
 
-    from servers import mlflow_server, s3_server  # noqa: F401  (the fixtures)
+    # the fixtures are registered in conftest.py: a test just names them
 
     def test_artifacts_in_s3(mlflow_server):
         uri = mlflow_server.uri                      # http://127.0.0.1:PORT, artifacts proxied to S3

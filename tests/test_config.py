@@ -8,9 +8,11 @@ import yaml
 from isosweep.cli import main
 from isosweep.config import SpecError, apply_overrides, load_spec
 from isosweep.sweep.resources import check_cluster_fits, max_concurrent
+from isosweep.sweep.search import planned_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
+PAPER_SPECS = ("celebahq", "cifar10", "lsun_bedroom", "lsun_church")  # the paper's Table 1 datasets
 
 
 def write(tmp_path, data, name="spec.yaml"):
@@ -23,12 +25,70 @@ def demo_data():
     return yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
 
 
+def test_every_documented_spec_is_shipped():
+    """The README and docs name these specs; a missing one would also silently empty the parametrised tests below."""
+    assert {p.stem for p in SPECS} == {"demo", "shapes_study", *PAPER_SPECS}
+
+
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_shipped_specs_validate(path):
+    """Every spec loads, always offers the paper's metric G, and never searches the baseline (its own trial)."""
     spec = load_spec(path, check_paths=False)
     assert spec.name == path.stem
-    # the searched space never contains the baseline: it is added as its own trial
-    assert spec.search.num_trials >= 1
+    s = spec.search
+    assert "stereographic" in s.iso_metric.values
+    # the searched space never contains the baseline (lambda_iso = 0 or p = 1): it is added as its own trial
+    assert min(s.lambda_iso.bounds()) > 0 and max(s.p.bounds()) < 1
+
+
+def test_shipped_specs_register_under_their_own_names():
+    """Two specs sharing a registered model name would overwrite each other's @champion alias."""
+    names = [load_spec(p, check_paths=False).registry_name for p in SPECS]
+    assert len(set(names)) == len(names), names
+
+
+def test_demo_spec_is_the_readme_demo():
+    """README 'What the demo does': an Optuna sweep over lambda_iso, p and G on the built-in shapes model,
+    all six metrics on the offline domain backbone, the champion from (FID, PPL), on a 2-core CPU."""
+    spec = load_spec(ROOT / "search_spaces" / "demo.yaml")  # paths checked: nothing to mount or download
+    assert spec.base_model.source == "builtin:shapes" and spec.dataset.kind == "shapes"
+    assert spec.search.algorithm == "optuna" and spec.search.num_trials == 3
+    assert planned_trials(spec) == 4  # the README's "(2/4 done; ...)": three searched trials plus the baseline
+    assert sorted(spec.evaluation.metrics) == sorted(["fid", "ppl", "mrtl", "mcn", "vor", "ls"])
+    assert spec.evaluation.backbone == "domain"  # no Inception/AlexNet download
+    assert spec.selection.objectives == ["fid", "ppl"]
+    assert spec.registry_name == "isodiff-demo"  # models:/isodiff-demo@champion in the README
+    assert not spec.resources.use_gpu
+    check_cluster_fits(spec, {"CPU": 2.0})
+    assert max_concurrent(spec, {"CPU": 2.0}) == 2
+
+
+def test_shapes_study_is_the_table3_grid():
+    """README/docs/results.md: a grid over G x p x lambda_iso in {0.03, 0.3}, plus the baseline: 9 trials, 240 steps each."""
+    spec = load_spec(ROOT / "search_spaces" / "shapes_study.yaml")
+    s = spec.search
+    assert s.algorithm == "grid" and planned_trials(spec) == 9
+    assert sorted(s.lambda_iso.values) == [0.03, 0.3] and sorted(s.p.values) == [0.0, 0.5]
+    assert sorted(s.iso_metric.values) == ["identity", "stereographic"]
+    assert spec.train.max_steps == 240 and s.max_concurrent_trials == 2
+    assert spec.evaluation.backbone == "domain" and spec.base_model.source == "builtin:shapes"
+
+
+@pytest.mark.parametrize("name", PAPER_SPECS)
+def test_paper_specs_search_around_the_paper_setting(name):
+    """Each Table 1 dataset: the paper's recipe (lr 1e-4, lambda_iso 1e-4, p 0.5, stereographic G) as the fixed
+    train values, a log-uniform lambda_iso search around it, Table 3's p and G rows, and the matching hub model."""
+    spec = load_spec(ROOT / "search_spaces" / f"{name}.yaml", check_paths=False)
+    t, s = spec.train, spec.search
+    assert (t.learning_rate, t.lambda_iso, t.p, t.iso_metric) == (1e-4, 1e-4, 0.5, "stereographic")
+    assert (s.lambda_iso.type, s.lambda_iso.low, s.lambda_iso.high) == ("loguniform", 1e-5, 1e-3)
+    assert s.lambda_iso.low < t.lambda_iso < s.lambda_iso.high
+    assert sorted(s.p.values) == [0.0, 0.5] and sorted(s.iso_metric.values) == ["identity", "stereographic"]
+    assert spec.evaluation.fid.num_samples == 10000 and spec.evaluation.ppl.num_samples == 50000
+    assert spec.evaluation.backbone == "standard" and spec.resources.use_gpu
+    # the base model is the google/ddpm-* checkpoint trained at the spec's resolution (its id ends in it)
+    assert spec.base_model.source.startswith("google/ddpm-")
+    assert spec.base_model.source.endswith(f"-{spec.dataset.resolution}") and spec.dataset.kind == "image_folder"
 
 
 def test_paper_specs_use_paper_defaults():
@@ -150,3 +210,16 @@ def test_old_metric_key_names_its_new_name(tmp_path, section, capsys):
     assert "rename the key to 'iso_metric'" in capsys.readouterr().err
     with pytest.raises(SpecError, match="renamed"):
         load_spec(ROOT / "search_spaces" / "demo.yaml", [f"{section}.metric=identity" if section == "train" else "search.metric.type=choice"])
+
+
+def test_trials_of_a_sweep_started_before_the_rename_keep_their_metric():
+    """A stored Tune config or results row still saying `metric` is read as `iso_metric`, never the default."""
+    from isosweep.config import resolve_trial_spec, trial_params_of
+    from isosweep.results.rows import make_row
+
+    old = {"lambda_iso": 1e-3, "p": 0.5, "metric": "identity", "baseline": False}
+    params = trial_params_of(old)
+    assert params == {"lambda_iso": 1e-3, "p": 0.5, "iso_metric": "identity", "baseline": False}
+    spec = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False)
+    assert resolve_trial_spec(spec, params).train.iso_metric == "identity"
+    assert make_row("t", old, {}, "TERMINATED")["iso_metric"] == "identity"

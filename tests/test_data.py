@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from isosweep.config import DatasetSpec
-from isosweep.data.datasets import (POSITIONS, ImageFolderDataset, ShapesDataset, ShardedLoader, ShardSampler,
-                           build_dataset, render_shape)
+from isosweep.data.datasets import POSITIONS, ImageFolderDataset, ShapesDataset, ShardedLoader, ShardSampler, build_dataset, render_shape
 
 
 def test_shapes_deterministic_per_seed():
@@ -93,14 +92,52 @@ def test_image_folder(tmp_path):
     for i in range(3):
         img, lab = ds[i]
         assert img.shape == (3, 16, 16) and img.min() >= -1 and img.max() <= 1 and lab.numel() == 0
-    flip = ImageFolderDataset(tmp_path, 16, center_crop=False, random_flip=True, seed=0)
-    noflip = ImageFolderDataset(tmp_path, 16, center_crop=False, random_flip=False)
-    flipped = [not torch.equal(flip[i][0], noflip[i][0]) for i in range(3)]
-    for i in range(3):
-        if flipped[i]:
-            assert torch.equal(flip[i][0], noflip[i][0].flip(-1))
     spec = DatasetSpec(kind="image_folder", path=str(tmp_path), resolution=16)
     assert len(build_dataset(spec, train=False)) == 3
+
+
+def _flip_draws(ds, plain: list[torch.Tensor], epochs: int) -> list[list[bool]]:
+    """For each epoch and image: True if `ds` gave the exact horizontal mirror of `plain`, False if `plain` itself."""
+    draws = []
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        row = []
+        for i, ref in enumerate(plain):
+            img = ds[i][0]
+            mirrored = torch.equal(img, ref.flip(-1))
+            assert mirrored or torch.equal(img, ref), f"image {i}, epoch {epoch}: neither the image nor its mirror"
+            row.append(mirrored)
+        draws.append(row)
+    return draws
+
+
+def test_random_flip_mirrors_some_draws_and_never_when_off(tmp_path):
+    """random_flip: each (epoch, image) is the exact left-right mirror or the image unchanged, both occur, the
+    choice varies by epoch and repeats for the same seed (resume); off, or build_dataset(train=False): never mirrored."""
+    from PIL import Image
+
+    n, res, epochs = 4, 16, 8
+    for k in range(n):  # no symmetry: a horizontal ramp, a bar at the left edge, a band at the top
+        arr = np.zeros((res, res, 3), dtype=np.uint8)
+        arr[..., 0] = np.arange(res, dtype=np.uint8)[None, :] * 12
+        arr[:, : 2 + k, 1] = 255
+        arr[:3, :, 2] = 255
+        Image.fromarray(arr).save(tmp_path / f"im{k}.png")
+    plain = [ImageFolderDataset(tmp_path, res, center_crop=False, random_flip=False)[i][0] for i in range(n)]
+    assert not any(torch.equal(img, img.flip(-1)) for img in plain)  # a flip is visible
+
+    draws = _flip_draws(ImageFolderDataset(tmp_path, res, center_crop=False, random_flip=True, seed=0), plain, epochs)
+    flat = [m for row in draws for m in row]
+    assert any(flat) and not all(flat), draws
+    assert any(len({row[i] for row in draws}) == 2 for i in range(n)), "each image is flipped the same way every epoch"
+    again = _flip_draws(ImageFolderDataset(tmp_path, res, center_crop=False, random_flip=True, seed=0), plain, epochs)
+    assert again == draws  # decided by (seed, epoch, index): a resumed run flips the same images
+
+    off = _flip_draws(ImageFolderDataset(tmp_path, res, center_crop=False, random_flip=False, seed=0), plain, epochs)
+    assert not any(m for row in off for m in row)
+    spec = DatasetSpec(kind="image_folder", path=str(tmp_path), resolution=res, center_crop=False, random_flip=True)
+    assert any(m for row in _flip_draws(build_dataset(spec), plain, epochs) for m in row)
+    assert not any(m for row in _flip_draws(build_dataset(spec, train=False), plain, epochs) for m in row)
 
 
 def test_image_folder_errors_name_the_path(tmp_path):

@@ -1,8 +1,9 @@
-"""`isosweep submit` (Ray Jobs API) and a real two-node Ray cluster on loopback.
+"""`isosweep submit` (Ray Jobs API) and a real multi-node Ray cluster on loopback.
 
-The slow tests share one module-scoped cluster (`ray_two_node_cluster`: a head with the dashboard and
-one more node, token auth on) and submit real jobs whose entrypoint is `isosweep validate`, so they
-need no GPU, data or sweep code. The fast tests cover the pieces: address forms, entrypoints, packaging.
+The slow tests share the session's cluster (`ray_cluster`: a head with the dashboard and no CPUs, two
+one-CPU worker nodes, token auth on): one joins it by address the way `isosweep run --address` does, the others
+submit real jobs whose entrypoint is `isosweep validate`, so they need no GPU, data or sweep code. The
+fast tests cover the pieces: address forms, entrypoints, packaging, the resource check when joining.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_cluster import free_port
 
-from isosweep.sweep import jobs
-from isosweep.commands import submit
 from isosweep.cli import build_parser
-from isosweep.config import SpecError
-
-from ray_cluster import free_port, ray_two_node_cluster  # noqa: F401  (fixture)
+from isosweep.commands import submit
+from isosweep.config import SpecError, load_spec
+from isosweep.sweep import jobs
 
 # Ray 2.60's own log-tailing client (job/sdk.py) passes ssl=None to aiohttp, which deprecates it.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
@@ -117,38 +117,73 @@ def test_cli_dispatches_submit_and_returns_its_status(tmp_spec, capsys):
     assert code == 1 and "cannot reach a Ray dashboard" in capsys.readouterr().err
 
 
+def test_joining_by_address_warns_where_an_embedded_run_fails(monkeypatch, capsys):
+    """`isosweep run`'s Ray start (driver._start_ray): a trial bigger than the cluster stops a local run, but by
+    address it only warns (an autoscaler may add nodes); a trial that fits passes quietly; the address is what
+    init_ray joins. Ray itself is replaced by a 3-CPU stand-in; the slow test below uses a real cluster."""
+    from isosweep.sweep import driver
+
+    joined = []
+    monkeypatch.setattr(driver, "init_ray", lambda address, dashboard=True: joined.append(address) or {})
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": 3.0})
+    too_big = load_spec(DEMO, ["resources.workers_per_trial=2", "resources.cpus_per_worker=2"], check_paths=False)
+    with pytest.raises(SpecError, match="one trial needs 4 CPUs .* the cluster has 3"):
+        driver._start_ray(too_big, "big.yaml", None, dashboard=False)
+    driver._start_ray(too_big, "big.yaml", "10.0.0.1:6379", dashboard=False)
+    out = capsys.readouterr().out
+    assert "warning: big.yaml: field 'resources': one trial needs 4 CPUs" in out and "autoscaler" in out
+    fits = load_spec(DEMO, ["resources.workers_per_trial=2", "resources.cpus_per_worker=1.5"], check_paths=False)
+    for address in (None, "10.0.0.1:6379"):
+        driver._start_ray(fits, "fits.yaml", address, dashboard=False)
+    assert "warning" not in capsys.readouterr().out
+    assert joined == [None, "10.0.0.1:6379", None, "10.0.0.1:6379"]
+
+
 # ----------------------------------------------------------------------------------------------------
-# slow: a real two-node cluster
+# slow: a real multi-node cluster
+
+
+# Run by `test_run_by_address_joins_the_cluster_and_sizes_trials_from_all_nodes` in its own process (a driver
+# joined to a cluster stays joined): isosweep's own Ray start, as `isosweep run --address ADDRESS` does it.
+JOIN_BY_ADDRESS = """
+import json, ray
+from isosweep.config import load_spec
+from isosweep.sweep.driver import _start_ray
+from isosweep.sweep.resources import max_concurrent
+
+address, demo = {address!r}, {demo!r}
+fits = load_spec(demo, ["resources.workers_per_trial=2", "resources.cpus_per_worker=1"], check_paths=False)
+_start_ray(fits, "fits.yaml", address, dashboard=False)  # 2 CPUs: more than any one node has, what both workers have
+too_big = load_spec(demo, ["resources.workers_per_trial=2", "resources.cpus_per_worker=1.5"], check_paths=False)
+_start_ray(too_big, "too_big.yaml", address, dashboard=False)  # 3 CPUs: by address a warning, not an error
+unlimited = load_spec(demo, ["search.max_concurrent_trials=null"], check_paths=False)  # 1 worker x 1 CPU
+print("RESULT", json.dumps({{
+    "nodes": sum(1 for n in ray.nodes() if n["Alive"]), "gcs": ray.get_runtime_context().gcs_address,
+    "cpus": ray.cluster_resources().get("CPU"), "concurrent": max_concurrent(unlimited, ray.cluster_resources()),
+}}))
+"""
 
 
 @pytest.mark.slow
-def test_two_node_cluster_runs_tasks_on_both_nodes_by_address(ray_two_node_cluster):
-    cluster = ray_two_node_cluster
-    code = f"""
-import json, ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-ray.init(address={cluster.address!r}, logging_level="ERROR")
-nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-
-@ray.remote(num_cpus=1)
-def where():
-    return ray.get_runtime_context().get_node_id()
-
-ran_on = ray.get([where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes])
-print("RESULT", json.dumps({{"nodes": nodes, "ran_on": ran_on, "cpus": ray.cluster_resources().get("CPU")}}))
-"""
-    r = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=120)
+def test_run_by_address_joins_the_cluster_and_sizes_trials_from_all_nodes(ray_cluster):
+    """isosweep's Ray start by address joins the given cluster (not an embedded Ray), checks a trial against
+    both nodes' CPUs, only warns when a trial is too big, and runs as many trials at once as both nodes fit."""
+    cluster = ray_cluster
+    code = JOIN_BY_ADDRESS.format(address=cluster.address, demo=str(DEMO))
+    r = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=180)
     line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, f"driver failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     out = json.loads(line[len("RESULT "):])
-    assert len(out["nodes"]) == 2
-    assert sorted(out["ran_on"]) == sorted(out["nodes"])  # a task really ran on each node
-    assert out["cpus"] == 3.0  # head 2 + worker 1
+    assert out["nodes"] == 3 and out["cpus"] == 2.0  # head 0 + two workers of 1: the fixture's cluster, joined
+    assert out["gcs"].rpartition(":")[2] == cluster.address.rpartition(":")[2]  # its GCS (nodes report their own IP)
+    assert out["concurrent"] == 2  # one 1-CPU trial per CPU of the worker nodes
+    assert "fits.yaml" not in r.stdout  # the 2-CPU trial fits the two worker nodes together: no warning
+    assert "warning: too_big.yaml: field 'resources': one trial needs 3 CPUs" in r.stdout and "autoscaler" in r.stdout
 
 
 @pytest.mark.slow
-def test_submit_validate_job_succeeds_and_streams_its_output(ray_two_node_cluster, capsys):
-    cluster = ray_two_node_cluster
+def test_submit_validate_job_succeeds_and_streams_its_output(ray_cluster, capsys):
+    cluster = ray_cluster
     if not DEMO.exists():
         pytest.skip("search_spaces/demo.yaml is missing (the checkout-shipping path needs a spec in the repo)")
     spec = DEMO
@@ -169,8 +204,8 @@ def test_submit_validate_job_succeeds_and_streams_its_output(ray_two_node_cluste
 
 
 @pytest.mark.slow
-def test_submit_with_token_from_env_and_no_wait(ray_two_node_cluster, tmp_spec, monkeypatch, capsys):
-    cluster = ray_two_node_cluster
+def test_submit_with_token_from_env_and_no_wait(ray_cluster, tmp_spec, monkeypatch, capsys):
+    cluster = ray_cluster
     monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
     code = submit.submit_command(_submit_args(tmp_spec, cluster.dashboard_url, "--no-wait"), command="validate")
     out = capsys.readouterr().out
@@ -187,8 +222,8 @@ def test_submit_with_token_from_env_and_no_wait(ray_two_node_cluster, tmp_spec, 
 
 
 @pytest.mark.slow
-def test_bad_or_missing_token_fails_with_an_explanation(ray_two_node_cluster, tmp_spec, tmp_path, monkeypatch, capsys):
-    cluster = ray_two_node_cluster
+def test_bad_or_missing_token_fails_with_an_explanation(ray_cluster, tmp_spec, tmp_path, monkeypatch, capsys):
+    cluster = ray_cluster
     code = submit.submit_command(_submit_args(tmp_spec, cluster.dashboard_url, "--token", "wrong"), command="validate")
     err = capsys.readouterr().err
     assert code == 1
@@ -205,8 +240,8 @@ def test_bad_or_missing_token_fails_with_an_explanation(ray_two_node_cluster, tm
 
 
 @pytest.mark.slow
-def test_a_failing_job_returns_its_exit_code_and_the_cluster_checks_paths(ray_two_node_cluster, tmp_path, capsys):
-    cluster = ray_two_node_cluster
+def test_a_failing_job_returns_its_exit_code_and_the_cluster_checks_paths(ray_cluster, tmp_path, capsys):
+    cluster = ray_cluster
     spec = tmp_path / "nodata.yaml"
     spec.write_text(yaml.safe_dump({"name": "nodata", "dataset": {"kind": "image_folder", "path": "/no/such/images"}}))
     # valid locally (paths are the cluster's), invalid on the cluster: `isosweep validate` exits 2 there

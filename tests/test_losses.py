@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DModel
 
+from isosweep.core.geometry import isometry_loss
+from isosweep.core.hspace import encoder_at
 from isosweep.core.losses import IsoDiffusionLoss, add_noise, denoising_target, dsm_loss, iso_cutoff, sample_timesteps
 from isosweep.models.builtin import default_scheduler
 
@@ -125,16 +128,54 @@ def test_baseline_loss_skips_isometry(monkeypatch):
         assert not out.iso_on and out.iso is None and torch.equal(out.loss.detach(), out.dsm)
 
 
+# hspace: the encoder e_t is everything up to the mid block, so L_iso can reach only these; the rest runs after h
+ENCODER = ("time_embedding", "conv_in", "down_blocks", "mid_block")
+DECODER = ("up_blocks", "conv_norm_out", "conv_out")
+
+
+def _grads(unet, loss) -> dict[str, torch.Tensor]:
+    """d loss / d parameter for every parameter of `unet` (zeros where the loss does not reach)."""
+    unet.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in unet.named_parameters()}
+    unet.zero_grad(set_to_none=True)
+    return grads
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((a - b).norm() <= 1e-4 * (a.norm() + b.norm()) + 1e-9)
+
+
 @pytest.mark.parametrize("metric", ["stereographic", "identity", "ambient"])
 def test_combined_loss(metric):
+    """L = L_dsm + lambda * L_iso in value and in gradient, against both terms computed here on their own:
+    L_dsm as the MSE of the UNet's output on diffusers' x_t against the noise, L_iso by geometry.isometry_loss
+    on hspace.encoder_at with the same probes. The isometry gradient is lambda-weighted and stays in the encoder:
+    the decoder gets exactly the denoising gradient whatever lambda is."""
     unet, sched = tiny_unet(), default_scheduler()
     x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
     t = torch.tensor([600, 700, 800, 999])
-    lam = 0.5
-    out = IsoDiffusionLoss(lambda_iso=lam, p=0.5, iso_metric=metric)(
-        unet, unet, x0, t, noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(0))
-    assert out.iso_on and torch.isfinite(out.loss) and out.iso > 0 and out.tr_r > 0
-    assert torch.allclose(out.loss.detach(), out.dsm + lam * out.iso)
-    out.loss.backward()
-    # the isometry term reaches the encoder (conv_in) and the dsm term the decoder
-    assert unet.conv_in.weight.grad.abs().sum() > 0 and unet.conv_out.weight.grad.abs().sum() > 0
+
+    x_t = sched.add_noise(x0, noise, t)
+    dsm = F.mse_loss(unet(x_t, t).sample, noise)
+    g_dsm = _grads(unet, dsm)
+    iso = isometry_loss(encoder_at(unet, t), x_t, metric, generator=torch.Generator().manual_seed(0))
+    g_iso = _grads(unet, iso)
+    assert all(any(g_iso[n].any() for n in g_iso if n.startswith(block)) for block in ENCODER)
+    assert all(not g_iso[n].any() for n in g_iso if n.startswith(DECODER))
+    assert {n.split(".")[0] for n in g_dsm} <= set(ENCODER + DECODER)  # every parameter is on one side
+
+    totals = {}
+    for lam in (0.5, 2.0):
+        loss_fn = IsoDiffusionLoss(lambda_iso=lam, p=0.5, iso_metric=metric)
+        out = loss_fn(unet, unet, x0, t, noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(0))
+        assert out.iso_on and out.tr_r > 0
+        assert torch.allclose(out.dsm, dsm.detach(), rtol=1e-5) and torch.allclose(out.iso, iso.detach(), rtol=1e-4)
+        assert torch.allclose(out.loss.detach(), dsm.detach() + lam * iso.detach(), rtol=1e-4)
+        totals[lam] = g = _grads(unet, out.loss)
+        for name in g:
+            assert _close(g[name], g_dsm[name] + lam * g_iso[name]), (lam, name)
+    for name in totals[0.5]:
+        if name.startswith(DECODER):  # lambda never reaches the decoder
+            assert torch.equal(totals[0.5][name], totals[2.0][name]), name
+    assert not torch.equal(totals[0.5]["conv_in.weight"], totals[2.0]["conv_in.weight"])

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
+from isosweep.config import DatasetSpec, EvaluationSpec
 from isosweep.evaluation.features import common, domain, standard
 from isosweep.evaluation.features import resolver as bb
-from isosweep.config import DatasetSpec, EvaluationSpec
 from isosweep.evaluation.record import EvalResult, format_row
 from isosweep.evaluation.suite import evaluate_model, shard_range
 
@@ -51,27 +54,69 @@ def test_shard_range_covers_everything_once():
             assert idx == list(range(n))
 
 
-def test_resolve_backbone(tmp_path):
+@pytest.fixture
+def no_default_weights(tmp_path, monkeypatch):
+    """Move the places the standard weights are looked up besides evaluation.weights_dir (clean-fid's /tmp for
+    Inception, torch.hub's checkpoints for AlexNet) into empty folders, so no test sees this machine's downloads.
+
+    The fixture then checks that every place the lookup names lies under tmp_path."""
+    inception_default = tmp_path / "defaults" / "cleanfid"
+    hub = tmp_path / "defaults" / "torch" / "hub"
+    inception_default.mkdir(parents=True)
+    (hub / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(hub.parent))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setattr(standard, "CLEANFID_DIR", inception_default)
+    looked_in = standard.missing_weights_message(None, {"inception": None, "alexnet": None})
+    places = [Path(p) for line in looked_in.splitlines() if "looked in: " in line for p in line.split("looked in: ")[1].split(", ")]
+    assert len(places) == 2 and all(p.is_relative_to(tmp_path) for p in places), looked_in
+    return SimpleNamespace(inception=inception_default, alexnet=hub / "checkpoints")
+
+
+def test_resolve_backbone(tmp_path, no_default_weights):
+    """Without weight files: auto falls back to the domain network on shapes, and standard (or auto on an image
+    folder) fails naming each missing file and every place it looked."""
     shapes, folder = DatasetSpec(kind="shapes"), DatasetSpec(kind="image_folder", path=str(tmp_path))
-    empty = str(tmp_path / "no-weights")
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    assert standard.find_standard_weights(str(empty)) == {"inception": None, "alexnet": None}
     assert bb.resolve_backbone(EvaluationSpec(backbone="domain"), shapes) == common.DOMAIN_SHAPES
-    if not all(standard.find_standard_weights(empty).values()):
-        assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=empty), shapes) == common.DOMAIN_SHAPES
-        with pytest.raises(common.BackboneUnavailable, match="inception-2015-12-05.pt") as err:
-            bb.resolve_backbone(EvaluationSpec(backbone="standard", weights_dir=empty), shapes)
-        assert empty in str(err.value) and "evaluation.weights_dir" in str(err.value)
-        with pytest.raises(common.BackboneUnavailable):
-            bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=empty), folder)
+    assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=str(empty)), shapes) == common.DOMAIN_SHAPES
+    with pytest.raises(common.BackboneUnavailable, match=common.INCEPTION_FILE) as err:
+        bb.resolve_backbone(EvaluationSpec(backbone="standard", weights_dir=str(empty)), shapes)
+    msg = str(err.value)
+    assert common.ALEXNET_FILE in msg and "evaluation.weights_dir" in msg
+    for place in (empty / common.INCEPTION_FILE, no_default_weights.inception / common.INCEPTION_FILE,
+                  empty / common.ALEXNET_FILE, no_default_weights.alexnet / common.ALEXNET_FILE):
+        assert str(place) in msg
+    with pytest.raises(common.BackboneUnavailable):
+        bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=str(empty)), folder)
     with pytest.raises(common.BackboneUnavailable, match="only for dataset.kind=shapes"):
         bb.resolve_backbone(EvaluationSpec(backbone="domain"), folder)
 
 
-def test_standard_weights_found_in_weights_dir(tmp_path):
-    (tmp_path / common.INCEPTION_FILE).write_bytes(b"x")
-    (tmp_path / common.ALEXNET_FILE).write_bytes(b"x")
-    found = standard.find_standard_weights(str(tmp_path))
-    assert found == {"inception": tmp_path / common.INCEPTION_FILE, "alexnet": tmp_path / common.ALEXNET_FILE}
-    assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=str(tmp_path)), DatasetSpec()) == "standard"
+def test_standard_weights_found_in_weights_dir(tmp_path, no_default_weights):
+    """Files in weights_dir are found; a file missing there is found in its default place; one missing
+    everywhere makes `standard` fail naming only that file and `auto` fall back to the domain network."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / common.INCEPTION_FILE).write_bytes(b"x")
+    found = standard.find_standard_weights(str(weights))
+    assert found == {"inception": weights / common.INCEPTION_FILE, "alexnet": None}
+    with pytest.raises(common.BackboneUnavailable, match=common.ALEXNET_FILE) as err:
+        bb.resolve_backbone(EvaluationSpec(backbone="standard", weights_dir=str(weights)), DatasetSpec())
+    assert f"{common.INCEPTION_FILE} (from" not in str(err.value)  # the file that was found is not listed as missing
+    assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=str(weights)), DatasetSpec()) == common.DOMAIN_SHAPES
+
+    (no_default_weights.inception / common.INCEPTION_FILE).write_bytes(b"x")  # clean-fid's download place
+    assert standard.find_standard_weights(None)["inception"] == no_default_weights.inception / common.INCEPTION_FILE
+    (no_default_weights.alexnet / common.ALEXNET_FILE).write_bytes(b"x")  # torchvision's download place
+    assert standard.find_standard_weights(str(weights))["alexnet"] == no_default_weights.alexnet / common.ALEXNET_FILE
+    (weights / common.ALEXNET_FILE).write_bytes(b"x")  # weights_dir comes first
+    found = standard.find_standard_weights(str(weights))
+    assert found == {"inception": weights / common.INCEPTION_FILE, "alexnet": weights / common.ALEXNET_FILE}
+    assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=str(weights)), DatasetSpec()) == "standard"
+    assert bb.resolve_backbone(EvaluationSpec(backbone="standard", weights_dir=str(weights)), DatasetSpec()) == "standard"
 
 
 def test_lpips_loads_alexnet_from_a_file(tmp_path):

@@ -91,3 +91,34 @@ def test_training_eta():
     assert training_eta((5, 100.0), (5, 100.0), 40) == ""  # no pace yet
     assert training_eta((5, 100.0), (40, 170.0), 40) == ""  # done
     assert training_eta((5, 100.0), (15, 120.0), None) == ""  # epochs mode: total unknown
+
+
+def test_a_trial_without_its_evaluation_fails_instead_of_counting_as_done(tmp_path):
+    """A final checkpoint with no record, or a record without an objective, is a failed trial, not a DONE row."""
+    from isosweep.evaluation.record import EvalResult
+    from isosweep.results.rows import make_row
+    from isosweep.sweep.trial import MissingEvaluation, evaluated_record, final_report
+
+    spec = load_spec(DEMO, check_paths=False)
+    ckpt = tmp_path / "checkpoint_000003"
+    ckpt.mkdir()
+    with pytest.raises(MissingEvaluation, match="no evaluation record"):
+        evaluated_record(spec, ckpt, "t1")
+    EvalResult(metrics={"fid": 12.0, "mrtl": 1.2}).write(ckpt)  # PPL missing (e.g. NaN, dropped by the record)
+    with pytest.raises(MissingEvaluation, match="no finite ppl"):
+        evaluated_record(spec, ckpt, "t1")
+    EvalResult(metrics={"fid": 12.0, "ppl": 30.0}, backbones={"fid": "domain-shapes-v1"}).write(ckpt)
+    record = evaluated_record(spec, ckpt, "t1")
+    report = final_report(spec, {"step": 3, "loss": 0.1}, record, {"lambda_iso": 1e-3, "p": 0.5, "iso_metric": "identity",
+                                                                  "baseline": False}, str(ckpt), "run1")
+    row = make_row("t1", report, report, "TERMINATED")
+    assert row["status"] == "DONE" and row["fid"] == 12.0 and row["iso_metric"] == "identity"
+    assert row["backbone_fid"] == "domain-shapes-v1" and row["checkpoint_path"] == str(ckpt)
+
+
+def test_objectives_must_be_measured():
+    """A spec whose selection objectives are not evaluated is refused at load time, before any trial trains."""
+    from isosweep.config import SpecError
+
+    with pytest.raises(SpecError, match=r"selection.objectives \['ppl'\] are not in evaluation.metrics"):
+        load_spec(DEMO, ["evaluation.metrics=[fid, mrtl]"], check_paths=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from servers import free_port, mlflow_server, s3_server  # noqa: F401  (fixtures)
+from servers import free_port
 
 from isosweep.commands import models as model_cmds
 from isosweep.commands import sync as sync_cmd

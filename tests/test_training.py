@@ -181,3 +181,27 @@ def test_load_local_pipeline_and_bare_unet(tiny_model_dir, tmp_path):
     unet3, _ = load_unet_and_scheduler(BaseModelSpec(source=str(tiny_model_dir), subfolder="unet"))
     with pytest.raises(FileNotFoundError, match="no UNet config.json"):
         load_unet_and_scheduler(BaseModelSpec(source=str(tmp_path)))
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_the_base_models_prediction_type_reaches_the_loss(tiny_model_dir, tmp_path, monkeypatch, prediction_type):
+    """The loss regresses what the base model's scheduler says it predicts (the built-in model predicts x_0):
+    a loop that passed "epsilon" regardless would train the model towards the wrong target."""
+    import shutil
+
+    from diffusers import DDPMScheduler
+
+    model = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, model)
+    DDPMScheduler.from_config({**DDPMScheduler.load_config(model / "scheduler"), "prediction_type": prediction_type}) \
+        .save_pretrained(model / "scheduler")
+    seen = []
+    real = losses.denoising_target
+
+    def spy(kind, *args, **kwargs):
+        seen.append(kind)
+        return real(kind, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "denoising_target", spy)
+    train_loop(make_spec(model, max_steps=2, checkpoint_every=100, lambda_iso=0.0), LocalReporter(tmp_path / "run"))
+    assert seen and set(seen) == {prediction_type}

@@ -9,9 +9,10 @@ one-process result up to float noise. Rank 0 combines everything; all ranks retu
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -69,6 +70,28 @@ def evaluate_model(unet: torch.nn.Module, scheduler, eval_spec, dataset_spec, *,
     unknown = set(wanted) - set(EVAL_METRICS)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; use any of {' '.join(EVAL_METRICS)}")
+    with full_float32_matmul():
+        return _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted, device, rank, world_size, progress)
+
+
+@contextlib.contextmanager
+def full_float32_matmul() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and convolutions while metrics are computed, restored afterwards.
+
+    cuDNN and cuBLAS use TF32 (a 10-bit mantissa) by default on Ampere and later: coarser than PPL's
+    finite difference at eps = 1e-4, and enough to move FID in its last digits between cards. Every
+    evaluation records `settings["tf32"] = False`.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted: list[str], device, rank: int, world_size: int,
+              progress: bool) -> EvalResult:
     dist = _distributed(world_size)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     show = progress and rank == 0
@@ -280,7 +303,7 @@ def _reference_stats(eval_spec, dataset_spec, features: Callable, backbone: str,
 
 
 def _settings(eval_spec, shape) -> dict[str, Any]:
-    return {"seed": eval_spec.seed, "backbone": eval_spec.backbone, "sample_shape": list(shape),
+    return {"seed": eval_spec.seed, "backbone": eval_spec.backbone, "sample_shape": list(shape), "tf32": False,
             "fid": eval_spec.fid.model_dump(), "ppl": eval_spec.ppl.model_dump(), "mrtl": eval_spec.mrtl.model_dump(),
             "jacobian": eval_spec.jacobian.model_dump(), "ls": eval_spec.ls.model_dump()}
 

@@ -37,7 +37,7 @@ def make_row(trial_id: str, config: dict, metrics: dict, status: str) -> dict:
         "baseline": bool(config.get("baseline", False)),
         "lambda_iso": float(config.get("lambda_iso", math.nan)),
         "p": float(config.get("p", math.nan)),
-        "iso_metric": config.get("iso_metric", ""),
+        "iso_metric": config.get("iso_metric", config.get("metric", "")),  # `metric` before the rename
         "status": "DONE" if metrics.get("evaluated") else status,
     }
     for k in RESULT_METRICS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import ray
 import ray.train
 import ray.train.torch
+import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.metrics import Gauge
@@ -142,11 +144,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            verbose=config.get("verbose", True), resume_from=config.get("resume_from"))
     try:
         train_loop(spec, reporter, trial_params=config.get("trial_params"),  # recorded in each checkpoint's spec.json
+                   provenance={"workers": worker_placement(reporter.rank, reporter.world_size)},
                    evaluator=trial_evaluator(spec) if config.get("evaluate") else None,
                    on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=download_model)
     finally:
         if step_logger is not None:
             step_logger.close()
+
+
+def worker_placement(rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Every rank's node id and host name (Ray's), in rank order: a collective, so every rank calls it."""
+    mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
+    if world_size == 1:
+        return [mine]
+    everyone: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
 
 
 def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_params: dict[str, Any] | None = None,

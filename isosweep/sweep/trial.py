@@ -40,7 +40,7 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
             if checkpoint is None:
                 raise RuntimeError(f"trial {trial_id} finished without a checkpoint")
             with checkpoint.as_directory() as ckpt_dir:
-                record = read_record(ckpt_dir) or EvalResult()
+                record = evaluated_record(spec, ckpt_dir, trial_id)
                 if run_id:
                     log_trial_result(uri, run_id, ckpt_dir)
         except BaseException:
@@ -52,6 +52,23 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
         tune.report(final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id))
 
     return isosweep_trial
+
+
+class MissingEvaluation(RuntimeError):
+    """A trial's final checkpoint has no evaluation record, or one without the selection's objectives."""
+
+
+def evaluated_record(spec: SweepSpec, checkpoint_dir, trial_id: str) -> EvalResult:
+    """The final checkpoint's evaluation record; raises `MissingEvaluation` when it is missing or lacks an
+    objective, so the trial fails (and is never selected) instead of counting as DONE with no numbers."""
+    record = read_record(checkpoint_dir)
+    missing = [o for o in spec.selection.objectives if record is None or o not in record.metrics]
+    if missing:
+        where = "no evaluation record (eval/metrics.json)" if record is None else f"no finite {', '.join(missing)}"
+        raise MissingEvaluation(
+            f"trial {trial_id}: the final checkpoint {checkpoint_dir} has {where}; selection needs "
+            f"{' and '.join(spec.selection.objectives)}: keep them in evaluation.metrics, and see the trial's log for the evaluation error")
+    return record
 
 
 def final_report(spec: SweepSpec, train_metrics: dict[str, Any], record: EvalResult, params: dict[str, Any],

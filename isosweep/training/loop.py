@@ -138,18 +138,20 @@ def check_finite(flags: torch.Tensor, values: torch.Tensor, step: int, world_siz
 
 def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict[str, Any] | None = None,
                evaluator: Evaluator | None = None, resume_from: str | None = None,
-               on_step: Callable[[int], None] | None = None, fetch_base: Callable[[str], Path] | None = None) -> TrainResult:
+               on_step: Callable[[int], None] | None = None, fetch_base: Callable[[str], Path] | None = None,
+               provenance: dict[str, Any] | None = None) -> TrainResult:
     """Fine-tune one trial on this worker's shard; every DDP rank calls it with the same arguments.
 
     resume_from: a checkpoint directory used when the reporter has none (a restarted Ray run's own
     checkpoint wins). on_step(step): called after each optimizer step (tests inject faults here).
     fetch_base(uri): downloads an MLflow base model (see `models.loading.load_unet_and_scheduler`).
+    provenance: where the run ran (e.g. each rank's node), saved in every checkpoint's spec.json.
     """
     spec = resolve_trial_spec(spec, trial_params)
     tr = spec.train
     run = _build_run(spec, reporter, fetch_base)
     pos = _resume(run, reporter.latest_checkpoint() or resume_from)
-    spec_json = {"spec": spec.to_dict(), "trial_params": trial_params or {}, "world_size": run.world}
+    spec_json = {"spec": spec.to_dict(), "trial_params": trial_params or {}, "world_size": run.world, **(provenance or {})}
     stats, metrics, evaluation = StepStats(), {}, None
     while pos.step < run.max_steps:
         micro_batches = run.loader.epoch_batches(pos.epoch, start_batch=pos.step_in_epoch * tr.grad_accumulation)

@@ -18,6 +18,8 @@ from cleanfid.resize import build_resizer
 from isosweep.data.images import to_uint8_tensor
 from isosweep.evaluation.features.common import ALEXNET_FILE, INCEPTION_FILE, INCEPTION_NAME, LPIPS_NAME
 
+CLEANFID_DIR = Path("/tmp")  # where clean-fid downloads (and so finds) the Inception weights
+
 
 def _torch_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
@@ -35,14 +37,14 @@ def find_standard_weights(weights_dir: str | None = None) -> dict[str, Path | No
     """{'inception': path or None, 'alexnet': path or None}: the first existing candidate of each
     (weights_dir, then /tmp for Inception as clean-fid uses, $TORCH_HOME/hub/checkpoints for AlexNet)."""
     found: dict[str, Path | None] = {}
-    for key, filename, default in (("inception", INCEPTION_FILE, Path("/tmp")), ("alexnet", ALEXNET_FILE, _torch_checkpoints())):
+    for key, filename, default in (("inception", INCEPTION_FILE, CLEANFID_DIR), ("alexnet", ALEXNET_FILE, _torch_checkpoints())):
         found[key] = next((p for p in _candidates(weights_dir, filename, default) if p.is_file()), None)
     return found
 
 
 def missing_weights_message(weights_dir: str | None, found: dict[str, Path | None]) -> str:
     lines = ["the standard backbones (Inception for FID, LPIPS-AlexNet for PPL) need weight files that are not here:"]
-    where = {"inception": (INCEPTION_FILE, Path("/tmp"), "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
+    where = {"inception": (INCEPTION_FILE, CLEANFID_DIR, "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
              "alexnet": (ALEXNET_FILE, _torch_checkpoints(), "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth")}
     for key, (filename, default, url) in where.items():
         if found.get(key) is None:
