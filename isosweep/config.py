@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from isosweep.core.geometry import ISO_METRICS
+from isosweep.core.names import ISO_METRICS
 
 # The evaluation metrics a spec can ask for, and the values a results row carries ("ls" gives ls and,
 # with the rbf kernel, ls_rbf). Every list of metric names in isosweep is one of these two.

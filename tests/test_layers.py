@@ -36,7 +36,7 @@ LAYERS = {
 }
 ALLOWED_THIRD_PARTY = {"ray": {"sweep"}, "mlflow": {"tracking", "commands"}}
 EXPECTED = {
-    "core": ["geometry", "hspace", "losses", "sampling", "ema"],
+    "core": ["geometry", "hspace", "losses", "sampling", "ema", "names"],
     "data": ["datasets", "images", "attributes"],
     "models": ["loading", "builtin"],
     "training": ["loop", "checkpoint", "reporting"],
@@ -168,3 +168,15 @@ def test_the_math_and_data_import_neither_ray_nor_mlflow_transitively():
     top_level = set(result.stdout.split())
     assert "torch" in top_level  # the probe itself works
     assert not {"ray", "mlflow"} & top_level, f"importing the layers up to training/evaluation pulled in {sorted({'ray', 'mlflow'} & top_level)}"
+
+
+def test_the_cli_and_spec_loading_start_without_torch_ray_or_mlflow():
+    """`isosweep --help` and `isosweep validate` load only the CLI and the spec: no torch, Ray or MLflow (seconds each)."""
+    code = ("import sys, isosweep.cli, isosweep.config\n"
+            "isosweep.config.load_spec(sys.argv[1], check_paths=False)\n"
+            "print(' '.join(sorted({m.partition('.')[0] for m in sys.modules})))\n")
+    demo = PACKAGE.parent / "search_spaces" / "demo.yaml"
+    result = subprocess.run([sys.executable, "-c", code, str(demo)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = set(result.stdout.split())
+    assert "pydantic" in loaded and not {"torch", "ray", "mlflow"} & loaded, sorted({"torch", "ray", "mlflow"} & loaded)

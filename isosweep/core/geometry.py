@@ -33,8 +33,7 @@ from typing import Any, Callable
 import torch
 from torch.distributed.nn.functional import all_reduce
 
-ISO_METRICS = ("stereographic", "identity", "ambient")  # the metric G on the noise space (train.iso_metric)
-REDUCTIONS = ("local", "global")
+from isosweep.core.names import ISO_METRICS, REDUCTIONS
 
 Encoder = Callable[[torch.Tensor], Any]
 
