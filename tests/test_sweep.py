@@ -1,5 +1,6 @@
-"""The sweep end to end on an embedded local Ray: trials, baseline, front, champion, tables, report,
-MLflow runs and the registry; and resume after the driver is killed mid-sweep."""
+"""The sweep end to end: on an embedded local Ray, killed mid-sweep and resumed, then checked for trials,
+baseline, front, champion, tables, report, MLflow runs, registry and S3 artifacts; and by address on a
+multi-node cluster, with each trial's ranks on different nodes."""
 
 from __future__ import annotations
 
@@ -62,68 +63,6 @@ def _runs(tracking_uri: str, experiment: str):
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
-@pytest.mark.slow
-def test_demo_sweep_three_trials(tmp_path, cache_env, mlflow_server):
-    """Tracking goes to a real `mlflow server` whose artifacts land in a moto S3 bucket."""
-    import ray
-
-    from isosweep.config import load_spec
-    from isosweep.data.datasets import ShapesDataset
-    from isosweep.evaluation.record import read_record
-    from isosweep.sweep.driver import run_sweep
-
-    spec = load_spec(DEMO, TINY + ["search.num_trials=2", "search.max_concurrent_trials=2"])
-    try:
-        outcome = run_sweep(spec, str(DEMO), storage=str(tmp_path / "runs"), tracking_uri=mlflow_server.uri, dashboard=False)
-    finally:
-        ray.shutdown()
-
-    rows = outcome.rows
-    assert len(rows) == 3
-    base = [r for r in rows if r["baseline"]]
-    assert len(base) == 1 and base[0]["lambda_iso"] == 0.0 and base[0]["p"] == 1.0
-    assert all(r["status"] == "DONE" for r in rows), rows
-    for r in rows:
-        for k in spec.evaluation.metrics:  # the demo measures all six: each finite and in its range
-            assert math.isfinite(r[k]), (k, r)
-        assert r["fid"] > 0 and r["ppl"] > 0 and r["mrtl"] > 0 and r["mcn"] >= 1 and r["vor"] >= 0, r
-        assert 1 <= r["ls"] <= math.prod(ShapesDataset.num_classes) + 1e-9, r  # exp(sum H(Y_i|X_i)) <= prod |Y_i|
-        assert r["backbone_fid"] and r["backbone_ppl"] and r["backbone_ls"]
-        record = read_record(r["checkpoint_path"])  # what the workers wrote is what the table shows
-        assert record is not None and all(record.metrics[k] == pytest.approx(r[k]) for k in spec.evaluation.metrics), (record, r)
-    assert outcome.front and outcome.champion is not None
-    assert outcome.champion.row in outcome.front
-    searched = [r for r in rows if not r["baseline"]]
-    assert all(r["lambda_iso"] > 0 for r in searched)
-
-    sweep_dir = outcome.sweep_dir
-    assert (sweep_dir / "results.csv").is_file() and (sweep_dir / "pareto.png").is_file()
-    md = (sweep_dir / "results.md").read_text()
-    assert "baseline" in md and "champion" in md
-    report = outcome.report_dir / "report.md"
-    assert report.is_file()
-    text = report.read_text()
-    assert f"{outcome.champion.row['fid']:.4g}" in text
-    assert (outcome.report_dir / "rtl_curves.png").is_file()
-    assert (outcome.report_dir / "strips_slerp.png").is_file()
-
-    # MLflow: one parent, one child per trial, each child FINISHED with its final metrics
-    client, runs = _runs(outcome.tracking_uri, spec.experiment_name)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == outcome.parent_run_id]
-    assert len(children) == 3
-    assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
-    mv = client.get_model_version_by_alias(spec.registry_name, "champion")
-    assert mv.run_id == outcome.champion.row["mlflow_run_id"]
-
-    # the artifacts are in the bucket: every trial's checkpoint and images, the parent's summary
-    keys = mlflow_server.s3.keys("mlflow/")
-    for child in children:
-        mine = [k for k in keys if f"/{child.info.run_id}/" in k]
-        assert any(k.endswith("checkpoint/unet/diffusion_pytorch_model.safetensors") for k in mine), mine
-        assert any(k.endswith(".png") and "/eval/" in k for k in mine), mine
-    assert any(f"/{outcome.parent_run_id}/" in k and k.endswith("pareto.png") for k in keys)
-
-
 def _evaluated_results(experiment_dir: Path) -> dict[str, int]:
     """trial dir name -> number of evaluated (final) results it has reported."""
     counts = {}
@@ -134,10 +73,19 @@ def _evaluated_results(experiment_dir: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_resume_after_driver_killed(tmp_path, cache_env):
+def test_demo_sweep_killed_resumed_and_complete(tmp_path, cache_env, mlflow_server):
+    """The demo sweep as a user runs it, with tracking on a real `mlflow server` whose artifacts land in a
+    moto S3 bucket: the driver's process group is killed after the first trial finished, `isosweep resume`
+    completes the sweep without rerunning that trial or duplicating its MLflow run, and then everything a
+    finished sweep promises is there (rows, front, champion, tables, report, runs, registry, S3 artifacts).
+    One sweep serves both checks: each demo sweep costs about three minutes on two cores."""
+    from isosweep.data.datasets import ShapesDataset
+    from isosweep.evaluation.record import read_record
+    from isosweep.sweep.driver import load_outcome
+
     storage = tmp_path / "runs"
     env = {**os.environ, "ISOSWEEP_CACHE": str(cache_env), "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
-    args = [str(DEMO), "--storage", str(storage)]
+    args = [str(DEMO), "--storage", str(storage), "--tracking-uri", mlflow_server.uri]
     for o in TINY + ["search.num_trials=2", "search.max_concurrent_trials=1"]:
         args += ["--set", o]
     log = open(tmp_path / "first.log", "w")
@@ -158,26 +106,68 @@ def test_resume_after_driver_killed(tmp_path, cache_env):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    before = _evaluated_results(sweep_dirs[0])
+    sweep_dir = sweep_dirs[0]
+    before = _evaluated_results(sweep_dir)
     finished = [k for k, v in before.items() if v]
-    assert finished and not (sweep_dirs[0] / "sweep_done.json").exists()
+    assert finished and not (sweep_dir / "sweep_done.json").exists()
 
     out = subprocess.run([sys.executable, "-m", "isosweep", "resume", *args], capture_output=True, text=True,
                          env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    after = _evaluated_results(sweep_dirs[0])
+    after = _evaluated_results(sweep_dir)
     assert len(after) == 3
     for name in finished:
         assert after[name] == 1, f"finished trial {name} was rerun"
     assert all(v == 1 for v in after.values()), after
-    assert (sweep_dirs[0] / "sweep_done.json").exists()
-    state = json.loads((sweep_dirs[0] / "isosweep_sweep.json").read_text())
-    _, runs = _runs(state["tracking_uri"], "demo")
+    assert (sweep_dir / "sweep_done.json").exists()
+
+    # the rows, front and champion, rebuilt from storage
+    spec, outcome = load_outcome(sweep_dir)
+    rows = outcome.rows
+    assert len(rows) == 3
+    base = [r for r in rows if r["baseline"]]
+    assert len(base) == 1 and base[0]["lambda_iso"] == 0.0 and base[0]["p"] == 1.0
+    assert all(r["status"] == "DONE" for r in rows), rows
+    for r in rows:
+        for k in spec.evaluation.metrics:  # the demo measures all six: each finite and in its range
+            assert math.isfinite(r[k]), (k, r)
+        assert r["fid"] > 0 and r["ppl"] > 0 and r["mrtl"] > 0 and r["mcn"] >= 1 and r["vor"] >= 0, r
+        assert 1 <= r["ls"] <= math.prod(ShapesDataset.num_classes) + 1e-9, r  # exp(sum H(Y_i|X_i)) <= prod |Y_i|
+        assert r["backbone_fid"] and r["backbone_ppl"] and r["backbone_ls"]
+        record = read_record(r["checkpoint_path"])  # what the workers wrote is what the table shows
+        assert record is not None and all(record.metrics[k] == pytest.approx(r[k]) for k in spec.evaluation.metrics), (record, r)
+    assert outcome.front and outcome.champion is not None
+    assert outcome.champion.row in outcome.front
+    assert all(r["lambda_iso"] > 0 for r in rows if not r["baseline"])
+
+    # tables and report from the driver that finished the sweep
+    assert (sweep_dir / "results.csv").is_file() and (sweep_dir / "pareto.png").is_file()
+    md = (sweep_dir / "results.md").read_text()
+    assert "baseline" in md and "champion" in md
+    report = sweep_dir / "report" / "report.md"
+    assert f"{outcome.champion.row['fid']:.4g}" in report.read_text()
+    assert (sweep_dir / "report" / "rtl_curves.png").is_file() and (sweep_dir / "report" / "strips_slerp.png").is_file()
+
+    # MLflow: one parent, one child per trial (the resumed one reopened, not duplicated), each FINISHED
+    state = json.loads((sweep_dir / "isosweep_sweep.json").read_text())
+    assert state["tracking_uri"] == mlflow_server.uri
+    client, runs = _runs(mlflow_server.uri, spec.experiment_name)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
     assert len(children) == 3, "a resumed trial must reopen its MLflow run, not duplicate it"
+    assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
+    mv = client.get_model_version_by_alias(spec.registry_name, "champion")
+    assert mv.run_id == outcome.champion.row["mlflow_run_id"]
+
+    # the artifacts are in the bucket: every trial's checkpoint and images, the parent's summary
+    keys = mlflow_server.s3.keys("mlflow/")
+    for child in children:
+        mine = [k for k in keys if f"/{child.info.run_id}/" in k]
+        assert any(k.endswith("checkpoint/unet/diffusion_pytorch_model.safetensors") for k in mine), mine
+        assert any(k.endswith(".png") and "/eval/" in k for k in mine), mine
+    assert any(f"/{state['parent_run_id']}/" in k and k.endswith("pareto.png") for k in keys)
 
     # `isosweep results` rebuilds the table from storage alone
-    res = subprocess.run([sys.executable, "-m", "isosweep", "results", str(sweep_dirs[0])], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "isosweep", "results", str(sweep_dir)], capture_output=True,
                          text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "finished" in res.stdout and "baseline" in res.stdout and "champion:" in res.stdout
