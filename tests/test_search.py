@@ -122,3 +122,19 @@ def test_objectives_must_be_measured():
 
     with pytest.raises(SpecError, match=r"selection.objectives \['ppl'\] are not in evaluation.metrics"):
         load_spec(DEMO, ["evaluation.metrics=[fid, mrtl]"], check_paths=False)
+
+
+def test_resume_from_an_unreadable_state_file_is_refused(tmp_path):
+    """A truncated state file must stop `resume` with the file's name, not silently start a fresh sweep."""
+    from isosweep.config import SpecError
+    from isosweep.results.layout import STATE_FILE
+    from isosweep.sweep.driver import _place
+
+    spec = load_spec(DEMO, check_paths=False)
+    sweep_dir = tmp_path / "demo-20261125-000000"
+    sweep_dir.mkdir()
+    (sweep_dir / STATE_FILE).write_text('{"sweep_id": "demo-2026')  # truncated mid-write
+    with pytest.raises(SpecError, match=f"{STATE_FILE}: unreadable"):
+        _place(spec, str(tmp_path), sweep_dir)
+    (sweep_dir / STATE_FILE).write_text('{"sweep_id": "demo-20261125-000000"}')
+    assert _place(spec, str(tmp_path), sweep_dir).sweep_id == "demo-20261125-000000"

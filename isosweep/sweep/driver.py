@@ -110,6 +110,9 @@ def _place(spec: SweepSpec, storage: str | None, resume_dir: Path | None) -> Swe
     """A new sweep's place, or the one recorded in the state file of the sweep being resumed."""
     storage = resolve_storage(spec, storage)
     state = read_json(resume_dir / STATE_FILE) if resume_dir is not None else {}
+    if resume_dir is not None and not state.get("sweep_id"):
+        raise SpecError(f"{resume_dir / STATE_FILE}: unreadable or without a sweep_id, so the sweep cannot be resumed "
+                        "from it; fix: restore the file from a backup, or start a new sweep with `isosweep run`")
     sweep_id = state["sweep_id"] if state else new_sweep_id(spec)
     return SweepPlace(sweep_id, storage, experiment_path(storage, sweep_id), train_storage(storage, sweep_id),
                       local_state_dir(storage, sweep_id), state)

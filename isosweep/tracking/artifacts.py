@@ -22,6 +22,7 @@ CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 EVAL_ARTIFACT_PATH = EVAL_DIR
 # Files of a checkpoint directory that are training state, not the model.
 CHECKPOINT_EXCLUDE = ("train_state.pt", "eval", "__pycache__", "*.lock")
+TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".csv")  # scrubbed of credentials before upload
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -61,8 +62,9 @@ def log_trial_result(tracking_uri: str, run_id: str, checkpoint_dir: str | os.Pa
                 shutil.copytree(ckpt / EVAL_DIR, ev)
                 if record.rtl_curve and not (ev / "rtl_curve.png").exists():
                     rtl_plot({"RTL(t)": record.rtl_curve}, ev / "rtl_curve.png")
-                for f in ev.rglob("*.json"):
-                    f.write_text(scrub_text(f.read_text(errors="replace")))
+                for f in ev.rglob("*"):  # every text file the record folder may hold, not only metrics.json
+                    if f.is_file() and f.suffix in TEXT_SUFFIXES:
+                        f.write_text(scrub_text(f.read_text(errors="replace")))
                 retry_call("log eval artifacts", tracking_uri, c.log_artifacts, run_id, str(ev), EVAL_ARTIFACT_PATH)
     if log_checkpoint:
         with tempfile.TemporaryDirectory() as tmp:
