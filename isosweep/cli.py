@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 
 from isosweep.config import SpecError
@@ -33,30 +35,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec(p)
     p.add_argument("--address", default=None, help="Ray cluster address: auto, ray://HOST:10001, HOST:6379")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: spec, MLFLOW_TRACKING_URI, or local sqlite)")
-    p.add_argument("--storage", default=None, help="local directory or s3://bucket/prefix for Tune results and checkpoints")
-    p.add_argument("--report-dir", default=None, help="where the report folder goes (default: <storage>/<sweep>/report)")
+    p.add_argument("--storage", default=None,
+                   help="where the sweep lives: a directory, or s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http]")
+    p.add_argument("--report-dir", default=None, help="also write the report folder here (it always goes to <storage>/<sweep>/report)")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="with --address on a multi-node cluster: every node mounts the local storage path and SQLite file")
 
-    p = sub.add_parser("resume", help="continue an interrupted sweep from its storage")
-    _add_spec(p)
+    target_help = ("the sweep's folder or URI (e.g. s3://BUCKET/PREFIX/NAME-YYYYmmdd-HHMMSS?endpoint_override=HOST:PORT), "
+                   "a spec file (its newest sweep), or a spec name or sweep id with --storage")
+    p = sub.add_parser("resume", help="continue an unfinished sweep from its storage, with the spec it ran with")
+    p.add_argument("target", help=target_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="change a field that does not change results (needs --allow-changes)")
+    p.add_argument("--storage", default=None, help="the storage the sweep ran with (for a spec file or name)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="allow changes to fields that do not change results (concurrency, tracking, caches, dataset.path)")
     p.add_argument("--address", default=None)
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--storage", default=None)
     p.add_argument("--report-dir", default=None)
+    p.add_argument("--shared-fs", action="store_true")
 
-    p = sub.add_parser("results", help="print the results table and Pareto front of a sweep")
-    p.add_argument("sweep", help="spec file, or the sweep's storage directory")
-    p.add_argument("--storage", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    for verb, text in (("results", "print the results table and Pareto front of a sweep, from its storage"),
+                       ("status", "the same table for a running sweep, from any machine")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("target", help=target_help)
+        p.add_argument("--storage", default=None, help="where to look for a spec file's or a name's sweeps")
+        p.add_argument("--set", dest="overrides", action="append", default=[])
 
-    p = sub.add_parser("status", help="alias of results for a running sweep")
-    p.add_argument("sweep")
-    p.add_argument("--storage", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-
-    p = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a Ray job")
+    p = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a Ray job",
+                       description="Submit a sweep as a Ray job. --set values and --env values travel in the job's "
+                                   "environment, never in its entrypoint; only their names are printed.")
     _add_spec(p)
-    p.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--address", default=None,
+                   help="dashboard address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
     p.add_argument("--token", default=None, help="Ray auth token (default: RAY_AUTH_TOKEN or `ray get-auth-token`)")
+    p.add_argument("--env", dest="env_items", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="set an environment variable for the job (repeatable); KEY alone passes this shell's value")
+    p.add_argument("--runtime-env", default=None, metavar="FILE",
+                   help="YAML or JSON runtime_env merged into the job's (env_vars, pip...; --env wins); "
+                        "working_dir and py_modules are isosweep's and refused")
+    p.add_argument("--resume", action="store_true",
+                   help="the job resumes the newest unfinished sweep of the spec instead of starting one")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="every node mounts the same file system: allow absolute local storage paths and SQLite/file tracking URIs")
     p.add_argument("--no-wait", action="store_true", help="return after submission instead of following the logs")
 
     p = sub.add_parser("train", help="run one trial (no Tune) with the spec's fixed train values")
@@ -100,18 +121,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
 
     p = sub.add_parser("sync", help="upload to MLflow what a sweep's storage holds but the tracking server lacks")
-    _add_spec(p)
+    p.add_argument("target", help=target_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--storage", default=None)
     return parser
 
 
+# --set items from the environment: a JSON list of "KEY=VALUE" strings, appended after the command line's
+# --set. `isosweep submit` puts its --set items here so that their values stay out of the job's entrypoint
+# (sweep/jobs.py writes the same name as jobs.OVERRIDES_ENV; a test checks that they agree).
+OVERRIDES_ENV = "ISOSWEEP_OVERRIDES"
+
+
+def _env_overrides() -> list[str]:
+    """The items of OVERRIDES_ENV; [] when it is unset; a SpecError when it is not a JSON list of strings."""
+    raw = os.environ.get(OVERRIDES_ENV)
+    if raw is None:
+        return []
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise SpecError(f"{OVERRIDES_ENV} must be a JSON list of \"KEY=VALUE\" strings, e.g. '[\"search.num_trials=2\"]'; "
+                        f"fix: set it so, or unset it and pass --set KEY=VALUE")
+    return items
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "overrides"):
+            args.overrides = [*(args.overrides or []), *_env_overrides()]
         return int(_dispatch(args) or 0)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except SpecError as exc:  # messages name files and URIs: scrubbed, since a URI may carry a key
+        from isosweep.tracking.redact import scrub_text  # stdlib only: keeps `isosweep --help` fast
+
+        print(f"error: {scrub_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; `isosweep resume SPEC` continues from the last checkpoints", file=sys.stderr)

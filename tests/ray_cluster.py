@@ -24,6 +24,7 @@ Why it is built the way it is:
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -79,8 +80,8 @@ class LocalRayCluster:
         return "\n".join(out)
 
 
-def _node_env(auth_token: str | None) -> dict[str, str]:
-    env = dict(os.environ)
+def _node_env(auth_token: str | None, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra_env or {})}
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(var, None)
     if auth_token:
@@ -180,13 +181,17 @@ def start_local_cluster(
     auth: bool = True,
     include_dashboard: bool = True,
     timeout_s: float = 120.0,
+    worker_resources: dict[str, float] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> LocalRayCluster:
     """Start a head (and `worker_nodes` more nodes) on 127.0.0.1; returns once all nodes are alive.
 
+    worker_resources: custom resources each worker node declares (`ray start --resources`); extra_env:
+    variables every node's processes get (e.g. the S3 credentials a cloud node has from its role).
     Call `stop_local_cluster` in a `finally`; the fixture below does.
     """
     token = secrets.token_hex(16) if auth else None
-    env = _node_env(token)
+    env = _node_env(token, extra_env)
     # short path: Ray's unix sockets live under the temp dir and have a ~107-byte limit
     temp_dir = Path(tempfile.mkdtemp(prefix="isr", dir="/tmp"))
     gcs_port, dash_port = free_port(), free_port()
@@ -227,6 +232,8 @@ def start_local_cluster(
                     f"--dashboard-agent-listen-port={p[2]}", f"--dashboard-agent-grpc-port={p[3]}",
                     f"--metrics-export-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
                 ]
+                if worker_resources:
+                    worker_args.append(f"--resources={json.dumps(worker_resources)}")
                 log = temp_dir / f"worker{i}-{attempt}.out"
                 cluster.logs.append(log)
                 proc = _start_node(worker_args, env, log)
@@ -307,6 +314,19 @@ def stop_local_cluster(cluster: LocalRayCluster, grace_s: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             pass
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+def kill_worker_node(cluster: LocalRayCluster, index: int = 0) -> None:
+    """SIGKILL one worker node (`index` among the workers) and every process of it: a machine lost at once."""
+    proc = [p for p in cluster.procs[1:] if p.poll() is None][index]
+    table = _proc_table()
+    victims = {proc.pid} | _descendants(proc.pid, table) | {pid for pid, (_, pgid, _) in table.items() if pgid == proc.pid}
+    for pid in sorted(victims):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait(timeout=10)
 
 
 def node_ids(cluster: LocalRayCluster) -> dict[str, list[str]]:

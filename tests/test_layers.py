@@ -23,8 +23,8 @@ PACKAGE = Path(isosweep.__file__).parent
 # unit (a top-level module or folder of isosweep) -> layer; a unit imports only from lower layers
 LAYERS = {
     "__init__": 0, "files": 0, "console": 0, "core": 0,
-    "config": 1,
-    "data": 2, "spec_reference": 2,
+    "config": 1, "storage": 1,
+    "data": 2, "spec_reference": 2, "spec_changes": 2,
     "models": 3,
     "training": 4, "evaluation": 4,  # siblings: the loop takes an evaluator instead of importing evaluation
     "results": 5,

@@ -22,18 +22,31 @@ def _suggestions(alg, space, num_samples, n):
 
 def test_optuna_baseline_first_then_searched(tmp_path):
     spec = load_spec(DEMO, ["search.num_trials=4"])
-    space, alg, num_samples = build_search(spec, tmp_path)
+    space, alg, num_samples = build_search(spec, "demo-1")
     assert num_samples == 5
     got = _suggestions(alg, space, num_samples, 3)
     assert got[0] == BASELINE_PARAMS
     for s in got[1:]:
         assert s["baseline"] is False
         assert 1e-3 <= s["lambda_iso"] <= 1.0 and s["p"] in (0.0, 0.5) and s["iso_metric"] in ("stereographic", "identity")
-    # the searcher's state survives a save/restore (Tune checkpoints it for resume)
+    # two searched trials finish; the searcher's state then survives a save/restore (Tune checkpoints it
+    # into the sweep's storage; a resume on another machine restores it into a fresh searcher)
+    for i, tid in enumerate(("t1", "t2")):
+        alg.on_trial_complete(tid, {"fid": 10.0 + i, "ppl": 5.0 - i, "lambda_iso": got[1 + i]["lambda_iso"]})
     alg.save(str(tmp_path / "searcher.pkl"))
-    _, fresh, _ = build_search(spec, tmp_path / "other")
+    _, fresh, _ = build_search(spec, "demo-1")
     fresh.restore(str(tmp_path / "searcher.pkl"))
     assert fresh.baseline_trial == "t0"
+    history = fresh.inner._ot_study.get_trials(deepcopy=False)
+    done = [t for t in history if t.state.name == "COMPLETE"]
+    assert sorted(tuple(t.values) for t in done) == [(10.0, 5.0), (11.0, 4.0)]
+    assert {t.params["lambda_iso"] for t in done} == {got[1]["lambda_iso"], got[2]["lambda_iso"]}
+    # the journal beside the searcher state opens in Optuna (and optuna-dashboard) with the same history
+    import optuna
+
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal")))
+    loaded = optuna.load_study(study_name="demo-1", storage=journal)
+    assert sorted(tuple(t.values) for t in loaded.trials if t.values) == [(10.0, 5.0), (11.0, 4.0)]
 
 
 @pytest.mark.parametrize("algorithm", ["random", "grid"])
@@ -42,7 +55,7 @@ def test_basic_variant_algorithms_put_the_baseline_first(algorithm, tmp_path):
     if algorithm == "grid":
         overrides += ["search.lambda_iso={type: choice, values: [0.01, 0.1]}"]
     spec = load_spec(DEMO, overrides)
-    space, alg, num_samples = build_search(spec, tmp_path, max_concurrent=2)
+    space, alg, num_samples = build_search(spec, "demo-1", max_concurrent=2)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     assert isinstance(alg, BasicVariantGenerator)
@@ -135,6 +148,8 @@ def test_resume_from_an_unreadable_state_file_is_refused(tmp_path):
     sweep_dir.mkdir()
     (sweep_dir / STATE_FILE).write_text('{"sweep_id": "demo-2026')  # truncated mid-write
     with pytest.raises(SpecError, match=f"{STATE_FILE}: unreadable"):
-        _place(spec, str(tmp_path), sweep_dir)
+        _place(spec, str(tmp_path), str(sweep_dir))
     (sweep_dir / STATE_FILE).write_text('{"sweep_id": "demo-20261125-000000"}')
-    assert _place(spec, str(tmp_path), sweep_dir).sweep_id == "demo-20261125-000000"
+    place = _place(spec, None, str(sweep_dir))
+    assert place.sweep_id == "demo-20261125-000000" and place.resuming
+    assert place.sweep_uri == str(sweep_dir) and place.storage == str(tmp_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,7 +183,8 @@ def test_sweep_by_address_puts_a_trials_ranks_on_different_nodes(tmp_path, cache
     from ray_cluster import node_ids
 
     env = {**ray_cluster.env, "ISOSWEEP_CACHE": str(cache_env), "PYTHONUNBUFFERED": "1"}
-    args = [str(DEMO), "--address", ray_cluster.address, "--storage", str(tmp_path / "runs")]
+    # --shared-fs: every node of this loopback cluster is this machine, so they all see the local storage
+    args = [str(DEMO), "--address", ray_cluster.address, "--storage", str(tmp_path / "runs"), "--shared-fs"]
     for o in TINY + ["search.num_trials=1", "resources.workers_per_trial=2", "search.max_concurrent_trials=1"]:
         args += ["--set", o]
     out = subprocess.run([sys.executable, "-m", "isosweep", "run", *args], capture_output=True, text=True,
@@ -203,3 +205,129 @@ def test_sweep_by_address_puts_a_trials_ranks_on_different_nodes(tmp_path, cache
         assert [w["rank"] for w in workers] == [0, 1]
         ran_on = [w["node_id"] for w in workers]
         assert len(set(ran_on)) == 2 and set(ran_on) == set(nodes["workers"]), (ran_on, nodes)
+
+
+def _isosweep(args: list[str], env: dict, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "isosweep", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=timeout)
+
+
+def _table(stdout: str) -> list[str]:
+    """The results table's lines (header `role  trial_id ...` to the first blank line), trailing spaces cut."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("role") and "trial_id" in line)
+    out = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        out.append(line.rstrip())
+    return out
+
+
+@pytest.mark.slow
+def test_cluster_sweep_survives_losing_the_whole_cluster(tmp_path, cache_env, mlflow_server):
+    """The run-book of docs/operations.md, for real on loopback: a multi-node cluster (`ray start`), sweep
+    storage in S3 through the endpoint-query URI, tracking on an `mlflow server` whose artifacts are in the
+    same S3 server. Submit as a Ray job; watch with `isosweep status` from elsewhere; after a trial
+    finished, lose a worker node, stop the job and the whole cluster and delete the submitting folder;
+    resume on a fresh cluster from a third folder with only the storage and tracking URIs. The sweep
+    completes without rerunning the finished trial or duplicating MLflow runs, the champion is registered
+    once, and `isosweep results` from a fourth folder prints the driver's table."""
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+    from ray_cluster import kill_worker_node, start_local_cluster, stop_local_cluster
+    from servers import DUMMY_AWS
+
+    s3 = mlflow_server.s3
+    port = s3.endpoint_url.rsplit(":", 1)[1]
+    root = f"s3://{s3.bucket}/cluster-native?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    registry = "isodiff-cluster-native"
+    overrides = TINY + ["name=cnative", "search.num_trials=1", "evaluation.metrics=[fid, ppl]", f"storage.path={root}",
+                        f"tracking.uri={mlflow_server.uri}", "tracking.experiment=cluster-native", f"tracking.registry_name={registry}"]
+    # the nodes have S3 credentials in their environment, as a cloud node has them from its role
+    node_env = {**DUMMY_AWS, "ISOSWEEP_CACHE": str(cache_env), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    watcher_env = {**os.environ, **DUMMY_AWS, "PYTHONUNBUFFERED": "1"}
+    watcher_env.pop("ISOSWEEP_CACHE", None)
+
+    cluster = start_local_cluster(worker_nodes=2, head_cpus=0, worker_cpus=1, auth=True,
+                                  worker_resources={"trial_node": 1}, extra_env=node_env)
+    submitting = tmp_path / "laptop"
+    try:
+        # 1. submit from a checkout copy (the submitting folder), following nothing
+        submitting.mkdir()
+        spec = submitting / "demo.yaml"
+        spec.write_text(DEMO.read_text())
+        args = ["submit", str(spec), "--no-wait", "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY"]
+        for o in overrides:
+            args += ["--set", o]
+        sub = _isosweep(args, {**cluster.env, **DUMMY_AWS, "RAY_ADDRESS": cluster.dashboard_url}, submitting, timeout=120)
+        assert sub.returncode == 0, sub.stdout + sub.stderr
+        job_id = next(line.split()[-1] for line in sub.stdout.splitlines() if line.startswith("submitted job:"))
+        assert DUMMY_AWS["AWS_SECRET_ACCESS_KEY"] not in sub.stdout + sub.stderr
+
+        # 2. watch from another folder, by storage URI, until a trial has finished
+        deadline, status = time.time() + 420, None
+        jobs = JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": f"Bearer {cluster.token}"})
+        while time.time() < deadline:
+            status = _isosweep(["status", "cnative", "--storage", root], watcher_env, tmp_path / "watch", timeout=120)
+            if status.returncode == 0 and " DONE" in status.stdout:
+                break
+            state = str(jobs.get_job_status(job_id).value)
+            assert state in ("PENDING", "RUNNING"), f"job {state}:\n{jobs.get_job_logs(job_id)[-4000:]}"
+            time.sleep(3)
+        else:
+            pytest.fail(f"no trial finished in time:\n{status.stdout if status else ''}\n{jobs.get_job_logs(job_id)[-4000:]}")
+        assert "running or interrupted" in status.stdout
+        sweep_uri = next(line.split(" ", 1)[1] for line in status.stdout.splitlines() if line.startswith("storage: "))
+        sweep_id = status.stdout.split()[1]
+        finished_keys = {k for k in s3.keys(f"cluster-native/{sweep_id}/train/") if k.endswith("eval/metrics.json")}
+        assert finished_keys
+
+        # 3. lose a worker node, stop the job, stop every node, delete the submitting folder
+        kill_worker_node(cluster, 0)
+        jobs.stop_job(job_id)
+        time.sleep(2)
+    finally:
+        stop_local_cluster(cluster)
+    shutil.rmtree(submitting)
+    assert not s3.keys(f"cluster-native/{sweep_id}/sweep_done.json")
+
+    # 4. a fresh cluster; resume from a third folder with only the storage and tracking URIs
+    fresh = start_local_cluster(worker_nodes=2, head_cpus=0, worker_cpus=1, auth=True,
+                                worker_resources={"trial_node": 1}, extra_env=node_env)
+    try:
+        env = {**fresh.env, **DUMMY_AWS, "ISOSWEEP_CACHE": str(cache_env), "PYTHONUNBUFFERED": "1"}
+        out = _isosweep(["resume", "cnative", "--storage", root, "--tracking-uri", mlflow_server.uri, "--address", fresh.address],
+                        env, tmp_path / "third")
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:] + fresh.log_tail()
+    finally:
+        stop_local_cluster(fresh)
+
+    # 5. complete; the finished trial not rerun; one MLflow child per trial; the champion registered once
+    assert s3.keys(f"cluster-native/{sweep_id}/sweep_done.json")
+    results_after = {k for k in s3.keys(f"cluster-native/{sweep_id}/train/") if k.endswith("eval/metrics.json")}
+    assert finished_keys <= results_after and len(results_after) == 2
+    for key in finished_keys:  # the finished trial's folder got no new checkpoint
+        trial = key.split("/train/")[1].split("/")[0]
+        before = {k for k in results_after if f"/train/{trial}/" in k}
+        assert before == {key}, f"finished trial {trial} was rerun: {before}"
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("cluster-native")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("isosweep.role") == "sweep"]
+    assert len(parents) == 1, "the resume must reuse the sweep's parent run"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    trial_ids = [r.data.tags.get("isosweep.trial_id") for r in children]
+    assert len(children) == 2 and len(set(trial_ids)) == 2, trial_ids
+    assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
+    versions = client.search_model_versions(f"name='{registry}'")
+    champion = client.get_model_version_by_alias(registry, "champion")
+    assert len({v.run_id for v in versions}) == len(versions), "a trial was registered twice"
+    assert champion.run_id in {r.info.run_id for r in children}
+
+    # the same table from a fourth folder, by the sweep's URI, as the driver printed
+    res = _isosweep(["results", sweep_uri], watcher_env, tmp_path / "fourth", timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "finished" in res.stdout
+    assert _table(res.stdout) == _table(out.stdout)

@@ -242,7 +242,7 @@ def test_sync_uploads_what_storage_has(tmp_path, local_uri, capsys):
     t1 = runs.open_trial_run(local_uri, spec.experiment_name, parent, "t1", {"p": 0.5})
     runs.end_run(local_uri, t1, "FAILED")
 
-    args = argparse.Namespace(spec=str(sf), overrides=[], tracking_uri=None, storage=str(storage))
+    args = argparse.Namespace(target=str(sf), overrides=[], tracking_uri=None, storage=str(storage))
     assert sync_cmd.sync_command(args) == 0
     assert "synced 2 of 2" in capsys.readouterr().out
     c = client.client(local_uri)
@@ -257,6 +257,41 @@ def test_sync_uploads_what_storage_has(tmp_path, local_uri, capsys):
     assert children["t2"].data.params["lambda_iso"] == "0.001"
     assert sync_cmd.sync_command(args) == 0
     assert "synced 0 of 2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sync_from_a_sweep_in_s3_by_its_uri(tmp_path, local_uri, s3_server, monkeypatch, capsys):
+    """`isosweep sync SWEEP_URI` from a machine that has only the S3 URI: the sweep is read from the bucket
+    (endpoint-query form), its saved spec used, the missing runs created, and the temporary copy removed."""
+    from isosweep import storage as st
+
+    for k, v in s3_server.env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    port = s3_server.endpoint_url.rsplit(":", 1)[1]
+    root = f"s3://{s3_server.bucket}/sync-test?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    local = tmp_path / "made-here" / "s3sync-20261126-101010"
+    trial_checkpoint(local / "train" / "t1" / "checkpoint_000002", "t1", 11.0)
+    spec = make_spec("s3sync", tmp_path)
+    parent = runs.find_or_create_sweep_run(spec, None, local_uri, local.name)
+    (local / "isosweep_sweep.json").write_text(json.dumps({"sweep_id": local.name, "parent_run_id": parent,
+                                                           "tracking_uri": local_uri, "spec": spec.to_dict()}))
+    sweep_uri = st.join(root, local.name)
+    st.upload_dir(local, sweep_uri)
+    import shutil
+
+    shutil.rmtree(tmp_path / "made-here")
+    args = argparse.Namespace(target=sweep_uri, overrides=[], tracking_uri=None, storage=None)
+    assert sync_cmd.sync_command(args) == 0
+    assert "synced 1 of 1" in capsys.readouterr().out
+    c = client.client(local_uri)
+    exp = c.get_experiment_by_name("s3sync").experiment_id
+    children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert [r.data.tags["isosweep.trial_id"] for r in children] == ["t1"] and children[0].data.metrics["fid"] == 11.0
+    assert sync_cmd.sync_command(args) == 0  # by name under the storage too, and nothing twice
+    assert sync_cmd.sync_command(argparse.Namespace(target="s3sync", overrides=[], tracking_uri=None, storage=root)) == 0
+    assert "synced 0 of 1" in capsys.readouterr().out
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("isosweep-sync-*/s3sync-*"))
 
 
 # --------------------------------------------------------------------------------------- failures and secrets
@@ -286,7 +321,7 @@ def test_unreachable_server_clear_error(monkeypatch):
             1 / 0
 
 
-def test_scrub_rules():
+def test_scrub_rules(monkeypatch):
     assert redact.scrub("AWS_SECRET_ACCESS_KEY", "abc") == "***"
     assert redact.scrub("hub_token", "x") == "***"
     assert redact.scrub("db.password", "x") == "***"
@@ -298,6 +333,10 @@ def test_scrub_rules():
     assert redact.scrub_text("hub_token: abc123\nname: x") == "hub_token: ***\nname: x"
     assert redact.scrub_text('{"aws_secret_access_key": "abc", "p": 0.5}') == '{"aws_secret_access_key": "***", "p": 0.5}'
     assert redact.scrub_text("s3://b/p?endpoint_override=h:1&scheme=http") == "s3://b/p?endpoint_override=h:1&scheme=http"
+    # a secret variable's value is scrubbed wherever it appears; the region (where, not who) is not
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert redact.scrub_text("s3://b/p?region=us-east-1 key s3cr3t-value-xyz") == "s3://b/p?region=us-east-1 key ***"
 
 
 def test_no_secret_in_params_tags_or_spec_artifact(tmp_path, local_uri, monkeypatch):

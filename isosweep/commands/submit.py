@@ -8,39 +8,56 @@ import sys
 
 from isosweep.config import load_spec
 from isosweep.sweep import jobs
+from isosweep.tracking.redact import scrub_text
 
 
 def submit_command(args: argparse.Namespace, command: str = "run") -> int:
-    """`isosweep submit SPEC --address http://HEAD:8265 [--set K=V ...] [--token T] [--no-wait]`.
+    """`isosweep submit SPEC [--address URL] [--set K=V ...] [--env K[=V] ...] [--runtime-env FILE] [--resume]
+    [--shared-fs] [--token T] [--no-wait]`.
 
-    `command` is the isosweep command the job runs on the spec (`run`; tests use `validate`).
-    Returns 0 when submitted with --no-wait, else the job's exit status (0 on success); 1 when the
-    cluster cannot be reached or refuses the token (the message says why and how to fix it), 130 when
-    interrupted while following (the job keeps running).
+    `command` is the isosweep command the job runs on the spec (`run`, or `resume` with --resume; tests
+    use `validate`). Returns 0 when submitted with --no-wait, else the job's exit status (0 on success).
+    A wrong argument raises SpecError (exit 2 from cli.main): a bad spec or --set, no address, a bad
+    --env or --runtime-env, a storage path or tracking URI only one machine sees. 1 when the cluster
+    cannot be reached or refuses the token, 130 when interrupted while following (the job keeps running).
     """
+    if command == "run" and getattr(args, "resume", False):
+        command = "resume"
+    address, address_source = jobs.resolve_address(getattr(args, "address", None))
     overrides = list(getattr(args, "overrides", None) or [])
     # schema, ranges and --set here; paths (dataset.path, weights) are the cluster's, checked by the job
     spec = load_spec(args.spec, overrides, check_paths=False)
-    print(f"ok: {args.spec} is a valid sweep spec ({spec.name}); paths are checked on the cluster", file=sys.stderr)
-    if command in ("run", "resume") and "://" not in spec.storage.path:
-        print(
-            f"warning: storage.path is the local path {spec.storage.path!r}: unless every node mounts it (NFS), "
-            "trial workers on other nodes cannot write there; use --set storage.path=s3://BUCKET/PREFIX",
-            file=sys.stderr,
-        )
+    runtime_env_file = getattr(args, "runtime_env", None)
+    file_env = jobs.load_runtime_env(runtime_env_file) if runtime_env_file else {}
+    env_items = jobs.parse_env_items(list(getattr(args, "env_items", None) or []))
+    user_env = jobs.job_runtime_env(file_env, env_items, overrides)
+    env_vars = user_env.get("env_vars", {})
+    shared_fs = bool(getattr(args, "shared_fs", False))
+    jobs.check_shared_places(spec, env_vars, shared_fs, scrub_text(str(args.spec)))
+    print(f"ok: {scrub_text(str(args.spec))} is a valid sweep spec ({spec.name}); paths are checked on the cluster",
+          file=sys.stderr)
+
     token, source = jobs.resolve_token(getattr(args, "token", None))
     try:
-        client = jobs.connect(args.address, token, source)
-        package = jobs.build_package(args.spec)
-        entrypoint = jobs.build_entrypoint(package.spec_arg, overrides, command=command)
+        client = jobs.connect(address, token, source, address_source)
+        package = jobs.build_package(args.spec, user_env)
+        entrypoint = jobs.build_entrypoint(package.spec_arg, command=command, shared_fs=shared_fs, allow_changes=bool(overrides))
         job_id = jobs.submit(client, entrypoint, package, spec)
     except jobs.JobSubmitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrub_text(str(exc))}", file=sys.stderr)
         return 1
-    base = getattr(client, "_address", jobs.dashboard_address(args.address))  # the resolved http:// URL
+    # the resolved http:// URL; scrubbed, since an address may carry user:password@
+    base = scrub_text(getattr(client, "_address", jobs.dashboard_address(address, address_source)))
     addr = shlex.quote(base)
     print(f"submitted job: {job_id}")
-    print(f"entrypoint:    {entrypoint}")
+    print(f"entrypoint:    {scrub_text(entrypoint)}")
+    # names only: values (credentials among them) stay in the job's runtime env
+    names = sorted(k for k in env_vars if k != jobs.OVERRIDES_ENV)
+    if names:
+        print(f"env:           {' '.join(names)} (values not shown)")
+    if overrides:
+        keys = [scrub_text(item.partition("=")[0]) for item in overrides]
+        print(f"--set:         {' '.join(keys)} (values not shown; they travel in {jobs.OVERRIDES_ENV})")
     print(f"dashboard:     {base}/#/jobs/{job_id}")
     print(f"logs:          ray job logs {job_id} --address {addr} --follow")
     print(f"stop:          ray job stop {job_id} --address {addr}")
@@ -56,6 +73,6 @@ def submit_command(args: argparse.Namespace, command: str = "run") -> int:
     if status != "SUCCEEDED":
         message = client.get_job_info(job_id).message
         if message:
-            print(f"ray: {message}", file=sys.stderr)
+            print(f"ray: {scrub_text(message)}", file=sys.stderr)
         return code or 1
     return 0

@@ -3,45 +3,62 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
-from isosweep.config import SpecError, SweepSpec, load_spec
-from isosweep.results.layout import DONE_MARKER, STATE_FILE, find_sweeps, resolve_storage
+from isosweep import storage as st
+from isosweep.config import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
+from isosweep.console import say
+from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
 from isosweep.results.rows import SweepOutcome
 from isosweep.results.tables import backbones_of, plain_table
+from isosweep.spec_changes import spec_for_resume
 from isosweep.sweep.driver import load_outcome, run_sweep
+from isosweep.tracking.redact import scrub_text
 
 
-def run_command(args: argparse.Namespace, resume: bool = False) -> int:
-    """`isosweep run SPEC` / `isosweep resume SPEC`: exit 0 with a champion, 1 without one."""
+def run_command(args: argparse.Namespace) -> int:
+    """`isosweep run SPEC`: exit 0 with a champion, 1 without one."""
     spec = load_spec(args.spec, args.overrides)
-    resume_dir = _unfinished_sweep(spec, args) if resume else None
     outcome = run_sweep(spec, args.spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
-                        report_dir=args.report_dir, resume_dir=resume_dir)
+                        report_dir=args.report_dir, shared_fs=args.shared_fs)
     print_summary(spec, outcome)
     return 0 if outcome.champion else 1
 
 
 def resume_command(args: argparse.Namespace) -> int:
-    """`isosweep resume SPEC`: continue the newest unfinished sweep of the spec's name."""
-    return run_command(args, resume=True)
+    """`isosweep resume TARGET`: continue an unfinished sweep with the spec it ran with (saved in its storage).
+
+    TARGET is the sweep's folder or URI, a spec file (its newest unfinished sweep under --storage or the
+    spec's storage), or a spec name or sweep id with --storage. --set and a spec file may change only
+    fields that do not change results, and only with --allow-changes (`spec_changes`).
+    """
+    sweep, given = _sweep_to_resume(args)
+    state = read_state(sweep)
+    if is_done(sweep):
+        raise SpecError(f"{scrub_text(sweep)}: the sweep finished already; fix: `isosweep results {scrub_text(sweep)}`, "
+                        "or start a new sweep with `isosweep run`")
+    spec = spec_for_resume(state["spec"], given, allow_changes=args.allow_changes, source=args.target)
+    say(f"resuming {state['sweep_id']} from {scrub_text(sweep)} with the spec it ran with")
+    spec_path = state.get("spec_path") if state.get("spec_path") and Path(state["spec_path"]).is_file() else None
+    outcome = run_sweep(spec, spec_path, address=args.address, tracking_uri=args.tracking_uri,
+                        report_dir=args.report_dir, resume_sweep=sweep, shared_fs=args.shared_fs)
+    print_summary(spec, outcome)
+    return 0 if outcome.champion else 1
 
 
 def results_command(args: argparse.Namespace) -> int:
-    """`isosweep results SPEC|SWEEP_DIR` (and `status`): the table, the front and the champion, from storage."""
-    target = Path(args.sweep)
-    if target.is_dir() and (target / STATE_FILE).is_file():
-        sweep_dir = target
-    else:
-        spec = load_spec(args.sweep, args.overrides, check_paths=False)
-        found = find_sweeps(resolve_storage(spec, args.storage), spec.name)
-        if not found:
-            raise SpecError(f"{args.sweep}: no sweep named '{spec.name}-*' found; fix: pass --storage or the sweep folder")
-        sweep_dir = found[0]
-    spec, outcome = load_outcome(sweep_dir)
-    done = (sweep_dir / DONE_MARKER).exists()
+    """`isosweep results TARGET` (and `status`): the table, the front and the champion, read from storage.
+
+    TARGET: the sweep's folder or URI, a spec file (its newest sweep), or a spec name or sweep id with --storage.
+    """
+    sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
+    _, outcome = load_outcome(sweep)
+    done = is_done(sweep)
     print(f"sweep {outcome.sweep_id} ({'finished' if done else 'running or interrupted'})")
+    print(f"storage: {scrub_text(sweep)}")
     print(plain_table(outcome.rows))
+    _print_backbones(outcome)
     print("\nPareto front: " + ", ".join(r["trial_id"] for r in outcome.front))
     if outcome.champion:
         print(f"champion: {outcome.champion.row['trial_id']}: {outcome.champion.reason}")
@@ -52,38 +69,75 @@ def print_summary(spec: SweepSpec, outcome: SweepOutcome) -> None:
     """The end of a run: the table and where everything is."""
     print()
     print(plain_table(outcome.rows))
-    bb = backbones_of(outcome.rows)
-    if bb:
-        print("backbones: " + ", ".join(f"{k}={v}" for k, v in sorted(bb.items())))
+    _print_backbones(outcome)
     if outcome.champion:
         c = outcome.champion.row
         print(f"\nchampion: trial {c['trial_id']} (lambda_iso={c['lambda_iso']:.3g}, p={c['p']:g}, G={c['iso_metric']}): {outcome.champion.reason}")
     else:
         print("\nno champion: no trial finished with finite objectives")
-    print(f"\nsweep folder: {outcome.sweep_dir}")
+    print(f"\nsweep:        {scrub_text(outcome.sweep_uri or str(outcome.sweep_dir))}")
     if outcome.report_dir:
         print(f"report:       {outcome.report_dir / 'report.md'}")
+    elif outcome.sweep_uri:
+        print(f"report:       {scrub_text(st.join(outcome.sweep_uri, 'report', 'report.md'))}")
+    print(f"status:       isosweep status {shlex.quote(scrub_text(outcome.sweep_uri or str(outcome.sweep_dir)))}")
     if outcome.tracking_uri:
         if outcome.tracking_uri.startswith("sqlite:"):
             print(f"MLflow UI:    mlflow ui --backend-store-uri {outcome.tracking_uri}")
         else:
-            print(f"MLflow UI:    {outcome.tracking_uri}")
+            print(f"MLflow UI:    {scrub_text(outcome.tracking_uri)}")
     if outcome.champion and outcome.registered:
         uri = f"models:/{spec.registry_name}@champion"
-        env = f"MLFLOW_TRACKING_URI={outcome.tracking_uri} " if outcome.tracking_uri else ""
+        env = f"MLFLOW_TRACKING_URI={scrub_text(outcome.tracking_uri)} " if outcome.tracking_uri else ""
         print("\nuse the champion:")
         print(f"  {env}isosweep pull {uri} --out champion")
         print("  isosweep sample champion --n 16 --steps 50 --out grid.png")
         print("  isosweep interpolate champion --seeds 1 2 --frames 9 --mode slerp --out strip.png")
 
 
-def _unfinished_sweep(spec: SweepSpec, args: argparse.Namespace) -> Path:
-    """The newest sweep of this spec's name under the storage that has no done marker."""
-    storage = resolve_storage(spec, args.storage)
-    candidates = [p for p in find_sweeps(storage, spec.name) if not (p / DONE_MARKER).exists()]
-    if not candidates:
-        raise SpecError(
-            f"{args.spec}: no unfinished sweep named '{spec.name}-*' under {storage}; "
-            "fix: start one with `isosweep run`, or pass the same --storage as the interrupted run"
-        )
-    return candidates[0]
+def _print_backbones(outcome: SweepOutcome) -> None:
+    bb = backbones_of(outcome.rows)
+    if bb:
+        print("backbones: " + ", ".join(f"{k}={v}" for k, v in sorted(bb.items())))
+
+
+def _sweep_to_resume(args: argparse.Namespace) -> tuple[str, SweepSpec | None]:
+    """(sweep URI, the spec given to compare with the saved one, or None to use the saved one as is)."""
+    target = args.target
+    if _is_spec_file(target):
+        spec = load_spec(target, args.overrides)
+        return _find_sweep(target, args.storage, args.overrides, unfinished=True, spec=spec), spec
+    sweep = _find_sweep(target, args.storage, args.overrides, unfinished=True)
+    if not args.overrides:
+        return sweep, None
+    saved = read_state(sweep)["spec"]
+    return sweep, spec_from_dict(apply_overrides(dict(saved), args.overrides), source="--set", check_paths=False)
+
+
+def _is_spec_file(target: str) -> bool:
+    return not st.is_remote(target) and Path(target).is_file() and target.endswith((".yaml", ".yml", ".json"))
+
+
+def _find_sweep(target: str, storage: str | None, overrides: list[str], *, unfinished: bool, spec: SweepSpec | None = None) -> str:
+    """The sweep a command names: a sweep folder/URI itself, else the newest (unfinished) sweep of a spec
+    file's name under --storage or its storage, else the sweep id or spec name under --storage."""
+    if not _is_spec_file(target) and is_sweep(target):
+        return st.normalize(target)
+    if _is_spec_file(target):
+        spec = spec or load_spec(target, overrides, check_paths=False)
+        root, name = resolve_storage(spec, storage), spec.name
+    elif storage:
+        root, name = st.normalize(storage), target
+        exact = st.join(root, target)
+        if is_sweep(exact):
+            return exact
+    else:
+        raise SpecError(f"{target}: not a sweep folder or URI (no {STATE_FILE} there) and not a spec file; fix: pass the "
+                        "sweep's URI (e.g. s3://BUCKET/PREFIX/NAME-YYYYmmdd-HHMMSS?endpoint_override=...), a spec file, "
+                        "or a name with --storage URI")
+    found = [s for s in find_sweeps(root, name) if not (unfinished and is_done(s))]
+    if not found:
+        what = "unfinished sweep" if unfinished else "sweep"
+        raise SpecError(f"{target}: no {what} named '{name}-*' under {scrub_text(root)}; fix: pass the --storage the "
+                        "sweep ran with (see its storage.path), or start one with `isosweep run`")
+    return found[0]

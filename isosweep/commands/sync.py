@@ -1,46 +1,69 @@
-"""`isosweep sync SPEC`: upload to MLflow what a sweep's storage holds and the tracking server lacks."""
+"""`isosweep sync TARGET`: upload to MLflow what a sweep's storage holds and the tracking server lacks."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
+from pathlib import Path
 
-from isosweep.config import load_spec
-from isosweep.files import read_json
-from isosweep.results.layout import STATE_FILE, sweep_dirs
+from isosweep import storage as st
+from isosweep.config import SpecError, SweepSpec, load_spec, spec_from_dict
+from isosweep.results.layout import find_sweeps, is_sweep, read_state, sweep_dirs
 from isosweep.tracking.client import resolve_tracking_uri
 from isosweep.tracking.redact import scrub_text
 from isosweep.tracking.sync import sync_sweep_dir
 
 
 def sync_command(args: argparse.Namespace) -> int:
-    """`isosweep sync SPEC [--storage S] [--tracking-uri U]`: upload what storage has and MLflow lacks.
+    """`isosweep sync TARGET [--storage S] [--tracking-uri U]`: upload what storage has and MLflow lacks.
 
-    Walks `<storage>/<name>` and `<storage>/<name>-*` (local storage; for s3:// storage, copy the
-    sweep folder down first). The tracking URI: --tracking-uri, the spec, MLFLOW_TRACKING_URI, the
-    one recorded in the sweep's state file, then the local default.
+    TARGET: a sweep's folder or URI (s3:// included), a spec file (every sweep of its name under
+    --storage or its storage), or a spec name with --storage. A remote sweep is copied into a temporary
+    folder first and the copy removed after. The tracking URI: --tracking-uri, the spec,
+    MLFLOW_TRACKING_URI, the one recorded in the sweep's state file, then the local default.
     """
-    spec = load_spec(args.spec, getattr(args, "overrides", None), check_paths=False)
-    storage = args.storage or spec.storage.path
-    if "://" in storage:
-        raise NotImplementedError(
-            f"sync reads local storage only (got {scrub_text(storage)}); copy the sweep folder down first, e.g. "
-            f"`aws s3 sync {scrub_text(storage.split('?')[0])}/<sweep id> ./runs/<sweep id>`, then pass --storage ./runs"
-        )
-    dirs = sweep_dirs(storage, spec.name)
-    if not dirs:
-        raise FileNotFoundError(f"no sweep folder {spec.name} or {spec.name}-* under {storage}; check --storage and the spec's name")
     total = synced = 0
-    for d in dirs:
-        recorded = read_json(d / STATE_FILE).get("tracking_uri")
+    for where, spec, spec_path in _sweeps(args):
+        recorded = (read_state(where).get("tracking_uri") if is_sweep(where) else None)
         explicit = args.tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or recorded
-        uri = explicit or resolve_tracking_uri(None, None, storage)
-        done = sync_sweep_dir(spec, args.spec, uri, d, storage)
+        uri = explicit or resolve_tracking_uri(None, None, st.parent_of(where))
+        if st.is_remote(where):
+            with tempfile.TemporaryDirectory(prefix="isosweep-sync-") as tmp:
+                print(f"{st.name_of(where)}: copying {scrub_text(where)} to a temporary folder", flush=True)
+                local = st.download_dir(where, Path(tmp) / st.name_of(where))
+                done = sync_sweep_dir(spec, spec_path, uri, local, where)
+        else:
+            done = sync_sweep_dir(spec, spec_path, uri, where, st.parent_of(where))
         for tid, run_id, uploaded in done:
-            print(f"{d.name}/{tid}\trun {run_id}\t" + (", ".join(uploaded) if uploaded else "up to date"))
+            print(f"{st.name_of(where)}/{tid}\trun {run_id}\t" + (", ".join(uploaded) if uploaded else "up to date"))
         total += len(done)
         synced += sum(1 for *_, u in done if u)
-        print(f"{d.name}: {len(done)} trial(s) checked against {scrub_text(uri)}")
+        print(f"{st.name_of(where)}: {len(done)} trial(s) checked against {scrub_text(uri)}")
     print(f"synced {synced} of {total} trial(s)")
     return 0
+
+
+def _sweeps(args: argparse.Namespace) -> list[tuple[str, SweepSpec, str | None]]:
+    """(sweep location, spec, spec path) for each sweep the target names."""
+    target = args.target
+    if is_sweep(target):
+        where = st.normalize(target)
+        return [(where, spec_from_dict(read_state(where)["spec"], source=f"{target} (saved spec)", check_paths=False), None)]
+    if Path(target).is_file():
+        spec = load_spec(target, getattr(args, "overrides", None), check_paths=False)
+        root = st.normalize(args.storage or spec.storage.path)
+        if st.is_remote(root):
+            found = find_sweeps(root, spec.name)
+        else:  # local folders without a state file too (a sweep whose driver died before writing one)
+            found = [str(d) for d in sweep_dirs(root, spec.name)]
+        if not found:
+            raise SpecError(f"{target}: no sweep folder {spec.name} or {spec.name}-* under {scrub_text(root)}; fix: check --storage and the spec's name")
+        return [(w, spec, target) for w in found]
+    if not args.storage:
+        raise SpecError(f"{target}: not a sweep folder or URI and not a spec file; fix: pass the sweep's URI, a spec file, or a name with --storage")
+    found = find_sweeps(st.normalize(args.storage), target)
+    if not found:
+        raise SpecError(f"{target}: no sweep named '{target}-*' under {scrub_text(args.storage)}; fix: check --storage and the name")
+    return [(w, spec_from_dict(read_state(w)["spec"], source=f"{w} (saved spec)", check_paths=False), None) for w in found]
 

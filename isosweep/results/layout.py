@@ -1,13 +1,15 @@
-"""Where a sweep's records live: folder names, the state file, the done marker, and finding sweeps.
+"""Where a sweep's records live, all under its storage URI (a local folder, a shared file system or S3):
 
     <storage>/<sweep id>/              the Tune experiment (sweep id = <spec name>-<YYYYmmdd-HHMMSS>)
-        isosweep_sweep.json            the sweep's state: spec, storage, tracking URI, parent run id
+        isosweep_sweep.json            the sweep's state: the spec as it ran, storage, tracking URI, parent run id
+        spec.yaml                      the spec as it ran, for people
         sweep_done.json                written once the sweep has finished
         results.csv, results.md        the results table; pareto.png
         report/                        report.md, report.html and figures
         train/<trial id>/checkpoint_*  each trial's Train run and checkpoints
 
-For `s3://` storage the small files (state, tables, report) live under ./runs/<sweep id> on the driver.
+So `status`, `results`, `resume` and `sync` work from any machine that can read the storage URI.
+URIs are built with `isosweep.storage.join`, which keeps S3 query strings (`?endpoint_override=...`).
 """
 
 from __future__ import annotations
@@ -15,62 +17,68 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from isosweep.config import SweepSpec
+from isosweep import storage as st
+from isosweep.config import SpecError, SweepSpec
 
 STATE_FILE = "isosweep_sweep.json"
+SPEC_FILE = "spec.yaml"
 DONE_MARKER = "sweep_done.json"
 TRAIN_DIR = "train"  # <sweep>/train/<trial id>/: a trial's Train run is named after its Tune trial id
-LOCAL_ROOT_FOR_REMOTE = "runs"
-
-
-def is_remote(path: str) -> bool:
-    """A URI (s3://...) rather than a local path."""
-    return "://" in path
+REPORT_DIR = "report"
 
 
 def resolve_storage(spec: SweepSpec, cli_storage: str | None) -> str:
-    """Absolute local path or a URI (s3://...) where Tune keeps the sweep."""
-    path = cli_storage or spec.storage.path
-    return path if is_remote(path) else str(Path(path).expanduser().resolve())
+    """Absolute local path or a URI (s3://...) under which the sweeps live."""
+    return st.normalize(cli_storage or spec.storage.path)
 
 
 def new_sweep_id(spec: SweepSpec) -> str:
     return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def local_root(storage: str) -> Path:
-    """The local folder that holds the sweeps' small files: the storage itself, or ./runs for remote storage."""
-    return Path(storage) if not is_remote(storage) else Path(LOCAL_ROOT_FOR_REMOTE).resolve()
-
-
-def default_report_dir(storage: str, sweep_id: str) -> Path:
-    return local_root(storage) / sweep_id / "report"
-
-
-def local_state_dir(storage: str, sweep_id: str) -> Path:
-    """Where the driver keeps its own small files (state, tables); local even for s3 storage."""
-    d = local_root(storage) / sweep_id
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def find_sweeps(storage: str, name: str) -> list[Path]:
-    """Local sweep directories of a spec name, newest first."""
-    root = local_root(storage)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob(f"{name}-*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+def sweep_uri(storage: str, sweep_id: str) -> str:
+    """The sweep's folder, which is also its Tune experiment: <storage>/<sweep id>."""
+    return st.join(storage, sweep_id)
 
 
 def train_storage(storage: str, sweep_id: str) -> str:
     """Where the trials' Train runs and checkpoints go: <storage>/<sweep id>/train."""
-    return f"{experiment_path(storage, sweep_id)}/{TRAIN_DIR}" if is_remote(storage) else str(Path(storage) / sweep_id / TRAIN_DIR)
+    return st.join(storage, sweep_id, TRAIN_DIR)
 
 
-def experiment_path(storage: str, sweep_id: str) -> str:
-    """The Tune experiment of a sweep: <storage>/<sweep id>."""
-    return f"{storage.rstrip('/')}/{sweep_id}"
+def is_sweep(uri: str) -> bool:
+    """Whether `uri` (a local folder or a URI) holds a sweep's state file."""
+    try:
+        return st.exists(st.join(uri, STATE_FILE))
+    except (OSError, ValueError):
+        return False
+
+
+def read_state(sweep: str) -> dict:
+    """The sweep's state file; a SpecError naming the file and the fix when it is missing or unreadable."""
+    where = st.join(sweep, STATE_FILE)
+    try:
+        state = st.read_json(where)
+    except (OSError, ValueError) as exc:
+        state, why = None, f"unreadable ({exc.__class__.__name__})"
+    else:
+        why = "missing"
+    if not state or not state.get("sweep_id"):
+        why = why if state is None else "without a sweep_id"
+        raise SpecError(f"{where}: {why}, so the sweep cannot be read or resumed from it; fix: restore the file "
+                        "from a backup, check the storage URI, or start a new sweep with `isosweep run`")
+    return state
+
+
+def is_done(sweep: str) -> bool:
+    return st.exists(st.join(sweep, DONE_MARKER))
+
+
+def find_sweeps(storage: str, name: str) -> list[str]:
+    """The sweeps of spec `name` under storage (`<name>-<timestamp>` with a state file), newest first."""
+    prefix = f"{name}-"
+    found = [st.join(storage, d) for d in st.list_dirs(storage) if d.startswith(prefix) and d[len(prefix):][:1].isdigit()]
+    return sorted((s for s in found if is_sweep(s)), key=st.name_of, reverse=True)
 
 
 def trial_id_from_path(checkpoint_dir: Path, sweep_dir: Path) -> str | None:

@@ -28,6 +28,7 @@ class SweepOutcome:
     tracking_uri: str | None = None
     parent_run_id: str | None = None
     registered: dict = field(default_factory=dict)
+    sweep_uri: str = ""  # where the sweep lives in storage (sweep_dir is the local folder its files were written in)
 
 
 def make_row(trial_id: str, config: dict, metrics: dict, status: str) -> dict:

@@ -8,29 +8,30 @@ on (FID, PPL): the Pareto front and a stated champion rule (`results.selection`)
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import yaml
 from ray import tune
 from ray.tune import ExperimentAnalysis
 
+from isosweep import storage as st
 from isosweep.config import SpecError, SweepSpec
 from isosweep.console import say
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
-from isosweep.files import read_json, write_json_atomic
 from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
 from isosweep.results.layout import (
     DONE_MARKER,
+    REPORT_DIR,
+    SPEC_FILE,
     STATE_FILE,
-    default_report_dir,
-    experiment_path,
-    local_state_dir,
     new_sweep_id,
+    read_state,
     resolve_storage,
+    sweep_uri,
     train_storage,
 )
 from isosweep.results.plots import pareto_plot
@@ -44,78 +45,108 @@ from isosweep.sweep.search import build_search, planned_trials
 from isosweep.sweep.trial import make_trial_fn, rows_from_results
 from isosweep.tracking.artifacts import log_sweep_summary
 from isosweep.tracking.client import resolve_tracking_uri
+from isosweep.tracking.redact import scrub_text
 from isosweep.tracking.registry import register_sweep_models
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run
 
 
 @dataclass
 class SweepPlace:
-    """Where one sweep lives: its id, storage, the Tune experiment, the Train runs and the local state folder."""
+    """Where one sweep lives: its id, the storage it is under, its folder (the Tune experiment), the Train
+    runs, and a local staging folder for the files written here and then uploaded (the sweep folder itself
+    for local storage)."""
 
     sweep_id: str
     storage: str
-    experiment_path: str
+    sweep_uri: str
     train_storage: str
-    state_dir: Path
+    staging: Path
+    staging_is_temporary: bool
     state: dict
+    resuming: bool = False
 
 
 def run_sweep(spec: SweepSpec, spec_path: str | None = None, *, address: str | None = None, tracking_uri: str | None = None,
-              storage: str | None = None, report_dir: str | None = None, resume_dir: Path | None = None,
-              dashboard: bool = True, write_report: bool = True) -> SweepOutcome:
-    """Run (or resume) a sweep to completion and return its rows, front and champion."""
+              storage: str | None = None, report_dir: str | None = None, resume_sweep: str | None = None,
+              dashboard: bool = True, write_report: bool = True, shared_fs: bool = False) -> SweepOutcome:
+    """Run (or resume, given the sweep's URI) a sweep to completion and return its rows, front and champion."""
     quiet_libraries()
-    place = _place(spec, storage, resume_dir)
-    say(f"sweep {place.sweep_id}: storage {place.experiment_path}")
-    _prepare_base_model(spec)  # before Ray starts, so pretraining has the CPUs to itself
+    place = _place(spec, storage, resume_sweep)
+    try:
+        return _run(spec, spec_path, place, address=address, tracking_uri=tracking_uri, report_dir=report_dir,
+                    dashboard=dashboard, write_report=write_report, shared_fs=shared_fs)
+    finally:
+        st.remove_staging(place.staging, place.staging_is_temporary)
+
+
+def _run(spec: SweepSpec, spec_path: str | None, place: SweepPlace, *, address: str | None, tracking_uri: str | None,
+         report_dir: str | None, dashboard: bool, write_report: bool, shared_fs: bool) -> SweepOutcome:
+    say(f"sweep {place.sweep_id}: storage {scrub_text(place.sweep_uri)}")
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri, tracking_uri or place.state.get("tracking_uri"),
+                                        place.storage if not st.is_remote(place.storage) else None)
+    if address:  # joining a cluster is cheap: check it can run the sweep before minutes of preparation
+        _start_ray(spec, spec_path, address, dashboard, place, tracking_uri, shared_fs)
+    _prepare_base_model(spec)  # an embedded Ray starts after, so pretraining has the CPUs to itself
     _prepare_backbones(spec)
-    _start_ray(spec, spec_path, address, dashboard)
-    tracking_uri = resolve_tracking_uri(spec.tracking.uri, tracking_uri or place.state.get("tracking_uri"), str(place.state_dir.parent))
-    parent_run_id = find_or_create_sweep_run(spec, spec_path, tracking_uri, place.sweep_id, storage_path=place.experiment_path)
+    if not address:
+        _start_ray(spec, spec_path, address, dashboard, place, tracking_uri, shared_fs)
+    parent_run_id = find_or_create_sweep_run(spec, spec_path, tracking_uri, place.sweep_id, storage_path=place.sweep_uri)
     _save_state(place, spec, spec_path, tracking_uri, parent_run_id)
-    say(f"MLflow: {tracking_uri} (experiment '{spec.experiment_name}', parent run {parent_run_id})")
-    results = _tuner(spec, place, tracking_uri, parent_run_id, resume=resume_dir is not None).fit()
+    say(f"MLflow: {scrub_text(tracking_uri)} (experiment '{spec.experiment_name}', parent run {parent_run_id})")
+    results = _tuner(spec, place, tracking_uri, parent_run_id, resume=place.resuming).fit()
     outcome = _outcome(spec, place, rows_from_results(results), tracking_uri, parent_run_id)
-    csv_path, md_path = save_tables(outcome.rows, place.state_dir)
-    plot = pareto_plot(outcome.rows, outcome.front, outcome.champion, place.state_dir / "pareto.png",
+    csv_path, md_path = save_tables(outcome.rows, place.staging)
+    plot = pareto_plot(outcome.rows, outcome.front, outcome.champion, place.staging / "pareto.png",
                        tuple(spec.selection.objectives), backbones_of(outcome.rows))
     if outcome.champion and spec.tracking.register_champion:
         say("registry: registering the champion and the Pareto trials")
         outcome.registered = register_sweep_models(tracking_uri, spec.registry_name, outcome.champion.row, outcome.front, outcome.rows)
     if write_report:
-        folder = Path(report_dir) if report_dir else default_report_dir(place.storage, place.sweep_id)
+        folder = Path(report_dir) if report_dir else place.staging / REPORT_DIR
         outcome.report_dir = write_report_folder(spec, outcome, folder)
+        if report_dir:
+            st.upload_dir(folder, st.join(place.sweep_uri, REPORT_DIR))
+    st.upload_dir(place.staging, place.sweep_uri)  # tables, plot and report: a no-op for local storage
     log_sweep_summary(tracking_uri, parent_run_id, csv_path=csv_path, md_path=md_path, pareto_png=plot,
                       champion_run_id=outcome.champion.row.get("mlflow_run_id") if outcome.champion else None,
                       report_dir=outcome.report_dir)
-    write_json_atomic(place.state_dir / DONE_MARKER, {"finished": time.time(),
-                                                      "champion": outcome.champion.row["trial_id"] if outcome.champion else None})
+    st.write_json(st.join(place.sweep_uri, DONE_MARKER),
+                  {"finished": time.time(), "champion": outcome.champion.row["trial_id"] if outcome.champion else None})
     end_run(tracking_uri, parent_run_id, "FINISHED" if all(r["status"] == "DONE" for r in outcome.rows) else "FAILED")
+    if place.staging_is_temporary:  # the local copies go with the staging folder: point at storage instead
+        outcome.report_dir = None if not report_dir else outcome.report_dir
     return outcome
 
 
-def load_outcome(sweep_dir: Path) -> tuple[SweepSpec, SweepOutcome]:
-    """Rebuild a sweep's rows from its Tune experiment directory (running or finished)."""
-    state = json.loads((sweep_dir / STATE_FILE).read_text())
+def load_outcome(sweep: str | Path) -> tuple[SweepSpec, SweepOutcome]:
+    """Rebuild a sweep's rows from its folder in storage (running or finished), from any machine."""
+    sweep = st.normalize(sweep)
+    state = read_state(sweep)
     spec = SweepSpec.model_validate(state["spec"])
-    analysis = ExperimentAnalysis(state["experiment_path"])
-    rows = [make_row(t.trial_id, dict(t.config or {}), dict(t.last_result or {}), t.status) for t in analysis.trials]
+    try:
+        trials = ExperimentAnalysis(sweep).trials
+    except (FileNotFoundError, ValueError):  # Tune has not saved its experiment state yet: no trial to show
+        trials = []
+    rows = [make_row(t.trial_id, dict(t.config or {}), dict(t.last_result or {}), t.status) for t in trials]
     rows.sort(key=lambda r: (not r["baseline"], r["trial_id"]))
     front, champion = summarize(spec, rows)
-    return spec, SweepOutcome(state["sweep_id"], sweep_dir, rows, front, champion,
-                              tracking_uri=state.get("tracking_uri"), parent_run_id=state.get("parent_run_id"))
+    return spec, SweepOutcome(state["sweep_id"], Path(sweep) if not st.is_remote(sweep) else Path(state["sweep_id"]), rows, front,
+                              champion, tracking_uri=state.get("tracking_uri"), parent_run_id=state.get("parent_run_id"),
+                              sweep_uri=sweep)
 
 
-def _place(spec: SweepSpec, storage: str | None, resume_dir: Path | None) -> SweepPlace:
-    """A new sweep's place, or the one recorded in the state file of the sweep being resumed."""
-    storage = resolve_storage(spec, storage)
-    state = read_json(resume_dir / STATE_FILE) if resume_dir is not None else {}
-    if resume_dir is not None and not state.get("sweep_id"):
-        raise SpecError(f"{resume_dir / STATE_FILE}: unreadable or without a sweep_id, so the sweep cannot be resumed "
-                        "from it; fix: restore the file from a backup, or start a new sweep with `isosweep run`")
-    sweep_id = state["sweep_id"] if state else new_sweep_id(spec)
-    return SweepPlace(sweep_id, storage, experiment_path(storage, sweep_id), train_storage(storage, sweep_id),
-                      local_state_dir(storage, sweep_id), state)
+def _place(spec: SweepSpec, storage: str | None, resume_sweep: str | None) -> SweepPlace:
+    """A new sweep's place, or the one of the sweep being resumed (found where its state file is)."""
+    if resume_sweep is not None:
+        sweep = st.normalize(resume_sweep)
+        state = read_state(sweep)
+        sweep_id, root = state["sweep_id"], st.parent_of(sweep)
+    else:
+        state, root = {}, resolve_storage(spec, storage)
+        sweep_id = new_sweep_id(spec)
+    uri = sweep_uri(root, sweep_id)
+    staging, temporary = st.staging_dir(uri, prefix=f"isosweep-{sweep_id}-")
+    return SweepPlace(sweep_id, root, uri, train_storage(root, sweep_id), staging, temporary, state, resuming=resume_sweep is not None)
 
 
 def _prepare_base_model(spec: SweepSpec) -> None:
@@ -142,23 +173,38 @@ def _prepare_backbones(spec: SweepSpec) -> None:
     say(f"feature networks: {nets.family}")
 
 
-def _start_ray(spec: SweepSpec, spec_path: str | None, address: str | None, dashboard: bool) -> None:
-    """Start or join Ray and check that one trial fits the cluster (an autoscaling cluster may add nodes)."""
+def _start_ray(spec: SweepSpec, spec_path: str | None, address: str | None, dashboard: bool, place: SweepPlace,
+               tracking_uri: str, shared_fs: bool) -> None:
+    """Start or join Ray; check that one trial fits the cluster (an autoscaling cluster may add nodes) and,
+    on a multi-node cluster, that every node can reach the storage and the tracking store."""
     info = init_ray(address, dashboard)
+    source = spec_path or spec.name
     try:
-        check_cluster_fits(spec, ray.cluster_resources(), spec_path or spec.name)
+        check_cluster_fits(spec, ray.cluster_resources(), source)
     except SpecError as exc:
         if not address:
             raise
         say(f"warning: {exc}\n  (connected by address: trials will queue until the autoscaler adds nodes)")
+    if address and not shared_fs and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        reasons = [r for r in (st.machine_local_reason(place.storage, "storage"), st.machine_local_reason(tracking_uri, "tracking")) if r]
+        if reasons:
+            raise SpecError(f"{source}: {'; '.join(reasons)}, but this cluster has several nodes whose trials must write "
+                            "there; fix: --storage s3://BUCKET/PREFIX and --tracking-uri http://MLFLOW:5000, or pass "
+                            "--shared-fs if every node mounts the same file system at the same path")
     if info.get("dashboard_url"):
         say(f"Ray dashboard: {info['dashboard_url']} (token: `ray get-auth-token` if it asks)")
 
 
 def _save_state(place: SweepPlace, spec: SweepSpec, spec_path: str | None, tracking_uri: str, parent_run_id: str) -> None:
+    """The state file and the spec as it ran, in storage before any trial starts (a resume reads both back)."""
+    resumed = place.resuming
     place.state.update({"sweep_id": place.sweep_id, "spec": spec.to_dict(), "spec_path": spec_path, "storage": place.storage,
-                        "experiment_path": place.experiment_path, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id})
-    write_json_atomic(place.state_dir / STATE_FILE, place.state)
+                        "experiment_path": place.sweep_uri, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+                        "started": place.state.get("started") or time.time()})
+    if resumed:
+        place.state["resumed"] = [*place.state.get("resumed", []), time.time()]
+    st.write_json(st.join(place.sweep_uri, STATE_FILE), place.state)
+    st.write_bytes(st.join(place.sweep_uri, SPEC_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
 
 
 def _tuner(spec: SweepSpec, place: SweepPlace, tracking_uri: str, parent_run_id: str, *, resume: bool) -> tune.Tuner:
@@ -166,11 +212,13 @@ def _tuner(spec: SweepSpec, place: SweepPlace, tracking_uri: str, parent_run_id:
     sweep = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "train_storage": place.train_storage}
     # the trial function only waits on its TorchTrainer: it holds no CPU (1 MB so the bundle is not empty)
     trainable = tune.with_resources(make_trial_fn(spec.to_dict(), sweep), {"CPU": 0, "memory": 2**20})
-    if resume and tune.Tuner.can_restore(place.experiment_path):
+    if resume and tune.Tuner.can_restore(place.sweep_uri):
         say(f"resuming {place.sweep_id}: finished trials are kept, unfinished ones continue from their checkpoints")
-        return tune.Tuner.restore(place.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(place.sweep_uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if resume:
+        say(f"resuming {place.sweep_id}: no Tune experiment was saved yet, so the search starts from its first trial")
     concurrency = max_concurrent(spec, ray.cluster_resources())
-    space, alg, num_samples = build_search(spec, place.state_dir, concurrency)
+    space, alg, num_samples = build_search(spec, place.sweep_id, concurrency)
     say(f"search: {spec.search.algorithm}, {planned_trials(spec)} trials (baseline included), up to {concurrency} at once")
     return tune.Tuner(
         trainable,
@@ -179,7 +227,7 @@ def _tuner(spec: SweepSpec, place: SweepPlace, tracking_uri: str, parent_run_id:
         run_config=tune.RunConfig(
             name=place.sweep_id,
             callbacks=[SweepProgress(planned_trials(spec), concurrency)],
-            storage_path=place.storage,
+            storage_path=place.storage,  # a URI with its query intact: Tune joins the name inside its path
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             verbose=1,
         ),
@@ -188,4 +236,5 @@ def _tuner(spec: SweepSpec, place: SweepPlace, tracking_uri: str, parent_run_id:
 
 def _outcome(spec: SweepSpec, place: SweepPlace, rows: list[dict], tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     front, champion = summarize(spec, rows)
-    return SweepOutcome(place.sweep_id, place.state_dir, rows, front, champion, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    return SweepOutcome(place.sweep_id, place.staging, rows, front, champion, tracking_uri=tracking_uri,
+                        parent_run_id=parent_run_id, sweep_uri=place.sweep_uri)

@@ -3,6 +3,11 @@
 The baseline (lambda_iso = 0, `config.BASELINE_PARAMS`) is injected in front of any searcher: as a
 `points_to_evaluate` entry for random and grid, and by `BaselineFirst` for Optuna, so the searcher's
 model never sees it (its lambda_iso = 0 lies outside a log-uniform space and would corrupt TPE).
+
+The Optuna study is held in memory and travels in the searcher state that Tune saves into the sweep's
+experiment folder in storage, so a resume on another machine restores the whole history (no finished
+point is suggested as new, TPE keeps what it learned). Each save also writes `optuna.journal` there,
+Optuna's plain-text journal format, for `optuna-dashboard`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from isosweep.config import BASELINE_PARAMS, TRIAL_KEYS, SweepSpec
+
+JOURNAL_FILE = "optuna.journal"  # beside Tune's searcher state in <sweep>/: `optuna-dashboard <sweep>/optuna.journal`
 
 
 class BaselineFirst(Searcher):
@@ -55,6 +62,7 @@ class BaselineFirst(Searcher):
             self.inner.on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
+        _export_journal(self.inner, Path(checkpoint_path).parent / JOURNAL_FILE)
         with tempfile.TemporaryDirectory() as tmp:
             inner_path = os.path.join(tmp, "inner.pkl")
             self.inner.save(inner_path)
@@ -73,6 +81,19 @@ class BaselineFirst(Searcher):
             self.inner.restore(inner_path)
 
 
+def _export_journal(searcher: Searcher, path: Path) -> None:
+    """Write the Optuna study (if any) to `path` as an Optuna journal, replacing it atomically."""
+    study = getattr(searcher, "_ot_study", None)
+    if study is None:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    backend = optuna.storages.journal.JournalFileBackend(str(tmp))
+    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                      to_storage=optuna.storages.JournalStorage(backend))
+    os.replace(tmp, path)
+
+
 def planned_trials(spec: SweepSpec) -> int:
     """How many trials the search will run, the baseline included (a grid runs every combination)."""
     s = spec.search
@@ -84,7 +105,7 @@ def planned_trials(spec: SweepSpec) -> int:
     return 1 + s.num_trials * combinations
 
 
-def build_search(spec: SweepSpec, state_dir: Path, max_concurrent: int = 0):
+def build_search(spec: SweepSpec, study_name: str, max_concurrent: int = 0):
     """(param_space, search_alg, num_samples) for the spec's algorithm, with the baseline first.
 
     max_concurrent (0: no limit) goes into BasicVariantGenerator itself: Tune applies
@@ -101,14 +122,11 @@ def build_search(spec: SweepSpec, state_dir: Path, max_concurrent: int = 0):
         alg = BasicVariantGenerator(points_to_evaluate=[dict(BASELINE_PARAMS)], max_concurrent=max_concurrent,
                                     random_state=s.seed)
         return space, alg, s.num_trials + 1
-    # the study lives beside the sweep, where `optuna-dashboard sqlite:///.../optuna.db` opens it
-    state_dir.mkdir(parents=True, exist_ok=True)
     inner = OptunaSearch(
         metric=list(spec.selection.objectives),
         mode=["min", "min"],
         sampler=optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, min(10, s.num_trials // 2))),
-        storage=optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}"),
-        study_name=state_dir.name,
+        study_name=study_name,  # in memory: the history travels in Tune's searcher state (module docstring)
     )
     return {k: _domain(getattr(s, k)) for k in TRIAL_KEYS}, BaselineFirst(inner, BASELINE_PARAMS), s.num_trials + 1
 

@@ -41,6 +41,11 @@ def is_secret_key(key: str) -> bool:
     return any(fnmatch.fnmatch(k, p) for p in _SECRET_KEY_PATTERNS)
 
 
+# AWS settings that name where, not who: never secret, and scrubbing them garbles every S3 URI ("region=***")
+_NOT_SECRET_ENV = {"aws_default_region", "aws_region", "aws_endpoint_url", "aws_endpoint_url_s3", "aws_profile",
+                   "aws_default_output", "aws_config_file", "aws_shared_credentials_file", "aws_ca_bundle"}
+
+
 def _secret_env_values() -> list[str]:
     """Values of secret-looking environment variables present now (longest first)."""
     env: dict[str, str] = {}
@@ -50,7 +55,7 @@ def _secret_env_values() -> list[str]:
             break
         except (KeyError, RuntimeError):
             continue
-    vals = {v for k, v in env.items() if is_secret_key(k) and v and len(v) >= 6}
+    vals = {v for k, v in env.items() if is_secret_key(k) and k.lower() not in _NOT_SECRET_ENV and v and len(v) >= 6}
     return sorted(vals, key=len, reverse=True)
 
 

@@ -61,7 +61,7 @@ def _sweep_parent(spec: Any, spec_path: str | None, tracking_uri: str, sweep_dir
             return rid
         except MlflowException:
             pass  # recorded on another tracking server: create it here
-    sid = state.get("experiment_path") or state.get("sweep_id") or sweep_dir.name  # what the driver tagged
+    sid = state.get("sweep_id") or sweep_dir.name  # what the driver tagged the parent run with
     return find_or_create_sweep_run(spec, spec_path, tracking_uri, sid, storage_path=storage_path)
 
 
