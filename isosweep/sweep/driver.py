@@ -40,7 +40,7 @@ from isosweep.results.rows import SweepOutcome, make_row, summarize
 from isosweep.results.tables import backbones_of, save_tables
 from isosweep.sweep.callbacks import SweepProgress
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
-from isosweep.sweep.resources import check_cluster_fits, max_concurrent
+from isosweep.sweep.resources import check_cluster_fits, trial_concurrency
 from isosweep.sweep.search import build_search, planned_trials
 from isosweep.sweep.trial import make_trial_fn, rows_from_results
 from isosweep.tracking.artifacts import log_sweep_summary
@@ -217,9 +217,9 @@ def _tuner(spec: SweepSpec, place: SweepPlace, tracking_uri: str, parent_run_id:
         return tune.Tuner.restore(place.sweep_uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
     if resume:
         say(f"resuming {place.sweep_id}: no Tune experiment was saved yet, so the search starts from its first trial")
-    concurrency = max_concurrent(spec, ray.cluster_resources())
+    concurrency, why = trial_concurrency(spec)  # what the cluster can grow to, not what is up now
     space, alg, num_samples = build_search(spec, place.sweep_id, concurrency)
-    say(f"search: {spec.search.algorithm}, {planned_trials(spec)} trials (baseline included), up to {concurrency} at once")
+    say(f"search: {spec.search.algorithm}, {planned_trials(spec)} trials (baseline included), up to {concurrency} at once ({why})")
     return tune.Tuner(
         trainable,
         param_space=space,

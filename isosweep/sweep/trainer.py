@@ -1,9 +1,10 @@
 """Ray Train adapter: one trial = one `TorchTrainer` run of `training.loop.train_loop` on N DDP workers.
 
 `build_trainer` turns a spec into a TorchTrainer (gloo on CPU, NCCL on GPU; FailureConfig retries
-restart every worker from the run's latest checkpoint); `train_loop_per_worker` is the thin function
-each worker runs: it wraps Ray's context in a `Reporter`, hands the loop the evaluation suite as its
-evaluator and MLflow's downloader for `models:/` base models, and calls the plain training loop.
+restart every worker, on whichever nodes are alive, from the run's latest checkpoint);
+`train_loop_per_worker` is the thin function each worker runs: it wraps Ray's context in a `Reporter`,
+hands the loop the evaluation suite as its evaluator and MLflow's downloader for `models:/` base
+models, and calls the plain training loop.
 """
 
 from __future__ import annotations
@@ -168,8 +169,20 @@ def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_pa
     """A TorchTrainer for one trial.
 
     Re-running with the same `run_name` and `storage_path` restores that run from its latest
-    checkpoint (Ray Train V2); `resume_from` starts a new run from a checkpoint directory. Worker
-    failures are retried `search.max_failures` times, each retry resuming from the latest checkpoint.
+    checkpoint (Ray Train V2); `resume_from` starts a new run from a checkpoint directory.
+
+    Failures (Ray Train V2 in Ray 2.60, `train/v2/_internal/execution/failure_handling/default.py`): a
+    worker that dies, its node included (a node that vanishes without notice: the GCS marks it dead
+    once its health checks fail, and its workers' deaths surface as a `WorkerGroupError`), is retried
+    `search.max_failures` times. Each retry starts a fresh worker group wherever the resources are,
+    handing every worker the latest *registered* checkpoint, which the loop resumes from
+    (`RayReporter.latest_checkpoint` -> `ray.train.get_checkpoint()`); tests/test_resources.py kills a
+    node to show it. A node drained with a preemption notice (spot reclaim) is counted apart, without
+    limit (`max_preemption_failures=-1`). While a lost node is replaced, the new group's placement group
+    times out every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) and is retried without limit (a
+    controller error, `controller_failure_limit=-1`). The controller itself runs on the node of the
+    caller (the Tune trial); if that node dies, Tune retries the trial, whose new TorchTrainer of the
+    same `run_name` restores this run from `storage_path`, which must be shared (S3, NFS).
     """
     res = spec.resources
     config = {"spec": spec.to_dict(), "trial_params": dict(trial_params or {}), "evaluate": evaluate,
@@ -186,7 +199,8 @@ def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_pa
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=spec.search.max_failures),
+            # worker and node failures: search.max_failures; spot preemptions: Ray's default, unlimited
+            failure_config=FailureConfig(max_failures=spec.search.max_failures, max_preemption_failures=-1),
             checkpoint_config=CheckpointConfig(num_to_keep=3),  # the last three (the final one included)
             callbacks=callbacks,
             # Train logs each report, checkpoint and resource request at INFO; our progress line says it
