@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec(p)
     p.add_argument("--no-path-checks", action="store_true",
                    help="skip checks of local paths (dataset, base model): for specs whose data lives on the cluster")
+    p.add_argument("--deep", action="store_true",
+                   help="also decode every image of an image_folder dataset once and name the unreadable ones (cached)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="where an MLflow base model (models:/...) is looked up (default: spec, MLFLOW_TRACKING_URI)")
 
     p = sub.add_parser("run", help="run a sweep (embedded local Ray unless --address)")
     _add_spec(p)
@@ -61,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("target", help=target_help)
         p.add_argument("--storage", default=None, help="where to look for a spec file's or a name's sweeps")
         p.add_argument("--set", dest="overrides", action="append", default=[])
+
+    p = sub.add_parser("promote", help="move the registry's @champion alias to a finished trial chosen by hand")
+    p.add_argument("target", help=target_help)
+    p.add_argument("--trial", required=True, help="the trial id (as `isosweep results` lists it)")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
 
     p = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a Ray job",
                        description="Submit a sweep as a Ray job. --set values and --env values travel in the job's "
@@ -156,13 +167,18 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *_env_overrides()]
         return int(_dispatch(args) or 0)
     except SpecError as exc:  # messages name files and URIs: scrubbed, since a URI may carry a key
-        from isosweep.tracking.redact import scrub_text  # stdlib only: keeps `isosweep --help` fast
+        from isosweep.redact import scrub_text  # stdlib only: keeps `isosweep --help` fast
 
         print(f"error: {scrub_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; `isosweep resume SPEC` continues from the last checkpoints", file=sys.stderr)
+        print("interrupted; `isosweep resume SWEEP_URI` (printed above) continues from the last checkpoints", file=sys.stderr)
         return 130
+    except Exception as exc:  # a cause deep in MLflow/requests may quote a URI with its credentials
+        from isosweep.redact import format_exception_scrubbed  # stdlib only
+
+        print(format_exception_scrubbed(exc), end="", file=sys.stderr)
+        return 1
 
 
 # verb -> (module in isosweep.commands, function)
@@ -172,6 +188,7 @@ COMMANDS = {
     "resume": ("sweep", "resume_command"),
     "results": ("sweep", "results_command"),
     "status": ("sweep", "results_command"),
+    "promote": ("sweep", "promote_command"),
     "submit": ("submit", "submit_command"),
     "train": ("train", "train_command"),
     "pretrain": ("models", "pretrain_command"),

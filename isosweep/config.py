@@ -8,14 +8,19 @@ used by `isosweep validate`, `run`, `train` and `eval`; the resolved spec is sav
 from __future__ import annotations
 
 import copy
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from isosweep import spec_base
 from isosweep.core.names import ISO_METRICS
+from isosweep.spec_base import SAFE_NAME_PATTERN, SpecError, format_errors, is_text_field
+from isosweep.spec_base import Section as _Section
 
 # The evaluation metrics a spec can ask for, and the values a results row carries ("ls" gives ls and,
 # with the rbf kernel, ls_rbf). Every list of metric names in isosweep is one of these two.
@@ -27,14 +32,8 @@ TRIAL_KEYS = ("lambda_iso", "p", "iso_metric")
 BASELINE_PARAMS = {"lambda_iso": 0.0, "p": 1.0, "iso_metric": "stereographic", "baseline": True}
 # Fields renamed since earlier versions: old key -> new key, refused with a message naming the new one.
 RENAMED_FIELDS = {("train", "metric"): "iso_metric", ("search", "metric"): "iso_metric"}
-
-
-class SpecError(ValueError):
-    """A spec that cannot run; the message names the file, the field, the value and the fix."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# The files an image_folder dataset is made of: every file under dataset.path with one of these suffixes.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class BaseModelSpec(_Section):
@@ -50,6 +49,13 @@ class BaseModelSpec(_Section):
     pretrain_steps: int = Field(600, ge=1, description="optimizer steps for builtin:shapes pretraining")
     pretrain_batch_size: int = Field(32, ge=1, description="batch size for builtin:shapes pretraining")
     cache_dir: str | None = Field(None, description="where builtin models are cached (default ~/.cache/isosweep/models)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_builtin(cls, v: str) -> str:
+        if v.startswith("builtin:") and v != "builtin:shapes":  # any other builtin: would be looked up as a hub id
+            raise ValueError(f"unknown built-in model {v!r}; the only one is builtin:shapes")
+        return v
 
 
 class DatasetSpec(_Section):
@@ -211,19 +217,33 @@ class SearchSpec(_Section):
     seed: int = Field(0, description="seed of the search algorithm")
     max_failures: int = Field(2, ge=0, description="retries of a failed trial (Tune) and of its workers (Train)")
 
-    @model_validator(mode="after")
-    def _ranges(self) -> "SearchSpec":
-        for v in self.lambda_iso.bounds():
-            if v < 0:
+    @field_validator("lambda_iso", "p")
+    @classmethod
+    def _numbers_in_range(cls, d: Distribution, info: ValidationInfo) -> Distribution:
+        name = info.field_name
+        for v in d.values or []:  # a choice's values are Any to YAML: check each is a finite number (not "1.5", null, true)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"search.{name} has the value {v!r}, which is not a finite number; fix: give numbers "
+                                 "only, without quotes, null, inf or nan, e.g. values: [0.0, 0.5]")
+        for v in d.bounds():
+            if name == "lambda_iso" and v < 0:
                 raise ValueError(f"search.lambda_iso can reach {v} < 0; lambda_iso must be >= 0")
-        for v in self.p.bounds():
-            if not 0.0 <= v <= 1.0:
+            if name == "p" and not 0.0 <= v <= 1.0:
                 raise ValueError(f"search.p can reach {v}; p must lie in [0, 1]")
-        if self.iso_metric.type != "choice":
+        return d
+
+    @field_validator("iso_metric")
+    @classmethod
+    def _known_metrics(cls, d: Distribution) -> Distribution:
+        if d.type != "choice":
             raise ValueError("search.iso_metric must be a choice of " + ", ".join(ISO_METRICS))
-        bad = [m for m in self.iso_metric.values if m not in ISO_METRICS]
+        bad = [m for m in d.values if not isinstance(m, str) or m not in ISO_METRICS]
         if bad:
             raise ValueError(f"search.iso_metric has unknown value(s) {bad}; use any of {list(ISO_METRICS)}")
+        return d
+
+    @model_validator(mode="after")
+    def _grid(self) -> "SearchSpec":
         if self.algorithm == "grid":
             for name in TRIAL_KEYS:
                 if getattr(self, name).type != "choice":
@@ -277,7 +297,8 @@ class StorageSpec(_Section):
 class SweepSpec(_Section):
     """A whole sweep: the root of the YAML file."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="sweep name; also the MLflow experiment by default")
+    name: str = Field(..., pattern=SAFE_NAME_PATTERN, max_length=100,
+                      description="sweep name (a folder name: letters, digits, _ . -, not starting with . or -); also the MLflow experiment by default")
     base_model: BaseModelSpec = Field(default_factory=BaseModelSpec)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -309,62 +330,26 @@ class SweepSpec(_Section):
         return self.model_dump(mode="json")
 
 
-_FIXES = {
-    "extra_forbidden": "remove it, or check its spelling against the spec reference in README.md",
-    "missing": "add it",
-    "literal_error": "use one of the allowed values",
-    "greater_than_equal": "raise it to the minimum",
-    "greater_than": "raise it above the minimum",
-    "less_than_equal": "lower it to the maximum",
-    "less_than": "lower it below the maximum",
-    "string_pattern_mismatch": "use letters, digits, '_', '.' and '-' only",
-}
-
-
-def _lookup(data: Any, loc: tuple) -> Any:
-    for key in loc:
-        try:
-            data = data[key]
-        except (KeyError, IndexError, TypeError):
-            return "<missing>"
-    return data
-
-
-def _format_errors(source: str, exc: ValidationError, data: dict) -> str:
-    lines = [f"{source}: invalid sweep spec ({exc.error_count()} problem(s))"]
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        field = ".".join(str(p) for p in loc) or "<root>"
-        value = _lookup(data, loc)
-        msg = err["msg"].removeprefix("Value error, ")
-        fix = _FIXES.get(err["type"], "")
-        line = f"  - field '{field}': {msg} (got {value!r})"
-        lines.append(line + (f"; fix: {fix}" if fix else ""))
-    return "\n".join(lines)
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
-
-
 def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply `key.path=value` overrides (values parsed as YAML) to a nested dict, returning a copy."""
-    out = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise SpecError(f"{source}: '{item}' is not key.path=value; fix: write e.g. search.num_trials=2")
-        key, _, raw = item.partition("=")
-        parts = key.strip().split(".")
-        node = out
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise SpecError(f"{source}: '{key}' goes through '{part}', which is not a section; fix: check the key path")
-            node = nxt
-        node[parts[-1]] = _parse_value(raw)
-    return out
+    """Apply `key.path=value` overrides to a nested dict, returning a copy (`spec_base.apply_overrides`).
+
+    Values are parsed as YAML, except for fields that take text only (str, or a choice of strings): there the
+    text stays as typed, so `--set train.mixed_precision=no` is "no", not YAML's False.
+    """
+    return spec_base.apply_overrides(data, overrides, source, text_field=_is_text_path)
+
+
+def _is_text_path(parts: list[str]) -> bool:
+    """Whether `a.b.c` names a field of the schema that takes text only."""
+    model: Any = SweepSpec
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        if i == len(parts) - 1:
+            return is_text_field(field.annotation)
+        model = field.annotation
+    return False
 
 
 def spec_from_dict(data: dict, source: str = "<spec>", check_paths: bool = True) -> SweepSpec:
@@ -375,7 +360,7 @@ def spec_from_dict(data: dict, source: str = "<spec>", check_paths: bool = True)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_format_errors(source, exc, data)) from None
+        raise SpecError(format_errors(source, exc, data)) from None
     if check_paths:
         _check_paths(spec, source)
     return spec
@@ -413,13 +398,20 @@ def trial_params_of(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Every file under `root` (recursively, unsorted) whose suffix is one of IMAGE_SUFFIXES: an image_folder's images."""
+    return (p for p in Path(root).expanduser().rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def _check_paths(spec: SweepSpec, source: str) -> None:
     ds = spec.dataset
-    if ds.kind == "image_folder" and ds.path and "://" not in ds.path and not Path(os.path.expanduser(ds.path)).is_dir():
-        raise SpecError(
-            f"{source}: field 'dataset.path': directory does not exist (got {ds.path!r}); "
-            "fix: point it at the root of the image tree, or --set dataset.path=/data/celebahq"
-        )
+    if ds.kind == "image_folder" and ds.path and "://" not in ds.path:
+        if not Path(os.path.expanduser(ds.path)).is_dir():
+            raise SpecError(f"{source}: field 'dataset.path': directory does not exist (got {ds.path!r}); "
+                            "fix: point it at the root of the image tree, or --set dataset.path=/data/celebahq")
+        if next(iter_image_files(ds.path), None) is None:  # stops at the first image: cheap on 30k files
+            raise SpecError(f"{source}: field 'dataset.path': no images ({', '.join(IMAGE_SUFFIXES)}) under it, at any "
+                            f"depth (got {ds.path!r}); fix: point it at the folder that holds the images")
     if ds.attributes and not Path(os.path.expanduser(ds.attributes)).is_file():
         raise SpecError(f"{source}: field 'dataset.attributes': file does not exist (got {ds.attributes!r}); fix: give the CSV's path or remove the field")
     src = spec.base_model.source

@@ -17,13 +17,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace`.
+
+    mode: the file's permission bits (e.g. 0o600), set on the temporary file before the rename, so the
+    file is never readable by others even for a moment; None keeps the umask's default.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_bytes(data)
+        if mode is None:
+            tmp.write_bytes(data)
+        else:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)  # exactly `mode`: os.open's is masked by the umask
+                f.write(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

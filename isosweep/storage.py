@@ -4,6 +4,10 @@ file system, or S3 (including S3-compatible servers named by query, `?endpoint_o
 Paths are never joined as strings: `join` puts the new parts into the URI's path and keeps its query
 intact, and every read or write goes through `pyarrow.fs` (the file system layer Ray Tune and Train
 use), so what isosweep writes and what Ray writes always land in the same place.
+
+What isosweep writes on a local disk is private to its user: files 0600, the folders it creates 0700
+(state files, specs and reports name storage and tracking URIs; a shared machine's other users must not
+read them). Object stores keep their own access control.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from isosweep.files import write_bytes_atomic
 
 # schemes whose files only one machine can see: fine for an embedded run, wrong for a multi-node cluster
 MACHINE_LOCAL_TRACKING = ("sqlite:", "file:")
+PRIVATE_FILE = 0o600  # permission bits of every local file written here
+PRIVATE_DIR = 0o700  # and of every local folder created here (existing folders keep theirs)
 
 
 def is_remote(uri: str) -> bool:
@@ -90,7 +96,9 @@ def read_bytes(uri: str) -> bytes | None:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file: atomically by rename on a local disk, by a single PUT on object stores."""
     if not is_remote(uri):
-        write_bytes_atomic(normalize(uri), data)
+        path = Path(normalize(uri))
+        make_private_dirs(path.parent)
+        write_bytes_atomic(path, data, mode=PRIVATE_FILE)
         return
     fs, path = filesystem(uri)
     with fs.open_output_stream(path) as f:
@@ -122,23 +130,62 @@ def list_dirs(uri: str) -> list[str]:
     return sorted(PurePosixPath(i.path).name for i in infos if i.type == pafs.FileType.Directory)
 
 
+def make_private_dirs(path: str | os.PathLike) -> Path:
+    """Create the local folder `path` and its missing parents, each 0700; folders that exist keep their mode."""
+    target = Path(path)
+    missing, folder = [], target
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:  # another process made it first: its mode is its own
+            continue
+        os.chmod(folder, PRIVATE_DIR)  # exactly 0700: mkdir's mode is masked by the umask
+    return target
+
+
+def make_private(path: str | os.PathLike) -> Path:
+    """Make a local file 0600, or every file under a local folder 0600 (folders are left as they are)."""
+    path = Path(path)
+    for f in [path] if path.is_file() else path.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, PRIVATE_FILE)
+    return path
+
+
 def upload_dir(local: str | os.PathLike, uri: str) -> None:
-    """Copy a local folder's files under `uri` (overwriting); a no-op when `uri` is that folder."""
+    """Copy a local folder's files under `uri` (overwriting); a no-op when `uri` is that folder.
+
+    On a local disk the copies are private: the folders it creates 0700, the files 0600."""
     local = Path(local).resolve()
-    if not is_remote(uri) and Path(normalize(uri)) == local:
+    dest = None if is_remote(uri) else Path(normalize(uri))
+    if dest == local:
         return
+    if dest is not None:
+        for folder in [local, *sorted(p for p in local.rglob("*") if p.is_dir())]:
+            make_private_dirs(dest / folder.relative_to(local))
     fs, path = filesystem(uri)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    if dest is not None:
+        for f in local.rglob("*"):
+            if f.is_file():
+                make_private(dest / f.relative_to(local))
 
 
 def download_dir(uri: str, local: str | os.PathLike) -> Path:
-    """Copy everything under `uri` into the local folder `local`; returns it."""
+    """Copy everything under `uri` into the local folder `local`; returns it. The copies are private: every
+    file under `local` 0600, the folders the copy creates 0700."""
     local = Path(local)
-    local.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(local)
+    before = {p for p in local.rglob("*") if p.is_dir()}
     fs, path = filesystem(uri)
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
+    for folder in (p for p in local.rglob("*") if p.is_dir() and p not in before):
+        os.chmod(folder, PRIVATE_DIR)
+    return make_private(local)
 
 
 def staging_dir(uri: str, prefix: str = "isosweep-") -> tuple[Path, bool]:

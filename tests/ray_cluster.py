@@ -225,8 +225,13 @@ def start_local_cluster(
         for i in range(worker_nodes):
             for attempt in range(2):
                 p = _free_ports(6)
+                # each node its own temp dir, as each machine of a real cluster has its own disk: nodes sharing one
+                # session folder share one runtime-env cache, whose agents then delete each other's working dirs
+                worker_temp = temp_dir / f"w{i}{attempt}"
+                worker_temp.mkdir(exist_ok=True)
                 worker_args = [
                     f"--address={cluster.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={worker_cpus}",
+                    f"--temp-dir={worker_temp}",
                     "--num-gpus=0", "--disable-usage-stats",
                     f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
                     f"--dashboard-agent-listen-port={p[2]}", f"--dashboard-agent-grpc-port={p[3]}",

@@ -172,3 +172,62 @@ def mlflow_server(s3_server: S3Server) -> Iterator[MlflowServer]:
         yield MlflowServer(uri, proc.pid, s3_server, dest, workdir)
     finally:
         _stop(proc)
+
+
+class LosingProxy:
+    """An HTTP proxy on loopback in front of the real tracking server, for injecting network faults.
+
+    It forwards every request but: for the first `lose` requests whose path ends with one of `paths`,
+    drops the connection instead of returning the server's answer (the request took effect, its
+    response was lost); and while `down` is set, answers 503 without forwarding (an outage)."""
+
+    def __init__(self, target: str, paths: tuple[str, ...] = (), lose: int = 0):
+        import http.server
+        import threading
+        import urllib.request
+
+        proxy = self
+        self.lost: list[str] = []
+        self.down = threading.Event()
+        self.refused = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.down.is_set():
+                    proxy.refused += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                req = urllib.request.Request(target + self.path, data=body if self.command != "GET" else None,
+                                             method=self.command, headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        status, headers, data = r.status, r.headers.items(), r.read()
+                except urllib.error.HTTPError as e:
+                    status, headers, data = e.code, e.headers.items(), e.read()
+                if paths and self.path.split("?")[0].endswith(paths) and len(proxy.lost) < lose:
+                    proxy.lost.append(self.path)
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # the server did it; the client never hears
+                    return
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()

@@ -223,3 +223,197 @@ def test_trials_of_a_sweep_started_before_the_rename_keep_their_metric():
     spec = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False)
     assert resolve_trial_spec(spec, params).train.iso_metric == "identity"
     assert make_row("t", old, {}, "TERMINATED")["iso_metric"] == "identity"
+
+
+# --- validation holes closed before any trial starts (issue 13, item 9) ---
+
+def _set(data, dotted, value):
+    *parents, last = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), "inf"], ids=["inf", "-inf", "nan", "text-inf"])
+@pytest.mark.parametrize("field", ["train.learning_rate", "train.lambda_iso", "train.epochs", "train.adam_eps",
+                                   "search.lambda_iso.high", "selection.fid_tolerance", "selection.weights.fid"])
+def test_every_float_is_finite(tmp_path, field, bad):
+    """inf and nan (YAML .inf / .nan) are refused in every float field, search bounds included."""
+    data = demo_data()
+    if field.startswith("search.lambda_iso"):
+        data["search"]["lambda_iso"] = {"type": "uniform", "low": 1e-5, "high": 1e-3}
+    msg = _error(tmp_path, _set(data, field, bad))
+    assert f"'{field}'" in msg and "finite" in msg and "fix" in msg
+
+
+@pytest.mark.parametrize("value", ["abc", None, "1.5", True, float("nan")], ids=["abc", "null", "quoted-1.5", "bool", "nan"])
+@pytest.mark.parametrize("dim", ["lambda_iso", "p"])
+def test_choice_values_must_be_numbers(tmp_path, dim, value):
+    data = demo_data()
+    data["search"][dim] = {"type": "choice", "values": [0.5, value]}
+    msg = _error(tmp_path, data)
+    assert f"search.{dim}" in msg and repr(value) in msg and "not a finite number" in msg and "fix" in msg
+
+
+@pytest.mark.parametrize("value", [None, 1.5, "Stereographic"])
+def test_iso_metric_choice_needs_known_names(tmp_path, value):
+    data = demo_data()
+    data["search"]["iso_metric"] = {"type": "choice", "values": ["identity", value]}
+    msg = _error(tmp_path, data)
+    assert "search.iso_metric" in msg and repr(value) in msg and "stereographic" in msg
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "-x", "a b", "x" * 101])
+def test_name_is_a_safe_folder_name(tmp_path, name):
+    data = demo_data()
+    data["name"] = name
+    msg = _error(tmp_path, data)
+    assert "'name'" in msg and "fix" in msg
+    assert load_spec(write(tmp_path, {**demo_data(), "name": "demo-2.v1_x"})).name == "demo-2.v1_x"
+
+
+def test_empty_image_folder_is_found_with_path_checks(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "notes.txt").write_text("no images here")
+    data = demo_data()
+    data["dataset"] = {"kind": "image_folder", "path": str(folder), "resolution": 32}
+    msg = _error(tmp_path, data)
+    assert "dataset.path" in msg and "no images" in msg and "fix" in msg
+    load_spec(write(tmp_path, data), check_paths=False)  # the cluster's paths: not checked
+    (folder / "sub" / "x.PNG").write_bytes(b"")  # found at any depth, any case (decoding is --deep's job)
+    load_spec(write(tmp_path, data))
+
+
+def test_string_choices_read_yaml_boolean_words_back(tmp_path):
+    """`mixed_precision: no` is YAML 1.1's False: read back as "no"; in --set, text fields keep the text as typed."""
+    path = tmp_path / "spec.yaml"
+    path.write_text((ROOT / "search_spaces" / "demo.yaml").read_text() + "\n")
+    data = demo_data()
+    data["train"]["mixed_precision"] = False  # what `mixed_precision: no` in a file parses to
+    assert load_spec(write(tmp_path, data)).train.mixed_precision == "no"
+    data["train"]["mixed_precision"] = True  # yes/on/true: none of no/fp16/bf16 is such a word
+    assert "train.mixed_precision" in _error(tmp_path, data)
+    spec = load_spec(path, ["train.mixed_precision=no", "name=2024", "tracking.uri=null", "train.lambda_iso=1e-3"])
+    assert spec.train.mixed_precision == "no" and spec.name == "2024" and spec.tracking.uri is None
+    assert spec.train.lambda_iso == 1e-3  # numbers stay numbers
+    with pytest.raises(SpecError, match="train.mixed_precision"):
+        load_spec(path, ["train.mixed_precision=yes"])
+
+
+def test_set_mixed_precision_no_through_the_cli(tmp_path):
+    """The real command line, in its own process: `--set train.mixed_precision=no` validates (exit 0)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "isosweep.cli", "validate", str(ROOT / "search_spaces" / "demo.yaml"), "--set", "train.mixed_precision=no"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["train"]["mixed_precision"] == "no"
+    bad = subprocess.run(cmd + ["--set", "name=.."], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "'name'" in bad.stderr and "fix" in bad.stderr
+
+
+# --- preflight: the base model and the images, before Ray starts ---
+
+def _fake_hub_cache(root: Path, repo_id: str, files: list[str]) -> Path:
+    """The layout huggingface_hub writes: models--ORG--NAME/{refs/main, snapshots/<commit>/...}."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name in files:
+        f = repo / "snapshots" / ("0" * 40) / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("{}")
+    return root
+
+
+def _spec_with_base(source, subfolder=None):
+    from isosweep.config import spec_from_dict
+
+    return spec_from_dict({**demo_data(), "base_model": {"source": source, "subfolder": subfolder}}, check_paths=False)
+
+
+def test_preflight_finds_a_hub_id_only_in_the_local_cache_when_offline(tmp_path, monkeypatch):
+    from isosweep.commands.validate import check_base_model
+
+    cache = _fake_hub_cache(tmp_path / "hub", "org/pipe", ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"])
+    _fake_hub_cache(cache, "org/noweights", ["config.json"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "local HF cache" in check_base_model(_spec_with_base("org/pipe"), "s.yaml")
+    assert "local HF cache" in check_base_model(_spec_with_base("org/pipe", "unet"), "s.yaml")
+    for source, sub in (("org/missing", None), ("org/noweights", None), ("org/pipe", "vae")):
+        with pytest.raises(SpecError) as exc:
+            check_base_model(_spec_with_base(source, sub), "s.yaml")
+        msg = str(exc.value)
+        assert "s.yaml" in msg and "base_model.source" in msg and source in msg and f"huggingface-cli download {source}" in msg
+    with pytest.raises(SpecError, match="no local path, MLflow URI or hub id"):
+        check_base_model(_spec_with_base("not a/valid id"), "s.yaml")
+
+
+def test_preflight_checks_a_local_model_folder(tmp_path):
+    from isosweep.commands.validate import check_base_model
+
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    with pytest.raises(SpecError, match="no UNet config.json"):
+        check_base_model(_spec_with_base(str(tmp_path / "pipe")), "s.yaml")
+    (tmp_path / "pipe" / "unet" / "config.json").write_text("{}")
+    assert "local folder" in check_base_model(_spec_with_base(str(tmp_path / "pipe")), "s.yaml")
+    assert "built in" in check_base_model(_spec_with_base("builtin:shapes"), "s.yaml")
+    with pytest.raises(SpecError, match="builtin:shapes"):
+        _spec_with_base("builtin:faces")
+
+
+@pytest.mark.slow  # an MLflow SQLite store: about 10 s of table creation
+def test_preflight_looks_up_mlflow_models_at_their_server(tmp_path, monkeypatch):
+    """models:/ base models: found (listed, not downloaded), missing, no server named, server unreachable."""
+    from mlflow import MlflowClient
+
+    from isosweep.commands.validate import check_base_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    files = tmp_path / "model"
+    (files / "unet").mkdir(parents=True)
+    (files / "unet" / "config.json").write_text("{}")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("base")
+    version = client.create_model_version("base", source=files.as_uri())
+    client.set_registered_model_alias("base", "champion", version.version)
+    monkeypatch.setenv("ISOSWEEP_TRACKING_RETRIES", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert "models:/base@champion" in check_base_model(_spec_with_base("models:/base@champion"), "s.yaml", tracking_uri=uri)
+    with pytest.raises(SpecError) as exc:
+        check_base_model(_spec_with_base("models:/base@nope"), "s.yaml", tracking_uri=uri)
+    assert "models:/base@nope" in str(exc.value) and "fix" in str(exc.value)
+    with pytest.raises(SpecError, match="MLFLOW_TRACKING_URI"):
+        check_base_model(_spec_with_base("models:/base@champion"), "s.yaml")
+    with pytest.raises(SpecError) as exc:
+        check_base_model(_spec_with_base("models:/base@champion"), "s.yaml", tracking_uri="http://127.0.0.1:9")
+    assert "127.0.0.1:9" in str(exc.value) and "could not be reached" in str(exc.value) and "fix" in str(exc.value)
+
+
+def test_validate_deep_names_unreadable_images(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("ISOSWEEP_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "ok.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "cut.png")
+    (folder / "cut.png").write_bytes((folder / "cut.png").read_bytes()[:500])
+    data = demo_data()
+    data["dataset"] = {"kind": "image_folder", "path": str(folder), "resolution": 8}
+    spec = str(write(tmp_path, data))
+    assert main(["validate", spec]) == 0  # without --deep the images are not decoded
+    capsys.readouterr()
+    assert main(["validate", spec, "--deep"]) == 2
+    err = capsys.readouterr().err
+    assert "cut.png" in err and "dataset.path" in err and "1 of 2" in err and "fix" in err
+    (folder / "cut.png").unlink()
+    assert main(["validate", spec, "--deep"]) == 0
+    assert "all readable" in capsys.readouterr().err
+    assert main(["validate", spec, "--deep", "--no-path-checks"]) == 2

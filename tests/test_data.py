@@ -150,3 +150,105 @@ def test_image_folder_errors_name_the_path(tmp_path):
 def test_build_dataset_shapes():
     ds = build_dataset(DatasetSpec(kind="shapes", size=10, resolution=16, seed=2))
     assert isinstance(ds, ShapesDataset) and len(ds) == 10 and ds[0][0].shape == (3, 16, 16)
+
+
+# --- image files: one decoding for the loader and the scan (data/imagefiles.py) ---
+
+def _png(path, array, mode=None):
+    from PIL import Image
+
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def _truncated_png(path):
+    """A real PNG with its second half cut off (random pixels: the compressed data fills the file)."""
+    _png(path, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_png_raises_naming_the_file(tmp_path):
+    from isosweep.data.imagefiles import ImageFileError, read_rgb
+
+    _png(tmp_path / "good.png", np.zeros((16, 16, 3), np.uint8))
+    bad = _truncated_png(tmp_path / "bad.png")
+    with pytest.raises(ImageFileError, match="bad.png") as exc:
+        read_rgb(bad)
+    assert exc.value.path == str(bad) and "validate --deep" in str(exc.value)
+    ds = ImageFolderDataset(tmp_path, 16, random_flip=False)
+    assert [p.name for p in ds.files] == ["bad.png", "good.png"]
+    with pytest.raises(ImageFileError, match="bad.png"):
+        ds[0]  # met while loading: named, never a blank image
+    assert ds[1][0].shape == (3, 16, 16)
+    import pickle  # DataLoader workers and Ray pickle it: rebuilt from (path, reason)
+    again = pickle.loads(pickle.dumps(exc.value))
+    assert isinstance(again, ImageFileError) and again.path == str(bad) and str(again) == str(exc.value)
+
+
+def test_16_bit_png_is_scaled_not_saturated(tmp_path):
+    """A 16-bit greyscale PNG of value v loads as round(v * 255 / 65535) in every channel, not 255."""
+    from PIL import Image
+
+    from isosweep.data.imagefiles import read_rgb
+
+    v = 30000
+    path = _png(tmp_path / "deep.png", np.full((8, 8), v, dtype=np.uint16))
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+    expected = round(v * 255 / 65535)  # 117
+    assert np.asarray(read_rgb(path))[0, 0].tolist() == [expected] * 3
+    img, _ = ImageFolderDataset(tmp_path, 8, center_crop=False, random_flip=False)[0]
+    assert torch.allclose(img, torch.full((3, 8, 8), expected / 127.5 - 1.0), atol=1e-6)
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    """RGBA, LA and palette transparency: out = a * colour + (1 - a) * 255 (BACKGROUND_RGB is white)."""
+    from PIL import Image
+
+    from isosweep.data.imagefiles import BACKGROUND_RGB, read_rgb
+
+    assert BACKGROUND_RGB == (255, 255, 255)
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere
+    rgba[0, 0, 3] = 0  # fully transparent
+    rgba[0, 1, 3] = 255  # opaque
+    rgba[0, 2, 3] = 128  # half
+    out = np.asarray(read_rgb(_png(tmp_path / "rgba.png", rgba)))
+    assert out[0, 0].tolist() == [255, 255, 255]  # transparent red is white, not red
+    assert out[0, 1].tolist() == [255, 0, 0]
+    assert out[0, 2, 0] == 255 and abs(int(out[0, 2, 1]) - 127) <= 1 and abs(int(out[0, 2, 2]) - 127) <= 1
+    la = np.zeros((2, 2, 2), np.uint8)  # black, transparent
+    assert np.asarray(read_rgb(_png(tmp_path / "la.png", la, mode="LA")))[0, 0].tolist() == [255, 255, 255]
+    pal = Image.new("P", (2, 2), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.save(tmp_path / "pal.png", transparency=1)  # index 1 (red) is the transparent colour
+    assert np.asarray(read_rgb(tmp_path / "pal.png"))[0, 0].tolist() == [255, 255, 255]
+    ds = ImageFolderDataset(tmp_path, 4, center_crop=False, random_flip=False)
+    img, _ = ds[[p.name for p in ds.files].index("rgba.png")]
+    assert img[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_scan_names_bad_files_counts_conversions_and_is_cached(tmp_path):
+    from isosweep.data.imagefiles import scan_image_folder
+
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    (root / "sub").mkdir(parents=True)
+    _png(root / "a.png", np.zeros((8, 8, 3), np.uint8))
+    _png(root / "sub" / "deep.png", np.full((8, 8), 1000, dtype=np.uint16))
+    _png(root / "alpha.png", np.zeros((8, 8, 4), np.uint8))
+    _truncated_png(root / "sub" / "cut.png")
+    (root / "fake.jpg").write_text("not an image")
+    scan = scan_image_folder(root, cache_dir=cache, progress=False)
+    assert scan.files == 5 and not scan.ok and not scan.cached
+    assert sorted(name for name, _ in scan.unreadable) == ["fake.jpg", "sub/cut.png"]
+    assert scan.conversions == {"16-bit": 1, "alpha": 1}
+    assert "2 unreadable" in scan.summary() and "sub/cut.png" in scan.problems()
+    again = scan_image_folder(root, cache_dir=cache, progress=False)
+    assert again.cached and again.unreadable == scan.unreadable and again.conversions == scan.conversions
+    (root / "fake.jpg").unlink()
+    _png(root / "sub" / "cut.png", np.zeros((8, 8, 3), np.uint8))  # re-encoded: new size and mtime
+    fixed = scan_image_folder(root, cache_dir=cache, progress=False)
+    assert fixed.ok and not fixed.cached and fixed.files == 4 and "all readable" in fixed.summary()
+    assert scan_image_folder(root, cache_dir=cache, progress=False).cached

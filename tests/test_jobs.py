@@ -363,9 +363,9 @@ def test_run_by_address_refuses_storage_only_this_machine_sees(ray_cluster, tmp_
     r = subprocess.run([sys.executable, "-m", "isosweep", "run", str(DEMO), "--address", ray_cluster.address],
                        check=False, env=ray_cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "the storage path 'runs' is a relative path on one machine" in r.stderr
+    assert f"the storage path '{tmp_path / 'runs'}' is a local path on one machine" in r.stderr
     assert "the tracking URI 'sqlite:" in r.stderr and "--shared-fs" in r.stderr and "s3://" in r.stderr
-    assert "base model:" not in r.stdout + r.stderr  # refused before minutes of preparation
+    assert "preparing the built-in base model" not in r.stdout + r.stderr  # refused before minutes of preparation
     assert not list(tmp_path.glob("runs/demo-*"))  # and nothing was left behind as a sweep
 
 

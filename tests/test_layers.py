@@ -22,7 +22,7 @@ PACKAGE = Path(isosweep.__file__).parent
 
 # unit (a top-level module or folder of isosweep) -> layer; a unit imports only from lower layers
 LAYERS = {
-    "__init__": 0, "files": 0, "console": 0, "core": 0,
+    "__init__": 0, "files": 0, "console": 0, "redact": 0, "spec_base": 0, "errors": 0, "core": 0,
     "config": 1, "storage": 1,
     "data": 2, "spec_reference": 2, "spec_changes": 2,
     "models": 3,
@@ -43,7 +43,7 @@ EXPECTED = {
     "evaluation": ["suite", "record", "metrics/fid", "metrics/ppl", "metrics/rtl", "metrics/jacobian", "metrics/separability",
                    "metrics/paths", "features/resolver", "features/standard", "features/domain", "features/attributes",
                    "features/common"],
-    "results": ["layout", "rows", "tables", "selection", "plots", "report"],
+    "results": ["layout", "rows", "tables", "selection", "states", "plots", "report"],
     "tracking": ["client", "redact", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model"],
     "sweep": ["ray_env", "search", "callbacks", "trainer", "trial", "driver", "jobs", "resources"],
     "commands": ["validate", "sweep", "submit", "train", "evaluate", "models", "sync"],

@@ -45,3 +45,31 @@ def test_no_finite_rows():
     assert choose_champion([row("x", math.nan, 1.0)]) is None
     with pytest.raises(ValueError):
         choose_champion(ROWS, "best")
+
+
+def test_without_a_finite_baseline_no_champion_is_chosen_or_promoted():
+    """A failed baseline must not let a collapsed model (FID 480, PPL 0.01) win on PPL alone."""
+    import math
+
+    from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, SweepState, promotion_refusal, sweep_state
+
+    rows = [dict(row("base", math.nan, math.nan, baseline=True), status="ERROR"),
+            dict(row("collapsed", 480.0, 0.01), status="DONE"), dict(row("ok", 21.0, 40.0), status="DONE")]
+    assert choose_champion(rows, "fid_tolerance") is None
+    state = sweep_state(rows, planned=3)
+    assert state == SweepState(FAILED, [], ["base"], 0) and state.exit_code == 3
+    assert "completed" in promotion_refusal(state, rows, None)
+    done_but_nan = [dict(rows[0], status="DONE")] + rows[1:]
+    knee = choose_champion(done_but_nan, "knee")  # knee and weighted ignore the baseline: the guard does not
+    assert knee is not None
+    assert "baseline" in promotion_refusal(sweep_state(done_but_nan, 3), done_but_nan, knee)
+    good = [dict(row("base", 20.0, 50.0, baseline=True), status="DONE")] + rows[1:]
+    champ = choose_champion(good, "fid_tolerance")
+    assert champ.row["trial_id"] == "ok" and promotion_refusal(sweep_state(good, 3), good, champ) is None
+    # stopped early: unfinished and not-yet-created trials make it INTERRUPTED, exit 130, nothing promoted
+    partial = good[:2] + [dict(row("t3", math.nan, math.nan), status="INCOMPLETE")]
+    state = sweep_state(partial, planned=4)
+    assert (state.state, state.unfinished, state.not_started, state.exit_code) == (INTERRUPTED, ["t3"], 1, 130)
+    assert "only a completed sweep" in promotion_refusal(state, partial, champ)
+    assert sweep_state(good, 3, interrupted=True).state == INTERRUPTED
+    assert sweep_state(good, 3).state == COMPLETED

@@ -74,12 +74,16 @@ def _evaluated_results(experiment_dir: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_demo_sweep_killed_resumed_and_complete(tmp_path, cache_env, mlflow_server):
+def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow_server):
     """The demo sweep as a user runs it, with tracking on a real `mlflow server` whose artifacts land in a
-    moto S3 bucket: the driver's process group is killed after the first trial finished, `isosweep resume`
-    completes the sweep without rerunning that trial or duplicating its MLflow run, and then everything a
-    finished sweep promises is there (rows, front, champion, tables, report, runs, registry, S3 artifacts).
+    moto S3 bucket. After the first trial finished, Ctrl-C (SIGINT to the driver's process group, as a
+    terminal sends it): the sweep stops at a safe point, records INTERRUPTED, ends its MLflow parent run
+    KILLED, promotes nothing, prints the resume command and exits 130. `isosweep resume` then completes
+    it without rerunning that trial or duplicating its MLflow run, and everything a finished sweep
+    promises is there (rows, front, champion, tables, report, runs, registry, S3 artifacts).
     One sweep serves both checks: each demo sweep costs about three minutes on two cores."""
+    from mlflow.exceptions import MlflowException
+
     from isosweep.data.datasets import ShapesDataset
     from isosweep.evaluation.record import read_record
     from isosweep.sweep.driver import load_outcome
@@ -87,7 +91,7 @@ def test_demo_sweep_killed_resumed_and_complete(tmp_path, cache_env, mlflow_serv
     storage = tmp_path / "runs"
     env = {**os.environ, "ISOSWEEP_CACHE": str(cache_env), "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
     args = [str(DEMO), "--storage", str(storage), "--tracking-uri", mlflow_server.uri]
-    for o in TINY + ["search.num_trials=2", "search.max_concurrent_trials=1"]:
+    for o in TINY + ["search.num_trials=2", "search.max_concurrent_trials=1", "tracking.registry_name=isodiff-sigint"]:
         args += ["--set", o]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "isosweep", "run", *args], stdout=log, stderr=subprocess.STDOUT,
@@ -104,13 +108,26 @@ def test_demo_sweep_killed_resumed_and_complete(tmp_path, cache_env, mlflow_serv
         else:
             pytest.fail("no trial finished within 10 minutes")
         time.sleep(3)  # let Tune write its experiment state
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group gets it
+        code = proc.wait(timeout=180)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    first = (tmp_path / "first.log").read_text()
     sweep_dir = sweep_dirs[0]
+    assert code == 130, first[-4000:]
+    assert f"isosweep resume {sweep_dir}" in first and "INTERRUPTED" in first, first[-3000:]
+    state = json.loads((sweep_dir / "isosweep_sweep.json").read_text())
+    assert state["status"] == "INTERRUPTED" and (state["unfinished"] or state["not_started"]), state
+    assert not (sweep_dir / "sweep_done.json").exists()
+    client, _ = _runs(mlflow_server.uri, "demo")
+    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+    with pytest.raises(MlflowException):  # nothing promoted from a partial sweep
+        client.get_model_version_by_alias("isodiff-sigint", "champion")
     before = _evaluated_results(sweep_dir)
     finished = [k for k, v in before.items() if v]
-    assert finished and not (sweep_dir / "sweep_done.json").exists()
+    assert finished
 
     out = subprocess.run([sys.executable, "-m", "isosweep", "resume", *args], capture_output=True, text=True,
                          env=env, timeout=900)
@@ -151,8 +168,9 @@ def test_demo_sweep_killed_resumed_and_complete(tmp_path, cache_env, mlflow_serv
 
     # MLflow: one parent, one child per trial (the resumed one reopened, not duplicated), each FINISHED
     state = json.loads((sweep_dir / "isosweep_sweep.json").read_text())
-    assert state["tracking_uri"] == mlflow_server.uri
+    assert state["tracking_uri"] == mlflow_server.uri and state["status"] == "COMPLETED"
     client, runs = _runs(mlflow_server.uri, spec.experiment_name)
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
     assert len(children) == 3, "a resumed trial must reopen its MLflow run, not duplicate it"
     assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
@@ -173,6 +191,64 @@ def test_demo_sweep_killed_resumed_and_complete(tmp_path, cache_env, mlflow_serv
     assert res.returncode == 0, res.stderr[-3000:]
     assert "finished" in res.stdout and "baseline" in res.stdout and "champion:" in res.stdout
     assert res.stdout.count(" DONE") == 3
+
+
+@pytest.mark.slow
+def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path, cache_env, mlflow_server):
+    """The tracking server becomes unreachable (503 from a proxy in front of the real `mlflow server`) once
+    training has started and stays down to the end. Every trial still finishes DONE (nothing turns into an
+    error), the sweep is COMPLETED with its results in storage, promotes nothing and says why (exit 1);
+    once the server is back, `isosweep sync` records each trial exactly once and `isosweep promote`
+    moves @champion to the champion the table names."""
+    from servers import LosingProxy
+
+    proxy = LosingProxy(mlflow_server.uri)
+    storage = tmp_path / "runs"
+    env = {**os.environ, "ISOSWEEP_CACHE": str(cache_env), "PYTHONUNBUFFERED": "1", "ISOSWEEP_TRACKING_RETRIES": "2",
+           "ISOSWEEP_TRACKING_BACKOFF_S": "0.2"}
+    registry = "isodiff-outage"
+    args = [str(DEMO), "--storage", str(storage), "--tracking-uri", proxy.uri]
+    for o in TINY + ["search.num_trials=1", "evaluation.metrics=[fid, ppl]", f"tracking.registry_name={registry}",
+                     "tracking.experiment=outage"]:
+        args += ["--set", o]
+    try:
+        log = open(tmp_path / "run.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "isosweep", "run", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if list(storage.glob("demo-*/train/*/checkpoint_*")):  # training has started: the server goes away
+                proxy.down.set()
+                break
+            time.sleep(0.5)
+        code = proc.wait(timeout=900)
+        out = (tmp_path / "run.log").read_text()
+        assert proxy.down.is_set() and proxy.refused > 0, out[-3000:]
+        assert code == 1, out[-4000:]
+        assert "promoted nothing: MLflow lacks the records of" in out, out[-3000:]
+        sweep_dir = next(storage.glob("demo-*"))
+        state = json.loads((sweep_dir / "isosweep_sweep.json").read_text())
+        assert state["status"] == "COMPLETED" and len(state["tracking_pending"]) >= 1, state
+        assert (sweep_dir / "sweep_done.json").exists() and (sweep_dir / "results.csv").is_file()
+        assert out.count(" DONE") >= 2 and " ERROR" not in out
+        proxy.down.clear()  # the server is back
+        sync = subprocess.run([sys.executable, "-m", "isosweep", "sync", str(sweep_dir), "--tracking-uri", mlflow_server.uri],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert sync.returncode == 0, sync.stdout[-2000:] + sync.stderr[-3000:]
+    finally:
+        proxy.close()
+    client, runs = _runs(mlflow_server.uri, "outage")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
+    assert sorted(r.data.tags["isosweep.trial_id"] for r in children) == sorted({r.data.tags["isosweep.trial_id"] for r in children})
+    assert len(children) == 2 and all("fid" in r.data.metrics for r in children)
+    res = subprocess.run([sys.executable, "-m", "isosweep", "results", str(sweep_dir)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    champion = next(line.split()[1].rstrip(":") for line in res.stdout.splitlines() if line.startswith("champion:"))
+    pro = subprocess.run([sys.executable, "-m", "isosweep", "promote", str(sweep_dir), "--trial", champion,
+                          "--tracking-uri", mlflow_server.uri], capture_output=True, text=True, env=env, timeout=300)
+    assert pro.returncode == 0, pro.stdout[-2000:] + pro.stderr[-3000:]
+    mv = client.get_model_version_by_alias(registry, "champion")
+    assert mv.run_id == next(r.info.run_id for r in children if r.data.tags["isosweep.trial_id"] == champion)
 
 
 @pytest.mark.slow
@@ -243,7 +319,9 @@ def test_cluster_sweep_survives_losing_the_whole_cluster(tmp_path, cache_env, ml
     port = s3.endpoint_url.rsplit(":", 1)[1]
     root = f"s3://{s3.bucket}/cluster-native?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
     registry = "isodiff-cluster-native"
-    overrides = TINY + ["name=cnative", "search.num_trials=1", "evaluation.metrics=[fid, ppl]", f"storage.path={root}",
+    # one trial at a time: the second is still training when the first shows DONE, so there is a window to lose the cluster in
+    overrides = TINY + ["name=cnative", "search.num_trials=1", "search.max_concurrent_trials=1", "evaluation.metrics=[fid, ppl]",
+                        f"storage.path={root}",
                         f"tracking.uri={mlflow_server.uri}", "tracking.experiment=cluster-native", f"tracking.registry_name={registry}"]
     # the nodes have S3 credentials in their environment, as a cloud node has them from its role
     node_env = {**DUMMY_AWS, "ISOSWEEP_CACHE": str(cache_env), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -278,7 +356,7 @@ def test_cluster_sweep_survives_losing_the_whole_cluster(tmp_path, cache_env, ml
             time.sleep(3)
         else:
             pytest.fail(f"no trial finished in time:\n{status.stdout if status else ''}\n{jobs.get_job_logs(job_id)[-4000:]}")
-        assert "running or interrupted" in status.stdout
+        assert "running or interrupted" in status.stdout, status.stdout + jobs.get_job_logs(job_id)[-6000:]
         sweep_uri = next(line.split(" ", 1)[1] for line in status.stdout.splitlines() if line.startswith("storage: "))
         sweep_id = status.stdout.split()[1]
         finished_keys = {k for k in s3.keys(f"cluster-native/{sweep_id}/train/") if k.endswith("eval/metrics.json")}

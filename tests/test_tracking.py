@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from servers import free_port
+from servers import LosingProxy, free_port
 
 from isosweep.commands import models as model_cmds
 from isosweep.commands import sync as sync_cmd
@@ -418,3 +418,20 @@ def test_client_side_s3_artifact_location(tmp_path, local_uri, s3_server, monkey
     assert any(k.endswith(f"{child}/artifacts/checkpoint/unet/diffusion_pytorch_model.safetensors") for k in keys), keys
     assert any(k.endswith(f"{child}/artifacts/eval/grid.png") for k in keys)
     assert any(k.endswith(f"{parent}/artifacts/spec/resolved_spec.yaml") for k in keys)
+
+
+@pytest.mark.slow
+def test_a_create_whose_response_is_lost_is_not_duplicated(mlflow_server):
+    """A trial run created on a real `mlflow server` through a proxy that loses the
+    first create's response: the retry finds what the lost call created instead of creating it twice."""
+    direct = client.client(mlflow_server.uri)
+    proxy = LosingProxy(mlflow_server.uri, ("/runs/create",), lose=1)
+    try:
+        parent = runs.find_or_create_sweep_run(make_spec("lost-response", Path("/tmp/unused")), None, mlflow_server.uri, "lost-1")
+        exp = direct.get_experiment_by_name("lost-response").experiment_id
+        run_id = runs.open_trial_run(proxy.uri, exp, parent, "t1", {"p": 0.5})
+        assert len(proxy.lost) == 1, proxy.lost
+        children = direct.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+        assert [r.info.run_id for r in children] == [run_id], "the lost create was repeated"
+    finally:
+        proxy.close()

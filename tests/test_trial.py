@@ -37,32 +37,47 @@ def ray_local():
     ray.shutdown()
 
 
-def test_two_worker_trial_survives_a_killed_worker(ray_local, tmp_path):
-    """2 gloo workers on shapes: finite losses, rank 1 killed once at step 3 and the run resumes from
-    the step-2 checkpoint (not from scratch); the final checkpoint is a loadable diffusers pipeline."""
-    from isosweep.sweep.trainer import build_trainer
-
-    base = tmp_path / "base"
-    DDPMPipeline(unet=_tiny_unet(), scheduler=default_scheduler()).save_pretrained(base)
-    spec = spec_from_dict({
+def _raytest_spec(base, **train):
+    return spec_from_dict({
         "name": "raytest", "base_model": {"source": str(base)},
         "dataset": {"kind": "shapes", "size": 64, "resolution": 8},
         "train": {"lambda_iso": 0.1, "p": 0.5, "global_batch_size": 4, "max_steps": 4, "checkpoint_every": 2,
-                  "report_every": 1, "ema_decay": 0.9, "learning_rate": 1e-3},
+                  "report_every": 1, "ema_decay": 0.9, "learning_rate": 1e-3, **train},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
         "search": {"max_failures": 1},
     })
+
+
+def test_two_worker_trial_survives_a_killed_worker(ray_local, tmp_path):
+    """2 gloo workers on shapes, run as a sweep's trial runs them (`fit_with_one_budget`, Train's own retries
+    off): rank 1 killed once at step 3 is an infrastructure failure, retried once from the step-2
+    checkpoint (not from scratch), under the one budget; the final checkpoint is a loadable pipeline."""
+    from isosweep import storage as st
+    from isosweep.sweep.trainer import build_trainer
+    from isosweep.sweep.trial import fit_with_one_budget
+    from isosweep.training.checkpoint import load_train_state
+
+    base = tmp_path / "base"
+    DDPMPipeline(unet=_tiny_unet(), scheduler=default_scheduler()).save_pretrained(base)
+    spec = _raytest_spec(base)
     marker = tmp_path / "killed.txt"
-    trainer = build_trainer(spec, run_name="trial-test", storage_path=str(tmp_path / "storage"),
-                            trial_params={"lambda_iso": 0.2, "baseline": False},
-                            extra_config={"_fail_once": {"rank": 1, "step": 3, "marker": str(marker)}, "verbose": False})
-    result = trainer.fit()
-    assert result.error is None
+    attempts: list[int] = []
+
+    def make_trainer():
+        attempts.append(1)
+        return build_trainer(spec, run_name="trial-test", storage_path=str(tmp_path / "storage"),
+                             trial_params={"lambda_iso": 0.2, "baseline": False}, max_failures=0,
+                             extra_config={"_fail_once": {"rank": 1, "step": 3, "marker": str(marker)}, "verbose": False})
+
+    record = str(tmp_path / "attempts.json")
+    result = fit_with_one_budget(make_trainer, "trial-test", spec.search.max_failures, record)
+    assert result.error is None and len(attempts) == 2  # one failure, one retry: the budget of 1
+    assert st.read_json(record) == {"session": 0, "starts": 1, "failures": 1, "last_error": st.read_json(record)["last_error"]}
     assert marker.read_text().startswith("killed rank 1 at step 3")
     m = result.metrics
     assert m["step"] == 4 and np.isfinite(m["loss"]) and np.isfinite(m["dsm_loss"])
     with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "train_state.pt"), weights_only=False)
+        state = load_train_state(d)
         assert state["step"] == 4 and state["resumed_at"] == [2]  # restarted from the step-2 checkpoint
         assert state["ema"]["num_updates"] == 4
         pipe = DDPMPipeline.from_pretrained(d)
@@ -70,6 +85,43 @@ def test_two_worker_trial_survives_a_killed_worker(ray_local, tmp_path):
         assert isinstance(pipe.unet, UNet2DModel) and unet.config.sample_size == 8
         saved = json.loads(open(os.path.join(d, "spec.json")).read())
         assert saved["spec"]["train"]["lambda_iso"] == 0.2 and saved["world_size"] == 2
+
+
+def test_a_deterministic_error_fails_the_trial_at_once(ray_local, tmp_path):
+    """A learning rate that makes the loss non-finite fails the same way every time: one attempt, not
+    (max_failures + 1)^2; the error names the cause, and a restart of the trial (Tune's) fails at once
+    without training again. A resume (a new session) gets a fresh budget."""
+    from isosweep import storage as st
+    from isosweep.sweep.trainer import build_trainer
+    from isosweep.sweep.trial import DeterministicTrialError, fit_with_one_budget
+
+    base = tmp_path / "base"
+    DDPMPipeline(unet=_tiny_unet(), scheduler=default_scheduler()).save_pretrained(base)
+    spec = _raytest_spec(base, learning_rate=1e30, max_steps=3)
+    attempts: list[int] = []
+
+    def make_trainer():
+        attempts.append(1)
+        return build_trainer(spec, run_name="nan-test", storage_path=str(tmp_path / "storage"), max_failures=0,
+                             trial_params={"lambda_iso": 0.1, "baseline": False}, extra_config={"verbose": False})
+
+    record = str(tmp_path / "attempts.json")
+    with pytest.raises(DeterministicTrialError, match="NonFiniteLossError") as err:
+        fit_with_one_budget(make_trainer, "nan-test", budget=2, attempts_uri=record)
+    assert len(attempts) == 1 and "not retried" in str(err.value)
+    with pytest.raises(DeterministicTrialError):  # Tune restarts the trial: it fails at once
+        fit_with_one_budget(make_trainer, "nan-test", budget=2, attempts_uri=record)
+    assert len(attempts) == 1
+    assert st.read_json(record)["deterministic"].startswith("trial nan-test failed with NonFiniteLossError")
+    assert _fresh_session_trains_again(make_trainer, record, attempts)
+
+
+def _fresh_session_trains_again(make_trainer, record, attempts) -> bool:
+    from isosweep.sweep.trial import DeterministicTrialError, fit_with_one_budget
+
+    with pytest.raises(DeterministicTrialError):
+        fit_with_one_budget(make_trainer, "nan-test", budget=2, attempts_uri=record, session=1)
+    return len(attempts) == 2
 
 
 # ---------------------------------------------------------------- DDP gradients == one process

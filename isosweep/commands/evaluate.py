@@ -9,16 +9,16 @@ import torch
 from isosweep.config import BaseModelSpec, load_spec
 from isosweep.evaluation.record import format_row
 from isosweep.evaluation.suite import evaluate_model
-from isosweep.models.loading import is_model_uri, load_unet_and_scheduler
-from isosweep.tracking.models import resolve_model
+from isosweep.models.loading import load_unet_and_scheduler
+from isosweep.tracking.models import download_model
 
 
 def eval_command(args: argparse.Namespace) -> int:
     """`isosweep eval MODEL [--spec S] [--set k=v] [--metrics ...]`: print a Table-1 row."""
     spec = load_spec(args.spec, args.overrides)
-    # a folder or hub id loads as it is; an MLflow URI is downloaded here, where MLflow may be imported
-    source = str(resolve_model(args.model)) if is_model_uri(args.model) else args.model
-    unet, scheduler = load_unet_and_scheduler(BaseModelSpec(source=source), spec.dataset, progress=True)
+    # a folder or hub id loads as it is; an MLflow URI is downloaded by MLflow into a temporary folder,
+    # removed once loaded (models.loading)
+    unet, scheduler = load_unet_and_scheduler(BaseModelSpec(source=args.model), spec.dataset, progress=True, fetch=download_model)
     device = "cuda" if spec.resources.use_gpu and torch.cuda.is_available() else "cpu"
     result = evaluate_model(unet.to(device), scheduler, spec.evaluation, spec.dataset, metrics=args.metrics, device=device)
     print(format_row(result, label=args.model))

@@ -1,16 +1,23 @@
-"""`isosweep pretrain`, `pull`, `sample` and `interpolate`: the built-in base model and a registered model in use."""
+"""`isosweep pretrain`, `pull`, `sample` and `interpolate`: the built-in base model and a registered model in use.
+
+`sample` and `interpolate` download a `models:/` or `runs:/` URI into a temporary folder that is removed
+as soon as the weights are loaded, whether loading works or not; a `pull` that fails removes what it
+put into `--out`, so the same command can be run again.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from isosweep.config import apply_overrides, load_spec, spec_from_dict
@@ -57,15 +64,20 @@ def pull_command(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder")
-    if is_model_uri(args.model_uri):
-        pipe_dir = resolve_model(args.model_uri, args.tracking_uri, dst=out)
-    else:
-        shutil.copytree(resolve_model(args.model_uri), out / PIPELINE_SUBPATH, dirs_exist_ok=True)
-        pipe_dir = out / PIPELINE_SUBPATH
-    unet, scheduler = load_local(pipe_dir, None)
-    img = _ddim(unet, scheduler, _noise(0, sample_shape(unet)), 1)
-    if not np.isfinite(img).all():
-        raise RuntimeError(f"{args.model_uri}: a 1-step sample is not finite; the model is broken")
+    created = not out.exists()
+    try:
+        if is_model_uri(args.model_uri):
+            pipe_dir = resolve_model(args.model_uri, args.tracking_uri, dst=out)
+        else:
+            shutil.copytree(resolve_model(args.model_uri), out / PIPELINE_SUBPATH, dirs_exist_ok=True)
+            pipe_dir = out / PIPELINE_SUBPATH
+        unet, scheduler = load_local(pipe_dir, None)
+        img = _ddim(unet, scheduler, _noise(0, sample_shape(unet)), 1)
+        if not np.isfinite(img).all():
+            raise RuntimeError(f"{args.model_uri}: a 1-step sample is not finite; the model is broken")
+    except BaseException:  # a half-downloaded --out would refuse the next try ("exists and is not empty")
+        _remove_partial(out, created)
+        raise
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"pulled {args.model_uri} -> {out}")
     print(f"diffusers pipeline: {pipe_dir}  (DDPMPipeline.from_pretrained loads it; UNet {n_params / 1e6:.2f}M params, "
@@ -73,9 +85,30 @@ def pull_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove_partial(out: Path, created: bool) -> None:
+    """Remove what a failed pull wrote: `out` itself when the pull created it, else its contents (it was empty)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in out.iterdir() if out.is_dir() else []:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def load_model(model: str, tracking_uri: str | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
+    """The UNet and scheduler of a model folder, or of a `models:/` / `runs:/` URI downloaded into a
+    temporary folder that is removed once the weights are in memory (on every exit path)."""
+    if not is_model_uri(str(model)):
+        return load_local(resolve_model(model), None)
+    with tempfile.TemporaryDirectory(prefix="isosweep-model-", ignore_cleanup_errors=True) as tmp:
+        return load_local(resolve_model(model, tracking_uri, dst=tmp), None)
+
+
 def sample_grid_image(model: str, n: int, steps: int, seed: int, tracking_uri: str | None = None) -> Image.Image:
     """A PIL grid of n DDIM samples of a model dir or URI (seed -> the latents (n, C, H, W))."""
-    unet, scheduler = load_local(resolve_model(model, tracking_uri), None)
+    unet, scheduler = load_model(model, tracking_uri)
     return make_grid(to_uint8(_ddim(unet, scheduler, _noise(seed, sample_shape(unet), n), steps)))
 
 
@@ -111,7 +144,7 @@ def interpolate_command(args: argparse.Namespace) -> int:
     """
     if args.frames < 2 or args.steps < 1:
         raise ValueError("--frames must be at least 2 and --steps at least 1")
-    unet, scheduler = load_local(resolve_model(args.model, args.tracking_uri), None)
+    unet, scheduler = load_model(args.model, args.tracking_uri)
     frames = interpolation_frames(unet, scheduler, args.seeds, args.frames, args.mode, args.steps)
     out = save_png(make_strip(to_uint8(frames)), args.out)
     dists = frame_distances(frames)

@@ -9,21 +9,30 @@ from pathlib import Path
 from isosweep import storage as st
 from isosweep.config import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
 from isosweep.console import say
+from isosweep.commands.validate import preflight
 from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
 from isosweep.results.rows import SweepOutcome
+from isosweep.results.states import COMPLETED, EXIT_COMPLETED, EXIT_NO_CHAMPION, FAILED, INTERRUPTED
 from isosweep.results.tables import backbones_of, plain_table
 from isosweep.spec_changes import spec_for_resume
 from isosweep.sweep.driver import load_outcome, run_sweep
 from isosweep.tracking.redact import scrub_text
+from isosweep.tracking.registry import current_champion, register_sweep_models
+from isosweep.tracking.runs import find_trial_run
 
 
 def run_command(args: argparse.Namespace) -> int:
     """`isosweep run SPEC`: exit 0 with a champion, 1 without one."""
     spec = load_spec(args.spec, args.overrides)
+    # before Ray starts: a missing base model or an unreadable image is found once here, not in every trial
+    found = preflight(spec, args.spec, tracking_uri=args.tracking_uri, deep=True)
+    say(f"base model: {scrub_text(found.base_model)}")
+    if found.scan is not None:
+        say(found.scan.summary())
     outcome = run_sweep(spec, args.spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
                         report_dir=args.report_dir, shared_fs=args.shared_fs)
     print_summary(spec, outcome)
-    return 0 if outcome.champion else 1
+    return exit_code(outcome)
 
 
 def resume_command(args: argparse.Namespace) -> int:
@@ -44,7 +53,7 @@ def resume_command(args: argparse.Namespace) -> int:
     outcome = run_sweep(spec, spec_path, address=args.address, tracking_uri=args.tracking_uri,
                         report_dir=args.report_dir, resume_sweep=sweep, shared_fs=args.shared_fs)
     print_summary(spec, outcome)
-    return 0 if outcome.champion else 1
+    return exit_code(outcome)
 
 
 def results_command(args: argparse.Namespace) -> int:
@@ -54,14 +63,50 @@ def results_command(args: argparse.Namespace) -> int:
     """
     sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
     _, outcome = load_outcome(sweep)
-    done = is_done(sweep)
-    print(f"sweep {outcome.sweep_id} ({'finished' if done else 'running or interrupted'})")
+    recorded = read_state(sweep).get("status")
+    if is_done(sweep):
+        how = "finished"
+    elif recorded in (INTERRUPTED, FAILED):
+        how = f"{recorded.lower()}: `isosweep resume {shlex.quote(scrub_text(sweep))}` continues it"
+    else:  # RUNNING, or a driver killed before it could record anything else
+        how = "running or interrupted"
+    print(f"sweep {outcome.sweep_id} ({how})")
     print(f"storage: {scrub_text(sweep)}")
     print(plain_table(outcome.rows))
     _print_backbones(outcome)
     print("\nPareto front: " + ", ".join(r["trial_id"] for r in outcome.front))
     if outcome.champion:
         print(f"champion: {outcome.champion.row['trial_id']}: {outcome.champion.reason}")
+    return 0
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    """`isosweep promote TARGET --trial ID`: move @champion to a trial chosen by hand.
+
+    For a sweep whose automatic promotion was refused (interrupted, failed, or a failed baseline) or a
+    champion a person prefers. The trial must have finished and been evaluated; the message says which
+    version the alias leaves.
+    """
+    sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
+    spec, outcome = load_outcome(sweep)
+    row = next((r for r in outcome.rows if r["trial_id"] == args.trial), None)
+    if row is None:
+        raise SpecError(f"{args.target}: no trial {args.trial!r} in sweep {outcome.sweep_id}; its trials: "
+                        + ", ".join(r["trial_id"] for r in outcome.rows))
+    tracking_uri = args.tracking_uri or outcome.tracking_uri
+    if row["status"] == "DONE" and not row.get("mlflow_run_id") and outcome.parent_run_id:  # recorded later by sync
+        run = find_trial_run(tracking_uri, spec.experiment_name, outcome.parent_run_id, args.trial)
+        row["mlflow_run_id"] = run.info.run_id if run is not None else ""
+    if row["status"] != "DONE" or not row.get("mlflow_run_id"):
+        raise SpecError(f"{args.target}: trial {args.trial} is {row['status']} and "
+                        f"{'has' if row.get('mlflow_run_id') else 'has no'} MLflow run (it must have finished, been evaluated "
+                        "and recorded); fix: resume the sweep, or `isosweep sync` it, or pick a finished trial")
+    before = current_champion(tracking_uri, spec.registry_name)
+    versions = register_sweep_models(tracking_uri, spec.registry_name, row, [], outcome.rows,
+                                     extra_tags={"promoted_by": "isosweep promote"})
+    version = versions.get(row["mlflow_run_id"])
+    was = f" (was version {before})" if before else ""
+    print(f"models:/{spec.registry_name}@champion -> version {version}, trial {args.trial} of {outcome.sweep_id}{was}")
     return 0
 
 
@@ -74,8 +119,16 @@ def print_summary(spec: SweepSpec, outcome: SweepOutcome) -> None:
         c = outcome.champion.row
         print(f"\nchampion: trial {c['trial_id']} (lambda_iso={c['lambda_iso']:.3g}, p={c['p']:g}, G={c['iso_metric']}): {outcome.champion.reason}")
     else:
-        print("\nno champion: no trial finished with finite objectives")
-    print(f"\nsweep:        {scrub_text(outcome.sweep_uri or str(outcome.sweep_dir))}")
+        print("\nno champion: no trial finished with finite objectives and a finite baseline to compare with")
+    state = outcome.state
+    where = scrub_text(outcome.sweep_uri or str(outcome.sweep_dir))
+    if state is not None:
+        print(f"\nsweep state:  {state.describe()}")
+        if state.state != COMPLETED:
+            print(f"resume with:  isosweep resume {shlex.quote(where)}")
+    if outcome.promotion and spec.tracking.register_champion:
+        print(f"registry:     promoted nothing: {outcome.promotion}")
+    print(f"\nsweep:        {where}")
     if outcome.report_dir:
         print(f"report:       {outcome.report_dir / 'report.md'}")
     elif outcome.sweep_uri:
@@ -86,13 +139,21 @@ def print_summary(spec: SweepSpec, outcome: SweepOutcome) -> None:
             print(f"MLflow UI:    mlflow ui --backend-store-uri {outcome.tracking_uri}")
         else:
             print(f"MLflow UI:    {scrub_text(outcome.tracking_uri)}")
-    if outcome.champion and outcome.registered:
+    if outcome.champion and outcome.registered and not outcome.promotion:
         uri = f"models:/{spec.registry_name}@champion"
         env = f"MLFLOW_TRACKING_URI={scrub_text(outcome.tracking_uri)} " if outcome.tracking_uri else ""
         print("\nuse the champion:")
         print(f"  {env}isosweep pull {uri} --out champion")
         print("  isosweep sample champion --n 16 --steps 50 --out grid.png")
         print("  isosweep interpolate champion --seeds 1 2 --frames 9 --mode slerp --out strip.png")
+
+
+def exit_code(outcome: SweepOutcome) -> int:
+    """0 completed with a champion (promoted where the spec registers one), 1 completed without one,
+    3 some trials errored, 130 interrupted (results.states; README "Exit codes")."""
+    if outcome.state is not None and outcome.state.state != COMPLETED:
+        return outcome.state.exit_code
+    return EXIT_COMPLETED if outcome.champion and not outcome.promotion else EXIT_NO_CHAMPION
 
 
 def _print_backbones(outcome: SweepOutcome) -> None:

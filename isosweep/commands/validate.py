@@ -1,17 +1,178 @@
-"""`isosweep validate SPEC`: check a spec file and print the resolved config."""
+"""`isosweep validate SPEC`: check a spec file and print the resolved config; and `preflight`, the checks of
+what the spec points at that `validate` and `run` make before Ray starts.
+
+`preflight(spec, source)` raises `SpecError` (exit 2) naming the file, the field and the fix when:
+- the base model cannot be found: a local folder without a UNet config.json; a hub id that is neither in
+  the local Hugging Face cache nor (when online) on the hub, and with HF_HUB_OFFLINE=1 the cache alone
+  counts; an MLflow URI (`models:/`, `runs:/`, an artifact URI) that its tracking server does not have,
+  or a tracking server that cannot be reached;
+- with `deep=True`: any image of an image_folder dataset cannot be decoded (`data.imagefiles`; cached).
+
+MLflow is imported only for an MLflow base model, so `isosweep validate` of other specs starts without it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+from typing import NamedTuple
 
 import yaml
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
-from isosweep.config import load_spec
+from isosweep.config import SpecError, SweepSpec, load_spec
+from isosweep.data.imagefiles import ImageScan, scan_image_folder
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # what UNet2DModel.from_pretrained reads
+
+
+class Preflight(NamedTuple):
+    """What `preflight` found: where the base model is (one line of text) and the image scan, when one ran."""
+
+    base_model: str
+    scan: ImageScan | None
 
 
 def validate_command(args: argparse.Namespace) -> int:
+    if args.deep and args.no_path_checks:
+        raise SpecError(f"{args.spec}: --deep reads the image folder and --no-path-checks skips it; fix: drop one of them")
     spec = load_spec(args.spec, args.overrides, check_paths=not args.no_path_checks)
+    if not args.no_path_checks:  # stdout is the resolved spec alone (it can be piped to a file): notes go to stderr
+        found = preflight(spec, args.spec, tracking_uri=args.tracking_uri, deep=args.deep)
+        print(f"base model: {found.base_model}", file=sys.stderr)
+        if found.scan is not None:
+            print(found.scan.summary(), file=sys.stderr)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
     print(f"ok: {args.spec} is a valid sweep spec", file=sys.stderr)
     return 0
+
+
+def preflight(spec: SweepSpec, source: str, *, tracking_uri: str | None = None, deep: bool = False,
+              progress: bool = True, cache_dir: str | os.PathLike | None = None) -> Preflight:
+    """Check, before Ray starts, that the base model exists and (deep) that every dataset image decodes.
+
+    `source` names the spec in messages (its path). `tracking_uri` is where an MLflow base model is looked
+    up (default: the spec's `tracking.uri`, then MLFLOW_TRACKING_URI). `deep` scans an image_folder
+    dataset with `scan_image_folder` (progress bar on stderr; result cached in `cache_dir`, default
+    $ISOSWEEP_CACHE/scans or ~/.cache/isosweep/scans). Raises SpecError; prints nothing itself.
+    """
+    where = check_base_model(spec, source, tracking_uri=tracking_uri)
+    ds = spec.dataset
+    if not deep or ds.kind != "image_folder" or not ds.path or "://" in ds.path:
+        return Preflight(where, None)
+    scan = scan_image_folder(ds.path, cache_dir=cache_dir, progress=progress)
+    if scan.files == 0:
+        raise SpecError(f"{source}: field 'dataset.path': no images under {ds.path!r}; fix: point it at the folder that holds the images")
+    if scan.unreadable:
+        raise SpecError(f"{source}: field 'dataset.path': {len(scan.unreadable)} of {scan.files} image(s) under {ds.path!r} "
+                        f"cannot be decoded:\n{scan.problems()}\n  fix: delete or re-encode these files, then run "
+                        f"`isosweep validate --deep {source}` again (unchanged folders are not decoded twice)")
+    return Preflight(where, scan)
+
+
+def check_base_model(spec: SweepSpec, source: str, *, tracking_uri: str | None = None) -> str:
+    """SpecError unless `base_model.source` can be loaded; returns where it was found (for a progress line)."""
+    src, sub = spec.base_model.source, spec.base_model.subfolder
+    if src.startswith("builtin:"):
+        return "built in (pretrained and cached by the sweep when missing)"
+    if ":/" in src:  # models:/, runs:/, mlflow-artifacts:/, s3://...: what models.loading.is_model_uri fetches
+        return _check_mlflow_model(src, source, tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    local = Path(os.path.expanduser(src))
+    if local.exists():
+        unet = local / sub if sub else (local / "unet" if (local / "unet" / "config.json").is_file() else local)
+        if not (unet / "config.json").is_file():
+            raise SpecError(f"{source}: field 'base_model.source': {src!r} has no UNet config.json (looked in {unet}); "
+                            "fix: point it at a diffusers pipeline folder (with unet/) or a UNet folder, or set base_model.subfolder")
+        return f"local folder {unet}"
+    return _check_hub(src, sub, source)
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the environment says now (huggingface_hub reads it once, at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"} if value is not None else bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache() -> str:
+    """The HF hub cache folder as the environment says now (HF_HUB_CACHE, then HF_HOME/hub)."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return os.path.expanduser(os.environ[name])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _check_hub(repo_id: str, subfolder: str | None, source: str) -> str:
+    """A hub id: its UNet config and weights in the local cache, else (online) the repo on the hub."""
+    field = f"{source}: field 'base_model.source'"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise SpecError(f"{field}: {repo_id!r} is no local path, MLflow URI or hub id; fix: give a diffusers folder that "
+                        "exists, a hub id such as google/ddpm-ema-celebahq-256, or models:/NAME@alias") from None
+    cache = _hub_cache()
+    folders = [subfolder] if subfolder else ["", "unet"]  # where models.loading looks: the root, then unet/
+    for folder in folders:
+        prefix = f"{folder}/" if folder else ""
+        config = try_to_load_from_cache(repo_id, f"{prefix}config.json", cache_dir=cache)
+        weights = [try_to_load_from_cache(repo_id, prefix + w, cache_dir=cache) for w in WEIGHT_FILES]
+        if isinstance(config, str) and any(isinstance(w, str) for w in weights):
+            return f"hub id {repo_id} in the local HF cache {cache}"
+    fix = (f"fix: download it where there is network (`huggingface-cli download {repo_id}`) into this machine's HF cache "
+           f"({cache}; HF_HOME moves it) and set HF_HUB_OFFLINE=1, or point base_model.source at a local diffusers folder")
+    if _hub_offline():
+        raise SpecError(f"{field}: {repo_id!r} is not a local folder, and HF_HUB_OFFLINE is set but its UNet (config.json "
+                        f"and weights{' in ' + subfolder if subfolder else ''}) is not in the local HF cache {cache}; {fix}")
+    try:
+        info = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo_id, timeout=15)
+    except GatedRepoError:
+        raise SpecError(f"{field}: {repo_id!r} is gated on the hub; fix: accept its terms on huggingface.co and log in "
+                        "(`huggingface-cli login` or HF_TOKEN), or pre-download it") from None
+    except RepositoryNotFoundError:
+        raise SpecError(f"{field}: no model {repo_id!r} on the hub (or it is private) and no local folder of that name; "
+                        "fix: check the id (e.g. google/ddpm-ema-celebahq-256), log in for a private model, or give a local path") from None
+    except Exception as exc:  # noqa: BLE001 - network errors of any kind: the hub cannot be asked
+        raise SpecError(f"{field}: {repo_id!r} is not in the local HF cache {cache} and the hub could not be reached "
+                        f"({type(exc).__name__}: {exc}); {fix}") from None
+    names = {s.rfilename for s in info.siblings or []}
+    if names and not any(f"{f}/config.json".lstrip("/") in names for f in folders):
+        raise SpecError(f"{field}: the hub model {repo_id!r} has no UNet config.json in {folders}; "
+                        "fix: set base_model.subfolder to the folder that holds the UNet")
+    return f"hub id {repo_id} on the hub (downloaded by each worker)"
+
+
+def _check_mlflow_model(uri: str, source: str, tracking_uri: str | None) -> str:
+    """An MLflow model or artifact URI: listed (not downloaded) at its tracking server."""
+    # imported here, not at the top: MLflow (seconds) only for specs whose base model lives in MLflow
+    from mlflow.artifacts import list_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from isosweep.tracking.client import TrackingError, retry_call, use_tracking_uri
+
+    field = f"{source}: field 'base_model.source'"
+    if not tracking_uri:
+        raise SpecError(f"{field}: {uri!r} is an MLflow URI but no tracking server is named; fix: set MLFLOW_TRACKING_URI "
+                        "(the workers fetch the model through it), tracking.uri or --tracking-uri")
+
+    def _list() -> list:
+        with use_tracking_uri(tracking_uri):
+            return list_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+
+    try:
+        found = retry_call(f"look up {uri}", tracking_uri, _list)
+    except TrackingError as exc:
+        cause = f"{type(exc.__cause__).__name__}: {exc.__cause__}"[:300]
+        raise SpecError(f"{field}: the tracking server {tracking_uri} could not be reached to look up {uri!r} ({cause}); "
+                        "fix: start the server, or point MLFLOW_TRACKING_URI / --tracking-uri at the one that holds the model") from None
+    except (MlflowException, OSError, ValueError) as exc:
+        raise SpecError(f"{field}: {uri!r} was not found at the tracking server {tracking_uri} ({type(exc).__name__}: {exc}); "
+                        "fix: check the name, version or alias in the MLflow UI, or register the model first") from None
+    if not found:
+        raise SpecError(f"{field}: {uri!r} exists at {tracking_uri} but holds no files; fix: point it at a model with a "
+                        "diffusers pipeline (e.g. models:/NAME@champion registered by a sweep)")
+    return f"MLflow model {uri} at {tracking_uri}"

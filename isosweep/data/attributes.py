@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from isosweep.data.datasets import IMAGE_SUFFIXES
+from isosweep.config import IMAGE_SUFFIXES
 
 __all__ = ["AttributeFileError", "AttributeTable", "read_attributes", "match_images"]
 
@@ -36,6 +36,8 @@ _TOKENS = {"1": 1, "-1": -1, "0": 0, "+1": 1, "1.0": 1, "-1.0": -1, "0.0": 0}
 
 class AttributeFileError(ValueError):
     """dataset.attributes cannot be used; the message names the file, the line and the fix."""
+
+    deterministic = True  # not retried (isosweep.errors)
 
 
 @dataclass

@@ -18,9 +18,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+from isosweep.config import IMAGE_SUFFIXES
+from isosweep.data.imagefiles import list_images, read_rgb
 
 # shapes: the factor values, as fractions of the image side where they are lengths
 SHAPE_NAMES = ("circle", "square", "triangle")
@@ -110,7 +112,8 @@ class ShapesDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Every jpg/png/webp under `root` (recursively, sorted), resized and cropped to a square.
+    """Every jpg/png/webp under `root` (recursively, sorted), decoded by `imagefiles.read_rgb` (16-bit scaled,
+    transparency on white; a truncated file raises `ImageFileError` naming it), resized and cropped to a square.
 
     center_crop: resize the short side to `resolution`, then crop the centre; otherwise resize the whole
     image to resolution x resolution. random_flip: horizontal flip with probability 1/2, decided from
@@ -126,7 +129,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist; set dataset.path to the image root")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.files = list_images(self.root)
         if not self.files:
             raise FileNotFoundError(
                 f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}; "
@@ -142,21 +145,18 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image  # Pillow ships with diffusers
-
         res = self.resolution
-        with Image.open(self.files[index]) as im:
-            im = im.convert("RGB")
-            if self.center_crop:
-                w, h = im.size
-                s = res / min(w, h)
-                im = im.resize((max(res, round(w * s)), max(res, round(h * s))), Image.BICUBIC)
-                w, h = im.size
-                left, top = (w - res) // 2, (h - res) // 2
-                im = im.crop((left, top, left + res, top + res))
-            else:
-                im = im.resize((res, res), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32)
+        im = read_rgb(self.files[index])
+        if self.center_crop:
+            w, h = im.size
+            s = res / min(w, h)
+            im = im.resize((max(res, round(w * s)), max(res, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - res) // 2, (h - res) // 2
+            im = im.crop((left, top, left + res, top + res))
+        else:
+            im = im.resize((res, res), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32)
         if self.random_flip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
             arr = arr[:, ::-1]
         img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))) / 127.5 - 1.0

@@ -22,6 +22,7 @@ from isosweep.config import EVAL_METRICS, SweepSpec
 from isosweep.core.losses import add_noise
 from isosweep.core.sampling import DDIMSampler, initial_noise
 from isosweep.data.datasets import build_dataset
+from isosweep.data.imagefiles import DECODE_VERSION
 from isosweep.data.images import make_grid, make_strip
 from isosweep.evaluation.features import resolver as bb
 from isosweep.evaluation.features.common import cache_dir
@@ -291,7 +292,7 @@ def _reference_stats(eval_spec, dataset_spec, features: Callable, backbone: str,
     n = min(len(dataset), eval_spec.fid.reference_samples or len(dataset))
     key = {"kind": dataset_spec.kind, "path": dataset_spec.path, "size": dataset_spec.size if dataset_spec.kind == "shapes" else None,
            "seed": dataset_spec.seed if dataset_spec.kind == "shapes" else None, "resolution": dataset_spec.resolution,
-           "center_crop": dataset_spec.center_crop, "n": n, "version": 1}
+           "center_crop": dataset_spec.center_crop, "n": n, "version": 1, "decode": DECODE_VERSION}
 
     def batches():
         bs = eval_spec.batch_size

@@ -6,7 +6,11 @@ Sources (`base_model.source`):
   bare UNet directory (config.json + weights).
 - a hub id such as `google/ddpm-ema-celebahq-256` (read from the local HF cache when offline).
 - an MLflow model URI (`models:/NAME@alias`, `runs:/RUN/model`): downloaded by the `fetch` callable the
-  caller passes (the tracking layer's `download_model`); the artifact holds a diffusers pipeline directory.
+  caller passes (the tracking layer's `download_model`) into a temporary folder, loaded, and the folder
+  removed as soon as the weights are in memory, on success or error; the artifact holds a diffusers
+  pipeline directory. Every load (each worker of each attempt) downloads again rather than keeping a
+  cache keyed by the URI: `@alias` may move between attempts, and only the tracking layer can resolve
+  it to a version.
 
 The scheduler comes from the model's own scheduler config when there is one, converted to
 `DDPMScheduler`; otherwise DDPM with linear betas and T = 1000 (MATH.md section 1).
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -28,12 +33,13 @@ MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 def load_unet_and_scheduler(base_model_spec, dataset_spec=None, *, progress: bool = True,
-                            fetch: Callable[[str], Path] | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
+                            fetch: Callable[[str, Path], Path] | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
     """The base UNet (float32, eval mode, on CPU) and its DDPM scheduler, from any supported source.
 
-    `dataset_spec` is only used by `builtin:shapes` (the resolution it is pretrained at). `fetch(uri)`
-    downloads an MLflow model URI to a local folder; it comes from the tracking layer
-    (`tracking.models.download_model`), which owns MLflow, so this layer never imports it.
+    `dataset_spec` is only used by `builtin:shapes` (the resolution it is pretrained at). `fetch(uri, dst)`
+    downloads an MLflow model URI into the local folder `dst` and returns where the files are; it comes
+    from the tracking layer (`tracking.models.download_model`), which owns MLflow, so this layer never
+    imports it. `dst` is a temporary folder this function removes once the weights are loaded.
     """
     src = base_model_spec.source
     if src == BUILTIN_SHAPES:
@@ -42,14 +48,24 @@ def load_unet_and_scheduler(base_model_spec, dataset_spec=None, *, progress: boo
         if fetch is None:
             raise ValueError(f"base_model.source {src!r} is an MLflow model URI, and no downloader was given; "
                              "load it through isosweep.tracking.models.download_model")
-        found = find_diffusers_dir(fetch(src))
-        if found is None:
-            raise FileNotFoundError(f"{src} holds no diffusers directory (model_index.json or unet/config.json)")
-        return load_local(found, base_model_spec.subfolder)
+        return _load_fetched(src, base_model_spec.subfolder, fetch)
     local = Path(os.path.expanduser(src))
     if local.exists():
         return load_local(local, base_model_spec.subfolder)
     return _load_hub(src, base_model_spec.subfolder)
+
+
+def _load_fetched(uri: str, subfolder: str | None, fetch: Callable[[str, Path], Path]) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Download `uri` into a private temporary folder, load it, remove the folder on every exit path.
+
+    Loading reads the weights into memory (safetensors' memory maps stay valid after the files are
+    unlinked on POSIX), so nothing refers to the folder once `load_local` returns.
+    """
+    with tempfile.TemporaryDirectory(prefix="isosweep-base-", ignore_cleanup_errors=True) as tmp:
+        found = find_diffusers_dir(fetch(uri, Path(tmp)))
+        if found is None:
+            raise FileNotFoundError(f"{uri} holds no diffusers directory (model_index.json or unet/config.json)")
+        return load_local(found, subfolder)
 
 
 def load_local(path: Path | str, subfolder: str | None) -> tuple[UNet2DModel, DDPMScheduler]:

@@ -3,6 +3,10 @@
 Reads the rows, front and champion from the sweep and each trial's `eval/` folder (written by the
 trial's workers next to its final checkpoint): `metrics.json` (metrics, backbones, rtl_curve,
 frame_distances) and the PNG strips.
+
+Every text it writes is scrubbed (`isosweep.redact`): the spec and the rows may name storage and
+tracking URIs with credentials in them, and the folder is uploaded to MLflow. Its files are private on
+a local disk (0600, the folders it creates 0700), like everything `isosweep.storage` writes.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from isosweep import storage as st
 from isosweep.config import RESULT_METRICS, SweepSpec
 from isosweep.evaluation.record import read_record, record_images
+from isosweep.redact import scrub_text, scrub_tree
 from isosweep.results.plots import rtl_plot, strips_figure
 from isosweep.results.rows import SweepOutcome
 from isosweep.results.tables import backbones_of, markdown_table
@@ -37,14 +43,13 @@ def _metric_cell(v) -> str:
 
 
 def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
-    """Write report.md, report.html and their figures into out_dir; returns out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write report.md, report.html and their figures into out_dir (text scrubbed, files 0600); returns out_dir."""
+    out_dir = st.make_private_dirs(out_dir)
     rows = outcome.rows
     backbones = backbones_of(rows)
     pareto_src = outcome.sweep_dir / "pareto.png"
     if pareto_src.is_file():
-        shutil.copy(pareto_src, out_dir / "pareto.png")
+        st.make_private(shutil.copyfile(pareto_src, out_dir / "pareto.png"))
     baseline = next((r for r in rows if r.get("baseline")), None)
     champion = outcome.champion.row if outcome.champion else None
     evals = {}
@@ -86,7 +91,7 @@ def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
 
     curves = {k: v["rtl_curve"] for k, v in evals.items() if v.get("rtl_curve")}
     if curves:
-        rtl_plot(curves, out_dir / "rtl_curves.png")
+        st.make_private(rtl_plot(curves, out_dir / "rtl_curves.png"))
         md += ["## RTL(t): baseline vs champion (Fig. 5)", "", "![RTL curves](rtl_curves.png)", ""]
 
     for mode in ("slerp", "lerp"):
@@ -98,20 +103,22 @@ def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
                 entries.append((f"{label}: {mode} (same seeds)", img, dists))
         if entries:
             name = f"strips_{mode}.png"
-            strips_figure(entries, out_dir / name)
+            st.make_private(strips_figure(entries, out_dir / name))
             md += [f"## Interpolation strips, {mode} (Figs. 1 and 6)", "",
                    "Same seeds for every model; below each strip the distance between adjacent frames.", "",
                    f"![{mode} strips]({name})", ""]
     for label, ev in evals.items():
         img = ev.get("images", {}).get("samples")
         if img is not None:
-            shutil.copy(img, out_dir / f"samples_{label}.png")
+            st.make_private(shutil.copyfile(img, out_dir / f"samples_{label}.png"))
             md += [f"### Samples: {label}", "", f"![samples {label}](samples_{label}.png)", ""]
 
-    md += ["## Spec", "", "```yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False).rstrip(), "```", ""]
-    text = "\n".join(md)
-    (out_dir / "report.md").write_text(text)
-    (out_dir / "report.html").write_text(markdown_to_html(text, title=f"isosweep report {outcome.sweep_id}"))
+    # the spec scrubbed field by field first (a secret key's value goes whole), then the whole text
+    md += ["## Spec", "", "```yaml", yaml.safe_dump(scrub_tree(spec.to_dict()), sort_keys=False).rstrip(), "```", ""]
+    text = scrub_text("\n".join(md))
+    page = scrub_text(markdown_to_html(text, title=f"isosweep report {outcome.sweep_id}"))
+    st.write_bytes(str(out_dir / "report.md"), text.encode())
+    st.write_bytes(str(out_dir / "report.html"), page.encode())
     return out_dir
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from isosweep.config import RESULT_METRICS, SweepSpec
@@ -29,6 +30,8 @@ class SweepOutcome:
     parent_run_id: str | None = None
     registered: dict = field(default_factory=dict)
     sweep_uri: str = ""  # where the sweep lives in storage (sweep_dir is the local folder its files were written in)
+    state: Any = None  # results.states.SweepState once the run returned
+    promotion: str = ""  # why the champion was not promoted ("" when it was, or may be)
 
 
 def make_row(trial_id: str, config: dict, metrics: dict, status: str) -> dict:
@@ -47,6 +50,7 @@ def make_row(trial_id: str, config: dict, metrics: dict, status: str) -> dict:
     row.update({k: v for k, v in metrics.items() if k.startswith("backbone_")})
     row["checkpoint_path"] = metrics.get("checkpoint_path", "")
     row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
+    row["tracking_pending"] = bool(metrics.get("tracking_pending"))  # MLflow lacks some of it: `isosweep sync`
     return row
 
 

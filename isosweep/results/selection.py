@@ -60,7 +60,7 @@ def choose_champion(
 
     - `fid_tolerance` (default): the lowest second objective (PPL) among front rows whose first
       objective (FID) is at most baseline * (1 + fid_tolerance); falls back to the baseline itself
-      when no isometric trial qualifies.
+      when no isometric trial qualifies, and chooses nothing without a finite baseline.
     - `knee`: on objectives min-max normalised over the front, the row closest to the utopia point.
     - `weighted`: the lowest weighted sum of min-max normalised objectives.
     Returns None when no row has finite objectives.
@@ -72,8 +72,7 @@ def choose_champion(
     if rule == "fid_tolerance":
         base = _baseline(rows)
         if base is None or not _finite(base, objectives):
-            best = min(front, key=lambda r: r[b])
-            return Choice(best, f"no finite baseline; lowest {b} on the front")
+            return None  # the rule is relative to the baseline: without one, a collapsed model could win on b alone
         limit = base[a] * (1.0 + fid_tolerance)
         ok = [r for r in rows if _finite(r, objectives) and r[a] <= limit]
         best = min(ok, key=lambda r: (r[b], r[a]))

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any
+
+from isosweep import storage as st
+from isosweep.redact import scrub_text
 
 
 def _fmt(v: Any) -> str:
@@ -52,15 +56,16 @@ def backbones_of(rows: list[dict]) -> dict[str, str]:
 
 
 def save_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """results.csv and results.md, scrubbed (a checkpoint path may be a signed URI) and private to the user."""
     csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in table_rows(rows):
-            w.writerow(r)
-    md_path.write_text(markdown_table(rows, backbones_of(rows)) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in table_rows(rows):
+        w.writerow(r)
+    st.write_bytes(str(csv_path), scrub_text(buf.getvalue()).encode())
+    st.write_bytes(str(md_path), (scrub_text(markdown_table(rows, backbones_of(rows))) + "\n").encode())
     return csv_path, md_path
 
 

@@ -8,6 +8,8 @@ on (FID, PPL): the Pareto front and a stated champion rule (`results.selection`)
 
 from __future__ import annotations
 
+import shlex
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from isosweep.results.layout import (
     REPORT_DIR,
     SPEC_FILE,
     STATE_FILE,
+    TRAIN_DIR,
     new_sweep_id,
     read_state,
     resolve_storage,
@@ -37,6 +40,7 @@ from isosweep.results.layout import (
 from isosweep.results.plots import pareto_plot
 from isosweep.results.report import write_report as write_report_folder
 from isosweep.results.rows import SweepOutcome, make_row, summarize
+from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, RUNNING, SweepState, promotion_refusal, sweep_state
 from isosweep.results.tables import backbones_of, save_tables
 from isosweep.sweep.callbacks import SweepProgress
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
@@ -44,10 +48,11 @@ from isosweep.sweep.resources import check_cluster_fits, trial_concurrency
 from isosweep.sweep.search import build_search, planned_trials
 from isosweep.sweep.trial import make_trial_fn, rows_from_results
 from isosweep.tracking.artifacts import log_sweep_summary
-from isosweep.tracking.client import resolve_tracking_uri
+from isosweep.tracking.client import TrackingError, resolve_tracking_uri
 from isosweep.tracking.redact import scrub_text
 from isosweep.tracking.registry import register_sweep_models
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run
+from isosweep.tracking.sync import sync_sweep_dir
 
 
 @dataclass
@@ -93,29 +98,100 @@ def _run(spec: SweepSpec, spec_path: str | None, place: SweepPlace, *, address: 
     parent_run_id = find_or_create_sweep_run(spec, spec_path, tracking_uri, place.sweep_id, storage_path=place.sweep_uri)
     _save_state(place, spec, spec_path, tracking_uri, parent_run_id)
     say(f"MLflow: {scrub_text(tracking_uri)} (experiment '{spec.experiment_name}', parent run {parent_run_id})")
-    results = _tuner(spec, place, tracking_uri, parent_run_id, resume=place.resuming).fit()
-    outcome = _outcome(spec, place, rows_from_results(results), tracking_uri, parent_run_id)
+    try:
+        results = _tuner(spec, place, tracking_uri, parent_run_id, resume=place.resuming).fit()
+        outcome = _outcome(spec, place, rows_from_results(results), tracking_uri, parent_run_id)
+        return _finish(spec, place, outcome, report_dir=report_dir, write_report=write_report)
+    except BaseException as exc:  # a second Ctrl-C, a crash: the sweep is resumable and its parent run ends
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        _record_state(place, SweepState(INTERRUPTED if interrupted else FAILED), reason=type(exc).__name__)
+        end_run(tracking_uri, parent_run_id, "KILLED" if interrupted else "FAILED", quiet=True)  # never hides exc
+        say(f"sweep {place.sweep_id} {'interrupted' if interrupted else 'failed'}; continue it with: "
+            f"isosweep resume {shlex.quote(scrub_text(place.sweep_uri))}")
+        raise
+
+
+def _finish(spec: SweepSpec, place: SweepPlace, outcome: SweepOutcome, *, report_dir: str | None,
+            write_report: bool) -> SweepOutcome:
+    """Tables, plot and report for any state; registry, done marker and a FINISHED run only when completed."""
+    tracking_uri, parent_run_id = outcome.tracking_uri, outcome.parent_run_id
+    state = sweep_state(outcome.rows, planned_trials(spec))
+    outcome.state = state
+    unrecorded = _sync_pending(spec, place, outcome)
+    refusal = promotion_refusal(state, outcome.rows, outcome.champion, tuple(spec.selection.objectives))
+    if refusal is None and unrecorded:
+        refusal = (f"MLflow lacks the records of {', '.join(unrecorded)}; once the server is back run "
+                   f"`isosweep sync {scrub_text(place.sweep_uri)}`, then `isosweep promote`")
+    outcome.promotion = refusal or ""
     csv_path, md_path = save_tables(outcome.rows, place.staging)
     plot = pareto_plot(outcome.rows, outcome.front, outcome.champion, place.staging / "pareto.png",
                        tuple(spec.selection.objectives), backbones_of(outcome.rows))
-    if outcome.champion and spec.tracking.register_champion:
+    if spec.tracking.register_champion and refusal is None:
         say("registry: registering the champion and the Pareto trials")
-        outcome.registered = register_sweep_models(tracking_uri, spec.registry_name, outcome.champion.row, outcome.front, outcome.rows)
-    if write_report:
+        try:
+            outcome.registered = register_sweep_models(tracking_uri, spec.registry_name, outcome.champion.row, outcome.front, outcome.rows)
+        except TrackingError as exc:
+            outcome.promotion = f"the registry could not be reached ({exc}); run `isosweep promote` when it is back"
+            say(f"registry: promoted nothing: {outcome.promotion}")
+    elif spec.tracking.register_champion:
+        say(f"registry: promoted nothing: {refusal}")
+    if write_report and state.state != INTERRUPTED:
         folder = Path(report_dir) if report_dir else place.staging / REPORT_DIR
         outcome.report_dir = write_report_folder(spec, outcome, folder)
         if report_dir:
             st.upload_dir(folder, st.join(place.sweep_uri, REPORT_DIR))
     st.upload_dir(place.staging, place.sweep_uri)  # tables, plot and report: a no-op for local storage
-    log_sweep_summary(tracking_uri, parent_run_id, csv_path=csv_path, md_path=md_path, pareto_png=plot,
-                      champion_run_id=outcome.champion.row.get("mlflow_run_id") if outcome.champion else None,
-                      report_dir=outcome.report_dir)
-    st.write_json(st.join(place.sweep_uri, DONE_MARKER),
-                  {"finished": time.time(), "champion": outcome.champion.row["trial_id"] if outcome.champion else None})
-    end_run(tracking_uri, parent_run_id, "FINISHED" if all(r["status"] == "DONE" for r in outcome.rows) else "FAILED")
+    try:  # the sweep's results are safe in storage already: tracking here is best effort
+        log_sweep_summary(tracking_uri, parent_run_id, csv_path=csv_path, md_path=md_path, pareto_png=plot,
+                          champion_run_id=outcome.champion.row.get("mlflow_run_id") if outcome.champion and not outcome.promotion else None,
+                          report_dir=outcome.report_dir)
+    except TrackingError as exc:
+        say(f"warning: the sweep's summary was not logged to MLflow ({exc}); the tables and report are in storage")
+    _record_state(place, state, tracking_pending=unrecorded)
+    if state.state == COMPLETED:
+        st.write_json(st.join(place.sweep_uri, DONE_MARKER),
+                      {"finished": time.time(), "champion": outcome.champion.row["trial_id"] if outcome.champion else None})
+    end_run(tracking_uri, parent_run_id, {COMPLETED: "FINISHED", INTERRUPTED: "KILLED"}.get(state.state, "FAILED"), quiet=True)
     if place.staging_is_temporary:  # the local copies go with the staging folder: point at storage instead
         outcome.report_dir = None if not report_dir else outcome.report_dir
     return outcome
+
+
+def _sync_pending(spec: SweepSpec, place: SweepPlace, outcome: SweepOutcome) -> list[str]:
+    """Record in MLflow the finished trials whose tracking failed during the sweep (from storage, as
+    `isosweep sync` does); returns the trial ids still unrecorded (the server is still down)."""
+    pending = [r for r in outcome.rows if r["status"] == "DONE" and (r.get("tracking_pending") or not r.get("mlflow_run_id"))]
+    if not pending or not outcome.tracking_uri:
+        return []
+    ids = [r["trial_id"] for r in pending]
+    say(f"tracking: {len(ids)} finished trial(s) not fully recorded in MLflow ({', '.join(ids)}): syncing them from storage")
+    try:
+        with tempfile.TemporaryDirectory(prefix="isosweep-sync-") as tmp:
+            local = Path(place.sweep_uri)
+            if st.is_remote(place.sweep_uri):  # only what the pending trials need, not every checkpoint
+                local = Path(tmp) / place.sweep_id
+                st.write_json(str(local / STATE_FILE), place.state)
+                for tid in ids:
+                    st.download_dir(st.join(place.sweep_uri, TRAIN_DIR, tid), local / TRAIN_DIR / tid)
+            synced = {tid: run_id for tid, run_id, _ in sync_sweep_dir(spec, None, outcome.tracking_uri, local, place.sweep_uri)}
+    except Exception as exc:  # noqa: BLE001 -- best effort: whatever failed, the trials stay pending and are named
+        say(f"warning: MLflow still lacks {', '.join(ids)} ({exc}); run `isosweep sync {scrub_text(place.sweep_uri)}` later")
+        return ids
+    for r in pending:
+        if r["trial_id"] in synced:
+            r["mlflow_run_id"], r["tracking_pending"] = synced[r["trial_id"]], False
+    return [r["trial_id"] for r in pending if r["tracking_pending"] or not r["mlflow_run_id"]]
+
+
+def _record_state(place: SweepPlace, state: SweepState, reason: str = "", tracking_pending: list[str] | None = None) -> None:
+    """The sweep's state into its state file in storage (status, what is unfinished, when)."""
+    place.state.update({"status": state.state, "unfinished": state.unfinished, "errored": state.errored,
+                        "not_started": state.not_started, "status_reason": reason, "status_time": time.time(),
+                        "tracking_pending": tracking_pending or []})
+    try:
+        st.write_json(st.join(place.sweep_uri, STATE_FILE), place.state)
+    except OSError as exc:  # storage down: say so, but never replace the error being handled
+        say(f"warning: could not record the sweep's state {state.state} in storage: {exc}")
 
 
 def load_outcome(sweep: str | Path) -> tuple[SweepSpec, SweepOutcome]:
@@ -200,7 +276,7 @@ def _save_state(place: SweepPlace, spec: SweepSpec, spec_path: str | None, track
     resumed = place.resuming
     place.state.update({"sweep_id": place.sweep_id, "spec": spec.to_dict(), "spec_path": spec_path, "storage": place.storage,
                         "experiment_path": place.sweep_uri, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
-                        "started": place.state.get("started") or time.time()})
+                        "started": place.state.get("started") or time.time(), "status": RUNNING})
     if resumed:
         place.state["resumed"] = [*place.state.get("resumed", []), time.time()]
     st.write_json(st.join(place.sweep_uri, STATE_FILE), place.state)
@@ -209,7 +285,8 @@ def _save_state(place: SweepPlace, spec: SweepSpec, spec_path: str | None, track
 
 def _tuner(spec: SweepSpec, place: SweepPlace, tracking_uri: str, parent_run_id: str, *, resume: bool) -> tune.Tuner:
     """A new Tuner over the spec's search, or the restored one of the sweep being resumed."""
-    sweep = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "train_storage": place.train_storage}
+    sweep = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "train_storage": place.train_storage,
+             "session": len(place.state.get("resumed", []))}  # a resume gives errored trials a fresh failure budget
     # the trial function only waits on its TorchTrainer: it holds no CPU (1 MB so the bundle is not empty)
     trainable = tune.with_resources(make_trial_fn(spec.to_dict(), sweep), {"CPU": 0, "memory": 2**20})
     if resume and tune.Tuner.can_restore(place.sweep_uri):

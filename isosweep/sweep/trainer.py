@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -75,18 +74,12 @@ class RayReporter:
             eta = training_eta(self._first, (step, now), self.max_steps)
             say(f"step {step}{total} {stats}" + (f" eta {eta}" if eta else "") + (" (checkpoint)" if checkpoint else ""))
 
-    def latest_checkpoint(self) -> str | None:
-        """The run's own latest checkpoint (after a worker failure), else `resume_from`, as a local dir."""
+    def latest_checkpoint(self) -> Any:
+        """The run's own latest checkpoint (after a worker failure), else `resume_from`: a Ray Checkpoint
+        (file system + path) or a local folder. The loop verifies it against its manifest, falls back to
+        older siblings when it is corrupt, and copies remote ones into temporary folders it removes."""
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None and self.resume_from:
-            ckpt = Checkpoint(self.resume_from)
-        if ckpt is None:
-            return None
-        if type(ckpt.filesystem).__name__ == "LocalFileSystem" and os.path.isdir(ckpt.path):
-            return ckpt.path  # read in place (workers only read it)
-        # one private copy per worker: concurrent to_directory() calls into Ray's shared default
-        # location race with each other and corrupt train_state.pt
-        return ckpt.to_directory(tempfile.mkdtemp(prefix=f"isosweep-resume-rank{self.rank}-"))
+        return ckpt if ckpt is not None else self.resume_from
 
 
 def _gauges(run_name: str) -> dict[str, Any] | None:
@@ -148,9 +141,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    provenance={"workers": worker_placement(reporter.rank, reporter.world_size)},
                    evaluator=trial_evaluator(spec) if config.get("evaluate") else None,
                    on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=download_model)
-    finally:
+    except BaseException:
         if step_logger is not None:
-            step_logger.close()
+            step_logger.close(raise_errors=False)  # a tracking error must not hide the training error
+        raise
+    if step_logger is not None:  # step curves are best effort: an outage must not fail a trained trial
+        step_logger.close(raise_errors=False)
 
 
 def worker_placement(rank: int, world_size: int) -> list[dict[str, Any]]:
@@ -165,8 +161,10 @@ def worker_placement(rank: int, world_size: int) -> list[dict[str, Any]]:
 
 def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_params: dict[str, Any] | None = None,
                   evaluate: bool = False, mlflow: dict[str, str] | None = None, resume_from: str | None = None,
-                  callbacks: list | None = None, extra_config: dict[str, Any] | None = None) -> TorchTrainer:
-    """A TorchTrainer for one trial.
+                  callbacks: list | None = None, extra_config: dict[str, Any] | None = None,
+                  max_failures: int | None = None) -> TorchTrainer:
+    """A TorchTrainer for one trial. max_failures: Train's own retries (default `search.max_failures`);
+    the sweep's trials pass 0 and retry in the trial function, which tells deterministic errors apart.
 
     Re-running with the same `run_name` and `storage_path` restores that run from its latest
     checkpoint (Ray Train V2); `resume_from` starts a new run from a checkpoint directory.
@@ -200,7 +198,8 @@ def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_pa
         run_config=RunConfig(
             name=run_name, storage_path=storage_path,
             # worker and node failures: search.max_failures; spot preemptions: Ray's default, unlimited
-            failure_config=FailureConfig(max_failures=spec.search.max_failures, max_preemption_failures=-1),
+            failure_config=FailureConfig(max_failures=spec.search.max_failures if max_failures is None else max_failures,
+                                         max_preemption_failures=-1),
             checkpoint_config=CheckpointConfig(num_to_keep=3),  # the last three (the final one included)
             callbacks=callbacks,
             # Train logs each report, checkpoint and resource request at INFO; our progress line says it

@@ -7,17 +7,25 @@ final checkpoint and evaluation record to MLflow, and reports the metrics with t
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from typing import Any
 
 from ray import tune
 
+from isosweep import storage as st
 from isosweep.config import SweepSpec, trial_params_of
+from isosweep.errors import deterministic_cause
 from isosweep.evaluation.record import EvalResult, read_record
 from isosweep.results.rows import make_row
 from isosweep.sweep.callbacks import ForwardToTune
 from isosweep.sweep.trainer import build_trainer
 from isosweep.tracking.artifacts import log_trial_result
+from isosweep.tracking.client import TrackingError
 from isosweep.tracking.runs import end_run, open_trial_run
+
+log = logging.getLogger(__name__)
 
 
 def make_trial_fn(spec_dict: dict, sweep: dict):
@@ -28,30 +36,117 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
         trial_id = tune.get_context().get_trial_id()
         params = trial_params_of(config)
         uri = sweep.get("tracking_uri")
-        run_id = open_trial_run(uri, spec.experiment_name, sweep["parent_run_id"], trial_id, params) if uri else None
-        trainer = build_trainer(spec, run_name=trial_id, storage_path=sweep["train_storage"], trial_params=params,
-                                evaluate=True, mlflow={"tracking_uri": uri, "run_id": run_id} if run_id else None,
-                                callbacks=[ForwardToTune(list(spec.selection.objectives))])
+        # tracking is off the critical path: a tracking outage leaves the run to `isosweep sync` (the
+        # driver runs it at the end), it never turns a trained and evaluated trial into an error
+        run_id = _best_effort(trial_id, "open its MLflow run", open_trial_run, uri, spec.experiment_name,
+                              sweep["parent_run_id"], trial_id, params) if uri else None
+        pending = bool(uri) and run_id is None
+        def make_trainer():  # the same run name: each attempt resumes the run from its latest checkpoint
+            return build_trainer(spec, run_name=trial_id, storage_path=sweep["train_storage"], trial_params=params,
+                                 evaluate=True, mlflow={"tracking_uri": uri, "run_id": run_id} if run_id else None,
+                                 callbacks=[ForwardToTune(list(spec.selection.objectives))], max_failures=0)
+
         try:
-            result = trainer.fit()
-            if result.error:
-                raise result.error
+            result = fit_with_one_budget(make_trainer, trial_id, spec.search.max_failures,
+                                         st.join(sweep["train_storage"], trial_id, ATTEMPTS_FILE), sweep.get("session", 0))
             checkpoint = result.checkpoint
             if checkpoint is None:
                 raise RuntimeError(f"trial {trial_id} finished without a checkpoint")
             with checkpoint.as_directory() as ckpt_dir:
                 record = evaluated_record(spec, ckpt_dir, trial_id)
-                if run_id:
-                    log_trial_result(uri, run_id, ckpt_dir)
+                if run_id and _best_effort(trial_id, "log its results", log_trial_result, uri, run_id, ckpt_dir, ok=True) is None:
+                    pending = True
         except BaseException:
             if run_id:
                 end_run(uri, run_id, "FAILED", quiet=True)
             raise
-        if run_id:
-            end_run(uri, run_id, "FINISHED")
-        tune.report(final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id))
+        if run_id and not pending:
+            end_run(uri, run_id, "FINISHED", quiet=True)
+        report = final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id)
+        tune.report({**report, "tracking_pending": pending})
 
     return isosweep_trial
+
+
+ATTEMPTS_FILE = "isosweep_attempts.json"  # <train storage>/<trial id>/: the trial's failures, across restarts
+
+
+class DeterministicTrialError(RuntimeError):
+    """A trial failed with an error a retry cannot fix; it is not retried."""
+
+    deterministic = True
+
+
+def fit_with_one_budget(make_trainer, trial_id: str, budget: int, attempts_uri: str, session: int = 0):
+    """`make_trainer().fit()` with infrastructure failures retried under one budget, deterministic ones not.
+
+    Train's own retries are off (the trainer is built with max_failures=0) and Tune's restarts of this
+    function count against the same budget: every start and every failed attempt is recorded in
+    `attempts_uri` (per `session`, which a `resume` increments, so a resumed sweep gets a fresh budget).
+    A deterministic error (`isosweep.errors`) raises DeterministicTrialError at once, naming its cause;
+    a restart after one fails at once too. Others wait about 2^n s (x0.5-1.5 jitter, at most a minute)
+    and try again, resuming from the latest checkpoint, until the budget is spent.
+    """
+    record = _read_attempts(attempts_uri, session)
+    if record.get("deterministic"):
+        raise DeterministicTrialError(record["deterministic"])
+    record["starts"] += 1
+    error: BaseException | None = None
+    while True:
+        spent = record["starts"] - 1 + record["failures"]
+        if spent > budget:
+            _write_attempts(attempts_uri, record)
+            raise RuntimeError(f"trial {trial_id}: failure budget spent ({spent} failures, search.max_failures={budget}); "
+                               f"last error: {record.get('last_error', 'a restart of the trial')}") from error
+        _write_attempts(attempts_uri, record)
+        try:
+            result = make_trainer().fit()
+        except Exception as exc:  # noqa: BLE001 -- Ray Train V2 raises TrainingFailedError; classified below
+            error = exc
+        else:
+            if result.error is None:
+                return result
+            error = result.error
+        cause = deterministic_cause(error)
+        if cause is not None:
+            record["deterministic"] = (f"trial {trial_id} failed with {type(cause).__name__}: {cause}. A retry with the same "
+                                       "inputs fails the same way, so it was not retried; fix the cause, then `isosweep resume`")
+            _write_attempts(attempts_uri, record)
+            raise DeterministicTrialError(record["deterministic"]) from error
+        record["failures"] += 1
+        record["last_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+        if record["starts"] - 1 + record["failures"] <= budget:
+            wait = min(60.0, 2.0 ** record["failures"]) * random.uniform(0.5, 1.5)
+            log.warning("trial %s: attempt failed (%s); retrying in %.0f s from its latest checkpoint (%d of %d failures allowed)",
+                        trial_id, record["last_error"][:200], wait, record["starts"] - 1 + record["failures"], budget)
+            time.sleep(wait)
+
+
+def _read_attempts(uri: str, session: int) -> dict:
+    try:
+        record = st.read_json(uri) or {}
+    except (OSError, ValueError):
+        record = {}
+    if record.get("session") != session:
+        record = {}
+    return {"session": session, "starts": 0, "failures": 0, **record}
+
+
+def _write_attempts(uri: str, record: dict) -> None:
+    try:
+        st.write_json(uri, record)
+    except OSError as exc:  # storage down: the budget then counts this process's attempts only
+        log.warning("could not record the trial's attempts at %s: %s", uri, exc)
+
+
+def _best_effort(trial_id: str, what: str, fn, *args, ok: Any = None):
+    """fn(*args), or None after a TrackingError (warned, not raised); `ok` is returned for a None result."""
+    try:
+        out = fn(*args)
+    except TrackingError as exc:
+        log.warning("trial %s could not %s (%s); its results are safe in storage and `isosweep sync` records them", trial_id, what, exc)
+        return None
+    return ok if out is None and ok is not None else out
 
 
 class MissingEvaluation(RuntimeError):

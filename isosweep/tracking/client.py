@@ -2,8 +2,8 @@
 
 Every network call goes through `retry_call`: exponential backoff (`ISOSWEEP_TRACKING_RETRIES`
 attempts, first wait `ISOSWEEP_TRACKING_BACKOFF_S` seconds), then `TrackingError` naming the URI.
-MLflow's own HTTP retries are capped (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, unless the user set it) so
-the total wait stays bounded.
+MLflow's own HTTP retries and timeout are capped (`MLFLOW_HTTP_REQUEST_MAX_RETRIES` 0,
+`MLFLOW_HTTP_REQUEST_TIMEOUT` 20 s, unless the user set them) so the total wait stays bounded.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
@@ -51,6 +52,7 @@ def _bound_mlflow_http_retries() -> None:
     per call before our first retry even starts.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")  # MLflow's 120 s would hold a trial per call
 
 
 def _is_permanent(exc: BaseException) -> bool:
@@ -76,12 +78,16 @@ def retry_call(
     *args: Any,
     attempts: int | None = None,
     backoff_s: float | None = None,
+    already_done: Callable[[], T | None] | None = None,
     **kwargs: Any,
 ) -> T:
-    """Call `fn(*args, **kwargs)`, retrying transient failures with exponential backoff.
+    """Call `fn(*args, **kwargs)`, retrying transient failures with exponential backoff and jitter.
 
-    Waits backoff_s, 2*backoff_s, 4*backoff_s, ... between `attempts` tries, then raises
+    Waits about backoff_s, 2*backoff_s, 4*backoff_s, ... (each x0.5-1.5 at random, so many trials
+    hitting one recovering server do not retry in step) between `attempts` tries, then raises
     `TrackingError` whose message names `what` and the (scrubbed) tracking `uri`.
+    already_done: for a create, a lookup run before every retry; what it finds is returned instead of
+    creating again (the first create may have succeeded with its response lost).
     """
     _bound_mlflow_http_retries()
     default_attempts, default_backoff = _retry_settings()
@@ -89,6 +95,11 @@ def retry_call(
     backoff_s = default_backoff if backoff_s is None else backoff_s
     last: BaseException | None = None
     for i in range(attempts):
+        if i > 0 and already_done is not None:
+            with contextlib.suppress(Exception):  # a failing lookup just means: try the create again
+                found = already_done()
+                if found is not None:
+                    return found
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - classified below
@@ -96,7 +107,7 @@ def retry_call(
                 raise
             last = exc
             if i + 1 < attempts:
-                wait = backoff_s * (2**i)
+                wait = backoff_s * (2**i) * random.uniform(0.5, 1.5)
                 log.warning("%s failed at %s (%s); retry %d/%d in %.1fs", what, scrub_text(uri), _short(exc), i + 1, attempts - 1, wait)
                 time.sleep(wait)
     raise TrackingError(

@@ -119,7 +119,8 @@ def log_and_register(
                 return c.create_model_version(registry_name, info.model_uri, run_id=run_id, tags=clean_tags,
                                               description=desc, model_id=info.model_id)
 
-        mv = tracking.retry_call("create model version", tracking_uri, _create)
+        mv = tracking.retry_call("create model version", tracking_uri, _create,
+                                 already_done=lambda: _existing_version(tracking_uri, registry_name, run_id))
     else:
         for k, v in clean_tags.items():
             tracking.retry_call("tag model version", tracking_uri, c.set_model_version_tag, registry_name, mv.version, k, v)
@@ -168,6 +169,14 @@ def _pipeline_for(tracking_uri: str, run_id: str, row: Mapping[str, Any], tmp: P
             run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT_PATH, dst_path=str(dst), tracking_uri=tracking_uri,
         ))
     raise FileNotFoundError(f"run {run_id} has no '{CHECKPOINT_ARTIFACT_PATH}/' artifacts and no local checkpoint_path ({local!r})")
+
+
+def current_champion(tracking_uri: str, name: str) -> str | None:
+    """The version the `champion` alias points at now, or None (no such model or alias)."""
+    try:
+        return str(tracking.client(tracking_uri).get_model_version_by_alias(name, CHAMPION_ALIAS).version)
+    except MlflowException:
+        return None
 
 
 def register_sweep_models(

@@ -128,7 +128,13 @@ def find_or_create_sweep_run(
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["isosweep.git_commit"] = commit
-    run = retry_call("create sweep run", tracking_uri, c.create_run, exp_id, tags={t.key: t.value for t in tags_of(tags)}, run_name=spec.name)
+    def _existing() -> Any:
+        found = c.search_runs([exp_id], filter_string=f"tags.`{TAG_SWEEP_ID}` = '{sid}' and tags.`{TAG_ROLE}` = 'sweep'",
+                              max_results=1)
+        return found[0] if found else None
+
+    run = retry_call("create sweep run", tracking_uri, c.create_run, exp_id, tags={t.key: t.value for t in tags_of(tags)},
+                     run_name=spec.name, already_done=None if fresh else _existing)
     run_id = run.info.run_id
     params = params_of(spec.to_dict())
     for chunk in chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
@@ -144,7 +150,9 @@ def find_or_create_sweep_run(
 
 
 def find_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> Any | None:
-    """The existing child run of `trial_id` under `parent_run_id` (an mlflow Run), or None."""
+    """The existing child run of `trial_id` under `parent_run_id` (an mlflow Run), or None.
+    experiment_id: an id, or an experiment name."""
+    experiment_id = _experiment_id(tracking_uri, experiment_id)
     c = client(tracking_uri)
     runs = retry_call(
         "search trial runs", tracking_uri, c.search_runs, [experiment_id],
@@ -177,7 +185,8 @@ def open_trial_run(
         have = existing.data.params
     else:
         tags = {TAG_PARENT: parent_run_id, TAG_TRIAL_ID: trial_id, TAG_ROLE: "trial", "mlflow.runName": trial_id}
-        run = retry_call("create trial run", tracking_uri, c.create_run, exp_id, tags={t.key: t.value for t in tags_of(tags)}, run_name=trial_id)
+        run = retry_call("create trial run", tracking_uri, c.create_run, exp_id, tags={t.key: t.value for t in tags_of(tags)},
+                         run_name=trial_id, already_done=lambda: find_trial_run(tracking_uri, exp_id, parent_run_id, trial_id))
         run_id, have = run.info.run_id, {}
     new = [p for p in params_of(params or {}) if p.key not in have]
     for chunk in chunks(new, MAX_PARAMS_TAGS_PER_BATCH):

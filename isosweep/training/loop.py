@@ -28,16 +28,19 @@ import torch.distributed as dist
 from diffusers import UNet2DModel
 
 from isosweep.config import SweepSpec, TrainSpec, resolve_trial_spec
+from isosweep.console import say
 from isosweep.core.ema import EMA
 from isosweep.core.losses import IsoDiffusionLoss
 from isosweep.data.datasets import ShardedLoader, build_dataset
 from isosweep.models.loading import load_unet_and_scheduler
-from isosweep.training.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
+from isosweep.training.checkpoint import StoredCheckpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from isosweep.training.reporting import Reporter, StepStats
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; raised before the optimizer step, so no weights or checkpoint are poisoned."""
+
+    deterministic = True  # the same inputs and seed diverge again: not retried (isosweep.errors)
 
 
 class Evaluation(Protocol):
@@ -137,13 +140,15 @@ def check_finite(flags: torch.Tensor, values: torch.Tensor, step: int, world_siz
 
 
 def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict[str, Any] | None = None,
-               evaluator: Evaluator | None = None, resume_from: str | None = None,
+               evaluator: Evaluator | None = None, resume_from: str | StoredCheckpoint | None = None,
                on_step: Callable[[int], None] | None = None, fetch_base: Callable[[str], Path] | None = None,
                provenance: dict[str, Any] | None = None) -> TrainResult:
     """Fine-tune one trial on this worker's shard; every DDP rank calls it with the same arguments.
 
-    resume_from: a checkpoint directory used when the reporter has none (a restarted Ray run's own
-    checkpoint wins). on_step(step): called after each optimizer step (tests inject faults here).
+    resume_from: a checkpoint (local folder, storage URI, or a `pyarrow.fs` checkpoint such as Ray's) used
+    when the reporter has none (a restarted Ray run's own checkpoint wins); a corrupt one is passed over
+    for the newest older one of its run that verifies (`checkpoint.resume_state`).
+    on_step(step): called after each optimizer step (tests inject faults here).
     fetch_base(uri): downloads an MLflow base model (see `models.loading.load_unet_and_scheduler`).
     provenance: where the run ran (e.g. each rank's node), saved in every checkpoint's spec.json.
     """
@@ -213,11 +218,17 @@ def _load_base(spec: SweepSpec, rank: int, world_size: int, fetch_base: Callable
     return unet, scheduler
 
 
-def _resume(run: Run, checkpoint: str | None) -> Position:
-    """Restore weights, optimiser, EMA, scaler and RNGs from `checkpoint`; the position to continue from."""
+def _resume(run: Run, checkpoint: str | StoredCheckpoint | None) -> Position:
+    """Restore weights, optimiser, EMA, scaler and RNGs from `checkpoint` (or, when it is corrupt, the newest
+    older checkpoint of its run that verifies); the position to continue from."""
     if not checkpoint:
         return Position()
-    state = load_train_state(checkpoint)
+    point = resume_state(checkpoint, rank=run.rank, world_size=run.world, device=run.device)
+    if run.rank == 0:
+        for line in point.skipped:
+            say(f"{line}; passed over")
+        say(f"resuming from {point.source} (step {point.state['step']})")
+    state = point.state
     run.unet.load_state_dict(state["unet"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.ema.load_state_dict(state["ema"])
@@ -275,12 +286,12 @@ def _ema_model(run: Run) -> UNet2DModel:
 
 def _report(reporter: Reporter, run: Run, metrics: dict[str, Any], state: dict[str, Any] | None,
             spec_json: dict[str, Any], evaluation: Evaluation | None) -> None:
-    """Report on every rank; rank 0 also writes the checkpoint (and the evaluation record) to a temp dir."""
+    """Report on every rank; rank 0 also writes the checkpoint (and the evaluation record, before the
+    manifest) to a temporary folder, which the reporter persists (Ray Train uploads it) and which is removed after."""
     if state is None or run.rank != 0:
         reporter.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="isosweep-ckpt-") as tmp:
-        save_checkpoint(Path(tmp), run.unet, run.ema, run.scheduler, state, spec_json)
-        if evaluation is not None:
-            evaluation.write(Path(tmp))
-        reporter.report(metrics, checkpoint_dir=tmp)
+        folder = save_checkpoint(Path(tmp) / "checkpoint", run.unet, run.ema, run.scheduler, state, spec_json,
+                                 extra=evaluation.write if evaluation is not None else None)
+        reporter.report(metrics, checkpoint_dir=str(folder))

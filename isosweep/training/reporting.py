@@ -23,8 +23,9 @@ class Reporter(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         """Called by every rank with the same cadence; `checkpoint_dir` only on rank 0."""
 
-    def latest_checkpoint(self) -> str | None:
-        """A local directory of the checkpoint to resume from, or None."""
+    def latest_checkpoint(self) -> Any:
+        """The checkpoint to resume from, or None: a local folder, a storage URI, or an object with
+        `.filesystem` and `.path` (a Ray Checkpoint); `training.checkpoint.resume_state` reads all three."""
 
 
 class LocalReporter:

@@ -130,7 +130,7 @@ def reference_statistics(
     folder = Path(cache_dir).expanduser() / "fid_stats"
     path = folder / f"{backbone}-{_stats_key(dataset_key, backbone)}.npz"
     if path.is_file():
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:  # a cache file never runs code when read
             return z["mu"], z["sigma"]
     feats = [features(b).float().cpu().numpy() for b in tqdm(images, desc="reference features", disable=not progress, leave=False)]
     mu, sigma = feature_statistics(np.concatenate(feats))

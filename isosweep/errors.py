@@ -1,0 +1,40 @@
+"""Which errors a retry can fix: deterministic errors fail a trial at once, the others are retried.
+
+An exception class is deterministic when it says so with a class attribute `deterministic = True`
+(bad spec, non-finite loss, unreadable image or label file, corrupt or unsafe checkpoint): run again
+with the same inputs and seed, it fails the same way, so retrying only burns GPU hours. Everything
+else (a lost worker or node, a timeout) is treated as infrastructure and retried under the trial's
+one failure budget (`search.max_failures`). A marker attribute rather than a base class, so each
+layer keeps its own exception types without importing this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+
+def _linked(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions an error wraps: its cause and context, Ray's `cause`, Ray Train's worker failures."""
+    for attr in ("__cause__", "__context__", "cause"):
+        inner = getattr(exc, attr, None)
+        if isinstance(inner, BaseException):
+            yield inner
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict):
+        yield from (e for e in failures.values() if isinstance(e, BaseException))
+    yield from (a for a in getattr(exc, "args", ()) if isinstance(a, BaseException))
+
+
+def deterministic_cause(exc: BaseException | None) -> BaseException | None:
+    """The deterministic error inside `exc` (itself, or anything it wraps), or None."""
+    seen: set[int] = set()
+    todo = [exc] if exc is not None else []
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(type(e), "deterministic", False):
+            return e
+        todo.extend(_linked(e))
+    return None
