@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from isosweep.config import SpecError, SweepSpec, spec_from_dict
+from isosweep.redact import scrub_tree
 
 # dotted prefixes of fields that do not change any trial's result
 OPERATIONAL_FIELDS = (
@@ -68,7 +69,7 @@ def spec_for_resume(saved: dict, given: SweepSpec | None, *, allow_changes: bool
     saved_spec = spec_from_dict(saved, source=f"{source} (saved spec)", check_paths=False)
     if given is None:
         return saved_spec
-    changes = spec_changes(saved_spec.to_dict(), given.to_dict())
+    changes = spec_changes(saved_spec.to_dict(), scrub_tree(given.to_dict()))  # the saved spec holds no credentials
     results = [c for c in changes if not c.operational]
     if results:
         raise SpecError(
@@ -82,4 +83,4 @@ def spec_for_resume(saved: dict, given: SweepSpec | None, *, allow_changes: bool
             + "\n  ".join(map(str, changes))
             + "\nfix: pass --allow-changes to resume with these values, or undo them"
         )
-    return given if changes else saved_spec
+    return given  # the saved spec's values, with the credentials it never stored

@@ -231,3 +231,101 @@ class LosingProxy:
 
     def close(self):
         self.server.shutdown()
+
+
+class StoppableTcpProxy:
+    """A TCP forwarder on loopback in front of a real server, which can be stopped like the server itself.
+
+    `stop()` closes the listening socket and every open connection (clients see resets, then refused
+    connections); `start()` listens again on the same port. `stop_on(when, nth, down_s)` stops it when a
+    client sends the nth request line (b"PUT /bucket/key HTTP/1.1") for which `when(line)` is true,
+    before forwarding that request, and starts it again down_s seconds later: a server that dies
+    mid-upload."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.stops: list[str] = []  # the request line that triggered each stop
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._trigger: tuple | None = None
+        self._matches = 0
+        self._listener: socket.socket | None = None
+        self.start()
+
+    def start(self) -> None:
+        import threading
+
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(64)
+        self._listener = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            srv, self._listener = self._listener, None
+            conns, self._conns = self._conns, set()
+        if srv is not None:
+            srv.close()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def stop_on(self, when, nth: int, down_s: float) -> None:
+        self._trigger, self._matches = (when, nth, down_s), 0
+
+    def close(self) -> None:
+        self._trigger = None
+        self.stop()
+
+    def _accept(self, srv: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return  # stopped
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._conns |= {client, upstream}
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        import re
+        import threading
+
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if from_client and self._trigger is not None:
+                    when, nth, down_s = self._trigger
+                    for line in re.findall(rb"^[A-Z]+ \S+ HTTP/1\.[01]", data, flags=re.M):
+                        if when(line):
+                            self._matches += 1
+                            if self._matches == nth:
+                                self._trigger = None
+                                self.stops.append(line.decode(errors="replace"))
+                                self.stop()
+                                threading.Timer(down_s, self.start).start()
+                                return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass

@@ -73,3 +73,13 @@ def test_without_a_finite_baseline_no_champion_is_chosen_or_promoted():
     assert "only a completed sweep" in promotion_refusal(state, partial, champ)
     assert sweep_state(good, 3, interrupted=True).state == INTERRUPTED
     assert sweep_state(good, 3).state == COMPLETED
+
+
+def test_an_errored_trial_row_is_named_by_its_trial_id():
+    """A trial that errored before reporting has no metrics: its row (and the sweep state's `errored`
+    list) names it by the trial id in its Tune folder, not by the long folder name."""
+    from isosweep.sweep.trial import _trial_id_of_folder
+
+    assert _trial_id_of_folder("/s/isosweep_trial_719dc20c_1_baseline=True,lambda_iso=0.0000_2026-11-26_04-28-30") == "719dc20c"
+    assert _trial_id_of_folder("s3://b/p/isosweep_trial_abcde_00003_3_lambda_iso=0.1_2026-11-26/") == "abcde_00003"
+    assert _trial_id_of_folder("/s/not-a-trial-folder") == "not-a-trial-folder"

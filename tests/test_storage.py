@@ -129,3 +129,22 @@ def test_resume_refuses_a_changed_spec_before_anything_runs(tmp_path):
     r = subprocess.run([*base, "demo", "--storage", str(storage)], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and "no unfinished sweep named 'demo-*'" in r.stderr, r.stderr
     assert json.loads(Path(sweep, layout.STATE_FILE).read_text())["sweep_id"] == "demo-20261126-010101"  # untouched
+
+
+def test_a_sweep_stores_no_credential_and_resume_asks_for_it(tmp_path, monkeypatch):
+    """The saved spec and tracking URI are scrubbed; resuming with the same spec (credentials included) is
+    not a change, and resuming from the saved state alone refuses with the fix instead of using `***`."""
+    from isosweep.redact import scrub_tree
+
+    given = load_spec(DEMO, ["tracking.uri=http://alice:pw-SECRET@mlflow:5000"], check_paths=False)
+    saved = scrub_tree(given.to_dict())
+    assert "pw-SECRET" not in json.dumps(saved) and saved["tracking"]["uri"] == "http://***@mlflow:5000"
+    assert spec_for_resume(saved, given, allow_changes=False, source="x").tracking.uri == "http://alice:pw-SECRET@mlflow:5000"
+    storage = tmp_path / "runs"
+    sweep = st.join(str(storage), "demo-20261126-020202")
+    st.write_json(st.join(sweep, layout.STATE_FILE), {"sweep_id": "demo-20261126-020202", "spec": saved,
+                                                       "tracking_uri": saved["tracking"]["uri"]})
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
+    r = subprocess.run([sys.executable, "-m", "isosweep", "resume", sweep], capture_output=True, text=True, timeout=120,
+                       check=False, env=env)
+    assert r.returncode == 2 and "pass --tracking-uri URI or set MLFLOW_TRACKING_URI" in r.stderr, r.stdout + r.stderr

@@ -73,25 +73,51 @@ def _evaluated_results(experiment_dir: Path) -> dict[str, int]:
     return counts
 
 
+def _kill_the_first_trials_workers(proc: subprocess.Popen, storage: Path, deadline: float, log: Path) -> str:
+    """SIGKILL the Train workers of the sweep's first trial (the baseline: trials run one at a time) once Ray
+    Train has registered one of its checkpoints (its snapshot file lists them); returns its trial id.
+    Workers are found among the driver's descendants by the process title Ray gives them."""
+    from ray_cluster import _descendants, _proc_table
+
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        runs = list(storage.glob("demo-*/train/*/"))
+        assert len(runs) <= 1, f"the baseline finished before its workers could be killed: {runs}"
+        if runs and (runs[0] / "checkpoint_manager_snapshot.json").exists():
+            table = _proc_table()
+            workers = [p for p in _descendants(proc.pid, table) if "RayTrainWorker" in table[p][2]]
+            if workers:
+                for pid in workers:
+                    os.kill(pid, signal.SIGKILL)
+                return runs[0].name
+        time.sleep(0.2)
+    pytest.fail("the first trial wrote no checkpoint within 10 minutes")
+
+
 @pytest.mark.slow
 def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow_server):
     """The demo sweep as a user runs it, with tracking on a real `mlflow server` whose artifacts land in a
-    moto S3 bucket. After the first trial finished, Ctrl-C (SIGINT to the driver's process group, as a
-    terminal sends it): the sweep stops at a safe point, records INTERRUPTED, ends its MLflow parent run
-    KILLED, promotes nothing, prints the resume command and exits 130. `isosweep resume` then completes
-    it without rerunning that trial or duplicating its MLflow run, and everything a finished sweep
-    promises is there (rows, front, champion, tables, report, runs, registry, S3 artifacts).
-    One sweep serves both checks: each demo sweep costs about three minutes on two cores."""
+    moto S3 bucket, and `search.max_failures=0`. The baseline fails: its Train workers are killed (SIGKILL)
+    once it has a checkpoint, and with no failure budget it ends ERROR. After the next trial finished,
+    Ctrl-C (SIGINT to the driver's process group, as a terminal sends it): the sweep stops at a safe point,
+    records INTERRUPTED with the errored baseline, ends its MLflow parent run KILLED, promotes nothing,
+    prints the resume command and exits 130. `isosweep resume` then runs the baseline again from its own
+    checkpoint (a resume is a fresh failure budget) and completes the sweep without rerunning the
+    finished trial or duplicating an MLflow run, and everything a finished sweep promises is there
+    (rows, front, champion, tables, report, runs, registry, S3 artifacts).
+    One sweep serves these checks: each demo sweep costs about three minutes on two cores."""
     from mlflow.exceptions import MlflowException
 
     from isosweep.data.datasets import ShapesDataset
     from isosweep.evaluation.record import read_record
     from isosweep.sweep.driver import load_outcome
+    from isosweep.training.checkpoint import load_train_state
 
     storage = tmp_path / "runs"
     env = {**os.environ, "ISOSWEEP_CACHE": str(cache_env), "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
     args = [str(DEMO), "--storage", str(storage), "--tracking-uri", mlflow_server.uri]
-    for o in TINY + ["search.num_trials=2", "search.max_concurrent_trials=1", "tracking.registry_name=isodiff-sigint"]:
+    for o in TINY + ["search.num_trials=2", "search.max_concurrent_trials=1", "tracking.registry_name=isodiff-sigint",
+                     "search.max_failures=0"]:
         args += ["--set", o]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "isosweep", "run", *args], stdout=log, stderr=subprocess.STDOUT,
@@ -99,6 +125,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     deadline = time.time() + 600
     sweep_dirs: list[Path] = []
     try:
+        baseline_id = _kill_the_first_trials_workers(proc, storage, deadline, tmp_path / "first.log")
         while time.time() < deadline:
             sweep_dirs = [p for p in storage.glob("demo-*") if p.is_dir()]
             if sweep_dirs and sum(_evaluated_results(sweep_dirs[0]).values()) >= 1:
@@ -120,6 +147,8 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     assert f"isosweep resume {sweep_dir}" in first and "INTERRUPTED" in first, first[-3000:]
     state = json.loads((sweep_dir / "isosweep_sweep.json").read_text())
     assert state["status"] == "INTERRUPTED" and (state["unfinished"] or state["not_started"]), state
+    assert state["errored"] == [baseline_id], state
+    assert "failure budget spent" in first and "promoted nothing" in first, first[-3000:]
     assert not (sweep_dir / "sweep_done.json").exists()
     client, _ = _runs(mlflow_server.uri, "demo")
     assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
@@ -145,6 +174,8 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     assert len(rows) == 3
     base = [r for r in rows if r["baseline"]]
     assert len(base) == 1 and base[0]["lambda_iso"] == 0.0 and base[0]["p"] == 1.0
+    assert base[0]["trial_id"] == baseline_id and not any(baseline_id in name for name in finished)
+    assert load_train_state(base[0]["checkpoint_path"])["resumed_at"], "the failed baseline restarted from scratch"
     assert all(r["status"] == "DONE" for r in rows), rows
     for r in rows:
         for k in spec.evaluation.metrics:  # the demo measures all six: each finite and in its range
@@ -171,6 +202,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     assert state["tracking_uri"] == mlflow_server.uri and state["status"] == "COMPLETED"
     client, runs = _runs(mlflow_server.uri, spec.experiment_name)
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
+    assert len([r for r in runs if r.data.tags.get("isosweep.role") == "sweep"]) == 1  # resume reused the parent run
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
     assert len(children) == 3, "a resumed trial must reopen its MLflow run, not duplicate it"
     assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
@@ -195,27 +227,37 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
 
 @pytest.mark.slow
 def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path, cache_env, mlflow_server):
-    """The tracking server becomes unreachable (503 from a proxy in front of the real `mlflow server`) once
-    training has started and stays down to the end. Every trial still finishes DONE (nothing turns into an
+    """The tracking server is unreachable (503 from a proxy in front of the real `mlflow server`) when the
+    sweep starts: the sweep waits for it instead of failing, and starts once it is back. It goes away again
+    once training has started and stays down to the end. Every trial still finishes DONE (nothing turns into an
     error), the sweep is COMPLETED with its results in storage, promotes nothing and says why (exit 1);
     once the server is back, `isosweep sync` records each trial exactly once and `isosweep promote`
-    moves @champion to the champion the table names."""
+    moves @champion to the champion the table names.
+    The tracking URI carries a password (`http://user:password@host`) and the environment a token: neither
+    appears in any file the sweep wrote, in its output, or in any MLflow param, tag or artifact."""
     from servers import LosingProxy
 
     proxy = LosingProxy(mlflow_server.uri)
     storage = tmp_path / "runs"
+    password, token = "pw-SECRET-0x5eed", "tok-SECRET-0xbeef"
     env = {**os.environ, "ISOSWEEP_CACHE": str(cache_env), "PYTHONUNBUFFERED": "1", "ISOSWEEP_TRACKING_RETRIES": "2",
-           "ISOSWEEP_TRACKING_BACKOFF_S": "0.2"}
+           "ISOSWEEP_TRACKING_BACKOFF_S": "0.2", "HF_TOKEN": token}
     registry = "isodiff-outage"
-    args = [str(DEMO), "--storage", str(storage), "--tracking-uri", proxy.uri]
+    args = [str(DEMO), "--storage", str(storage), "--tracking-uri", proxy.uri.replace("://", f"://isosweep:{password}@")]
     for o in TINY + ["search.num_trials=1", "evaluation.metrics=[fid, ppl]", f"tracking.registry_name={registry}",
                      "tracking.experiment=outage"]:
         args += ["--set", o]
     try:
         log = open(tmp_path / "run.log", "w")
+        proxy.down.set()  # down at the start
         proc = subprocess.Popen([sys.executable, "-m", "isosweep", "run", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
         deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and "waiting for MLflow" not in (tmp_path / "run.log").read_text():
+            time.sleep(0.5)
+        time.sleep(2)
+        refused_at_start = proxy.refused
+        proxy.down.clear()  # back after the sweep has waited a while
         while time.time() < deadline and proc.poll() is None:
             if list(storage.glob("demo-*/train/*/checkpoint_*")):  # training has started: the server goes away
                 proxy.down.set()
@@ -223,7 +265,8 @@ def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path
             time.sleep(0.5)
         code = proc.wait(timeout=900)
         out = (tmp_path / "run.log").read_text()
-        assert proxy.down.is_set() and proxy.refused > 0, out[-3000:]
+        assert refused_at_start > 0 and "waiting for MLflow at" in out, out[-3000:]
+        assert proxy.down.is_set() and proxy.refused > refused_at_start, out[-3000:]
         assert code == 1, out[-4000:]
         assert "promoted nothing: MLflow lacks the records of" in out, out[-3000:]
         sweep_dir = next(storage.glob("demo-*"))
@@ -238,6 +281,7 @@ def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path
     finally:
         proxy.close()
     client, runs = _runs(mlflow_server.uri, "outage")
+    assert len([r for r in runs if r.data.tags.get("isosweep.role") == "sweep"]) == 1  # the wait made one parent run
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
     assert sorted(r.data.tags["isosweep.trial_id"] for r in children) == sorted({r.data.tags["isosweep.trial_id"] for r in children})
     assert len(children) == 2 and all("fid" in r.data.metrics for r in children)
@@ -249,6 +293,26 @@ def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path
     assert pro.returncode == 0, pro.stdout[-2000:] + pro.stderr[-3000:]
     mv = client.get_model_version_by_alias(registry, "champion")
     assert mv.run_id == next(r.info.run_id for r in children if r.data.tags["isosweep.trial_id"] == champion)
+    _assert_no_secret((password, token), storage, [out, sync.stdout, sync.stderr, res.stdout, pro.stdout, pro.stderr],
+                      runs, mlflow_server)
+
+
+def _assert_no_secret(secrets, storage: Path, outputs: list[str], runs, mlflow_server) -> None:
+    """No secret in any file under storage (pickles and checkpoints included), the commands' output, or any
+    MLflow param, tag or artifact (in the S3 bucket) of the runs."""
+    for path in storage.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(x.encode() in data for x in secrets), path
+    assert not any(x in text for x in secrets for text in outputs)
+    for run in runs:
+        for k, v in {**run.data.params, **run.data.tags}.items():
+            assert not any(x in f"{k}={v}" for x in secrets), (run.info.run_id, k)
+    s3 = mlflow_server.s3.client()
+    for key in mlflow_server.s3.keys("mlflow/"):
+        if any(f"/{run.info.run_id}/" in key for run in runs):
+            body = s3.get_object(Bucket=mlflow_server.s3.bucket, Key=key)["Body"].read()
+            assert not any(x.encode() in body for x in secrets), key
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 
 import numpy as np
@@ -30,11 +31,21 @@ def _tiny_unet(seed: int = 0) -> UNet2DModel:
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """An embedded Ray whose workers hold the (dummy) credentials of the loopback S3 server."""
     import ray
 
+    from servers import DUMMY_AWS
+
+    before = {k: os.environ.get(k) for k in DUMMY_AWS}
+    os.environ.update(DUMMY_AWS)  # workers inherit the environment Ray starts with
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _raytest_spec(base, **train):
@@ -114,6 +125,53 @@ def test_a_deterministic_error_fails_the_trial_at_once(ray_local, tmp_path):
     assert len(attempts) == 1
     assert st.read_json(record)["deterministic"].startswith("trial nan-test failed with NonFiniteLossError")
     assert _fresh_session_trains_again(make_trainer, record, attempts)
+
+
+def test_s3_server_stopped_during_a_checkpoint_upload(ray_local, tmp_path, s3_server):
+    """The S3 endpoint dies in the middle of uploading the trial's third checkpoint (after two of its
+    files went through) and comes back 30 s later: longer than Ray's own upload retries (3 attempts of
+    pyarrow's ~6 s, about 20 s; an 8 s outage is absorbed by them in one attempt). The failed upload is
+    an infrastructure failure: the trial is retried under its budget and resumes from the last checkpoint
+    that was registered, not from scratch; the partial upload is never used, and the final checkpoint
+    verifies against its manifest."""
+    from servers import StoppableTcpProxy
+
+    from isosweep.sweep.trainer import build_trainer
+    from isosweep.sweep.trial import fit_with_one_budget
+    from isosweep.training.checkpoint import load_train_state
+
+    base = tmp_path / "base"
+    DDPMPipeline(unet=_tiny_unet(), scheduler=default_scheduler()).save_pretrained(base)
+    spec = _raytest_spec(base, max_steps=6)
+    proxy = StoppableTcpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
+    storage = f"s3://{s3_server.bucket}/trial-outage?endpoint_override=127.0.0.1:{proxy.port}&scheme=http&region=us-east-1"
+    folders: list[str] = []  # the checkpoint folders uploads went into, in order
+
+    def into_third_checkpoint(line: bytes) -> bool:
+        m = re.match(rb"PUT \S*/trial-outage/s3-test/(checkpoint_[^/]+)/", line)
+        if not m:
+            return False
+        if m.group(1).decode() not in folders:
+            folders.append(m.group(1).decode())
+        return len(folders) == 3 and m.group(1).decode() == folders[2]
+
+    proxy.stop_on(into_third_checkpoint, nth=3, down_s=30.0)  # before the third file of that upload
+    attempts: list[int] = []
+
+    def make_trainer():
+        attempts.append(1)
+        return build_trainer(spec, run_name="s3-test", storage_path=storage, trial_params={"lambda_iso": 0.2, "baseline": False},
+                             max_failures=0, extra_config={"verbose": False})
+
+    try:
+        result = fit_with_one_budget(make_trainer, "s3-test", budget=3, attempts_uri=str(tmp_path / "attempts.json"))
+        assert proxy.stops and "/checkpoint_" in proxy.stops[0], proxy.stops
+        assert result.error is None and len(attempts) >= 2, attempts  # the upload failed the attempt; a retry finished
+        with result.checkpoint.as_directory() as d:
+            state = load_train_state(d)  # verifies the manifest's sizes and checksums
+    finally:
+        proxy.close()
+    assert state["step"] == 6 and state["resumed_at"] and state["resumed_at"][0] in (2, 4), state["resumed_at"]
 
 
 def _fresh_session_trains_again(make_trainer, record, attempts) -> bool:

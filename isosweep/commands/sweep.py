@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from isosweep.results.states import COMPLETED, EXIT_COMPLETED, EXIT_NO_CHAMPION,
 from isosweep.results.tables import backbones_of, plain_table
 from isosweep.spec_changes import spec_for_resume
 from isosweep.sweep.driver import load_outcome, run_sweep
-from isosweep.tracking.redact import scrub_text
+from isosweep.tracking.redact import REDACTED, scrub_text
 from isosweep.tracking.registry import current_champion, register_sweep_models
 from isosweep.tracking.runs import find_trial_run
 
@@ -94,6 +95,11 @@ def promote_command(args: argparse.Namespace) -> int:
         raise SpecError(f"{args.target}: no trial {args.trial!r} in sweep {outcome.sweep_id}; its trials: "
                         + ", ".join(r["trial_id"] for r in outcome.rows))
     tracking_uri = args.tracking_uri or outcome.tracking_uri
+    if not tracking_uri or REDACTED in tracking_uri:
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+        if not tracking_uri:
+            raise SpecError(f"{args.target}: the sweep's tracking URI carried credentials, which are never stored "
+                            f"(saved as {outcome.tracking_uri}); fix: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
     if row["status"] == "DONE" and not row.get("mlflow_run_id") and outcome.parent_run_id:  # recorded later by sync
         run = find_trial_run(tracking_uri, spec.experiment_name, outcome.parent_run_id, args.trial)
         row["mlflow_run_id"] = run.info.run_id if run is not None else ""

@@ -11,7 +11,7 @@ from isosweep import storage as st
 from isosweep.config import SpecError, SweepSpec, load_spec, spec_from_dict
 from isosweep.results.layout import find_sweeps, is_sweep, read_state, sweep_dirs
 from isosweep.tracking.client import resolve_tracking_uri
-from isosweep.tracking.redact import scrub_text
+from isosweep.tracking.redact import REDACTED, scrub_text
 from isosweep.tracking.sync import sync_sweep_dir
 
 
@@ -26,7 +26,11 @@ def sync_command(args: argparse.Namespace) -> int:
     total = synced = 0
     for where, spec, spec_path in _sweeps(args):
         recorded = (read_state(where).get("tracking_uri") if is_sweep(where) else None)
-        explicit = args.tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or recorded
+        candidates = (args.tracking_uri, spec.tracking.uri, os.environ.get("MLFLOW_TRACKING_URI"), recorded)
+        explicit = next((u for u in candidates if u and REDACTED not in u), None)
+        if explicit is None and recorded:  # scrubbed credentials: the recorded URI cannot be used
+            raise SpecError(f"{scrub_text(where)}: the sweep's tracking URI carried credentials, which are never stored "
+                            f"(saved as {recorded}); fix: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
         uri = explicit or resolve_tracking_uri(None, None, st.parent_of(where))
         if st.is_remote(where):
             with tempfile.TemporaryDirectory(prefix="isosweep-sync-") as tmp:

@@ -8,6 +8,7 @@ on (FID, PPL): the Pareto front and a stated champion rule (`results.selection`)
 
 from __future__ import annotations
 
+import os
 import shlex
 import tempfile
 import time
@@ -49,7 +50,7 @@ from isosweep.sweep.search import build_search, planned_trials
 from isosweep.sweep.trial import make_trial_fn, rows_from_results
 from isosweep.tracking.artifacts import log_sweep_summary
 from isosweep.tracking.client import TrackingError, resolve_tracking_uri
-from isosweep.tracking.redact import scrub_text
+from isosweep.tracking.redact import REDACTED, scrub_text, scrub_tree
 from isosweep.tracking.registry import register_sweep_models
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run
 from isosweep.tracking.sync import sync_sweep_dir
@@ -87,15 +88,14 @@ def run_sweep(spec: SweepSpec, spec_path: str | None = None, *, address: str | N
 def _run(spec: SweepSpec, spec_path: str | None, place: SweepPlace, *, address: str | None, tracking_uri: str | None,
          report_dir: str | None, dashboard: bool, write_report: bool, shared_fs: bool) -> SweepOutcome:
     say(f"sweep {place.sweep_id}: storage {scrub_text(place.sweep_uri)}")
-    tracking_uri = resolve_tracking_uri(spec.tracking.uri, tracking_uri or place.state.get("tracking_uri"),
-                                        place.storage if not st.is_remote(place.storage) else None)
+    tracking_uri = _tracking_uri(spec, tracking_uri, place)
     if address:  # joining a cluster is cheap: check it can run the sweep before minutes of preparation
         _start_ray(spec, spec_path, address, dashboard, place, tracking_uri, shared_fs)
     _prepare_base_model(spec)  # an embedded Ray starts after, so pretraining has the CPUs to itself
     _prepare_backbones(spec)
     if not address:
         _start_ray(spec, spec_path, address, dashboard, place, tracking_uri, shared_fs)
-    parent_run_id = find_or_create_sweep_run(spec, spec_path, tracking_uri, place.sweep_id, storage_path=place.sweep_uri)
+    parent_run_id = _open_sweep_run(spec, spec_path, tracking_uri, place)
     _save_state(place, spec, spec_path, tracking_uri, parent_run_id)
     say(f"MLflow: {scrub_text(tracking_uri)} (experiment '{spec.experiment_name}', parent run {parent_run_id})")
     try:
@@ -109,6 +109,37 @@ def _run(spec: SweepSpec, spec_path: str | None, place: SweepPlace, *, address: 
         say(f"sweep {place.sweep_id} {'interrupted' if interrupted else 'failed'}; continue it with: "
             f"isosweep resume {shlex.quote(scrub_text(place.sweep_uri))}")
         raise
+
+
+def _tracking_uri(spec: SweepSpec, given: str | None, place: SweepPlace) -> str:
+    """--tracking-uri, else the one the sweep recorded, else the spec's, MLFLOW_TRACKING_URI or the local
+    default. A recorded or spec URI whose credentials were scrubbed cannot be used: the caller must give
+    the URI again (credentials are never stored with a sweep)."""
+    usable = [u for u in (given, place.state.get("tracking_uri"), spec.tracking.uri) if u and REDACTED not in u]
+    if not usable and not os.environ.get("MLFLOW_TRACKING_URI") and place.state.get("tracking_uri"):
+        raise SpecError(f"{scrub_text(place.sweep_uri)}: the sweep's tracking URI carried credentials, which isosweep never "
+                        f"stores (saved as {place.state['tracking_uri']}); fix: pass --tracking-uri URI or set "
+                        "MLFLOW_TRACKING_URI (or keep the URI plain and set MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)")
+    return resolve_tracking_uri(None, usable[0] if usable else None, place.storage if not st.is_remote(place.storage) else None)
+
+
+def _open_sweep_run(spec: SweepSpec, spec_path: str | None, tracking_uri: str, place: SweepPlace) -> str:
+    """The sweep's parent run, waiting out a tracking outage at the start (`ISOSWEEP_TRACKING_START_WAIT_S`,
+    default 300 s): a server restarting for a minute must not cost an overnight sweep. Nothing has
+    trained yet, so when the wait runs out the sweep stops with the server named, and loses nothing."""
+    wait_s = float(os.environ.get("ISOSWEEP_TRACKING_START_WAIT_S", "300"))
+    poll_s = max(1.0, 5 * float(os.environ.get("ISOSWEEP_TRACKING_BACKOFF_S", "1.0")))
+    start = time.monotonic()
+    while True:
+        try:
+            return find_or_create_sweep_run(spec, spec_path, tracking_uri, place.sweep_id, storage_path=place.sweep_uri)
+        except TrackingError as exc:
+            waited = time.monotonic() - start
+            if waited + poll_s > wait_s:
+                raise TrackingError(f"{exc} Waited {waited:.0f} s at the sweep's start (ISOSWEEP_TRACKING_START_WAIT_S="
+                                    f"{wait_s:.0f}); nothing was trained: run the same command again once the server is up") from exc
+            say(f"waiting for MLflow at {scrub_text(tracking_uri)} ({waited:.0f} of {wait_s:.0f} s): the sweep starts when it answers")
+            time.sleep(poll_s)
 
 
 def _finish(spec: SweepSpec, place: SweepPlace, outcome: SweepOutcome, *, report_dir: str | None,
@@ -274,13 +305,16 @@ def _start_ray(spec: SweepSpec, spec_path: str | None, address: str | None, dash
 def _save_state(place: SweepPlace, spec: SweepSpec, spec_path: str | None, tracking_uri: str, parent_run_id: str) -> None:
     """The state file and the spec as it ran, in storage before any trial starts (a resume reads both back)."""
     resumed = place.resuming
-    place.state.update({"sweep_id": place.sweep_id, "spec": spec.to_dict(), "spec_path": spec_path, "storage": place.storage,
-                        "experiment_path": place.sweep_uri, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+    # no credential is ever stored (storage may be a bucket others read): URIs and the spec are scrubbed, and a
+    # resume takes the credentials from its own arguments and environment (`_tracking_uri`)
+    place.state.update({"sweep_id": place.sweep_id, "spec": scrub_tree(spec.to_dict()), "spec_path": spec_path,
+                        "storage": scrub_text(place.storage), "experiment_path": scrub_text(place.sweep_uri),
+                        "tracking_uri": scrub_text(tracking_uri), "parent_run_id": parent_run_id,
                         "started": place.state.get("started") or time.time(), "status": RUNNING})
     if resumed:
         place.state["resumed"] = [*place.state.get("resumed", []), time.time()]
     st.write_json(st.join(place.sweep_uri, STATE_FILE), place.state)
-    st.write_bytes(st.join(place.sweep_uri, SPEC_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+    st.write_bytes(st.join(place.sweep_uri, SPEC_FILE), yaml.safe_dump(scrub_tree(spec.to_dict()), sort_keys=False).encode())
 
 
 def _tuner(spec: SweepSpec, place: SweepPlace, tracking_uri: str, parent_run_id: str, *, resume: bool) -> tune.Tuner:

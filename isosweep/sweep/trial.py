@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from typing import Any
 
@@ -185,7 +186,16 @@ def rows_from_results(results) -> list[dict]:
     rows = []
     for res in results:
         m = dict(res.metrics or {})
-        trial_id = m.get("trial_id") or (res.path.rstrip("/").split("/")[-1] if res.path else "")
+        trial_id = m.get("trial_id") or _trial_id_of_folder(res.path)
         rows.append(make_row(trial_id, dict(res.config or {}), m, "ERROR" if res.error else "INCOMPLETE"))
     rows.sort(key=lambda r: (not r["baseline"], r["trial_id"]))
     return rows
+
+
+def _trial_id_of_folder(path: str | None) -> str:
+    """The Tune trial id in a trial folder's name (`<trainable>_<id>_<n>_<params>_<date>`; ids are `719dc20c`
+    from a searcher, `abcde_00000` from Tune's own generator), for trials that ended before reporting
+    anything; the folder name itself when it has no such id."""
+    name = (path or "").rstrip("/").split("/")[-1]
+    found = re.search(r"_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_\d+(?:_|$)", name)
+    return found.group(1) if found else name

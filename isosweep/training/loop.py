@@ -33,6 +33,7 @@ from isosweep.core.ema import EMA
 from isosweep.core.losses import IsoDiffusionLoss
 from isosweep.data.datasets import ShardedLoader, build_dataset
 from isosweep.models.loading import load_unet_and_scheduler
+from isosweep.redact import scrub_tree
 from isosweep.training.checkpoint import StoredCheckpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from isosweep.training.reporting import Reporter, StepStats
 
@@ -156,7 +157,7 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
     tr = spec.train
     run = _build_run(spec, reporter, fetch_base)
     pos = _resume(run, reporter.latest_checkpoint() or resume_from)
-    spec_json = {"spec": spec.to_dict(), "trial_params": trial_params or {}, "world_size": run.world, **(provenance or {})}
+    spec_json = {"spec": scrub_tree(spec.to_dict()), "trial_params": trial_params or {}, "world_size": run.world, **(provenance or {})}
     stats, metrics, evaluation = StepStats(), {}, None
     while pos.step < run.max_steps:
         micro_batches = run.loader.epoch_batches(pos.epoch, start_batch=pos.step_in_epoch * tr.grad_accumulation)
