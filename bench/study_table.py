@@ -3,8 +3,10 @@
     python bench/study_table.py runs/shapes_study-YYYYMMDD-HHMMSS --rtl-plot docs/img/study_rtl.png
 
 Reads the sweep folder's `results.csv` (written by `isosweep run`/`isosweep results`) and each trial's
-`eval/metrics.json`, and prints a Markdown table: (p, G, lambda_iso), each metric, and its change
-relative to the baseline row (lambda_iso = 0). Lower is better for every metric in it. With
+`eval/metrics.json`, and prints a Markdown table: (p, G, lambda_iso), each metric with its bootstrap
+interval where the sweep has one (`12.3 [11.1, 13.6]`), and its change relative to the baseline row
+(lambda_iso = 0), starred where the two intervals do not overlap (the change is beyond the noise:
+`isosweep.results.selection.lower_beyond_noise`). Lower is better for every metric in it. With
 `--rtl-plot`, draws the RTL(t) curve of every trial in one figure (the paper's Fig. 5, all trials); with
 `--strips`, stacks the slerp strips of the baseline and the stereographic trials (the paper's Fig. 6).
 """
@@ -15,6 +17,9 @@ import argparse
 import csv
 import math
 from pathlib import Path
+
+from isosweep.evaluation.record import metric_text
+from isosweep.results.selection import has_interval, lower_beyond_noise
 
 METRICS = ("fid", "ppl", "mrtl", "mcn", "vor")
 
@@ -52,9 +57,11 @@ def main() -> None:
         is_base = r["baseline"] == "True"
         cells = ["1 (baseline)" if is_base else f"{_num(r['p']):g}", "-" if is_base else _g(r),
                  "0" if is_base else f"{_num(r['lambda_iso']):g}"]
+        nums, base_nums = {k: _num(v) for k, v in r.items()}, {k: _num(v) for k, v in base.items()}
         for m in metrics:
-            v, b = _num(r[m]), _num(base[m])
-            cells.append(f"{v:.4g}" if is_base else f"{v:.4g} ({100 * (v - b) / b:+.0f}%)")
+            v, b = nums[m], base_nums[m]
+            sure = has_interval(nums, m) and (lower_beyond_noise(nums, base_nums, m) or lower_beyond_noise(base_nums, nums, m))
+            cells.append(metric_text(nums, m) if is_base else f"{metric_text(nums, m)} ({100 * (v - b) / b:+.0f}%{'*' if sure else ''})")
         cells.append(r.get("role", ""))
         print("| " + " | ".join(cells) + " |")
     names = {m: base.get(f"backbone_{m}", "?") for m in metrics}

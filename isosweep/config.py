@@ -18,20 +18,24 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from isosweep import spec_base
-from isosweep.core.names import ISO_METRICS
+from isosweep.core.names import ISO_METRICS, ISO_TIMESTEPS
 from isosweep.spec_base import SAFE_NAME_PATTERN, SpecError, format_errors, is_text_field
 from isosweep.spec_base import Section as _Section
+from isosweep.spec_evaluation import (  # noqa: F401 -- re-exported: the evaluation section and metric names
+    EVAL_METRICS, INTERVAL_METRICS, RESULT_METRICS, BootstrapSpec, CheckpointFidSpec, EvaluationSpec, FidSpec, JacobianSpec,
+    LsSpec, PplSpec, RtlSpec, base_metric, is_result_metric, timestep_metric,
+)
 
-# The evaluation metrics a spec can ask for, and the values a results row carries ("ls" gives ls and,
-# with the rbf kernel, ls_rbf). Every list of metric names in isosweep is one of these two.
-EVAL_METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "ls")
-RESULT_METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "ls", "ls_rbf")
 # What a trial varies: written into `train` by `resolve_trial_spec`, searched by Tune, one column each.
 TRIAL_KEYS = ("lambda_iso", "p", "iso_metric")
 # The baseline trial every sweep runs first (lambda_iso = 0: no isometry loss anywhere).
 BASELINE_PARAMS = {"lambda_iso": 0.0, "p": 1.0, "iso_metric": "stereographic", "baseline": True}
 # Fields renamed since earlier versions: old key -> new key, refused with a message naming the new one.
 RENAMED_FIELDS = {("train", "metric"): "iso_metric", ("search", "metric"): "iso_metric"}
+# Fields added since earlier versions whose default is not what those versions did: a spec saved before
+# the field existed ran with this value (read by `spec_changes.spec_for_resume`, so a resumed sweep keeps it).
+ADDED_FIELDS = {("train", "iso_timesteps"): "pooled",
+                ("evaluation", "bootstrap"): {"resamples": 0, "level": 0.95}}  # no intervals: its rows compare by value
 # The files an image_folder dataset is made of: every file under dataset.path with one of these suffixes.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -84,6 +88,9 @@ class TrainSpec(_Section):
     p: float = Field(0.5, ge=0.0, le=1.0, description="fraction of the schedule (low-noise end) without the isometry loss; 1 is the baseline")
     iso_metric: Literal[ISO_METRICS] = Field("stereographic", description="the metric G on the noise space of the isometry loss (MATH.md 2)")
     iso_reduction: Literal["global", "local"] = Field("global", description="global: ratio of all-reduced means (faithful); local: per-worker ratio")
+    iso_timesteps: Literal[ISO_TIMESTEPS] = Field(
+        "per_timestep", description="per_timestep: every iso micro-batch shares one t, the ratio is Eq. 6 at that t (the paper); "
+                                    "pooled: one ratio over samples with their own t (the public code; an ablation)")
     learning_rate: float = Field(1e-4, gt=0.0, description="Adam learning rate")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")
@@ -110,58 +117,6 @@ class TrainSpec(_Section):
                 f"workers_per_trial*grad_accumulation={denom}; choose a multiple of {denom}"
             )
         return self.global_batch_size // denom
-
-
-class FidSpec(_Section):
-    num_samples: int = Field(10000, ge=2, description="generated images (paper: 10k)")
-    ddim_steps: int = Field(20, ge=1, description="DDIM steps per sample (paper: 20)")
-    reference_samples: int | None = Field(None, ge=2, description="dataset images for reference statistics (default: all)")
-
-
-class PplSpec(_Section):
-    num_samples: int = Field(50000, ge=2, description="slerp pairs (paper: 50k)")
-    ddim_steps: int = Field(100, ge=1, description="DDIM steps (paper: 100)")
-    eps: float = Field(1e-4, gt=0.0, description="step along the slerp path")
-
-
-class RtlSpec(_Section):
-    num_pairs: int = Field(64, ge=1, description="latent pairs")
-    num_points: int = Field(16, ge=2, description="K: intervals on each slerp path (K+1 points)")
-    ddim_steps: int = Field(20, ge=1, description="DDIM steps along each trajectory")
-
-
-class JacobianSpec(_Section):
-    num_samples: int = Field(32, ge=2, description="noisy samples x_t whose encoder Jacobian is decomposed")
-    pool: int | None = Field(2, ge=1, description="average-pool kernel on h before the Jacobian; null for none")
-    timestep: int = Field(999, ge=0, description="t at which J_e(x_t) is taken")
-    memory_budget_mb: int = Field(2048, ge=64, description="chunk VJPs to stay under this much memory")
-
-
-class LsSpec(_Section):
-    num_samples: int = Field(2000, ge=10, description="generated images labelled by the attribute classifier")
-    keep: int = Field(1000, ge=4, description="most confident per attribute kept for the SVM")
-    ddim_steps: int = Field(20, ge=1, description="DDIM steps per labelled sample")
-    kernels: list[Literal["linear", "rbf"]] = Field(default_factory=lambda: ["linear", "rbf"], description="SVM kernels: linear (LS) and rbf (LS radial)")
-
-
-class EvaluationSpec(_Section):
-    """What every trial measures at the end, and with which feature networks."""
-
-    metrics: list[Literal[EVAL_METRICS]] = Field(
-        default_factory=lambda: ["fid", "ppl", "mrtl", "mcn", "vor"], description="metrics computed per trial"
-    )
-    backbone: Literal["auto", "standard", "domain"] = Field(
-        "auto", description="standard: Inception/LPIPS-AlexNet; domain: the project's shapes network; auto: standard if weights are present"
-    )
-    weights_dir: str | None = Field(None, description="directory with pre-staged Inception/AlexNet weights (air-gapped clusters)")
-    cache_dir: str | None = Field(None, description="where reference statistics and domain networks are cached")
-    batch_size: int = Field(64, ge=1, description="images per sampling/feature batch")
-    seed: int = Field(1234, description="seed for evaluation latents, identical for every trial")
-    fid: FidSpec = Field(default_factory=FidSpec)
-    ppl: PplSpec = Field(default_factory=PplSpec)
-    mrtl: RtlSpec = Field(default_factory=RtlSpec)
-    jacobian: JacobianSpec = Field(default_factory=JacobianSpec)
-    ls: LsSpec = Field(default_factory=LsSpec)
 
 
 class Distribution(_Section):
@@ -256,7 +211,7 @@ class SelectionSpec(_Section):
 
     objectives: list[str] = Field(default_factory=lambda: ["fid", "ppl"], description="both minimised")
     rule: Literal["fid_tolerance", "knee", "weighted"] = Field(
-        "fid_tolerance", description="fid_tolerance: lowest PPL with FID <= baseline*(1+tol); knee; weighted"
+        "fid_tolerance", description="fid_tolerance: lowest PPL among trials with FID <= baseline*(1+tol) and a PPL interval wholly below the baseline's, else the baseline (docs/metrics.md); knee; weighted"
     )
     fid_tolerance: float = Field(0.10, ge=0.0, description="relative FID increase over the baseline allowed (0.10 = 10%)")
     weights: dict[str, float] = Field(default_factory=lambda: {"fid": 1.0, "ppl": 1.0}, description="for rule=weighted, on normalised objectives")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from isosweep.config import SpecError, SweepSpec, spec_from_dict
+from isosweep.config import ADDED_FIELDS, SpecError, SweepSpec, spec_from_dict
 from isosweep.redact import scrub_tree
 
 # dotted prefixes of fields that do not change any trial's result
@@ -60,13 +60,23 @@ def spec_changes(saved: dict, given: dict) -> list[SpecChange]:
     return [SpecChange(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def _as_it_ran(saved: dict) -> dict:
+    """The saved spec with every field added since it was written (`config.ADDED_FIELDS`) set to the value
+    its sweep ran with, not to today's default: resuming an old sweep does not change how its trials train."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (section, key), value in ADDED_FIELDS.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key] = value
+    return out
+
+
 def spec_for_resume(saved: dict, given: SweepSpec | None, *, allow_changes: bool, source: str) -> SweepSpec:
     """The spec to resume with: the saved one, plus the given spec's operational changes when allowed.
 
     Raises SpecError listing the differing fields when a result-changing field differs, or when an
     operational one does and `allow_changes` is off.
     """
-    saved_spec = spec_from_dict(saved, source=f"{source} (saved spec)", check_paths=False)
+    saved_spec = spec_from_dict(_as_it_ran(saved), source=f"{source} (saved spec)", check_paths=False)
     if given is None:
         return saved_spec
     changes = spec_changes(saved_spec.to_dict(), scrub_tree(given.to_dict()))  # the saved spec holds no credentials

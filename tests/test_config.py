@@ -64,14 +64,31 @@ def test_demo_spec_is_the_readme_demo():
 
 
 def test_shapes_study_is_the_table3_grid():
-    """README/docs/results.md: a grid over G x p x lambda_iso in {0.03, 0.3}, plus the baseline: 9 trials, 240 steps each."""
+    """README/docs/results.md: a grid over G x p x lambda_iso in {0.03, 0.3}, plus the baseline: 13 trials (G: the
+    paper's stereographic and identity, and ambient, the public code's G = I; issue 14), 240 steps each."""
     spec = load_spec(ROOT / "search_spaces" / "shapes_study.yaml")
     s = spec.search
-    assert s.algorithm == "grid" and planned_trials(spec) == 9
+    assert s.algorithm == "grid" and planned_trials(spec) == 13
     assert sorted(s.lambda_iso.values) == [0.03, 0.3] and sorted(s.p.values) == [0.0, 0.5]
-    assert sorted(s.iso_metric.values) == ["identity", "stereographic"]
+    assert sorted(s.iso_metric.values) == ["ambient", "identity", "stereographic"]
     assert spec.train.max_steps == 240 and s.max_concurrent_trials == 2
     assert spec.evaluation.backbone == "domain" and spec.base_model.source == "builtin:shapes"
+
+
+def test_ls_where_attribute_labels_exist():
+    """Issue 14: LS, scored on held-out samples, in every spec whose data have attribute labels (shapes: the domain
+    network's five factors; CelebA-HQ: its 40 attributes), in x_T and h; CIFAR-10 and LSUN have none. The demo's
+    LS stays a small smoke test (x_T only, 128 samples)."""
+    specs = {p.stem: load_spec(p, check_paths=False) for p in SPECS}
+    for name in ("demo", "shapes_study", "celebahq"):
+        ls = specs[name].evaluation.ls
+        assert "ls" in specs[name].evaluation.metrics and 0 < ls.heldout < 1 and ls.keep <= ls.num_samples, name
+    celeba = specs["celebahq"]
+    assert celeba.dataset.attributes and (celeba.evaluation.ls.num_samples, celeba.evaluation.ls.keep) == (2000, 1000)
+    assert celeba.evaluation.ls.spaces == specs["shapes_study"].evaluation.ls.spaces == ["x_T", "h"]
+    assert specs["demo"].evaluation.ls.spaces == ["x_T"] and specs["demo"].evaluation.ls.num_samples <= 128
+    for name in ("cifar10", "lsun_bedroom", "lsun_church"):
+        assert "ls" not in specs[name].evaluation.metrics and specs[name].dataset.attributes is None, name
 
 
 @pytest.mark.parametrize("name", PAPER_SPECS)
@@ -83,8 +100,11 @@ def test_paper_specs_search_around_the_paper_setting(name):
     assert (t.learning_rate, t.lambda_iso, t.p, t.iso_metric) == (1e-4, 1e-4, 0.5, "stereographic")
     assert (s.lambda_iso.type, s.lambda_iso.low, s.lambda_iso.high) == ("loguniform", 1e-5, 1e-3)
     assert s.lambda_iso.low < t.lambda_iso < s.lambda_iso.high
-    assert sorted(s.p.values) == [0.0, 0.5] and sorted(s.iso_metric.values) == ["identity", "stereographic"]
+    assert sorted(s.p.values) == [0.0, 0.5] and sorted(s.iso_metric.values) == ["ambient", "identity", "stereographic"]
     assert spec.evaluation.fid.num_samples == 10000 and spec.evaluation.ppl.num_samples == 50000
+    # MCN/VoR at several t, at least one below the regularised range t >= pT, over more samples than before (32)
+    jac = spec.evaluation.jacobian
+    assert jac.timesteps[0] == 999 and min(jac.timesteps) < t.p * 1000 and jac.num_samples >= 64
     assert spec.evaluation.backbone == "standard" and spec.resources.use_gpu
     # the base model is the google/ddpm-* checkpoint trained at the spec's resolution (its id ends in it)
     assert spec.base_model.source.startswith("google/ddpm-")
@@ -153,6 +173,31 @@ def test_unknown_metric_name(tmp_path):
     data["train"]["iso_metric"] = "riemann"
     msg = _error(tmp_path, data)
     assert "train.iso_metric" in msg and "stereographic" in msg
+
+
+def test_iso_timesteps_defaults_to_the_paper_and_names_the_field(tmp_path):
+    """train.iso_timesteps: per_timestep (Eq. 6 at one t) unless a spec says pooled; a bad value names the field and the choices."""
+    for path in SPECS:
+        assert load_spec(path, check_paths=False).train.iso_timesteps == "per_timestep", path.name
+    assert load_spec(write(tmp_path, demo_data()), ["train.iso_timesteps=pooled"]).train.iso_timesteps == "pooled"
+    data = demo_data()
+    data["train"]["iso_timesteps"] = "mixed"
+    msg = _error(tmp_path, data)
+    assert "train.iso_timesteps" in msg and "mixed" in msg and "per_timestep" in msg and "pooled" in msg
+
+
+def test_a_sweep_saved_before_iso_timesteps_resumes_pooled():
+    """A spec saved before train.iso_timesteps existed ran pooled: resuming it keeps pooled, and a given spec
+    that now defaults to per_timestep is a result-changing difference, refused with both values."""
+    from isosweep.spec_changes import spec_for_resume
+
+    saved = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False).to_dict()
+    del saved["train"]["iso_timesteps"]
+    assert spec_for_resume(saved, None, allow_changes=False, source="x").train.iso_timesteps == "pooled"
+    given = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False)
+    with pytest.raises(SpecError, match="train.iso_timesteps: 'pooled' -> 'per_timestep'"):
+        spec_for_resume(saved, given, allow_changes=True, source="demo.yaml")
+    assert "iso_timesteps" not in saved["train"]  # the caller's dict is left alone
 
 
 def test_missing_dataset_path(tmp_path):
@@ -417,3 +462,30 @@ def test_validate_deep_names_unreadable_images(tmp_path, monkeypatch, capsys):
     assert main(["validate", spec, "--deep"]) == 0
     assert "all readable" in capsys.readouterr().err
     assert main(["validate", spec, "--deep", "--no-path-checks"]) == 2
+
+
+def test_jacobian_timesteps_and_the_older_single_timestep(tmp_path):
+    """evaluation.jacobian.timesteps is a list (default 999, 500, 100); a spec with the older `timestep: t` (one t)
+    still loads, as timesteps [t]; both at once, or a repeated t, are refused naming the field."""
+    from isosweep.config import JacobianSpec, spec_from_dict
+
+    assert JacobianSpec().timesteps == [999, 500, 100] and JacobianSpec().vor_norm == "global_mean"
+    data = demo_data()
+    data["evaluation"]["jacobian"] = {"num_samples": 4, "timestep": 500}
+    assert spec_from_dict(data, check_paths=False).evaluation.jacobian.timesteps == [500]
+    data["evaluation"]["jacobian"] = {"num_samples": 4, "timestep": 500, "timesteps": [999]}
+    assert "evaluation.jacobian" in _error(tmp_path, data) and "timesteps" in _error(tmp_path, data)
+    data["evaluation"]["jacobian"] = {"timesteps": [999, 999]}
+    assert "evaluation.jacobian.timesteps" in _error(tmp_path, data)
+    data["evaluation"]["jacobian"] = {"vor_norm": "per_sample"}
+    assert "evaluation.jacobian.vor_norm" in _error(tmp_path, data) and "paper" in _error(tmp_path, data)
+
+
+def test_a_sweep_saved_before_the_intervals_resumes_without_them():
+    """A spec saved before evaluation.bootstrap existed had no intervals: resuming it keeps them off, so one sweep's
+    rows all compare by value (results/selection.py)."""
+    from isosweep.spec_changes import spec_for_resume
+
+    saved = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False).to_dict()
+    del saved["evaluation"]["bootstrap"]
+    assert spec_for_resume(saved, None, allow_changes=False, source="x").evaluation.bootstrap.resamples == 0

@@ -214,6 +214,7 @@ def _exact_loss(encoder, x, metric="stereographic"):
 
 
 def test_minimum_one_over_n_minus_one_for_an_isometric_linear_map():
+    # m = n here: R can have full rank n - 1 (n for ambient), so the bound is 1/(n-1) (1/n)
     q, _ = torch.linalg.qr(torch.randn(N, N, dtype=DT, generator=torch.Generator().manual_seed(4)))
     x = _points(5)
     isometric = lambda y: 2.5 * y @ q.T  # noqa: E731
@@ -223,6 +224,26 @@ def test_minimum_one_over_n_minus_one_for_an_isometric_linear_map():
     for seed in range(3):
         assert _exact_loss(Linear(M, N, seed=seed), x) > 1 / (N - 1) * 1.05
         assert _exact_loss(Tiny(seed=seed), x) > 1 / (N - 1) * 1.05
+
+
+def test_minimum_is_one_over_m_when_h_is_smaller():
+    """With m = dim H < n - 1, R has rank <= m: the loss is at least 1/m (not 1/(n-1)), reached by a map whose
+    m non-zero eigenvalues are equal with one value for every x: here orthonormal rows W (scaled) at points
+    in W's null space, where P W^T = W^T, so R = c^2 W^T W."""
+    m = 3
+    q, _ = torch.linalg.qr(torch.randn(N, N, dtype=DT, generator=torch.Generator().manual_seed(6)))
+    w = q[:m]  # m orthonormal rows
+    x = _points(5) @ q[m:].T @ q[m:]  # each point in the null space of w
+    assert torch.allclose(x @ w.T, torch.zeros(5, m, dtype=DT), atol=1e-12)
+    scaled = lambda y: 1.7 * y @ w.T  # noqa: E731
+    for metric in ("stereographic", "ambient"):
+        assert _exact_loss(scaled, x, metric) == pytest.approx(1 / m, rel=1e-10)
+    # elsewhere, and for any other map into R^m, it is above 1/m, and never near 1/(n-1)
+    y = _points(5, seed=7)
+    assert _exact_loss(scaled, y) > 1 / m * 1.01
+    for seed in range(3):
+        for encoder in (Linear(m, N, seed=seed), Tiny(m=m, seed=seed)):
+            assert _exact_loss(encoder, y) >= 1 / m * (1 - 1e-10)
 
 
 def test_the_bound_needs_one_scale_for_every_sample():

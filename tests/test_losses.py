@@ -179,3 +179,126 @@ def test_combined_loss(metric):
         if name.startswith(DECODER):  # lambda never reaches the decoder
             assert torch.equal(totals[0.5][name], totals[2.0][name]), name
     assert not torch.equal(totals[0.5]["conv_in.weight"], totals[2.0]["conv_in.weight"])
+
+
+# ---------------------------------------------------------------- the isometry term's timesteps (Eq. 6)
+
+
+def _explicit_jacobian(unet, x: torch.Tensor, t: int) -> torch.Tensor:
+    """J_e = dh/dx (m, n) at one sample x (C, H, W), h the mid block's output read by a forward hook on the
+    whole UNet (not through hspace): one batched backward with the identity as the output cotangent."""
+    n = x.numel()
+    captured = []
+    hook = unet.mid_block.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        unet(x[None], torch.tensor([t]))
+        m = captured.pop().numel()  # dim H
+        xs = x.reshape(1, n).repeat(m, 1).requires_grad_(True)  # one copy of x per output coordinate
+        unet(xs.reshape(m, *x.shape), torch.full((m,), t))
+        h = captured.pop().reshape(m, m)
+    finally:
+        hook.remove()
+    (jac,) = torch.autograd.grad(h, xs, torch.eye(m))  # row i: d h_i / d x (the copies are independent)
+    return jac.double()
+
+
+def _explicit_ratio(unet, x_t: torch.Tensor, t: torch.Tensor, probes: torch.Tensor) -> float:
+    """mean(Tr R^2) / mean(Tr R)^2 of the one-probe estimator, built from explicit Jacobians: with
+    P = I - x x^T / r^2, A = J^T J and u = P v, Tr R ~ u^T A u and Tr R^2 ~ |P A u|^2 (stereographic G)."""
+    tr_r, tr_r2 = [], []
+    for xi, ti, vi in zip(x_t, t.tolist(), probes):
+        jac, x, v = _explicit_jacobian(unet, xi, ti), xi.reshape(-1).double(), vi.reshape(-1).double()
+        proj = torch.eye(x.numel(), dtype=torch.float64) - torch.outer(x, x) / x.dot(x)
+        a, u = jac.T @ jac, proj @ v
+        tr_r.append(u @ a @ u)
+        tr_r2.append((proj @ a @ u).pow(2).sum())
+    return (torch.stack(tr_r2).mean() / torch.stack(tr_r).mean() ** 2).item()
+
+
+def _draw_and_loss(mode: str, lam: float = 0.5, p: float = 0.5):
+    unet, sched = tiny_unet(), default_scheduler()
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    loss_fn = IsoDiffusionLoss(lambda_iso=lam, p=p, iso_timesteps=mode)
+    d = loss_fn.draw(x0, True, torch.Generator().manual_seed(12), torch.Generator().manual_seed(13))
+    out = loss_fn(unet, unet, x0, d.t, d.noise, d.iso_on, sched.alphas_cumprod, generator=torch.Generator().manual_seed(14),
+                  t_iso=d.t_iso)
+    probes = torch.randn(x0.shape, generator=torch.Generator().manual_seed(14))  # what isometry_terms draws first
+    dsm = F.mse_loss(unet(sched.add_noise(x0, d.noise, d.t), d.t).sample, d.noise)
+    return unet, sched, x0, d, out, probes, dsm
+
+
+def test_per_timestep_is_eq6_at_the_shared_t_times_lambda():
+    """per_timestep: L_iso is the ratio of the means over the batch at its one t_iso (x_{t_iso} from the same x0 and
+    noise), weighted by lambda_iso(p, t_iso) = lambda_iso; L_dsm keeps its per-sample t. Against explicit Jacobians."""
+    lam, p = 0.5, 0.5
+    unet, sched, x0, d, out, probes, dsm = _draw_and_loss("per_timestep", lam, p)
+    t_iso = int(d.t_iso[0])
+    assert d.t_iso.shape == (4,) and torch.equal(d.t_iso, torch.full((4,), t_iso)) and iso_cutoff(p, 1000) <= t_iso < 1000
+    assert d.t.unique().numel() > 1 and d.t.min() >= iso_cutoff(p, 1000)  # the denoising t: per sample, in [pT, T)
+    x_iso = sched.add_noise(x0, d.noise, d.t_iso)
+    expected = _explicit_ratio(unet, x_iso, d.t_iso, probes)
+    assert out.iso_on and out.iso.item() == pytest.approx(expected, rel=1e-4)
+    assert out.dsm.item() == pytest.approx(dsm.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(dsm.item() + lam * expected, rel=1e-5)
+    pooled = _explicit_ratio(unet, sched.add_noise(x0, d.noise, d.t), d.t, probes)
+    assert abs(pooled - expected) > 1e-3 * expected  # the two modes are different numbers here
+
+
+def test_pooled_is_todays_ratio_over_the_samples_own_t():
+    """pooled: one ratio over the batch with each sample at its own (denoising) t, as before; against explicit Jacobians."""
+    lam = 0.5
+    unet, sched, x0, d, out, probes, dsm = _draw_and_loss("pooled", lam)
+    assert d.t_iso is None and d.t.unique().numel() > 1
+    expected = _explicit_ratio(unet, sched.add_noise(x0, d.noise, d.t), d.t, probes)
+    assert out.iso.item() == pytest.approx(expected, rel=1e-4)
+    assert out.loss.item() == pytest.approx(dsm.item() + lam * expected, rel=1e-5)
+
+
+def test_pooled_draws_as_before_and_per_timestep_only_adds_a_shared_draw():
+    """pooled takes the same numbers from the same generator in the same order as before (old runs reproduce);
+    per_timestep takes exactly those too, and its t_iso from the shared generator only."""
+    x0, p = torch.zeros(5, 3, 8, 8), 0.5
+    for iso_on in (True, False):
+        old = torch.Generator().manual_seed(21)
+        t_old, _ = sample_timesteps(5, p, 1000, old, lambda_iso=1.0, iso_on=iso_on)
+        noise_old = torch.randn(x0.shape, generator=old)
+        after_old = torch.rand(3, generator=old)
+        for mode in ("pooled", "per_timestep"):
+            local, shared = torch.Generator().manual_seed(21), torch.Generator().manual_seed(22)
+            d = IsoDiffusionLoss(lambda_iso=1.0, p=p, iso_timesteps=mode).draw(x0, iso_on, local, shared)
+            assert torch.equal(d.t, t_old) and torch.equal(d.noise, noise_old) and d.iso_on == iso_on
+            assert torch.equal(torch.rand(3, generator=local), after_old)  # the local stream is where it was
+            untouched = mode == "pooled" or not iso_on
+            assert (d.t_iso is None) == untouched
+            assert torch.equal(shared.get_state(), torch.Generator().manual_seed(22).get_state()) == untouched
+
+
+def test_per_timestep_shares_t_across_ranks_and_the_batch():
+    """Two ranks with the same shared generator state (and their own local streams) draw the same coin and the
+    same t_iso for each micro-batch; t_iso is spread over [pT, T) from micro-batch to micro-batch."""
+    p, x0 = 0.3, torch.zeros(3, 3, 8, 8)
+    loss_fn = IsoDiffusionLoss(lambda_iso=1.0, p=p)
+    assert loss_fn.iso_timesteps == "per_timestep"  # the default, as the paper writes it
+    seen = []
+    for step in range(30):
+        draws = []
+        for rank in range(2):
+            shared, local = torch.Generator().manual_seed(1000 + step), torch.Generator().manual_seed(10 * step + rank)
+            iso_on = loss_fn.coin(shared)
+            draws.append([loss_fn.draw(x0, iso_on, local, shared) for _ in range(2)])  # two accumulation micro-batches
+        for a, b in zip(*draws):
+            assert a.iso_on == b.iso_on and not torch.equal(a.t, b.t)  # denoising t: each rank its own
+            if a.iso_on:
+                assert torch.equal(a.t_iso, b.t_iso) and a.t_iso.unique().numel() == 1 and a.t_iso.min() >= iso_cutoff(p, 1000)
+                seen.append(int(a.t_iso[0]))
+            else:
+                assert a.t_iso is None and b.t_iso is None
+    assert len(seen) > 20 and len(set(seen)) > 0.8 * len(seen) and min(seen) < 500 < max(seen)
+
+
+def test_iso_timesteps_errors_name_the_choice():
+    with pytest.raises(ValueError, match="iso_timesteps 'mixed'.*per_timestep"):
+        IsoDiffusionLoss(lambda_iso=1.0, p=0.5, iso_timesteps="mixed")
+    with pytest.raises(ValueError, match="shared"):
+        IsoDiffusionLoss(lambda_iso=1.0, p=0.5).draw(torch.zeros(2, 3, 8, 8), True, torch.Generator().manual_seed(0))

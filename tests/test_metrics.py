@@ -14,7 +14,6 @@ from isosweep.evaluation.metrics import (
     frechet_distance,
     jacobian_singular_values,
     lerp,
-    linear_separability,
     looped_jacobian,
     mcn,
     relative_trajectory_length,
@@ -162,38 +161,7 @@ def test_batched_jacobian_equals_looped_on_tiny_unet():
         assert torch.allclose(batched_jacobian(enc, x, method="vjp", memory_budget_mb=1), ref, atol=1e-5, rtol=1e-4)
 
 
-# ---------------------------------------------------------------- linear separability
-
-
-def test_ls_is_one_for_hyperplane_separable_labels():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(600, 5))
-    w1, w2 = rng.normal(size=5), rng.normal(size=5)
-    m1, m2 = z @ w1, z @ w2
-    keep = (np.abs(m1) > 0.3) & (np.abs(m2) > 0.3)  # a margin
-    z, labels = z[keep], np.stack([m1[keep] > 0, m2[keep] > 0], axis=1).astype(int)
-    assert linear_separability(z, labels, "linear") == pytest.approx(1.0, abs=1e-9)
-    assert linear_separability(z, labels, "rbf") == pytest.approx(1.0, abs=0.05)
-
-
-def test_ls_is_about_two_per_independent_balanced_binary_attribute():
-    rng = np.random.default_rng(1)
-    z = rng.normal(size=(4000, 4))
-    labels = rng.integers(0, 2, size=(4000, 2))
-    assert linear_separability(z, labels[:, :1], "linear") == pytest.approx(2.0, rel=0.02)
-    assert linear_separability(z, labels, "linear") == pytest.approx(4.0, rel=0.04)
-
-
-def test_ls_keeps_the_most_confident():
-    rng = np.random.default_rng(2)
-    z = rng.normal(size=(400, 3))
-    labels = (z[:, :1] > 0).astype(int)
-    conf = np.abs(z[:, :1])
-    noisy = labels.copy()
-    low = np.argsort(conf[:, 0])[:200]
-    noisy[low] = rng.integers(0, 2, size=(200, 1))  # the least confident are noise
-    assert linear_separability(z, noisy, confidence=conf, keep=200) == pytest.approx(1.0, abs=1e-9)
-    assert linear_separability(z, noisy) > 1.1
+# ---------------------------------------------------------------- linear separability: tests/test_metrics_separability.py
 
 
 def test_ppl_percentile_filter():

@@ -184,8 +184,8 @@ def test_ls_on_an_image_folder(folder, tmp_path, fast_recipe):
                         fid={"num_samples": 12, "ddim_steps": 2}, ls={"num_samples": 24, "keep": 12, "ddim_steps": 2})
     res = evaluate_model(unet, DDPMScheduler(num_train_timesteps=1000), ev, folder_spec(folder, folder["csv"]),
                          metrics=["ls"], progress=False)
-    assert set(res.metrics) == {"ls", "ls_rbf"}
+    assert set(res.metrics) == {"ls", "ls_rbf", "ls_max"}
     assert all(np.isfinite(v) and v >= 1 for v in res.metrics.values()), res.metrics
     name = at.train_attribute_classifier(folder_spec(folder, folder["csv"]), tmp_path).name  # from the cache
-    assert res.backbones["ls"] == res.backbones["ls_rbf"] == name, res.backbones
+    assert res.backbones["ls"] == res.backbones["ls_rbf"] == res.backbones["ls_max"] == name, res.backbones
     assert f"ls[{name}]" in res.keyed_metrics()

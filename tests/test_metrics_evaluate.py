@@ -37,14 +37,14 @@ def tiny_unet(sample_size: int = 16):
 
 
 def tiny_eval_spec(tmp_path, **kw) -> EvaluationSpec:
-    return EvaluationSpec(
-        metrics=["fid", "ppl", "mrtl", "mcn", "vor", "ls"], backbone="domain", cache_dir=str(tmp_path), batch_size=16, seed=3,
-        fid={"num_samples": 12, "ddim_steps": 2, "reference_samples": 64},
-        ppl={"num_samples": 6, "ddim_steps": 2},
-        mrtl={"num_pairs": 2, "num_points": 3, "ddim_steps": 2},
-        jacobian={"num_samples": 2, "pool": 2, "timestep": 999, "memory_budget_mb": 64},
-        ls={"num_samples": 24, "keep": 12, "ddim_steps": 2}, **kw,
-    )
+    return EvaluationSpec(**{
+        "metrics": ["fid", "ppl", "mrtl", "mcn", "vor", "ls"], "backbone": "domain", "cache_dir": str(tmp_path), "batch_size": 16,
+        "seed": 3, "fid": {"num_samples": 12, "ddim_steps": 2, "reference_samples": 64},
+        "ppl": {"num_samples": 6, "ddim_steps": 2},
+        "mrtl": {"num_pairs": 2, "num_points": 3, "ddim_steps": 2},
+        "jacobian": {"num_samples": 2, "pool": 2, "timesteps": [999, 100], "memory_budget_mb": 64},
+        "ls": {"num_samples": 24, "keep": 12, "ddim_steps": 2, "spaces": ["x_T", "h"]}, **kw,
+    })
 
 
 def test_shard_range_covers_everything_once():
@@ -164,12 +164,19 @@ def test_whole_suite_on_a_tiny_model(tmp_path, fast_domain):
     data = DatasetSpec(kind="shapes", resolution=16, size=64)
     res = evaluate_model(unet, sched, spec, data, progress=False)
     assert isinstance(res, EvalResult)
-    assert set(res.metrics) == {"fid", "ppl", "mrtl", "mcn", "vor", "ls", "ls_rbf"}
+    intervals = {f"{m}_{b}" for m in ("ppl", "mrtl", "mcn", "vor", "mcn_t100", "vor_t100") for b in ("lo", "hi")}
+    assert set(res.metrics) == {"fid", "ppl", "mrtl", "mcn", "vor", "ls", "ls_rbf", "ls_h", "ls_h_rbf", "ls_max", "mcn_t100",
+                                "vor_t100", "ppl_median", "ppl_p90", "ppl_p99"} | intervals
+    for m in ("ppl", "mrtl", "mcn", "vor", "mcn_t100", "vor_t100"):
+        assert res.metrics[f"{m}_lo"] <= res.metrics[m] + 1e-9 and res.metrics[m] <= res.metrics[f"{m}_hi"] + 1e-9, m
+    assert res.settings["tf32"] is False and res.settings["bootstrap"] == {"resamples": 2000, "level": 0.95}
+    assert res.backbones["vor"] == "norm-global_mean" and "vor_t100[norm-global_mean]" in res.keyed_metrics()
     assert all(np.isfinite(v) for v in res.metrics.values()), res.metrics
     assert res.metrics["fid"] > 0 and res.metrics["ppl"] >= 0 and res.metrics["mrtl"] >= 1 - 1e-6
     assert res.metrics["mcn"] >= 1 and res.metrics["vor"] >= 0 and res.metrics["ls"] >= 1
     # every metric names its network; the domain network's name where one is used
-    assert res.backbones["fid"] == res.backbones["ppl"] == res.backbones["ls"] == common.DOMAIN_SHAPES
+    assert res.backbones["fid"] == res.backbones["ppl"] == res.backbones["ls"] == res.backbones["ls_h"] == common.DOMAIN_SHAPES
+    assert all(1 <= res.metrics[k] <= res.metrics["ls_max"] + 1e-9 <= 900 for k in ("ls", "ls_h")), res.metrics  # <= 3*4*3*5*5
     assert res.backbones["mcn"] == "none"
     assert "fid[domain-shapes-v1]" in res.keyed_metrics()
     assert len(res.rtl_curve) == 2
@@ -182,3 +189,54 @@ def test_whole_suite_on_a_tiny_model(tmp_path, fast_domain):
     again = evaluate_model(unet, sched, spec, data, metrics=["fid", "mrtl"], progress=False)
     assert again.metrics["fid"] == pytest.approx(res.metrics["fid"], rel=1e-6)
     assert again.metrics["mrtl"] == pytest.approx(res.metrics["mrtl"], rel=1e-6)
+
+
+def test_per_unit_values_are_saved_and_are_what_the_metrics_were_taken_from(tmp_path, fast_domain):
+    """eval/ppl_pairs.npy etc. hold exactly the values PPL, mRTL and MCN (and their intervals) were computed from;
+    MCN/VoR at several timesteps equal one-timestep evaluations; TF32 is off inside the evaluation."""
+    from diffusers import DDPMScheduler
+
+    from isosweep.evaluation.metrics.confidence import mean_interval, ppl_summary
+    from isosweep.evaluation.metrics.ppl import filtered_mean
+    from isosweep.evaluation.record import read_record, record_values
+
+    unet, sched = tiny_unet(16), DDPMScheduler(num_train_timesteps=1000)
+    data = DatasetSpec(kind="shapes", resolution=16, size=64)
+    spec = tiny_eval_spec(tmp_path, bootstrap={"resamples": 500})
+    seen = []
+    unet.register_forward_pre_hook(lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)))
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        res = evaluate_model(unet, sched, spec, data, metrics=["ppl", "mrtl", "mcn", "vor"], progress=False, images=False)
+        assert seen and set(seen) == {(False, False)}  # every forward of the evaluation ran without TF32
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert set(res.values) == {"ppl_pairs", "mrtl_pairs", "mcn_samples", "mcn_t100_samples"}
+    d = res.values["ppl_pairs"]
+    assert d.shape == (6,) and res.metrics["ppl"] == filtered_mean(d)
+    boot = dict(resamples=500, level=0.95, seed=3)
+    assert {k: res.metrics[k] for k in ppl_summary(d, **boot)} == ppl_summary(d, **boot)
+    assert res.metrics["mrtl"] == pytest.approx(res.values["mrtl_pairs"].mean(), rel=1e-12)
+    assert res.metrics["mcn"] == pytest.approx(res.values["mcn_samples"].mean(), rel=1e-12)
+    assert res.metrics["mcn_lo"] == mean_interval("mcn", res.values["mcn_samples"], **boot)["mcn_lo"]
+    # written next to metrics.json as plain .npy, read back equal, and the record's intervals survive the round trip
+    res.write(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "eval").glob("*.npy")) == [
+        "mcn_samples.npy", "mcn_t100_samples.npy", "mrtl_pairs.npy", "ppl_pairs.npy"]
+    back = record_values(tmp_path / "ckpt")
+    assert all(np.array_equal(back[k], v) for k, v in res.values.items())
+    assert read_record(tmp_path / "ckpt").metrics == res.metrics
+    # the second timestep alone gives the same MCN and VoR as `mcn_t100` / `vor_t100` (same x_0 and noise at each t)
+    one = evaluate_model(unet, sched, tiny_eval_spec(tmp_path, bootstrap={"resamples": 500}, jacobian={
+        "num_samples": 2, "pool": 2, "timesteps": [100], "memory_budget_mb": 64}), data, metrics=["mcn", "vor"],
+        progress=False, images=False)
+    assert one.metrics["mcn"] == pytest.approx(res.metrics["mcn_t100"], rel=1e-9)
+    assert one.metrics["vor"] == pytest.approx(res.metrics["vor_t100"], rel=1e-9)
+    assert "mcn_t100" not in one.metrics
+    # VoR in the paper's form (Eq. 11, raw singular values) is named as such
+    paper = evaluate_model(unet, sched, tiny_eval_spec(tmp_path, jacobian={
+        "num_samples": 2, "pool": 2, "timesteps": [100], "vor_norm": "paper", "memory_budget_mb": 64}), data,
+        metrics=["vor"], progress=False, images=False)
+    assert paper.backbones["vor"] == "norm-paper" and paper.metrics["vor"] != pytest.approx(one.metrics["vor"])

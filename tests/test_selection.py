@@ -83,3 +83,63 @@ def test_an_errored_trial_row_is_named_by_its_trial_id():
     assert _trial_id_of_folder("/s/isosweep_trial_719dc20c_1_baseline=True,lambda_iso=0.0000_2026-11-26_04-28-30") == "719dc20c"
     assert _trial_id_of_folder("s3://b/p/isosweep_trial_abcde_00003_3_lambda_iso=0.1_2026-11-26/") == "abcde_00003"
     assert _trial_id_of_folder("/s/not-a-trial-folder") == "not-a-trial-folder"
+
+
+def test_a_trial_is_not_better_than_the_baseline_inside_the_noise():
+    """With PPL intervals (docs/metrics.md, "Intervals"): a trial whose PPL interval overlaps the baseline's is
+    refused however low its point value; one whose interval lies wholly below the baseline's wins."""
+    base = dict(row("base", 10.0, 100.0, baseline=True), ppl_lo=90.0, ppl_hi=110.0)
+    overlapping = dict(row("lucky", 10.2, 70.0), ppl_lo=50.0, ppl_hi=95.0)  # lowest PPL, but 95 > 90: inside the noise
+    separated = dict(row("sure", 10.4, 80.0), ppl_lo=75.0, ppl_hi=85.0)
+    choice = choose_champion([base, overlapping, separated], "fid_tolerance", fid_tolerance=0.10)
+    assert choice.row["trial_id"] == "sure" and "interval" in choice.reason and "90" in choice.reason
+    assert [r["trial_id"] for r in pareto_front([base, overlapping, separated])] == ["base", "lucky"]  # off the front
+    alone = choose_champion([base, overlapping], "fid_tolerance", fid_tolerance=0.10)
+    assert alone.row["trial_id"] == "base" and alone.reason.startswith("the baseline")
+    # a row of an older sweep has no interval: its value stands for itself against the baseline's interval
+    old = row("old", 10.1, 89.0)
+    assert choose_champion([base, old], "fid_tolerance", fid_tolerance=0.10).row["trial_id"] == "old"
+    assert choose_champion([base, dict(old, ppl=91.0)], "fid_tolerance", fid_tolerance=0.10).row["trial_id"] == "base"
+
+
+def test_the_front_keeps_rows_that_are_only_worse_inside_the_noise():
+    a = dict(row("a", 10.0, 80.0), ppl_lo=70.0, ppl_hi=90.0)
+    b = dict(row("b", 10.0, 85.0), ppl_lo=75.0, ppl_hi=95.0)   # same FID, PPL worse only inside the noise: kept
+    c = dict(row("c", 10.0, 120.0), ppl_lo=110.0, ppl_hi=130.0)  # worse beyond the noise: dominated by a
+    assert [r["trial_id"] for r in pareto_front([a, b, c])] == ["a", "b"]
+    # without the intervals the same values select as before: b is dominated
+    plain = [{k: v for k, v in r.items() if not k.endswith(("_lo", "_hi"))} for r in (a, b, c)]
+    assert [r["trial_id"] for r in pareto_front(plain)] == ["a"]
+
+
+def test_rows_of_an_older_sweep_load_and_select_as_before():
+    """Tune results written before the intervals: no ppl_lo/ppl_hi, quantiles or per-timestep values."""
+    from isosweep.results.rows import make_row
+
+    old = [make_row(tid, {"baseline": base, "lambda_iso": 0.0 if base else 1e-3, "p": 0.5, "iso_metric": "stereographic"},
+                    {"fid": fid, "ppl": ppl, "mrtl": 2.0, "evaluated": True}, "TERMINATED")
+           for tid, fid, ppl, base in [("base", 10.0, 100.0, True), ("a", 10.5, 80.0, False), ("b", 12.0, 60.0, False),
+                                       ("c", 11.0, 90.0, False), ("d", 9.5, 120.0, False)]]
+    assert all(math.isnan(r["ppl_lo"]) and math.isnan(r["ppl_median"]) for r in old)
+    assert [r["trial_id"] for r in pareto_front(old)] == ["d", "base", "a", "b"]
+    assert choose_champion(old, "fid_tolerance", fid_tolerance=0.10).row["trial_id"] == "a"
+    assert choose_champion(old, "fid_tolerance", fid_tolerance=0.25).row["trial_id"] == "b"
+    assert choose_champion(old, "fid_tolerance", fid_tolerance=0.0).row["trial_id"] == "base"
+
+
+def test_tables_show_intervals_where_the_metric_is_read():
+    from isosweep.results.rows import make_row
+    from isosweep.results.tables import markdown_table, plain_table
+
+    metrics = {"fid": 10.0, "ppl": 80.0, "ppl_lo": 75.0, "ppl_hi": 85.5, "mcn": 12.0, "vor": 0.5, "vor_lo": 0.25,
+               "vor_hi": 0.75, "vor_t100": 0.9, "vor_t100_lo": 0.8, "vor_t100_hi": 1.0, "evaluated": True,
+               "backbone_fid": "domain-shapes-v1", "backbone_ppl": "domain-shapes-v1", "backbone_vor": "norm-global_mean"}
+    r = make_row("t1", {"lambda_iso": 1e-3, "p": 0.5, "iso_metric": "ambient"}, metrics, "TERMINATED")
+    assert r["vor_t100_hi"] == 1.0 and math.isnan(r["mrtl_lo"])  # further timesteps travel with the row
+    md = markdown_table([r], {"fid": "domain-shapes-v1", "ppl": "domain-shapes-v1", "vor": "norm-global_mean"})
+    assert "| 80 [75, 85.5] |" in md and "| 0.5 [0.25, 0.75] |" in md and "| 12 |" in md
+    assert "vor [norm-global_mean]" in md and "ppl [domain-shapes-v1]" in md
+    assert "80 [75, 85.5]" in plain_table([r])
+    old = make_row("t0", {}, {"fid": 10.0, "ppl": 80.0, "vor": 0.5, "evaluated": True, "backbone_vor": "none"}, "TERMINATED")
+    md_old = markdown_table([old], {"fid": "x", "ppl": "x", "vor": "none"})
+    assert "| 80 |" in md_old and "| vor |" in md_old  # an older sweep: values alone, VoR unnamed

@@ -106,6 +106,61 @@ def test_iso_fraction_and_never_below_pT(tiny_model_dir, tmp_path, monkeypatch):
     assert np.mean([r["iso_fraction"] for r in rep.reports]) == pytest.approx(frac)
 
 
+@pytest.mark.parametrize("mode", ["per_timestep", "pooled"])
+def test_iso_timesteps_reach_the_isometry_term(tiny_model_dir, tmp_path, monkeypatch, mode):
+    """The loop hands the isometry term one t per micro-batch (per_timestep, the default) or the samples' own
+    denoising t (pooled), and records the choice in the checkpoint's spec.json."""
+    import isosweep.core.geometry as geometry
+
+    dsm_t, iso_t = [], []
+    real_sample, real_encoder = losses.sample_timesteps, losses.encoder_at
+
+    def sample_spy(*args, **kwargs):
+        t, iso = real_sample(*args, **kwargs)
+        dsm_t.append((t.clone(), iso))
+        return t, iso
+
+    def encoder_spy(unet, t, *args, **kwargs):
+        iso_t.append(t.clone())
+        return real_encoder(unet, t, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "sample_timesteps", sample_spy)
+    monkeypatch.setattr(losses, "encoder_at", encoder_spy)
+    monkeypatch.setattr(geometry, "isometry_terms", lambda enc, x, metric, generator=None: (torch.ones(len(x)), torch.ones(len(x))))
+    train = {} if mode == "per_timestep" else {"iso_timesteps": mode}  # per_timestep is the default
+    rep = LocalReporter(tmp_path)
+    train_loop(make_spec(tiny_model_dir, p=0.25, max_steps=6, grad_accumulation=2, checkpoint_every=1000, **train), rep)
+    on = [t for t, iso in dsm_t if iso]
+    assert len(on) == len(iso_t) > 0
+    for t, ti in zip(on, iso_t):
+        assert ti.shape == t.shape and ti.min() >= losses.iso_cutoff(0.25, 1000)
+        if mode == "per_timestep":
+            assert ti.unique().numel() == 1 and not torch.equal(ti, t)
+        else:
+            assert torch.equal(ti, t)
+    assert json.loads((rep.checkpoints[-1] / "spec.json").read_text())["spec"]["train"]["iso_timesteps"] == mode
+
+
+def test_per_timestep_t_is_the_same_on_every_rank():
+    """The loop's per-step generators give every rank the same coin and the same t_iso per micro-batch."""
+    from isosweep.training.loop import step_generators
+
+    loss_fn = losses.IsoDiffusionLoss(lambda_iso=1.0, p=0.5)
+    x0, on = torch.zeros(2, 3, 8, 8), 0
+    for step in range(12):
+        per_rank = []
+        for rank in range(3):
+            shared, local = step_generators(7, step, rank)
+            iso_on = loss_fn.coin(shared)
+            per_rank.append([loss_fn.draw(x0, iso_on, local, shared) for _ in range(2)])
+        for draws in zip(*per_rank):
+            assert len({d.iso_on for d in draws}) == 1
+            if draws[0].iso_on:
+                on += 1
+                assert all(torch.equal(d.t_iso, draws[0].t_iso) for d in draws) and draws[0].t_iso.unique().numel() == 1
+    assert on > 0
+
+
 def test_baseline_costs_nothing_extra(tiny_model_dir, tmp_path, monkeypatch):
     import isosweep.core.geometry as geometry
 

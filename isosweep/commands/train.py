@@ -19,7 +19,7 @@ def train_command(args: argparse.Namespace) -> int:
     run_name = f"{spec.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(args.address, dashboard=False)
     tr = spec.train
-    say(f"train {spec.name}: lambda_iso={tr.lambda_iso:g} p={tr.p:g} iso_metric={tr.iso_metric} "
+    say(f"train {spec.name}: lambda_iso={tr.lambda_iso:g} p={tr.p:g} iso_metric={tr.iso_metric} iso_timesteps={tr.iso_timesteps} "
           f"workers={spec.resources.workers_per_trial} global_batch={tr.global_batch_size} "
           f"base={spec.base_model.source} run={run_name} storage={storage}")
     t0 = time.time()

@@ -5,7 +5,14 @@ The encoder e maps x to the bottleneck h. The loss asks the pull-back of the met
 f = e o Pi^{-1} (Pi: stereographic projection from the north pole (0, ..., 0, r)) to be a scaled
 isometry of the sphere's metric G(z) = g(z) I, with R = J^T J G^{-1}:
 
-    L_iso = E[Tr(R^2)] / E[Tr(R)]^2  >=  1 / (n - 1)
+    L_iso = E[Tr(R^2)] / E[Tr(R)]^2  >=  1 / k,    k = min(n - 1, m),  m = dim H
+
+R has rank at most k, so with m < n - 1 (the paper's UNets: m = 32,768, n - 1 = 196,607 at 256 px)
+R = c I is out of reach: the minimum 1/m is met when each R's m non-zero eigenvalues are equal, with
+one value for every x. (For "ambient", R acts on R^n and k = min(n, m); the built-in shapes model
+has m = 4,096 > n - 1 = 3,071, so there the bound is 1/(n - 1), met by R = c I.)
+The paper's Eq. 6 takes both expectations at one timestep t; the caller decides that by the batch
+it passes (`losses.IsoDiffusionLoss`, `train.iso_timesteps`).
 
 Because G is conformal, the chart never has to be built: with the tangent projector
 P = I - x x^T / r^2 and A = J_e^T J_e,
@@ -22,7 +29,8 @@ Metrics G (`metric=`):
 
 Reductions (`isometry_ratio`): "local" takes the ratio of this process's batch means; "global"
 all-reduces the sums and counts over torch.distributed ranks first (differentiably), so every rank
-holds the ratio of the global means, the faithful estimator under data parallelism.
+holds the ratio of the global means, the faithful estimator under data parallelism (Eq. 6 at one t
+when every rank's samples share that t).
 """
 
 from __future__ import annotations
@@ -214,7 +222,9 @@ def isometry_loss(
     """Scalar L_iso = mean(Tr(R^2)) / mean(Tr(R))^2 over the batch x (B, ...).
 
     Scale-free (rescaling h leaves it unchanged). Its exact value (the traces instead of their
-    one-probe estimates) is at least 1/(n-1), reached exactly when R = c I with one c for every x.
+    one-probe estimates) is at least 1/k, k = min(n-1, m) the largest rank R can have (m = dim h; n for
+    "ambient"), reached exactly when every R has k equal non-zero eigenvalues, with one value for every x;
+    with m < n-1, R = c I cannot be reached. Eq. 6 of the paper when all of x share one timestep.
     See `isometry_terms` for the arguments and `isometry_ratio` for `reduction`.
     """
     tr_r, tr_r2 = isometry_terms(encoder, x, metric=metric, generator=generator, probes=probes)

@@ -9,27 +9,43 @@
   [0, T) (for pT an integer). The baseline (lambda_iso = 0 or p = 1) draws t uniformly, never turns
   the isometry loss on, and so costs exactly a plain denoising step.
 - `IsoDiffusionLoss`: both terms for one micro-batch, as one callable `loss(model, unet, x0, t, noise,
-  iso_on, alphas_cumprod, generator)`, independent of the network it regularises. It also draws its own
-  randomness: `coin(shared)` once per optimizer step (identical on every rank), `draw(x0, iso_on,
-  generator)` the timesteps and noise of each micro-batch.
+  iso_on, alphas_cumprod, generator, t_iso=...)`, independent of the network it regularises. It also draws
+  its own randomness: `coin(shared)` once per optimizer step (identical on every rank), `draw(x0, iso_on,
+  generator, shared)` the timesteps and noise of each micro-batch.
+
+Timesteps of the isometry term (`iso_timesteps`, `train.iso_timesteps`). The paper's Eq. 6 is a ratio of
+expectations over x_t at one t, L_iso(e, t), and Eq. 7 weights it per t by lambda_iso(p, t).
+- "per_timestep" (the default, the paper's form): `draw` gives each iso micro-batch one t_iso ~ U{pT..T-1},
+  drawn from the `shared` generator (identical on every rank, after the coin), so all its samples, on every
+  rank, share it: the ratio is Eq. 6 at t_iso, weighted by lambda_iso(p, t_iso) = lambda_iso. The isometry
+  term is taken at x_{t_iso} = sqrt(abar) x_0 + sqrt(1 - abar) eps (the micro-batch's own x_0 and eps); the
+  denoising term keeps its per-sample t, so L_dsm is unchanged.
+- "pooled" (the public implementation, kept as an ablation): one ratio over the micro-batch's samples at
+  their own t, i.e. the denoising t. It also ties the Jacobian scale E[Tr R] across timesteps. Its draws
+  are today's, in the same order, so earlier runs reproduce.
+`draw` takes from `generator` exactly what "pooled" takes, so the two differ only in the isometry term's t.
 
 Isometry ratio under data parallelism: `reduction="global"` (the default, `train.iso_reduction`) takes
 E[Tr R^2] / E[Tr R]^2 over the means all-reduced (differentiably) across DDP ranks, i.e. over the
-global micro-batch: the faithful estimator. `"local"` uses each worker's own means (an approximation
-whose bias grows as the per-worker batch shrinks). Either way the ratio is per micro-batch; with
-gradient accumulation the step's L_iso is the mean of the micro-batch ratios.
+global micro-batch: the faithful estimator. With "per_timestep" every rank takes its term at the same
+t_iso, so this is Eq. 6's ratio of global means at one t. `"local"` uses each worker's own means (an
+approximation whose bias grows as the per-worker batch shrinks). Either way the ratio is per micro-batch;
+with gradient accumulation each micro-batch draws its own t_iso, and the step's L_iso is the mean of the
+micro-batch ratios.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from isosweep.core import geometry
 from isosweep.core.hspace import encoder_at  # runs each encoder call inside hspace.autodiff_safe
+from isosweep.core.names import ISO_TIMESTEPS
 
 
 def iso_cutoff(p: float, T: int) -> int:
@@ -110,6 +126,21 @@ def dsm_loss(model, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) ->
     return F.mse_loss(model(x_t, t).sample.float(), target.float())
 
 
+class Draw(NamedTuple):
+    """One micro-batch's randomness: denoising timesteps t (B,) long, noise (x0's shape), the iso switch,
+    and the isometry term's timesteps t_iso ((B,) long, all equal) or None (pooled, or iso off: use t)."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    iso_on: bool
+    t_iso: torch.Tensor | None
+
+
+def shared_timestep(p: float, T: int, shared: torch.Generator) -> int:
+    """One t ~ U{pT..T-1} from `shared` (the per-step generator seeded identically on every rank)."""
+    return int(torch.randint(iso_cutoff(p, T), T, (1,), generator=shared).item())
+
+
 @dataclass
 class LossOutput:
     """One micro-batch's loss. Statistics are detached tensors (no device sync until they are read)."""
@@ -122,7 +153,8 @@ class LossOutput:
 
 
 class IsoDiffusionLoss:
-    """L = L_dsm + lambda_iso * 1[iso_on] * L_iso for one micro-batch.
+    """L = L_dsm + lambda_iso * 1[iso_on] * L_iso for one micro-batch; `iso_timesteps` (module docstring)
+    chooses where `draw` puts the isometry term's timesteps.
 
     `model` runs the denoising forward (the DDP wrapper under data parallelism, so its reducer sees the
     forward); `unet` is the raw UNet2DModel the isometry term is computed on (for DDP, `model.module`:
@@ -134,10 +166,13 @@ class IsoDiffusionLoss:
     """
 
     def __init__(self, *, lambda_iso: float, p: float, iso_metric: str = "stereographic",
-                 reduction: str = "global", timesteps: int = 1000, prediction_type: str = "epsilon") -> None:
+                 reduction: str = "global", timesteps: int = 1000, prediction_type: str = "epsilon",
+                 iso_timesteps: str = "per_timestep") -> None:
         check_prediction_type(prediction_type)
+        if iso_timesteps not in ISO_TIMESTEPS:
+            raise ValueError(f"unknown iso_timesteps {iso_timesteps!r}; use one of {list(ISO_TIMESTEPS)}")
         self.lambda_iso, self.p, self.iso_metric, self.reduction, self.T = lambda_iso, p, iso_metric, reduction, timesteps
-        self.prediction_type = prediction_type
+        self.prediction_type, self.iso_timesteps = prediction_type, iso_timesteps
 
     @property
     def baseline(self) -> bool:
@@ -148,20 +183,34 @@ class IsoDiffusionLoss:
         seeded identically on every rank: the global isometry ratio is a collective."""
         return not self.baseline and choose_iso(self.p, shared)
 
-    def draw(self, x0: torch.Tensor, iso_on: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(t, noise, iso_on) for one micro-batch x0 (B, C, H, W): timesteps from the range the coin chose,
-        then the noise, both from `generator` (this rank's stream), on x0's device."""
+    def draw(self, x0: torch.Tensor, iso_on: bool, generator: torch.Generator,
+             shared: torch.Generator | None = None) -> Draw:
+        """One micro-batch's `Draw` for x0 (B, C, H, W), on x0's device: timesteps from the range the coin
+        chose, then the noise, both from `generator` (this rank's stream); with "per_timestep" and the
+        isometry term on, then t_iso from `shared` (the generator `coin` used, identical on every rank)."""
         t, iso_on = sample_timesteps(x0.shape[0], self.p, self.T, generator, lambda_iso=self.lambda_iso,
                                      iso_on=iso_on, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        return t, noise, iso_on
+        if not iso_on or self.iso_timesteps == "pooled":
+            return Draw(t, noise, iso_on, None)
+        if shared is None:
+            raise ValueError("iso_timesteps='per_timestep' draws the isometry term's t from the generator shared by "
+                             "every rank: pass it as `shared` (the one given to `coin`)")
+        t_iso = torch.full_like(t, shared_timestep(self.p, self.T, shared))
+        return Draw(t, noise, iso_on, t_iso)
 
     def __call__(self, model, unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, iso_on: bool,
-                 alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
+                 alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None, *,
+                 t_iso: torch.Tensor | None = None) -> LossOutput:
+        """The loss at x_t = add_noise(x0, noise, t). The isometry term (when on) is taken at x_{t_iso} with the
+        same x0 and noise when `t_iso` ((B,) long, from `draw`) is given, else at x_t itself. `generator`
+        draws the Hutchinson probes."""
         x_t = add_noise(x0, noise, t, alphas_cumprod)
         dsm = dsm_loss(model, x_t, t, denoising_target(self.prediction_type, x0, noise, t, alphas_cumprod))
         if not iso_on or self.baseline:
             return LossOutput(dsm, dsm.detach(), None, None, False)
+        if t_iso is not None:
+            t, x_t = t_iso, add_noise(x0, noise, t_iso, alphas_cumprod)
         with torch.autocast(device_type=x0.device.type, enabled=False):
             tr_r, tr_r2 = geometry.isometry_terms(encoder_at(unet, t), x_t.float(), self.iso_metric, generator=generator)
             iso = geometry.isometry_ratio(tr_r, tr_r2, reduction=self.reduction)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from isosweep.config import EVAL_METRICS, SweepSpec
+from isosweep.config import EVAL_METRICS, SweepSpec, base_metric, timestep_metric
 from isosweep.core.losses import add_noise
 from isosweep.core.sampling import DDIMSampler, initial_noise
 from isosweep.data.datasets import build_dataset
@@ -26,15 +26,16 @@ from isosweep.data.imagefiles import DECODE_VERSION
 from isosweep.data.images import make_grid, make_strip
 from isosweep.evaluation.features import resolver as bb
 from isosweep.evaluation.features.common import cache_dir
+from isosweep.evaluation.metrics.confidence import mean_interval, ppl_summary, vor_interval
 from isosweep.evaluation.metrics.fid import fid_from_features, generated_features, reference_statistics
-from isosweep.evaluation.metrics.jacobian import autodiff_context, jacobian_singular_values, mcn, unet_encoder, vor
+from isosweep.evaluation.metrics.jacobian import autodiff_context, condition_numbers, jacobian_singular_values, mcn, unet_encoder, vor
 from isosweep.evaluation.metrics.paths import lerp, slerp
-from isosweep.evaluation.metrics.ppl import filtered_mean, ppl_distances
-from isosweep.evaluation.metrics.rtl import pair_latents, rtl_per_pair, summarize_rtl
+from isosweep.evaluation.metrics.ppl import ppl_distances
+from isosweep.evaluation.metrics.rtl import pair_latents, pair_mrtl, rtl_per_pair, summarize_rtl
 from isosweep.evaluation.metrics.separability import classify_samples, ls_scores
 from isosweep.evaluation.record import EvalResult
 
-__all__ = ["evaluate_model", "trial_evaluator", "shard_range"]
+__all__ = ["evaluate_model", "trial_evaluator", "checkpoint_fid_scorer", "shard_range"]
 
 _JACOBIAN_NOISE_STREAM = 6  # initial_noise stream of the noise in x_t for MCN/VoR
 
@@ -64,15 +65,16 @@ class _Shard:
 
 def evaluate_model(unet: torch.nn.Module, scheduler, eval_spec, dataset_spec, *, metrics: list[str] | None = None,
                    device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
-                   progress: bool = True) -> EvalResult:
+                   progress: bool = True, images: bool = True) -> EvalResult:
     """Evaluate one model: see the module docstring. `metrics` defaults to evaluation.metrics ("ls" gives
-    ls and, with the rbf kernel configured, ls_rbf). Progress bars only on rank 0."""
+    ls, ls_max and, with the rbf kernel configured, ls_rbf; with h in evaluation.ls.spaces, ls_h and ls_h_rbf
+    too). Progress bars only on rank 0. images=False skips the grid and strips (the cheap FID needs none)."""
     wanted = list(metrics if metrics is not None else eval_spec.metrics)
     unknown = set(wanted) - set(EVAL_METRICS)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; use any of {' '.join(EVAL_METRICS)}")
     with full_float32_matmul():
-        return _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted, device, rank, world_size, progress)
+        return _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted, device, rank, world_size, progress, images)
 
 
 @contextlib.contextmanager
@@ -92,7 +94,7 @@ def full_float32_matmul() -> Iterator[None]:
 
 
 def _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted: list[str], device, rank: int, world_size: int,
-              progress: bool) -> EvalResult:
+              progress: bool, images: bool = True) -> EvalResult:
     dist = _distributed(world_size)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     show = progress and rank == 0
@@ -104,19 +106,37 @@ def _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted: list[str], devic
     result = EvalResult(settings=_settings(eval_spec, shard.shape))
     if rank == 0 or not dist:
         _combine(result, gathered, wanted, shard, nets)
-        _add_images(result, gathered, shard, nets)
+        if images:
+            _add_images(result, gathered, shard, nets)
         result.timings = {k: round(v, 3) for k, v in shard.timings.items()}
     return _broadcast(result, dist)
 
 
 def trial_evaluator(spec: SweepSpec) -> Callable[[torch.nn.Module, Any, torch.device, int, int], EvalResult]:
-    """The `training.loop.Evaluator` of a trial: the spec's evaluation suite on the final EMA weights."""
+    """The `training.loop.Evaluator` of a trial: the spec's evaluation suite on the trial's model (the final EMA
+    weights, or with evaluation.checkpoint_fid those of the step with the lowest cheap FID)."""
 
     def evaluate(unet, scheduler, device, rank, world_size) -> EvalResult:
         return evaluate_model(unet, scheduler, spec.evaluation, spec.dataset, device=device, rank=rank,
                               world_size=world_size, progress=rank == 0)
 
     return evaluate
+
+
+def checkpoint_fid_scorer(spec: SweepSpec) -> Callable[[torch.nn.Module, Any, torch.device, int, int], tuple[float, str]]:
+    """The `training.selection.Scorer` of a trial: FID with evaluation.checkpoint_fid's sample count and DDIM
+    steps, otherwise exactly the final FID (backbone, reference statistics, seed, sharding over the ranks).
+    Returns (FID, backbone name) on every rank."""
+    cheap = spec.evaluation.checkpoint_fid
+    fid = spec.evaluation.fid.model_copy(update={"num_samples": cheap.num_samples, "ddim_steps": cheap.ddim_steps})
+    eval_spec = spec.evaluation.model_copy(update={"fid": fid})
+
+    def score(unet, scheduler, device, rank, world_size) -> tuple[float, str]:
+        result = evaluate_model(unet, scheduler, eval_spec, spec.dataset, metrics=["fid"], device=device, rank=rank,
+                                world_size=world_size, progress=False, images=False)
+        return result.metrics["fid"], result.backbones["fid"]
+
+    return score
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -158,20 +178,25 @@ def _mrtl_share(s: _Shard, nets) -> torch.Tensor:
     return out
 
 
-def _jacobian_share(s: _Shard, nets) -> torch.Tensor:
+def _jacobian_share(s: _Shard, nets) -> dict[int, torch.Tensor]:
+    """{t: singular values (n, k)} at every evaluation.jacobian.timesteps, for this rank's samples."""
     t0 = time.time()
     lo, hi = s.range(s.eval_spec.jacobian.num_samples)
-    x = _jacobian_inputs(lo, hi, s)
-    out = _jacobian_svals(s.unet, x, s.eval_spec, s.device, s.progress)
+    x0, eps = _jacobian_inputs(lo, hi, s)
+    out = {}
+    for t in s.eval_spec.jacobian.timesteps:
+        x = add_noise(x0, eps, torch.full((hi - lo,), t, dtype=torch.long), s.scheduler.alphas_cumprod)
+        out[t] = _jacobian_svals(s.unet, x, s.eval_spec, s.device, s.progress, t)
     s.timings["jacobian"] = time.time() - t0
     return out
 
 
-def _ls_share(s: _Shard, nets) -> tuple[np.ndarray, np.ndarray]:
+def _ls_share(s: _Shard, nets) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     t0, spec = time.time(), s.eval_spec
     lo, hi = s.range(spec.ls.num_samples)
     out = classify_samples(s.sampler, nets.classifier, num_samples=spec.ls.num_samples, ddim_steps=spec.ls.ddim_steps,
-                           seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=spec.batch_size)
+                           seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=spec.batch_size,
+                           capture_h="h" in spec.ls.spaces)
     s.timings["ls_sampling"] = time.time() - t0
     return out
 
@@ -185,23 +210,26 @@ def _needed(share: str, wanted: list[str]) -> bool:
     return ("mcn" in wanted or "vor" in wanted) if share == "jacobian" else share in wanted
 
 
-def _jacobian_inputs(lo: int, hi: int, s: _Shard) -> torch.Tensor:
-    """x_t for Jacobian samples lo..hi-1 (MATH.md section 1): x_0 = dataset image perm[i] (a permutation
-    seeded by evaluation.seed), eps from initial_noise stream 6, t = evaluation.jacobian.timestep."""
+def _jacobian_inputs(lo: int, hi: int, s: _Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, eps) of Jacobian samples lo..hi-1, the same at every t (MATH.md section 1: x_t = add_noise(x_0,
+    eps, t)): x_0 = dataset image perm[i] (a permutation seeded by evaluation.seed), eps from initial_noise
+    stream 6."""
+    steps = len(s.scheduler.alphas_cumprod)
+    bad = [t for t in s.eval_spec.jacobian.timesteps if not 0 <= t < steps]
+    if bad:
+        raise ValueError(f"evaluation.jacobian.timesteps {bad} outside the model's schedule [0, {steps - 1}]")
     dataset = build_dataset(s.dataset_spec, train=False)
     perm = np.random.default_rng(s.eval_spec.seed).permutation(len(dataset))
     if hi <= lo:
-        return torch.zeros((0, *s.shape))
+        return torch.zeros((0, *s.shape)), torch.zeros((0, *s.shape))
     x0 = torch.stack([dataset[int(perm[i % len(dataset)])][0] for i in range(lo, hi)])
-    eps = initial_noise(hi - lo, s.shape, s.eval_spec.seed, start=lo, stream=_JACOBIAN_NOISE_STREAM)
-    t = torch.full((hi - lo,), s.eval_spec.jacobian.timestep, dtype=torch.long)
-    return add_noise(x0, eps, t, s.scheduler.alphas_cumprod)
+    return x0, initial_noise(hi - lo, s.shape, s.eval_spec.seed, start=lo, stream=_JACOBIAN_NOISE_STREAM)
 
 
-def _jacobian_svals(unet, x: torch.Tensor, eval_spec, device, progress: bool) -> torch.Tensor:
-    """Singular values (n, k) of the pooled encoder Jacobian at x, samples grouped to fit the budget."""
+def _jacobian_svals(unet, x: torch.Tensor, eval_spec, device, progress: bool, t: int) -> torch.Tensor:
+    """Singular values (n, k) of the pooled encoder Jacobian at x (at timestep t), samples grouped to fit the budget."""
     spec = eval_spec.jacobian
-    enc = unet_encoder(unet, spec.timestep)
+    enc = unet_encoder(unet, t)
     if x.shape[0] == 0:
         return torch.zeros((0, 0), dtype=torch.float64)
     with torch.no_grad():
@@ -244,25 +272,45 @@ def _combine(result: EvalResult, gathered: list[dict], wanted: list[str], s: _Sh
         mu, sigma = _reference_stats(s.eval_spec, s.dataset_spec, nets.fid_features, names["fid"], s.progress)
         result.metrics["fid"] = fid_from_features(feats, mu, sigma)
         s.timings["fid"] += time.time() - t0
+    boot = {"resamples": s.eval_spec.bootstrap.resamples, "level": s.eval_spec.bootstrap.level, "seed": s.eval_spec.seed}
     if "ppl" in wanted:
-        result.metrics["ppl"] = filtered_mean(np.concatenate([g["ppl"] for g in gathered]))
+        result.values["ppl_pairs"] = d = np.concatenate([g["ppl"] for g in gathered])  # pair order: ranks hold ranges
+        result.metrics.update(ppl_summary(d, **boot))
     if "mrtl" in wanted:
-        result.metrics["mrtl"], result.rtl_curve = summarize_rtl(torch.cat([g["mrtl"] for g in gathered]))
+        per_pair = torch.cat([g["mrtl"] for g in gathered])
+        result.metrics["mrtl"], result.rtl_curve = summarize_rtl(per_pair)
+        result.values["mrtl_pairs"] = pairs = pair_mrtl(per_pair).numpy()
+        result.metrics.update(mean_interval("mrtl", pairs, **boot))
     if _needed("jacobian", wanted):
-        svals = torch.cat([g["jacobian"] for g in gathered if g["jacobian"].numel()])
-        for name, fn in (("mcn", mcn), ("vor", vor)):
-            if name in wanted:
-                result.metrics[name] = fn(svals)
+        _combine_jacobians(result, gathered, wanted, s.eval_spec.jacobian, boot)
     if "ls" in wanted:
         t0 = time.time()
-        labels = np.concatenate([g["ls"][0] for g in gathered])
-        conf = np.concatenate([g["ls"][1] for g in gathered])
-        latents = initial_noise(s.eval_spec.ls.num_samples, s.shape, s.eval_spec.seed).flatten(1).numpy()
-        result.metrics.update(ls_scores(latents, labels, conf, keep=s.eval_spec.ls.keep, kernels=tuple(s.eval_spec.ls.kernels),
+        ls, shares = s.eval_spec.ls, [g["ls"] for g in gathered if len(g["ls"][0])]  # in rank order: sample order
+        labels, conf = np.concatenate([g[0] for g in shares]), np.concatenate([g[1] for g in shares])
+        latents = {sp: initial_noise(ls.num_samples, s.shape, s.eval_spec.seed).flatten(1).numpy() if sp == "x_T"
+                   else np.concatenate([g[2] for g in shares]) for sp in dict.fromkeys(ls.spaces)}
+        result.metrics.update(ls_scores(latents, labels, conf, keep=ls.keep, kernels=tuple(ls.kernels), heldout=ls.heldout,
                                         seed=s.eval_spec.seed))
         s.timings["ls_sampling"] += time.time() - t0
     for name in result.metrics:
-        result.backbones[name] = names["ls" if name.startswith("ls") else name]
+        if base_metric(name) == name or name.startswith("ls"):  # interval bounds and further t: their metric's
+            result.backbones[name] = names["ls" if name.startswith("ls") else name]
+    if "vor" in result.backbones:  # VoR's numbers depend on its normalisation: name it (docs/metrics.md)
+        result.backbones["vor"] = f"norm-{s.eval_spec.jacobian.vor_norm}"
+
+
+def _combine_jacobians(result: EvalResult, gathered: list[dict], wanted: list[str], spec, boot: dict) -> None:
+    """MCN and VoR with their intervals at every timestep: `mcn`/`vor` at the first, `mcn_t<t>`/`vor_t<t>` after."""
+    for i, t in enumerate(spec.timesteps):
+        svals = torch.cat([g["jacobian"][t] for g in gathered if g["jacobian"][t].numel()])
+        mcn_name, vor_name = ("mcn", "vor") if i == 0 else (timestep_metric("mcn", t), timestep_metric("vor", t))
+        if "mcn" in wanted:
+            result.values[f"{mcn_name}_samples"] = cond = condition_numbers(svals).numpy()
+            result.metrics[mcn_name] = mcn(svals)
+            result.metrics.update(mean_interval(mcn_name, cond, **boot))
+        if "vor" in wanted:
+            result.metrics[vor_name] = vor(svals, spec.vor_norm)
+            result.metrics.update(vor_interval(vor_name, svals.numpy(), spec.vor_norm, **boot))
 
 
 def _add_images(result: EvalResult, gathered: list[dict], s: _Shard, nets) -> None:
@@ -306,7 +354,8 @@ def _reference_stats(eval_spec, dataset_spec, features: Callable, backbone: str,
 def _settings(eval_spec, shape) -> dict[str, Any]:
     return {"seed": eval_spec.seed, "backbone": eval_spec.backbone, "sample_shape": list(shape), "tf32": False,
             "fid": eval_spec.fid.model_dump(), "ppl": eval_spec.ppl.model_dump(), "mrtl": eval_spec.mrtl.model_dump(),
-            "jacobian": eval_spec.jacobian.model_dump(), "ls": eval_spec.ls.model_dump()}
+            "jacobian": eval_spec.jacobian.model_dump(), "ls": eval_spec.ls.model_dump(),
+            "bootstrap": eval_spec.bootstrap.model_dump()}
 
 
 # --- collectives ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from isosweep.results.selection import Choice  # noqa: E402
+from isosweep.results.selection import Choice, has_interval, interval  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -37,12 +37,19 @@ def figure(out: str | Path, *, figsize: tuple[float, float], dpi: int = 120, **s
 
 def pareto_plot(rows: list[dict], front: list[dict], champion: Choice | None, out: Path, objectives=("fid", "ppl"),
                 backbones=None) -> Path:
-    """Scatter of every evaluated trial in (FID, PPL), the front joined, baseline and champion marked."""
+    """Scatter of every evaluated trial in (FID, PPL) with its bootstrap interval bars, the front joined, baseline and
+    champion marked."""
     a, b = objectives
     backbones = backbones or {}
     with figure(out, figsize=(5.5, 4.2)) as (fig, ax):
         pts = [r for r in rows if math.isfinite(r.get(a, math.nan)) and math.isfinite(r.get(b, math.nan))]
         ax.scatter([r[a] for r in pts], [r[b] for r in pts], c="0.6", s=28, label="trials", zorder=2)
+        for k, axis in ((a, "x"), (b, "y")):  # bootstrap intervals where the rows have them (PPL, mRTL, MCN, VoR)
+            bars = [(r, *interval(r, k)) for r in pts if has_interval(r, k)]
+            if bars:
+                err = [[r[k] - lo for r, lo, _ in bars], [hi - r[k] for r, _, hi in bars]]
+                ax.errorbar([r[a] for r, *_ in bars], [r[b] for r, *_ in bars], fmt="none", ecolor="0.7", elinewidth=0.8,
+                            zorder=1, **{f"{axis}err": err})
         if front:
             ax.plot([r[a] for r in front], [r[b] for r in front], "-o", color="tab:blue", ms=6, label="Pareto front", zorder=3)
         for r in pts:

@@ -12,15 +12,14 @@ a local disk (0600, the folders it creates 0700), like everything `isosweep.stor
 from __future__ import annotations
 
 import html
-import math
 import shutil
 from pathlib import Path
 
 import yaml
 
 from isosweep import storage as st
-from isosweep.config import RESULT_METRICS, SweepSpec
-from isosweep.evaluation.record import read_record, record_images
+from isosweep.config import RESULT_METRICS, SweepSpec, is_result_metric
+from isosweep.evaluation.record import metric_text, read_record, record_images, shown_metrics
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.results.plots import rtl_plot, strips_figure
 from isosweep.results.rows import SweepOutcome
@@ -34,12 +33,6 @@ def load_trial_eval(row: dict) -> dict:
     if record is None:
         return {}
     return {"rtl_curve": record.rtl_curve, "frame_distances": record.frame_distances, "images": record_images(ckpt)}
-
-
-def _metric_cell(v) -> str:
-    if isinstance(v, float):
-        return "-" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
 
 
 def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
@@ -60,7 +53,9 @@ def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
     md = [f"# Sweep report: {outcome.sweep_id}", ""]
     md += [
         "Every number below was produced by this run. FID and PPL name the feature network that",
-        "produced them; values from different backbones are not comparable.",
+        "produced them; values from different backbones are not comparable. `12.3 [11.1, 13.6]` is a value",
+        "with its bootstrap interval (evaluation.bootstrap.level); a trial counts as better than another on a",
+        "metric only where its interval lies wholly below the other's (docs/metrics.md).",
         "",
         "## Results (Table-1 style)",
         "",
@@ -81,8 +76,9 @@ def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
         if baseline is not None:
             md.append("| metric | baseline | champion |")
             md.append("|---|---|---|")
-            for k in RESULT_METRICS:
-                md.append(f"| {k} | {_metric_cell(baseline.get(k))} | {_metric_cell(c.get(k))} |")
+            extra = sorted(k for k in {*baseline, *c} if k not in RESULT_METRICS and is_result_metric(k))  # mcn_t100, ...
+            for k in shown_metrics([*RESULT_METRICS, *extra]):
+                md.append(f"| {k} | {metric_text(baseline, k)} | {metric_text(c, k)} |")
             md.append("")
     else:
         md += ["## Champion", "", "No trial finished with finite FID and PPL.", ""]

@@ -1,8 +1,9 @@
 """A sweep's results as rows: one flat dict per trial, the outcome of a sweep, and its roles.
 
 A row holds the trial's parameters (`config.TRIAL_KEYS` and `baseline`), its status, every value of
-`config.RESULT_METRICS` (NaN when missing), `backbone_<metric>` names, the checkpoint path and the
-MLflow run id. Every table, plot, report and registry description is made from rows.
+`config.RESULT_METRICS` (NaN when missing: interval bounds and PPL quantiles are missing from sweeps older
+than them), MCN/VoR at further timesteps (`mcn_t100`, `vor_t100_lo`, ... when evaluated), `backbone_<metric>` names, `selected_step` and `selected_fid_cheap`
+(NaN unless evaluation.checkpoint_fid selected the step), the checkpoint path and the MLflow run id. Every table, plot, report and registry description is made from rows.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
 
-from isosweep.config import RESULT_METRICS, SweepSpec
+from isosweep.config import RESULT_METRICS, SweepSpec, is_result_metric
+from isosweep.core.names import SELECTED_FID, SELECTED_STEP
 from isosweep.results.selection import Choice, choose_champion, pareto_front
 
 
@@ -47,7 +49,11 @@ def make_row(trial_id: str, config: dict, metrics: dict, status: str) -> dict:
     for k in RESULT_METRICS:
         v = metrics.get(k)
         row[k] = float(v) if isinstance(v, (int, float)) else math.nan
+    row.update({k: float(v) for k, v in metrics.items()  # MCN/VoR at further timesteps: names from the spec
+                if k not in RESULT_METRICS and is_result_metric(k) and isinstance(v, (int, float)) and not isinstance(v, bool)})
     row.update({k: v for k, v in metrics.items() if k.startswith("backbone_")})
+    for k in (SELECTED_STEP, SELECTED_FID):  # the step whose weights the row measures (evaluation.checkpoint_fid)
+        row[k] = float(metrics[k]) if isinstance(metrics.get(k), (int, float)) else math.nan
     row["checkpoint_path"] = metrics.get("checkpoint_path", "")
     row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
     row["tracking_pending"] = bool(metrics.get("tracking_pending"))  # MLflow lacks some of it: `isosweep sync`

@@ -1,4 +1,7 @@
-"""The results table: Table-1 order, as Markdown, as plain text and as CSV, every number from the rows."""
+"""The results table: Table-1 order, as Markdown, as plain text and as CSV, every number from the rows.
+
+A metric with a bootstrap interval is shown with it, `12.3 [11.1, 13.6]` (`evaluation.record.metric_text`);
+the CSV keeps every value in its own column (`ppl`, `ppl_lo`, `ppl_hi`, ...)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from isosweep import storage as st
+from isosweep.config import INTERVAL_METRICS
+from isosweep.evaluation.record import metric_text
 from isosweep.redact import scrub_text
 
 
@@ -21,6 +26,18 @@ def _fmt(v: Any) -> str:
 
 
 TABLE_COLUMNS = ("role", "trial_id", "lambda_iso", "p", "iso_metric", "fid", "ppl", "mrtl", "mcn", "vor", "ls", "status")
+_NAMED_COLUMNS = ("fid", "ppl", "vor")  # headed with what produced them: the feature network; VoR's normalisation
+
+
+def _head(c: str, backbones: dict[str, str] | None) -> str:
+    if not backbones or c not in _NAMED_COLUMNS:
+        return c
+    name = backbones.get(c, "?")
+    return c if c == "vor" and name in ("?", "none") else f"{c} [{name}]"  # VoR before its normalisation was named
+
+
+def _cell(r: dict, c: str) -> str:
+    return metric_text(r, c) if c in INTERVAL_METRICS else _fmt(r.get(c, ""))
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
@@ -33,15 +50,15 @@ def table_rows(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict], backbones: dict[str, str] | None = None) -> str:
-    head = [c if c not in ("fid", "ppl") or not backbones else f"{c} [{backbones.get(c, '?')}]" for c in TABLE_COLUMNS]
+    head = [_head(c, backbones) for c in TABLE_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table_rows(rows):
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(r, c) for c in TABLE_COLUMNS) + " |")
     return "\n".join(lines)
 
 
 def plain_table(rows: list[dict]) -> str:
-    cells = [list(TABLE_COLUMNS)] + [[_fmt(r.get(c, "")) for c in TABLE_COLUMNS] for r in table_rows(rows)]
+    cells = [list(TABLE_COLUMNS)] + [[_cell(r, c) for c in TABLE_COLUMNS] for r in table_rows(rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
 

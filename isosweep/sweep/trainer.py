@@ -3,8 +3,8 @@
 `build_trainer` turns a spec into a TorchTrainer (gloo on CPU, NCCL on GPU; FailureConfig retries
 restart every worker, on whichever nodes are alive, from the run's latest checkpoint);
 `train_loop_per_worker` is the thin function each worker runs: it wraps Ray's context in a `Reporter`,
-hands the loop the evaluation suite as its evaluator and MLflow's downloader for `models:/` base
-models, and calls the plain training loop.
+hands the loop the evaluation suite as its evaluator (and the cheap FID that selects the trial's step as
+its scorer), MLflow's downloader for `models:/` base models, and calls the plain training loop.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ray.util.metrics import Gauge
 
 from isosweep.config import SweepSpec, resolve_trial_spec
 from isosweep.console import say
-from isosweep.evaluation.suite import trial_evaluator
+from isosweep.evaluation.suite import checkpoint_fid_scorer, trial_evaluator
 from isosweep.tracking.models import download_model
 from isosweep.tracking.steps import StepLogger
 from isosweep.training.loop import train_loop
@@ -140,6 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_loop(spec, reporter, trial_params=config.get("trial_params"),  # recorded in each checkpoint's spec.json
                    provenance={"workers": worker_placement(reporter.rank, reporter.world_size)},
                    evaluator=trial_evaluator(spec) if config.get("evaluate") else None,
+                   scorer=checkpoint_fid_scorer(spec) if config.get("evaluate") else None,  # evaluation.checkpoint_fid
                    on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=download_model)
     except BaseException:
         if step_logger is not None:

@@ -25,6 +25,7 @@ from isosweep.sweep.trainer import build_trainer
 from isosweep.tracking.artifacts import log_trial_result
 from isosweep.tracking.client import TrackingError
 from isosweep.tracking.runs import end_run, open_trial_run
+from isosweep.training.selection import selection_columns
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
                 raise RuntimeError(f"trial {trial_id} finished without a checkpoint")
             with checkpoint.as_directory() as ckpt_dir:
                 record = evaluated_record(spec, ckpt_dir, trial_id)
+                selected = selection_columns(ckpt_dir)  # the step whose weights these are (evaluation.checkpoint_fid)
                 if run_id and _best_effort(trial_id, "log its results", log_trial_result, uri, run_id, ckpt_dir, ok=True) is None:
                     pending = True
         except BaseException:
@@ -63,7 +65,7 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
             raise
         if run_id and not pending:
             end_run(uri, run_id, "FINISHED", quiet=True)
-        report = final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id)
+        report = final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id, selected)
         tune.report({**report, "tracking_pending": pending})
 
     return isosweep_trial
@@ -168,10 +170,12 @@ def evaluated_record(spec: SweepSpec, checkpoint_dir, trial_id: str) -> EvalResu
 
 
 def final_report(spec: SweepSpec, train_metrics: dict[str, Any], record: EvalResult, params: dict[str, Any],
-                 checkpoint_path: str, run_id: str | None) -> dict[str, Any]:
+                 checkpoint_path: str, run_id: str | None, selected: dict[str, Any] | None = None) -> dict[str, Any]:
     """What Tune records for a finished trial: its last training report, the evaluation, the parameters,
-    where its model is, and `evaluated` (a DONE row); both objectives always present (NaN when missing)."""
+    where its model is, and `evaluated` (a DONE row); both objectives always present (NaN when missing).
+    selected: the final checkpoint's `selected_step`, `selected_fid_cheap` and `backbone_fid_cheap`."""
     report = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float, str, bool))}
+    report.update(selected or {})
     report.update(record.metrics)
     report.update({f"backbone_{k}": v for k, v in record.backbones.items()})
     report.update(params)

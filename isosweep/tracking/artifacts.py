@@ -12,16 +12,19 @@ from typing import Any
 
 from mlflow.entities import Metric
 
+from isosweep.core.names import CHEAP_FID
 from isosweep.evaluation.record import EVAL_DIR, EvalResult, read_record
 from isosweep.results.plots import rtl_plot
 from isosweep.tracking.client import MAX_METRICS_PER_BATCH, chunks, client, params_of, retry_call, tags_of
 from isosweep.tracking.redact import scrub_text
 from isosweep.tracking.runs import TAG_CHAMPION
+from isosweep.training.selection import BEST_DIR, selection_columns
 
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 EVAL_ARTIFACT_PATH = EVAL_DIR
-# Files of a checkpoint directory that are training state, not the model.
-CHECKPOINT_EXCLUDE = ("train_state.pt", "eval", "__pycache__", "*.lock")
+# Files of a checkpoint directory that are training state, not the model (best/: the selected weights for resume;
+# in the final checkpoint they are the pipeline's own unet/).
+CHECKPOINT_EXCLUDE = ("train_state.pt", "eval", BEST_DIR, "__pycache__", "*.lock")
 TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".csv")  # scrubbed of credentials before upload
 
 
@@ -45,7 +48,8 @@ def log_trial_result(tracking_uri: str, run_id: str, checkpoint_dir: str | os.Pa
     checkpoint_dir: the final diffusers checkpoint (DDPMPipeline dir) -> artifacts `checkpoint/`, without
     `train_state.pt` and its own `eval/`. Its evaluation record (`evaluation.record`) -> final metrics at
     step 0, param and tag `backbone.<metric>`, step metric `rtl_t` (RTL(t) per DDIM step) and artifacts
-    `eval/` (metrics.json, grid and strip PNGs, rtl_curve.png). only_metrics: log just these metrics;
+    `eval/` (metrics.json, grid and strip PNGs, rtl_curve.png); with a cheap-FID selection, param and tag
+    `backbone.fid_cheap` (the curve and the selected step are step metrics of the trainer's StepLogger). only_metrics: log just these metrics;
     log_eval / log_checkpoint=False skip those artifacts (`sync` uses them for what is already there).
     """
     ckpt = Path(checkpoint_dir)
@@ -54,6 +58,10 @@ def log_trial_result(tracking_uri: str, run_id: str, checkpoint_dir: str | os.Pa
     record = read_record(ckpt)
     c = client(tracking_uri)
     run = retry_call("get run", tracking_uri, c.get_run, run_id)
+    backbone = selection_columns(ckpt).get(f"backbone_{CHEAP_FID}")
+    if backbone and f"backbone.{CHEAP_FID}" not in run.data.params:
+        names = {f"backbone.{CHEAP_FID}": backbone}
+        retry_call("log backbones", tracking_uri, c.log_batch, run_id, params=params_of(names), tags=tags_of(names))
     if record is not None:
         _log_record(tracking_uri, run, record, only_metrics, log_eval)
         if log_eval:

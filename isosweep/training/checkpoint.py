@@ -1,9 +1,12 @@
 """A trial's checkpoint folder: writing it atomically, checking it against its manifest, choosing one to resume from.
 
-    model_index.json, unet/, scheduler/   the EMA UNet + scheduler: `DDPMPipeline.from_pretrained(dir)`
+    model_index.json, unet/, scheduler/   the EMA UNet + scheduler: `DDPMPipeline.from_pretrained(dir)` (in the
+                                          final checkpoint of a run with a cheap FID: the selected step's)
     train_state.pt                        raw weights, optimizer, EMA, GradScaler, step, epoch, data
                                           position, RNG states: what resume needs
     spec.json                             the resolved spec and the trial parameters
+    selection.json, best/                 (with evaluation.checkpoint_fid) the cheap-FID curve and the best EMA
+                                          weights so far, as safetensors (`selection.py`)
     eval/                                 (final checkpoint, when evaluated) the evaluation record
     manifest.json                         written last: every other file's path, size and sha256
 
@@ -38,6 +41,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from isosweep import storage
 from isosweep.core.ema import EMA
 from isosweep.files import atomic_directory
+from isosweep.training.selection import read_saved
 
 TRAIN_STATE = "train_state.pt"
 MANIFEST = "manifest.json"
@@ -78,16 +82,18 @@ class Location:
 
 
 def save_checkpoint(directory: Path, unet: UNet2DModel, ema: EMA, scheduler, state: dict[str, Any],
-                    spec_json: dict[str, Any], *, extra: Callable[[Path], None] | None = None) -> Path:
+                    spec_json: dict[str, Any], *, extra: Callable[[Path], None] | None = None,
+                    model: UNet2DModel | None = None) -> Path:
     """Write the checkpoint folder `directory` (which must not exist) atomically.
 
-    Everything is written into a temporary folder beside it: the EMA UNet + scheduler as a DDPMPipeline
-    directory, train_state.pt, spec.json, then `extra(folder)` (the evaluation record), then manifest.json
+    Everything is written into a temporary folder beside it: the EMA UNet (or `model`, the selected weights
+    of a final checkpoint) + scheduler as a DDPMPipeline directory, train_state.pt, spec.json, then
+    `extra(folder)` (the selection and the evaluation record), then manifest.json
     last; one rename then puts the folder in place. A reader never sees a half-written checkpoint, and a
     copy cut off while uploading lacks files or its manifest, which `verify_checkpoint` reports.
     """
     with atomic_directory(directory) as tmp:
-        ema_unet = ema.copy_to(copy.deepcopy(unet)).to("cpu").eval()
+        ema_unet = (copy.deepcopy(model) if model is not None else ema.copy_to(copy.deepcopy(unet))).to("cpu").eval()
         DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(tmp)
         torch.save(state, tmp / TRAIN_STATE)
         (tmp / "spec.json").write_text(json.dumps(spec_json, indent=2, sort_keys=True))
@@ -245,7 +251,8 @@ def _candidates(loc: Location, only: str | None = None) -> list[Location]:
 
 
 def _load(loc: Location) -> dict[str, Any]:
-    """Verify the checkpoint against its manifest, then load its train state (read in place when local)."""
+    """Verify the checkpoint against its manifest, then load its train state and, under "selection", what it
+    kept of its cheap-FID selection (`selection.read_saved`); read in place when local."""
     name = _display(loc)
     with _local_copy(loc) as local:
         if not (local / TRAIN_STATE).is_file() and not (local / MANIFEST).is_file():
@@ -254,7 +261,12 @@ def _load(loc: Location) -> dict[str, Any]:
         manifest = verify_checkpoint(local, name)
         if TRAIN_STATE not in manifest["files"]:
             raise CorruptCheckpointError(name, f"its manifest lists no {TRAIN_STATE}")
-        return load_train_state(local, verify=False)
+        state = load_train_state(local, verify=False)
+        try:
+            state["selection"] = read_saved(local, listed=manifest["files"])
+        except (ValueError, KeyError, TypeError) as exc:  # an unreadable JSON or safetensors file
+            raise CorruptCheckpointError(name, f"its cheap-FID selection cannot be read: {exc}") from None
+        return state
 
 
 @contextlib.contextmanager

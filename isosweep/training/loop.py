@@ -4,7 +4,9 @@
 (`core.losses.IsoDiffusionLoss`), keeps an EMA of the weights, reports every `train.report_every`
 optimizer steps and checkpoints (`checkpoint.py`) every `train.checkpoint_every` steps and at the end.
 Ray lives in `sweep/trainer.py`, which hands the loop a `Reporter`; tests use `LocalReporter`.
-Evaluation is not imported here: the caller passes an `evaluator`, run once on the final EMA weights.
+Evaluation is not imported here: the caller passes an `evaluator`, run once at the end on the trial's model,
+and optionally a `scorer` (a cheap FID every `evaluation.checkpoint_fid.every` steps): the trial's model is
+then the EMA weights of the step with the lowest score (`selection.py`), else the final EMA weights.
 
 Determinism: every optimizer step draws its randomness from generators seeded by (seed, step, rank),
 and the data order depends only on (seed, epoch), so a resumed run continues exactly where the
@@ -36,6 +38,7 @@ from isosweep.models.loading import load_unet_and_scheduler
 from isosweep.redact import scrub_tree
 from isosweep.training.checkpoint import StoredCheckpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from isosweep.training.reporting import Reporter, StepStats
+from isosweep.training.selection import Scorer, Selection
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,7 +55,7 @@ class Evaluation(Protocol):
     def write(self, directory: Path) -> None: ...
 
 
-# evaluator(ema_unet, scheduler, device, rank, world_size): every rank calls it, on the final EMA weights
+# evaluator(unet, scheduler, device, rank, world_size): every rank calls it once, on the trial's model
 Evaluator = Callable[[UNet2DModel, Any, torch.device, int, int], Evaluation]
 
 
@@ -116,7 +119,8 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
 
 
 def step_generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
-    """(shared, local): shared is identical on every rank (the per-step iso coin), local is per rank."""
+    """(shared, local): shared is identical on every rank (the per-step iso coin, then each micro-batch's
+    per_timestep t_iso), local is per rank."""
     # SeedSequence, not hash(): Python's string hashing differs between processes
     shared = np.random.SeedSequence([seed, step, 0]).generate_state(1, dtype=np.uint64)[0]
     local = np.random.SeedSequence([seed, step, 1, rank]).generate_state(1, dtype=np.uint64)[0]
@@ -143,7 +147,7 @@ def check_finite(flags: torch.Tensor, values: torch.Tensor, step: int, world_siz
 def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict[str, Any] | None = None,
                evaluator: Evaluator | None = None, resume_from: str | StoredCheckpoint | None = None,
                on_step: Callable[[int], None] | None = None, fetch_base: Callable[[str], Path] | None = None,
-               provenance: dict[str, Any] | None = None) -> TrainResult:
+               provenance: dict[str, Any] | None = None, scorer: Scorer | None = None) -> TrainResult:
     """Fine-tune one trial on this worker's shard; every DDP rank calls it with the same arguments.
 
     resume_from: a checkpoint (local folder, storage URI, or a `pyarrow.fs` checkpoint such as Ray's) used
@@ -152,11 +156,14 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
     on_step(step): called after each optimizer step (tests inject faults here).
     fetch_base(uri): downloads an MLflow base model (see `models.loading.load_unet_and_scheduler`).
     provenance: where the run ran (e.g. each rank's node), saved in every checkpoint's spec.json.
+    scorer: the cheap FID of `evaluation.checkpoint_fid` (ignored when its `every` is 0 or null); the step with the
+    lowest score is the trial's model: evaluated, and saved as the final checkpoint's pipeline.
     """
     spec = resolve_trial_spec(spec, trial_params)
     tr = spec.train
     run = _build_run(spec, reporter, fetch_base)
-    pos = _resume(run, reporter.latest_checkpoint() or resume_from)
+    selection = Selection.of(spec) if scorer is not None else None
+    pos = _resume(run, reporter.latest_checkpoint() or resume_from, selection)
     spec_json = {"spec": scrub_tree(spec.to_dict()), "trial_params": trial_params or {}, "world_size": run.world, **(provenance or {})}
     stats, metrics, evaluation = StepStats(), {}, None
     while pos.step < run.max_steps:
@@ -168,16 +175,24 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
                 on_step(pos.step)
             final = pos.step >= run.max_steps
             due_checkpoint = final or pos.step % tr.checkpoint_every == 0
-            if not (due_checkpoint or pos.step % tr.report_every == 0):
+            due_score = selection is not None and selection.due(pos.step, final)
+            if not (due_checkpoint or due_score or pos.step % tr.report_every == 0):
                 continue
             metrics = stats.flush(run.world, run.device, tr.global_batch_size) | {
                 "step": pos.step, "epoch": pos.epoch + pos.step_in_epoch / run.steps_per_epoch,
                 "lr": run.optimizer.param_groups[0]["lr"]}
             state = _train_state(run, pos) if due_checkpoint else None
+            model = None  # the final checkpoint's pipeline when not the last EMA weights
+            if due_score:
+                metrics |= selection.score(scorer, _ema_model(run), run.scheduler, run.device, run.rank, run.world, pos.step)
+            if final and selection is not None:
+                model = selection.selected(_ema_model(run))
+                metrics |= selection.summary()
             if final and evaluator is not None:
-                evaluation = evaluator(_ema_model(run), run.scheduler, run.device, run.rank, run.world)
+                evaluated = model if model is not None else _ema_model(run)
+                evaluation = evaluator(evaluated, run.scheduler, run.device, run.rank, run.world)
                 metrics |= dict(evaluation.metrics)
-            _report(reporter, run, metrics, state, spec_json, evaluation)
+            _report(reporter, run, metrics, state, spec_json, evaluation, selection, model)
         if pos.step_in_epoch == run.steps_per_epoch and pos.step < run.max_steps:
             pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
     return TrainResult(step=pos.step, epoch=pos.epoch, metrics=metrics, eval=evaluation)
@@ -197,7 +212,8 @@ def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Callable[[str], 
     ema = EMA(unet, tr.ema_decay)  # after DDP's broadcast of rank 0's weights, so EMAs agree
     amp = autocast_dtype(tr.mixed_precision, device)
     loss_fn = IsoDiffusionLoss(lambda_iso=tr.lambda_iso, p=tr.p, iso_metric=tr.iso_metric, reduction=tr.iso_reduction,
-                               timesteps=tr.timesteps, prediction_type=scheduler.config.get("prediction_type", "epsilon"))
+                               timesteps=tr.timesteps, prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+                               iso_timesteps=tr.iso_timesteps)
     loader = ShardedLoader(build_dataset(spec.dataset, train=True), tr.per_worker_batch_size(world), rank, world, seed=tr.seed)
     steps_per_epoch = loader.batches_per_epoch // tr.grad_accumulation
     if steps_per_epoch < 1:
@@ -219,9 +235,9 @@ def _load_base(spec: SweepSpec, rank: int, world_size: int, fetch_base: Callable
     return unet, scheduler
 
 
-def _resume(run: Run, checkpoint: str | StoredCheckpoint | None) -> Position:
-    """Restore weights, optimiser, EMA, scaler and RNGs from `checkpoint` (or, when it is corrupt, the newest
-    older checkpoint of its run that verifies); the position to continue from."""
+def _resume(run: Run, checkpoint: str | StoredCheckpoint | None, selection: Selection | None) -> Position:
+    """Restore weights, optimiser, EMA, scaler, RNGs and the cheap-FID selection from `checkpoint` (or, when it is
+    corrupt, the newest older checkpoint of its run that verifies); the position to continue from."""
     if not checkpoint:
         return Position()
     point = resume_state(checkpoint, rank=run.rank, world_size=run.world, device=run.device)
@@ -235,6 +251,8 @@ def _resume(run: Run, checkpoint: str | StoredCheckpoint | None) -> Position:
     run.ema.load_state_dict(state["ema"])
     run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
+    if selection is not None:
+        selection.restore(state.get("selection"), verbose=run.rank == 0)
     return Position(state["step"], state["epoch"], state["step_in_epoch"], list(state.get("resumed_at", [])) + [state["step"]])
 
 
@@ -249,13 +267,14 @@ def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> Non
     for k in range(tr.grad_accumulation):
         x0, _ = next(micro_batches)
         x0 = x0.to(run.device, non_blocking=True)
-        t, noise, iso_on = run.loss_fn.draw(x0, iso_on, local)
+        d = run.loss_fn.draw(x0, iso_on, local, shared)  # per_timestep: the iso t from `shared`, one for all ranks
+        iso_on = d.iso_on
         # DDP all-reduces gradients only on the last micro-batch of the step
         last = k == tr.grad_accumulation - 1
         sync = run.model.no_sync() if run.world > 1 and not last else contextlib.nullcontext()
         with sync:
             with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
-                out = run.loss_fn(run.model, run.unet, x0, t, noise, iso_on, run.alphas_cumprod, generator=local)
+                out = run.loss_fn(run.model, run.unet, x0, d.t, d.noise, iso_on, run.alphas_cumprod, generator=local, t_iso=d.t_iso)
             terms = torch.stack([out.dsm.float(), out.iso.float() if out.iso is not None else torch.zeros((), device=run.device)])
             bad = (~torch.isfinite(terms)).float()
             values = torch.where(bad > flags, terms, values)  # the first non-finite value of each term
@@ -286,13 +305,22 @@ def _ema_model(run: Run) -> UNet2DModel:
 
 
 def _report(reporter: Reporter, run: Run, metrics: dict[str, Any], state: dict[str, Any] | None,
-            spec_json: dict[str, Any], evaluation: Evaluation | None) -> None:
-    """Report on every rank; rank 0 also writes the checkpoint (and the evaluation record, before the
-    manifest) to a temporary folder, which the reporter persists (Ray Train uploads it) and which is removed after."""
+            spec_json: dict[str, Any], evaluation: Evaluation | None, selection: Selection | None = None,
+            model: UNet2DModel | None = None) -> None:
+    """Report on every rank; rank 0 also writes the checkpoint (with `model` as its pipeline when given, and the
+    selection and evaluation record before the manifest) to a temporary folder, which the reporter persists (Ray
+    Train uploads it) and which is removed after."""
     if state is None or run.rank != 0:
         reporter.report(metrics)
         return
+
+    def extra(folder: Path) -> None:
+        if selection is not None:
+            selection.write(folder, run.unet)
+        if evaluation is not None:
+            evaluation.write(folder)
+
     with tempfile.TemporaryDirectory(prefix="isosweep-ckpt-") as tmp:
         folder = save_checkpoint(Path(tmp) / "checkpoint", run.unet, run.ema, run.scheduler, state, spec_json,
-                                 extra=evaluation.write if evaluation is not None else None)
+                                 extra=extra, model=model)
         reporter.report(metrics, checkpoint_dir=str(folder))

@@ -32,6 +32,7 @@ __all__ = [
     "looped_jacobian",
     "jacobian_singular_values",
     "choose_method",
+    "condition_numbers",
     "mcn",
     "vor",
 ]
@@ -211,20 +212,29 @@ def jacobian_singular_values(
     return torch.linalg.svdvals(J.double())
 
 
+def condition_numbers(svals: torch.Tensor) -> torch.Tensor:
+    """sigma_max / sigma_min of every sample: svals (N, k), largest first -> (N,) float64."""
+    svals = torch.as_tensor(svals, dtype=torch.float64)
+    return svals[:, 0] / svals[:, -1]
+
+
 def mcn(svals: torch.Tensor) -> float:
     """Mean condition number: mean over samples of sigma_max / sigma_min. svals (N, k), largest first."""
-    svals = torch.as_tensor(svals, dtype=torch.float64)
-    return float((svals[:, 0] / svals[:, -1]).mean())
+    return float(condition_numbers(svals).mean())
 
 
-def vor(svals: torch.Tensor) -> float:
-    """Variance of the Riemannian metric (Eq. 11): sum_i Var_x[sigma_i / mean(sigma)].
+def vor(svals: torch.Tensor, norm: str = "global_mean") -> float:
+    """Variance of the Riemannian metric (Eq. 11): sum_i Var_x[sigma_i / c].
 
-    Normalisation: every singular value is divided by ONE scalar, the mean of all singular values over the
-    whole evaluation set (all samples, all i), so rescaling h leaves VoR unchanged and a scaled isometry
-    (all sigma_i equal, at every x) gives 0. Var is the population variance over samples (ddof = 0).
-    svals (N, k), N = the whole evaluation set (gather shards first).
+    norm = "global_mean" (the default, evaluation.jacobian.vor_norm): c is ONE scalar, the mean of all singular
+    values over the whole evaluation set (all samples, all i), so rescaling h leaves VoR unchanged and a scaled
+    isometry (all sigma_i equal, at every x) gives 0. norm = "paper": c = 1, Eq. 11 on the raw singular values
+    (MATH.md section 5), which scales with |h|^2: compare it only between models whose h have one scale.
+    Var is the population variance over samples (ddof = 0). svals (N, k), N = the whole evaluation set (gather
+    shards first).
     """
     svals = torch.as_tensor(svals, dtype=torch.float64)
-    norm = svals / svals.mean()
-    return float(norm.var(dim=0, unbiased=False).sum())
+    if norm not in ("global_mean", "paper"):
+        raise ValueError(f"unknown vor_norm {norm!r}; use global_mean or paper")
+    scaled = svals / svals.mean() if norm == "global_mean" else svals
+    return float(scaled.var(dim=0, unbiased=False).sum())

@@ -7,7 +7,7 @@ import torch
 from isosweep.core.sampling import Sampler, initial_noise
 from isosweep.evaluation.metrics.paths import relative_trajectory_length, slerp
 
-__all__ = ["pair_latents", "rtl_per_pair", "mean_rtl", "summarize_rtl"]
+__all__ = ["pair_latents", "rtl_per_pair", "mean_rtl", "summarize_rtl", "pair_mrtl"]
 
 
 def pair_latents(n: int, shape: tuple[int, ...], seed: int, *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,3 +71,9 @@ def summarize_rtl(per_pair: torch.Tensor) -> tuple[float, list[float]]:
     """(n_pairs, steps) per-pair RTL -> (mRTL, RTL(t) curve)."""
     curve = per_pair.mean(dim=0)
     return float(curve.mean()), [float(v) for v in curve]
+
+
+def pair_mrtl(per_pair: torch.Tensor) -> torch.Tensor:
+    """(n_pairs, steps) per-pair RTL -> (n_pairs,) each pair's mean over t: mRTL is their mean (every pair has
+    the same steps), so these are the units its bootstrap interval resamples."""
+    return per_pair.double().mean(dim=1)

@@ -1,0 +1,143 @@
+"""Bootstrap intervals of the evaluation metrics: how sure a PPL, mRTL, MCN or VoR is (docs/metrics.md, "Intervals").
+
+Every interval is a percentile bootstrap over the metric's own units (PPL pairs, mRTL pairs, Jacobian samples):
+`resamples` draws of n units with replacement, the metric recomputed on each, and the (1 - level)/2 and
+(1 + level)/2 quantiles of those values. A resample is represented by its counts (how often each unit was
+drawn, shape (B, n)), so every statistic is a few array operations over a chunk of resamples, never a Python
+loop over resamples. The draws come from a NumPy generator seeded by (seed, the metric's name): the same
+values give the same interval on every machine, and two trials with the same evaluation.seed resample the
+same unit indices.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable
+
+import numpy as np
+
+from isosweep.evaluation.metrics.ppl import filtered_mean
+
+__all__ = [
+    "bootstrap_interval",
+    "mean_of_counts",
+    "filtered_mean_of_counts",
+    "vor_of_counts",
+    "ppl_summary",
+    "mean_interval",
+    "vor_interval",
+]
+
+Statistic = Callable[[np.ndarray], np.ndarray]  # counts (B, n) -> the statistic of each resample (B,)
+
+_CHUNK_ELEMENTS = 2**21  # counts per chunk of resamples (B_chunk * n): about 16 MB of int64
+_BOOTSTRAP_STREAM = 7  # beside initial_noise's streams 0-6, so no draw is shared with the latents
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, _BOOTSTRAP_STREAM, zlib.crc32(name.encode())]))
+
+
+def bootstrap_interval(n: int, statistic: Statistic, *, resamples: int, level: float, seed: int, name: str) -> tuple[float, float]:
+    """(lo, hi): the percentile interval of `statistic` over `resamples` resamples of n units with replacement.
+
+    statistic maps the counts of a chunk of resamples, (B, n) int, to the statistic of each, (B,). Seeded by
+    (seed, name); resamples are drawn in chunks of a size fixed by n, so the answer depends on nothing else.
+    """
+    if n < 1 or resamples < 1:
+        return float("nan"), float("nan")
+    rng = _rng(seed, name)
+    chunk = max(1, _CHUNK_ELEMENTS // n)
+    stats = []
+    for lo in range(0, resamples, chunk):
+        b = min(chunk, resamples - lo)
+        idx = rng.integers(0, n, size=(b, n))
+        counts = np.bincount((idx + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
+        stats.append(np.asarray(statistic(counts), np.float64))
+    values = np.concatenate(stats)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    lo_q, hi_q = np.quantile(values, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(lo_q), float(hi_q)
+
+
+def mean_of_counts(values: np.ndarray) -> Statistic:
+    """The mean of `values` (n,) under each resample's counts."""
+    v = np.asarray(values, np.float64)
+    return lambda counts: counts @ v / counts.sum(axis=1)
+
+
+def filtered_mean_of_counts(values: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> Statistic:
+    """`ppl.filtered_mean` of each resample: the mean of its values between its lo-th percentile (method
+    'lower') and its hi-th (method 'higher'), inclusive. `values` (n,) in any order.
+
+    With the values sorted, the resample's k-th smallest value (0-based) is values[j], j the first index whose
+    cumulative count exceeds k; numpy's 'lower' and 'higher' percentiles are the floor and ceil of
+    q/100 * (n - 1) in that order.
+    """
+    raw = np.asarray(values, np.float64)
+    order = np.argsort(raw, kind="stable")
+    v, n = raw[order], len(raw)
+    k_lo, k_hi = int(np.floor(lo / 100.0 * (n - 1))), int(np.ceil(hi / 100.0 * (n - 1)))
+
+    def stat(counts: np.ndarray) -> np.ndarray:
+        c = counts[:, order]  # column i of counts is unit i (values[i]); here in sorted order
+        cum = np.cumsum(c, axis=1)
+        a = v[(cum <= k_lo).sum(axis=1)]
+        b = v[(cum <= k_hi).sum(axis=1)]
+        keep = c * ((v >= a[:, None]) & (v <= b[:, None]))
+        return keep @ v / keep.sum(axis=1)
+
+    return stat
+
+
+def vor_of_counts(svals: np.ndarray, norm: str = "global_mean") -> Statistic:
+    """`jacobian.vor` of each resample of the samples: svals (N, k), largest first.
+
+    sum_i Var_w[s_i / c] = sum_i (E_w[s_i^2] - E_w[s_i]^2) / c^2, with E_w the resample's weighted mean over
+    samples and c = E_w[mean_i s_i] ('global_mean') or 1 ('paper'): two matrix products per chunk.
+    """
+    s = np.asarray(svals, np.float64)
+    if norm not in ("global_mean", "paper"):
+        raise ValueError(f"unknown vor_norm {norm!r}; use global_mean or paper")
+
+    def stat(counts: np.ndarray) -> np.ndarray:
+        w = counts / counts.sum(axis=1, keepdims=True)
+        m1, m2 = w @ s, w @ (s * s)  # (B, k)
+        var = np.clip(m2 - m1 * m1, 0.0, None).sum(axis=1)
+        return var / m1.mean(axis=1) ** 2 if norm == "global_mean" else var
+
+    return stat
+
+
+def ppl_summary(values: np.ndarray, *, resamples: int, level: float, seed: int) -> dict[str, float]:
+    """PPL from its per-pair values d_i: the filtered mean (`ppl`, as `ppl.filtered_mean`) with its bootstrap
+    interval (`ppl_lo`, `ppl_hi`, the filter re-applied to every resample), and the median, 90th and 99th
+    percentiles of the unfiltered d_i (`ppl_median`, `ppl_p90`, `ppl_p99`, numpy's linear interpolation)."""
+    d = np.asarray(values, np.float64)
+    out = {"ppl": filtered_mean(d)}
+    out.update(zip(("ppl_median", "ppl_p90", "ppl_p99"), (float(q) for q in np.percentile(d, [50, 90, 99]))))
+    if resamples:
+        out["ppl_lo"], out["ppl_hi"] = bootstrap_interval(len(d), filtered_mean_of_counts(d), resamples=resamples,
+                                                          level=level, seed=seed, name="ppl")
+    return out
+
+
+def mean_interval(name: str, values: np.ndarray, *, resamples: int, level: float, seed: int) -> dict[str, float]:
+    """{<name>_lo, <name>_hi}: the bootstrap interval of the mean of per-unit values (mRTL pairs, MCN samples);
+    {} without resamples."""
+    v = np.asarray(values, np.float64)
+    if not resamples:
+        return {}
+    lo, hi = bootstrap_interval(len(v), mean_of_counts(v), resamples=resamples, level=level, seed=seed, name=name)
+    return {f"{name}_lo": lo, f"{name}_hi": hi}
+
+
+def vor_interval(name: str, svals: np.ndarray, norm: str, *, resamples: int, level: float, seed: int) -> dict[str, float]:
+    """{<name>_lo, <name>_hi}: the bootstrap interval of VoR over its samples (rows of svals); {} without resamples."""
+    s = np.asarray(svals, np.float64)
+    if not resamples:
+        return {}
+    lo, hi = bootstrap_interval(len(s), vor_of_counts(s, norm), resamples=resamples, level=level, seed=seed, name=name)
+    return {f"{name}_lo": lo, f"{name}_hi": hi}
