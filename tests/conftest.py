@@ -35,6 +35,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """(shared by the loop and checkpoint-selection tests) A tiny DDPM pipeline directory (8x8 images) standing in for a pretrained base model."""
+    import torch
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    from isosweep.models.builtin import default_scheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8)
+    d = tmp_path_factory.mktemp("base") / "pipe"
+    DDPMPipeline(unet=unet, scheduler=default_scheduler()).save_pretrained(d)
+    return d
+
+
 # The servers and the multi-node cluster are session fixtures registered here, once for the whole run:
 # imported into each test module instead, every module would start its own (about 10 s and 0.5 GB each).
 from ray_cluster import ray_cluster  # noqa: E402,F401

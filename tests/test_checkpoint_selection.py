@@ -13,25 +13,12 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from isosweep.config import SpecError, load_spec, spec_from_dict
-from isosweep.models.builtin import default_scheduler
 from isosweep.training.checkpoint import load_train_state, verify_checkpoint
 from isosweep.training.loop import train_loop
 from isosweep.training.reporting import LocalReporter
 from isosweep.training.selection import BEST_WEIGHTS, SELECTION_FILE, selection_columns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny DDPM pipeline directory (8x8 images) standing in for a pretrained base model."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=8)
-    d = tmp_path_factory.mktemp("base") / "pipe"
-    DDPMPipeline(unet=unet, scheduler=default_scheduler()).save_pretrained(d)
-    return d
 
 
 def make_spec(model_dir, every=2, num_samples=4, **train):

@@ -11,23 +11,10 @@ from diffusers import DDPMPipeline, UNet2DModel
 
 import isosweep.core.losses as losses
 from isosweep.config import spec_from_dict
-from isosweep.models.builtin import default_scheduler
 from isosweep.models.loading import load_unet_and_scheduler
 from isosweep.training.checkpoint import load_train_state
 from isosweep.training.loop import NonFiniteLossError, train_loop
 from isosweep.training.reporting import LocalReporter
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny DDPM pipeline directory (8x8 images) standing in for a pretrained base model."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=8)
-    d = tmp_path_factory.mktemp("base") / "pipe"
-    DDPMPipeline(unet=unet, scheduler=default_scheduler()).save_pretrained(d)
-    return d
 
 
 def make_spec(model_dir, **train):
