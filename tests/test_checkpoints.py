@@ -21,7 +21,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 from servers import free_port
-from test_training import make_spec, tiny_model_dir  # noqa: F401  (the tiny base model fixture)
+from test_training import make_spec  # the tiny base model fixture, tiny_model_dir, is in conftest.py
 
 from isosweep.core.ema import EMA
 from isosweep.models.builtin import default_scheduler
