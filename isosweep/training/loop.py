@@ -183,13 +183,14 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
                 "lr": run.optimizer.param_groups[0]["lr"]}
             state = _train_state(run, pos) if due_checkpoint else None
             model = None  # the final checkpoint's pipeline when not the last EMA weights
+            ema_model = _ema_model(run) if due_score or final else None  # one copy serves score, selection and evaluation
             if due_score:
-                metrics |= selection.score(scorer, _ema_model(run), run.scheduler, run.device, run.rank, run.world, pos.step)
+                metrics |= selection.score(scorer, ema_model, run.scheduler, run.device, run.rank, run.world, pos.step)
             if final and selection is not None:
-                model = selection.selected(_ema_model(run))
+                model = selection.selected(ema_model)
                 metrics |= selection.summary()
             if final and evaluator is not None:
-                evaluated = model if model is not None else _ema_model(run)
+                evaluated = model if model is not None else ema_model
                 evaluation = evaluator(evaluated, run.scheduler, run.device, run.rank, run.world)
                 metrics |= dict(evaluation.metrics)
             _report(reporter, run, metrics, state, spec_json, evaluation, selection, model)
