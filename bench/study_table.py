@@ -1,14 +1,23 @@
-"""Table 3-style summary of a finished sweep: every trial against the baseline, and all RTL(t) curves.
+"""The study's tables (docs/results.md): every configuration over its training seeds, against the baseline.
 
-    python bench/study_table.py runs/shapes_study-YYYYMMDD-HHMMSS --rtl-plot docs/img/study_rtl.png
+    python bench/study_table.py /work/study_runs/shapes_study_s0-* /work/study_runs/shapes_study_s1-* ... \
+        --rtl-plot docs/img/study_rtl.png --strips docs/img/study_strips.png
 
-Reads the sweep folder's `results.csv` (written by `isosweep run`/`isosweep results`) and each trial's
-`eval/metrics.json`, and prints a Markdown table: (p, G, lambda_iso), each metric with its bootstrap
-interval where the sweep has one (`12.3 [11.1, 13.6]`), and its change relative to the baseline row
-(lambda_iso = 0), starred where the two intervals do not overlap (the change is beyond the noise:
-`isosweep.results.selection.lower_beyond_noise`). Lower is better for every metric in it. With
-`--rtl-plot`, draws the RTL(t) curve of every trial in one figure (the paper's Fig. 5, all trials); with
-`--strips`, stacks the slerp strips of the baseline and the stereographic trials (the paper's Fig. 6).
+Takes one or more finished sweep folders (each with `results.csv`, written by `isosweep run`/`isosweep results`,
+and `spec.yaml`). A row's training seed and loss timestep handling are its own columns when a point of
+`search.points` set them, else the sweep's `train.seed` / `train.iso_timesteps`. Rows with lambda_iso = 0 (the
+sweep's baseline, or a point repeating it at another seed) are the baseline of their seed.
+
+Prints two Markdown tables:
+- per configuration (p, G, lambda_iso, timesteps): each metric's mean over seeds +- its standard deviation over
+  seeds, and the change of the mean against the baseline's mean, starred when the change is beyond the noise in
+  *every* seed (the row's bootstrap interval lies wholly on the same side of the same seed's baseline interval:
+  `isosweep.results.selection.lower_beyond_noise`), and the steps the best-FID rule selected per seed;
+- per trial: every row with its bootstrap intervals (`12.3 [11.1, 13.6]`).
+Then the stage-1 rule: among the stereographic p = 0.5 per-timestep configurations, the lambda_iso with the
+lowest mean PPL whose mean FID is within 10% of the baseline's (the specs' selection.fid_tolerance), else none.
+Lower is better for every metric here. `--rtl-plot` draws the seed-mean RTL(t) curve per configuration (Fig. 5);
+`--strips` stacks seed 0's slerp strips of the baseline and every stereographic configuration (Fig. 6).
 """
 
 from __future__ import annotations
@@ -16,80 +25,172 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 from isosweep.evaluation.record import metric_text
-from isosweep.results.selection import has_interval, lower_beyond_noise
+from isosweep.results.selection import lower_beyond_noise
 
-METRICS = ("fid", "ppl", "mrtl", "mcn", "vor")
-
-
-def _g(row: dict) -> str:
-    """The trial's metric G: column `iso_metric` (sweeps before the rename wrote `metric`)."""
-    return row.get("iso_metric") or row.get("metric", "")
+METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "mcn_t100", "vor_t100", "ls", "ls_h")
+FID_TOLERANCE = 0.10
+BASELINE = ("baseline",)
 
 
-def _num(value: str) -> float:
+def _num(value) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
 
 
+def load_rows(sweep_dirs: list[Path]) -> list[dict]:
+    """Every row of the sweeps, with `seed`, `iso_timesteps`, numbers as floats and `sweep` (its folder name)."""
+    out = []
+    for d in sweep_dirs:
+        spec = yaml.safe_load((d / "spec.yaml").read_text()) or {}
+        train = spec.get("train", {})
+        for r in csv.DictReader((d / "results.csv").open()):
+            row = {k: (_num(v) if k in r and _is_number(v) else v) for k, v in r.items()}
+            row["seed"] = int(_num(r.get("seed"))) if _is_number(r.get("seed")) else int(train.get("seed", 0))
+            row["iso_timesteps"] = r.get("iso_timesteps") or train.get("iso_timesteps", "pooled")
+            row["iso_metric"] = r.get("iso_metric") or r.get("metric", "")
+            row["sweep"] = d.name
+            out.append(row)
+    return out
+
+
+def _is_number(v) -> bool:
+    return v not in (None, "") and not math.isnan(_num(v))
+
+
+def config_key(row: dict) -> tuple:
+    if row["lambda_iso"] == 0.0:
+        return BASELINE
+    return (row["p"], row["iso_metric"], row["lambda_iso"], row["iso_timesteps"])
+
+
+def config_label(key: tuple) -> list[str]:
+    if key == BASELINE:
+        return ["1 (baseline)", "-", "0", "-"]
+    p, g, lam, ts = key
+    return [f"{p:g}", g, f"{lam:g}", ts]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def summary(rows: list[dict]) -> tuple[list[str], list[list[str]], dict]:
+    """(header, lines, means) of the per-configuration table; means[key][metric] = seed mean."""
+    done = [r for r in rows if r.get("status") == "DONE"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in done:
+        groups[config_key(r)].append(r)
+    if BASELINE not in groups:
+        raise SystemExit("no finished lambda_iso = 0 row: the study has no baseline")
+    base_by_seed = {r["seed"]: r for r in groups[BASELINE]}
+    metrics = [m for m in METRICS if any(math.isfinite(_num(r.get(m))) for r in groups[BASELINE])]
+    means = {k: {m: _mean_sd([_num(r.get(m)) for r in g])[0] for m in metrics} for k, g in groups.items()}
+    head = ["p", "G", "lambda_iso", "timesteps", "seeds", *metrics, "selected steps"]
+    lines = []
+    order = sorted(groups, key=lambda k: (k != BASELINE, str(k)))
+    for key in order:
+        group = sorted(groups[key], key=lambda r: r["seed"])
+        cells = config_label(key) + [",".join(str(r["seed"]) for r in group)]
+        for m in metrics:
+            mean, sd = _mean_sd([_num(r.get(m)) for r in group])
+            text = "-" if math.isnan(mean) else f"{mean:.4g}" + ("" if math.isnan(sd) else f" ± {sd:.2g}")
+            if key != BASELINE and math.isfinite(mean):
+                b = means[BASELINE][m]
+                pairs = [(r, base_by_seed[r["seed"]]) for r in group if r["seed"] in base_by_seed]
+                lower = bool(pairs) and all(lower_beyond_noise(r, b_row, m) for r, b_row in pairs)
+                higher = bool(pairs) and all(lower_beyond_noise(b_row, r, m) for r, b_row in pairs)
+                text += f" ({100 * (mean - b) / b:+.0f}%{'*' if lower or higher else ''})"
+            cells.append(text)
+        cells.append(",".join("-" if math.isnan(_num(r.get("selected_step"))) else f"{_num(r['selected_step']):g}" for r in group))
+        lines.append(cells)
+    return head, lines, means
+
+
+def per_trial(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    metrics = [m for m in METRICS if any(math.isfinite(_num(r.get(m))) for r in rows)]
+    head = ["seed", "p", "G", "lambda_iso", "timesteps", *metrics, "selected step", "trial"]
+    lines = []
+    for r in sorted(rows, key=lambda r: (config_key(r) != BASELINE, str(config_key(r)), r["seed"])):
+        cells = [str(r["seed"])] + config_label(config_key(r))
+        cells += [metric_text(r, m) for m in metrics]
+        step = _num(r.get("selected_step"))
+        cells += ["-" if math.isnan(step) else f"{step:g}", f"{r['sweep']}/{r['trial_id']} {r.get('status', '')}"]
+        lines.append(cells)
+    return head, lines
+
+
+def best_lambda(means: dict) -> float | None:
+    """The stage-1 rule (docstring): lowest mean PPL among p = 0.5 stereographic per-timestep rows within the FID tolerance."""
+    fid_cap = means[BASELINE]["fid"] * (1 + FID_TOLERANCE)
+    ok = [(m["ppl"], k[2]) for k, m in means.items()
+          if k != BASELINE and k[0] == 0.5 and k[1] == "stereographic" and k[3] == "per_timestep" and m["fid"] <= fid_cap]
+    return min(ok)[1] if ok else None
+
+
+def markdown(head: list[str], lines: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in lines])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("sweep_dirs", type=Path, nargs="+")
     p.add_argument("--rtl-plot", type=Path, default=None)
     p.add_argument("--strips", type=Path, default=None,
-                   help="slerp strips (same seeds) of the baseline and every stereographic trial, frame distances under each")
+                   help="seed 0's slerp strips of the baseline and every stereographic configuration, frame distances under each")
     args = p.parse_args()
 
-    rows = list(csv.DictReader((args.sweep_dir / "results.csv").open()))
-    base = next((r for r in rows if r["baseline"] == "True"), None)
-    if base is None:
-        raise SystemExit(f"{args.sweep_dir}/results.csv has no baseline row")
-    rows.sort(key=lambda r: (r["baseline"] != "True", _num(r["p"]), _g(r), _num(r["lambda_iso"])))
-    metrics = [m for m in METRICS if not math.isnan(_num(base.get(m)))]
-    head = ["p", "G", "lambda_iso", *metrics, "role"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        is_base = r["baseline"] == "True"
-        cells = ["1 (baseline)" if is_base else f"{_num(r['p']):g}", "-" if is_base else _g(r),
-                 "0" if is_base else f"{_num(r['lambda_iso']):g}"]
-        nums, base_nums = {k: _num(v) for k, v in r.items()}, {k: _num(v) for k, v in base.items()}
-        for m in metrics:
-            v, b = nums[m], base_nums[m]
-            sure = has_interval(nums, m) and (lower_beyond_noise(nums, base_nums, m) or lower_beyond_noise(base_nums, nums, m))
-            cells.append(metric_text(nums, m) if is_base else f"{metric_text(nums, m)} ({100 * (v - b) / b:+.0f}%{'*' if sure else ''})")
-        cells.append(r.get("role", ""))
-        print("| " + " | ".join(cells) + " |")
-    names = {m: base.get(f"backbone_{m}", "?") for m in metrics}
+    rows = load_rows(args.sweep_dirs)
+    head, lines, means = summary(rows)
+    print(markdown(head, lines))
+    print()
+    print(markdown(*per_trial(rows)))
+    base = [r for r in rows if config_key(r) == BASELINE]
+    names = {m: next((r.get(f"backbone_{m}") for r in base if r.get(f"backbone_{m}")), "?") for m in ("fid", "ppl", "vor")}
     print("\nbackbones: " + ", ".join(f"{m}={n}" for m, n in names.items()))
+    best = best_lambda(means)
+    print(f"stage-1 rule: best lambda_iso = {best:g}" if best is not None else "stage-1 rule: no lambda_iso within the FID tolerance")
 
-    if args.rtl_plot:
-        from isosweep.results.plots import rtl_plot
+    if args.rtl_plot or args.strips:
         from isosweep.results.report import load_trial_eval
 
-        curves = {}
+        evals = {id(r): load_trial_eval(r) for r in rows if r.get("status") == "DONE"}
+    if args.rtl_plot:
+        from isosweep.results.plots import rtl_plot
+
+        by_key: dict[tuple, list[list[float]]] = defaultdict(list)
         for r in rows:
-            curve = load_trial_eval(r).get("rtl_curve")
+            curve = evals.get(id(r), {}).get("rtl_curve")
             if curve:
-                label = "baseline" if r["baseline"] == "True" else f"p={_num(r['p']):g} {_g(r)[:6]} lambda={_num(r['lambda_iso']):g}"
-                curves[label] = curve
+                by_key[config_key(r)].append(curve)
+        curves = {}
+        for key, cs in sorted(by_key.items(), key=lambda kv: (kv[0] != BASELINE, str(kv[0]))):
+            label = "baseline" if key == BASELINE else f"p={key[0]:g} {key[1][:6]} lambda={key[2]:g} {key[3][:6]}"
+            curves[f"{label} ({len(cs)} seeds)"] = [statistics.fmean(v) for v in zip(*cs)]
         rtl_plot(curves, args.rtl_plot)
         print(f"wrote {args.rtl_plot} ({len(curves)} curves)")
     if args.strips:
         from isosweep.results.plots import strips_figure
-        from isosweep.results.report import load_trial_eval
 
         entries = []
-        for r in rows:
-            if r["baseline"] != "True" and _g(r) != "stereographic":
+        for r in sorted(rows, key=lambda r: (config_key(r) != BASELINE, str(config_key(r)))):
+            key = config_key(r)
+            if r["seed"] != 0 or (key != BASELINE and key[1] != "stereographic"):
                 continue
-            ev = load_trial_eval(r)
+            ev = evals.get(id(r), {})
             if "slerp_strip" in ev.get("images", {}):
-                label = "baseline" if r["baseline"] == "True" else f"p={_num(r['p']):g}, stereographic, lambda_iso={_num(r['lambda_iso']):g}"
+                label = "baseline" if key == BASELINE else f"p={key[0]:g}, stereographic, lambda_iso={key[2]:g}, {key[3]}"
                 entries.append((label, ev["images"]["slerp_strip"], (ev.get("frame_distances") or {}).get("slerp")))
         strips_figure(entries, args.strips)
         print(f"wrote {args.strips} ({len(entries)} strips)")

@@ -28,6 +28,9 @@ from isosweep.spec_evaluation import (  # noqa: F401 -- re-exported: the evaluat
 
 # What a trial varies: written into `train` by `resolve_trial_spec`, searched by Tune, one column each.
 TRIAL_KEYS = ("lambda_iso", "p", "iso_metric")
+# What one point of `search.points` may also set (else `train`'s value): the ablation of the loss's timestep
+# handling and repeats over training seeds, in one sweep with one baseline (search_spaces/shapes_study_ablations.yaml).
+POINT_KEYS = ("iso_timesteps", "seed")
 # The baseline trial every sweep runs first (lambda_iso = 0: no isometry loss anywhere).
 BASELINE_PARAMS = {"lambda_iso": 0.0, "p": 1.0, "iso_metric": "stereographic", "baseline": True}
 # Fields renamed since earlier versions: old key -> new key, refused with a message naming the new one.
@@ -148,10 +151,31 @@ class Distribution(_Section):
         return [self.low, self.high]
 
 
+class TrialPoint(_Section):
+    """One trial of `search.algorithm: points`: its lambda_iso, p and G, and optionally its own loss timestep
+    handling and training seed (`train`'s when left out)."""
+
+    lambda_iso: float = Field(..., ge=0, allow_inf_nan=False, description="weight of the isometry loss (0: a repeat of the baseline's training)")
+    p: float = Field(..., ge=0, le=1, allow_inf_nan=False, description="the schedule's fraction of timesteps")
+    iso_metric: Literal[ISO_METRICS] = Field(..., description="G: " + ", ".join(ISO_METRICS))
+    iso_timesteps: Literal[ISO_TIMESTEPS] | None = Field(None, description="per_timestep or pooled; default train.iso_timesteps")
+    seed: int | None = Field(None, description="training seed; default train.seed")
+
+    def as_config(self) -> dict[str, Any]:
+        """The Tune config of the point: every TRIAL_KEYS value, the POINT_KEYS it sets, baseline False."""
+        out = {k: getattr(self, k) for k in TRIAL_KEYS}
+        out.update({k: getattr(self, k) for k in POINT_KEYS if getattr(self, k) is not None})
+        return {**out, "baseline": False}
+
+
 class SearchSpec(_Section):
     """The Ray Tune search over lambda_iso, p and G."""
 
-    algorithm: Literal["optuna", "random", "grid"] = Field("optuna", description="optuna (multi-objective TPE), random, or grid")
+    algorithm: Literal["optuna", "random", "grid", "points"] = Field(
+        "optuna", description="optuna (multi-objective TPE), random, grid, or points (exactly the trials in search.points)")
+    points: list[TrialPoint] = Field(
+        default_factory=list, description="for algorithm=points: the trials to run after the baseline, each "
+        "{lambda_iso, p, iso_metric} and optionally iso_timesteps and seed")
     num_trials: int = Field(8, ge=1, description="searched trials (the baseline trial is added on top); for grid, passes over the whole grid")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's resources fit")
     lambda_iso: Distribution = Field(
@@ -199,6 +223,19 @@ class SearchSpec(_Section):
 
     @model_validator(mode="after")
     def _grid(self) -> "SearchSpec":
+        if self.algorithm == "points" and not self.points:
+            raise ValueError("search.algorithm is points but search.points is empty; fix: list the trials, e.g. "
+                             "points: [{lambda_iso: 1.0e-3, p: 0.5, iso_metric: stereographic}]")
+        if self.points and self.algorithm != "points":
+            raise ValueError(f"search.points is given but search.algorithm is {self.algorithm}, which would ignore it; "
+                             "fix: set algorithm: points, or remove points")
+        seen = set()
+        for i, point in enumerate(self.points):
+            key = tuple(sorted(point.as_config().items()))
+            if key in seen:
+                raise ValueError(f"search.points[{i}] repeats an earlier point ({point.as_config()}); fix: remove it, "
+                                 "or give it another seed to repeat a configuration")
+            seen.add(key)
         if self.algorithm == "grid":
             for name in TRIAL_KEYS:
                 if getattr(self, name).type != "choice":
@@ -330,16 +367,16 @@ def _refuse_renamed(data: dict, source: str) -> None:
 
 
 def resolve_trial_spec(spec: "SweepSpec | dict", trial_params: dict[str, Any] | None = None) -> "SweepSpec":
-    """The spec with one trial's lambda_iso / p / iso_metric written into `train` (validated).
+    """The spec with one trial's lambda_iso / p / iso_metric (and a point's iso_timesteps / seed) written into `train` (validated).
 
     Other keys of trial_params (`baseline`) are labels and are ignored; an unknown key is an error.
     """
     data = spec.to_dict() if isinstance(spec, SweepSpec) else copy.deepcopy(spec)
     for key, value in (trial_params or {}).items():
-        if key == "baseline":
+        if key == "baseline" or (key in POINT_KEYS and value is None):  # a point that leaves it to `train`
             continue
-        if key not in TRIAL_KEYS:
-            raise ValueError(f"unknown trial parameter {key!r}; trial parameters are {list(TRIAL_KEYS)}")
+        if key not in TRIAL_KEYS + POINT_KEYS:
+            raise ValueError(f"unknown trial parameter {key!r}; trial parameters are {list(TRIAL_KEYS + POINT_KEYS)}")
         data["train"][key] = value
     return spec_from_dict(data, source="trial config", check_paths=False)
 
@@ -347,6 +384,7 @@ def resolve_trial_spec(spec: "SweepSpec | dict", trial_params: dict[str, Any] | 
 def trial_params_of(config: dict[str, Any]) -> dict[str, Any]:
     """The trial keys and the baseline label of a Tune config (or a results row)."""
     params = {k: config[k] for k in TRIAL_KEYS if k in config}
+    params.update({k: config[k] for k in POINT_KEYS if config.get(k) is not None})  # set by a point of search.points
     if "iso_metric" not in params and "metric" in config:  # a trial of a sweep started before the rename
         params["iso_metric"] = config["metric"]
     params["baseline"] = bool(config.get("baseline", False))

@@ -153,3 +153,52 @@ def test_resume_from_an_unreadable_state_file_is_refused(tmp_path):
     place = _place(spec, None, str(sweep_dir))
     assert place.sweep_id == "demo-20261125-000000" and place.resuming
     assert place.sweep_uri == str(sweep_dir) and place.storage == str(tmp_path)
+
+
+POINTS = ("search.points=[{lambda_iso: 1.0e-3, p: 0.5, iso_metric: stereographic, seed: 1},"
+          " {lambda_iso: 1.0e-3, p: 0.5, iso_metric: stereographic, iso_timesteps: pooled, seed: 1},"
+          " {lambda_iso: 0.0, p: 1.0, iso_metric: stereographic, seed: 2}]")
+
+
+def test_points_run_exactly_the_listed_trials_after_the_baseline_with_their_own_seed_and_timesteps(tmp_path):
+    from ray.tune.experiment import Experiment
+
+    from isosweep.config import resolve_trial_spec, trial_params_of
+    from isosweep.results.rows import make_row
+    from isosweep.results.tables import markdown_table
+    from isosweep.sweep.search import planned_trials
+
+    spec = load_spec(DEMO, ["search.algorithm=points", POINTS, "train.seed=7", "train.iso_timesteps=per_timestep"])
+    space, alg, num_samples = build_search(spec, "demo-1", max_concurrent=2)
+    assert num_samples == planned_trials(spec) == 4
+    alg.add_configurations([Experiment("t", run=lambda config: None, config=space, num_samples=num_samples,
+                                       storage_path=str(tmp_path / "tune"))])
+    configs = []
+    while (trial := alg.next_trial()) is not None:
+        configs.append(trial.config)
+        alg.on_trial_complete(trial.trial_id)
+    assert len(configs) == 4 and configs[0]["baseline"] is True and not any(c["baseline"] for c in configs[1:])
+    trains = [resolve_trial_spec(spec, trial_params_of(c)).train for c in configs]
+    # what each trial trains with: the point's seed and timestep handling, else train's (7, per_timestep)
+    assert [(t.lambda_iso, t.seed, t.iso_timesteps) for t in trains] == [
+        (0.0, 7, "per_timestep"), (1e-3, 1, "per_timestep"), (1e-3, 1, "pooled"), (0.0, 2, "per_timestep")]
+    rows = [make_row(f"t{i}", c, {"evaluated": True, "fid": 1.0}, "TERMINATED") for i, c in enumerate(configs)]
+    assert [r.get("seed") for r in rows] == [None, 1, 1, 2] and rows[2]["iso_timesteps"] == "pooled"
+    assert "| iso_metric | iso_timesteps | seed |" in markdown_table(rows)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["search.algorithm=points"], "search.points is empty"),
+    ([POINTS], "but search.algorithm is optuna"),
+    (["search.algorithm=points", "search.points=[{lambda_iso: 0.1, p: 0.5, iso_metric: identity},"
+      " {lambda_iso: 0.1, p: 0.5, iso_metric: identity}]"], "search.points[1] repeats"),
+    (["search.algorithm=points", "search.points=[{lambda_iso: 0.1, p: 1.5, iso_metric: identity}]"], "search.points.0.p"),
+    (["search.algorithm=points", "search.points=[{lambda_iso: 0.1, p: 0.5, iso_metric: identity, iso_timesteps: mixed}]"],
+     "iso_timesteps"),
+])
+def test_bad_points_are_refused_with_the_field(overrides, message):
+    from isosweep.spec_base import SpecError
+
+    with pytest.raises(SpecError) as err:
+        load_spec(DEMO, overrides)
+    assert message in str(err.value)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from isosweep import storage as st
-from isosweep.config import INTERVAL_METRICS
+from isosweep.config import INTERVAL_METRICS, POINT_KEYS
 from isosweep.evaluation.record import metric_text
 from isosweep.redact import scrub_text
 
@@ -49,17 +49,26 @@ def table_rows(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=order)
 
 
+def table_columns(rows: list[dict]) -> tuple[str, ...]:
+    """TABLE_COLUMNS, with the POINT_KEYS columns after iso_metric when a point of search.points set them."""
+    extra = tuple(k for k in POINT_KEYS if any(k in r for r in rows))
+    at = TABLE_COLUMNS.index("iso_metric") + 1
+    return TABLE_COLUMNS[:at] + extra + TABLE_COLUMNS[at:]
+
+
 def markdown_table(rows: list[dict], backbones: dict[str, str] | None = None) -> str:
-    head = [_head(c, backbones) for c in TABLE_COLUMNS]
+    columns = table_columns(rows)
+    head = [_head(c, backbones) for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table_rows(rows):
-        lines.append("| " + " | ".join(_cell(r, c) for c in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(r, c) for c in columns) + " |")
     return "\n".join(lines)
 
 
 def plain_table(rows: list[dict]) -> str:
-    cells = [list(TABLE_COLUMNS)] + [[_cell(r, c) for c in TABLE_COLUMNS] for r in table_rows(rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    columns = table_columns(rows)
+    cells = [list(columns)] + [[_cell(r, c) for c in columns] for r in table_rows(rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
 
 

@@ -1,7 +1,7 @@
 """The search: Tune's search space and algorithm for the spec, with the baseline trial always first.
 
 The baseline (lambda_iso = 0, `config.BASELINE_PARAMS`) is injected in front of any searcher: as a
-`points_to_evaluate` entry for random and grid, and by `BaselineFirst` for Optuna, so the searcher's
+`points_to_evaluate` entry for random, grid and points (where `search.points` follow it), and by `BaselineFirst` for Optuna, so the searcher's
 model never sees it (its lambda_iso = 0 lies outside a log-uniform space and would corrupt TPE).
 
 The Optuna study is held in memory and travels in the searcher state that Tune saves into the sweep's
@@ -23,7 +23,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from isosweep.config import BASELINE_PARAMS, TRIAL_KEYS, SweepSpec
+from isosweep.config import BASELINE_PARAMS, POINT_KEYS, TRIAL_KEYS, SweepSpec
 
 JOURNAL_FILE = "optuna.journal"  # beside Tune's searcher state in <sweep>/: `optuna-dashboard <sweep>/optuna.journal`
 
@@ -97,6 +97,8 @@ def _export_journal(searcher: Searcher, path: Path) -> None:
 def planned_trials(spec: SweepSpec) -> int:
     """How many trials the search will run, the baseline included (a grid runs every combination)."""
     s = spec.search
+    if s.algorithm == "points":
+        return 1 + len(s.points)
     if s.algorithm != "grid":
         return s.num_trials + 1
     combinations = 1
@@ -113,6 +115,12 @@ def build_search(spec: SweepSpec, study_name: str, max_concurrent: int = 0):
     For random and grid the baseline point uses up one sample, so num_samples is num_trials + 1.
     """
     s = spec.search
+    if s.algorithm == "points":  # every key a point sets must be in the space (Tune refuses others); None: train's value
+        space = {k: None for k in TRIAL_KEYS + POINT_KEYS}
+        space["baseline"] = False
+        points = [dict(BASELINE_PARAMS)] + [point.as_config() for point in s.points]
+        alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent, random_state=s.seed)
+        return space, alg, len(points)
     if s.algorithm in ("grid", "random"):
         if s.algorithm == "grid":
             space = {k: tune.grid_search(list(getattr(s, k).values)) for k in TRIAL_KEYS}
