@@ -12,11 +12,13 @@ Prints two Markdown tables:
 - per configuration (p, G, lambda_iso, timesteps): each metric's mean over seeds +- its standard deviation over
   seeds, and the change of the mean against the baseline's mean, starred when the change is beyond the noise in
   *every* seed (the row's bootstrap interval lies wholly on the same side of the same seed's baseline interval:
-  `isosweep.results.selection.lower_beyond_noise`), and the steps the best-FID rule selected per seed;
+  `isosweep.results.selection.lower_beyond_noise`; FID, the PPL median and LS have no interval, so no star), and
+  the steps the best-FID rule selected per seed;
 - per trial: every row with its bootstrap intervals (`12.3 [11.1, 13.6]`).
-Then the stage-1 rule: among the stereographic p = 0.5 per-timestep configurations, the lambda_iso with the
-lowest mean PPL whose mean FID is within 10% of the baseline's (the specs' selection.fid_tolerance), else none.
-Lower is better for every metric here. `--rtl-plot` draws the seed-mean RTL(t) curve per configuration (Fig. 5);
+Then the stage-1 rule (`best_lambda`): among the stereographic p = 0.5 per-timestep configurations whose mean FID is
+within 10% of the baseline's (the specs' selection.fid_tolerance), the largest lambda_iso whose PPL is in no seed
+higher, beyond the noise, than that of the configuration with the lowest mean PPL.
+Lower is better for every metric here but ls_max (the LS of latents that predict nothing: read LS against it). `--rtl-plot` draws the seed-mean RTL(t) curve per configuration (Fig. 5);
 `--strips` stacks seed 0's slerp strips of the baseline and every stereographic configuration (Fig. 6).
 """
 
@@ -32,11 +34,13 @@ from pathlib import Path
 import yaml
 
 from isosweep.evaluation.record import metric_text
-from isosweep.results.selection import lower_beyond_noise
+from isosweep.results.selection import has_interval, lower_beyond_noise
 
-METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "mcn_t100", "vor_t100", "ls", "ls_h")
+METRICS = ("fid", "ppl", "ppl_median", "mrtl", "mcn", "vor", "mcn_t100", "vor_t100", "ls", "ls_h", "ls_max")  # ls_max: context, not a score
 FID_TOLERANCE = 0.10
 BASELINE = ("baseline",)
+TEXT_COLUMNS = {"trial_id", "status", "role", "baseline", "iso_metric", "metric", "iso_timesteps", "checkpoint_path",
+                "mlflow_run_id", "tracking_pending"}  # a Tune trial id such as 12345_00001 would read as a number
 
 
 def _num(value) -> float:
@@ -53,13 +57,32 @@ def load_rows(sweep_dirs: list[Path]) -> list[dict]:
         spec = yaml.safe_load((d / "spec.yaml").read_text()) or {}
         train = spec.get("train", {})
         for r in csv.DictReader((d / "results.csv").open()):
-            row = {k: (_num(v) if k in r and _is_number(v) else v) for k, v in r.items()}
+            row = {k: (_num(v) if k not in TEXT_COLUMNS and not k.startswith("backbone_") and _is_number(v) else v)
+                   for k, v in r.items()}
             row["seed"] = int(_num(r.get("seed"))) if _is_number(r.get("seed")) else int(train.get("seed", 0))
             row["iso_timesteps"] = r.get("iso_timesteps") or train.get("iso_timesteps", "pooled")
             row["iso_metric"] = r.get("iso_metric") or r.get("metric", "")
             row["sweep"] = d.name
             out.append(row)
     return out
+
+
+def drop_repeats(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """One row per (configuration, seed): a repeat (the baseline of seed 0 runs in both stages) is dropped, and
+    reported with both FIDs and PPLs, which tell whether the same training and evaluation reproduce."""
+    seen: dict[tuple, dict] = {}
+    kept, notes = [], []
+    for r in rows:
+        key = (config_key(r), r["seed"])
+        if r.get("status") == "DONE" and key in seen:
+            first = seen[key]
+            notes.append(f"{'baseline' if key[0] == BASELINE else key[0]} seed {r['seed']} ran twice ({first['sweep']}, {r['sweep']}): "
+                         f"fid {first.get('fid'):.6g} / {r.get('fid'):.6g}, ppl {first.get('ppl'):.6g} / {r.get('ppl'):.6g}")
+            continue
+        if r.get("status") == "DONE":
+            seen[key] = r
+        kept.append(r)
+    return kept, notes
 
 
 def _is_number(v) -> bool:
@@ -109,6 +132,7 @@ def summary(rows: list[dict]) -> tuple[list[str], list[list[str]], dict]:
             if key != BASELINE and math.isfinite(mean):
                 b = means[BASELINE][m]
                 pairs = [(r, base_by_seed[r["seed"]]) for r in group if r["seed"] in base_by_seed]
+                pairs = [(r, b_row) for r, b_row in pairs if has_interval(r, m) and has_interval(b_row, m)]  # FID and LS have none
                 lower = bool(pairs) and all(lower_beyond_noise(r, b_row, m) for r, b_row in pairs)
                 higher = bool(pairs) and all(lower_beyond_noise(b_row, r, m) for r, b_row in pairs)
                 text += f" ({100 * (mean - b) / b:+.0f}%{'*' if lower or higher else ''})"
@@ -131,12 +155,24 @@ def per_trial(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return head, lines
 
 
-def best_lambda(means: dict) -> float | None:
-    """The stage-1 rule (docstring): lowest mean PPL among p = 0.5 stereographic per-timestep rows within the FID tolerance."""
+def best_lambda(rows: list[dict], means: dict) -> float | None:
+    """The stage-1 rule (module docstring): the largest lambda_iso among the stereographic p = 0.5 per-timestep
+    configurations whose mean FID is within FID_TOLERANCE of the baseline's and whose PPL is, in no seed, higher
+    beyond the noise than that of the configuration with the lowest mean PPL: the most isometry that costs
+    nothing the selection metrics can resolve."""
     fid_cap = means[BASELINE]["fid"] * (1 + FID_TOLERANCE)
-    ok = [(m["ppl"], k[2]) for k, m in means.items()
-          if k != BASELINE and k[0] == 0.5 and k[1] == "stereographic" and k[3] == "per_timestep" and m["fid"] <= fid_cap]
-    return min(ok)[1] if ok else None
+    keys = [k for k, m in means.items() if k != BASELINE and k[0] == 0.5 and k[1] == "stereographic"
+            and k[3] == "per_timestep" and m["fid"] <= fid_cap]
+    if not keys:
+        return None
+    lowest = min(keys, key=lambda k: means[k]["ppl"])
+    by_seed = {(config_key(r), r["seed"]): r for r in rows if r.get("status") == "DONE"}
+
+    def no_worse(k) -> bool:
+        pairs = [(r, by_seed.get((lowest, seed))) for (kk, seed), r in by_seed.items() if kk == k]
+        return all(b is None or not lower_beyond_noise(b, r, "ppl") for r, b in pairs)
+
+    return max(k[2] for k in keys if no_worse(k))
 
 
 def markdown(head: list[str], lines: list[list[str]]) -> str:
@@ -151,7 +187,7 @@ def main() -> None:
                    help="seed 0's slerp strips of the baseline and every stereographic configuration, frame distances under each")
     args = p.parse_args()
 
-    rows = load_rows(args.sweep_dirs)
+    rows, repeats = drop_repeats(load_rows(args.sweep_dirs))
     head, lines, means = summary(rows)
     print(markdown(head, lines))
     print()
@@ -159,7 +195,9 @@ def main() -> None:
     base = [r for r in rows if config_key(r) == BASELINE]
     names = {m: next((r.get(f"backbone_{m}") for r in base if r.get(f"backbone_{m}")), "?") for m in ("fid", "ppl", "vor")}
     print("\nbackbones: " + ", ".join(f"{m}={n}" for m, n in names.items()))
-    best = best_lambda(means)
+    for note in repeats:
+        print("repeat: " + note)
+    best = best_lambda(rows, means)
     print(f"stage-1 rule: best lambda_iso = {best:g}" if best is not None else "stage-1 rule: no lambda_iso within the FID tolerance")
 
     if args.rtl_plot or args.strips:
