@@ -18,7 +18,8 @@ Prints two Markdown tables:
 Then the stage-1 rule (`best_lambda`): among the stereographic p = 0.5 per-timestep configurations whose mean FID is
 within 10% of the baseline's (the specs' selection.fid_tolerance), the largest lambda_iso whose PPL is in no seed
 higher, beyond the noise, than that of the configuration with the lowest mean PPL.
-Lower is better for every metric here but ls_max (the LS of latents that predict nothing: read LS against it). `--rtl-plot` draws the seed-mean RTL(t) curve per configuration (Fig. 5);
+Lower is better for every metric here but ls_max (the LS of latents that predict nothing: read LS against it;
+ls_rel = ls / ls_max, 1 when the latents predict nothing). `--rtl-plot` draws the seed-mean RTL(t) curve per configuration (Fig. 5);
 `--strips` stacks seed 0's slerp strips of the baseline and every stereographic configuration (Fig. 6).
 """
 
@@ -36,7 +37,7 @@ import yaml
 from isosweep.evaluation.record import metric_text
 from isosweep.results.selection import has_interval, lower_beyond_noise
 
-METRICS = ("fid", "ppl", "ppl_median", "mrtl", "mcn", "vor", "mcn_t100", "vor_t100", "ls", "ls_h", "ls_max")  # ls_max: context, not a score
+METRICS = ("fid", "ppl", "ppl_median", "mrtl", "mcn", "vor", "mcn_t100", "vor_t100", "ls", "ls_h", "ls_max", "ls_rel")  # ls_max: context, not a score; ls_rel = ls / ls_max
 FID_TOLERANCE = 0.10
 BASELINE = ("baseline",)
 TEXT_COLUMNS = {"trial_id", "status", "role", "baseline", "iso_metric", "metric", "iso_timesteps", "checkpoint_path",
@@ -63,6 +64,8 @@ def load_rows(sweep_dirs: list[Path]) -> list[dict]:
             row["iso_timesteps"] = r.get("iso_timesteps") or train.get("iso_timesteps", "pooled")
             row["iso_metric"] = r.get("iso_metric") or r.get("metric", "")
             row["sweep"] = d.name
+            if _is_number(r.get("ls")) and _is_number(r.get("ls_max")):  # LS against the LS of latents that say nothing
+                row["ls_rel"] = _num(r["ls"]) / _num(r["ls_max"])
             out.append(row)
     return out
 
@@ -109,7 +112,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def summary(rows: list[dict]) -> tuple[list[str], list[list[str]], dict]:
+def summary(rows: list[dict], wanted: tuple[str, ...] = METRICS) -> tuple[list[str], list[list[str]], dict]:
     """(header, lines, means) of the per-configuration table; means[key][metric] = seed mean."""
     done = [r for r in rows if r.get("status") == "DONE"]
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -120,6 +123,7 @@ def summary(rows: list[dict]) -> tuple[list[str], list[list[str]], dict]:
     base_by_seed = {r["seed"]: r for r in groups[BASELINE]}
     metrics = [m for m in METRICS if any(math.isfinite(_num(r.get(m))) for r in groups[BASELINE])]
     means = {k: {m: _mean_sd([_num(r.get(m)) for r in g])[0] for m in metrics} for k, g in groups.items()}
+    metrics = [m for m in metrics if m in wanted]
     head = ["p", "G", "lambda_iso", "timesteps", "seeds", *metrics, "selected steps"]
     lines = []
     order = sorted(groups, key=lambda k: (k != BASELINE, str(k)))
@@ -142,8 +146,8 @@ def summary(rows: list[dict]) -> tuple[list[str], list[list[str]], dict]:
     return head, lines, means
 
 
-def per_trial(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    metrics = [m for m in METRICS if any(math.isfinite(_num(r.get(m))) for r in rows)]
+def per_trial(rows: list[dict], wanted: tuple[str, ...] = METRICS) -> tuple[list[str], list[list[str]]]:
+    metrics = [m for m in METRICS if m in wanted and any(math.isfinite(_num(r.get(m))) for r in rows)]
     head = ["seed", "p", "G", "lambda_iso", "timesteps", *metrics, "selected step", "trial"]
     lines = []
     for r in sorted(rows, key=lambda r: (config_key(r) != BASELINE, str(config_key(r)), r["seed"])):
@@ -182,16 +186,17 @@ def markdown(head: list[str], lines: list[list[str]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dirs", type=Path, nargs="+")
+    p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS, help="the columns of both tables")
     p.add_argument("--rtl-plot", type=Path, default=None)
     p.add_argument("--strips", type=Path, default=None,
                    help="seed 0's slerp strips of the baseline and every stereographic configuration, frame distances under each")
     args = p.parse_args()
 
     rows, repeats = drop_repeats(load_rows(args.sweep_dirs))
-    head, lines, means = summary(rows)
+    head, lines, means = summary(rows, tuple(args.metrics))
     print(markdown(head, lines))
     print()
-    print(markdown(*per_trial(rows)))
+    print(markdown(*per_trial(rows, tuple(args.metrics))))
     base = [r for r in rows if config_key(r) == BASELINE]
     names = {m: next((r.get(f"backbone_{m}") for r in base if r.get(f"backbone_{m}")), "?") for m in ("fid", "ppl", "vor")}
     print("\nbackbones: " + ", ".join(f"{m}={n}" for m, n in names.items()))
