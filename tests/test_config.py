@@ -75,6 +75,23 @@ def test_shapes_study_stage_one_is_the_lambda_grid():
     assert spec.evaluation.backbone == "domain" and spec.base_model.source == "builtin:shapes"
 
 
+def test_shapes_study_stage_two_is_the_ablations_at_one_lambda_over_three_seeds():
+    """docs/results.md: stage 2 runs, at stage 1's best lambda_iso and with stage 1's training and evaluation, G in
+    {identity, ambient}, the pooled loss and p = 0, and the lambda_iso = 1e-8 control, each at seeds 0, 1, 2."""
+    one = load_spec(ROOT / "search_spaces" / "shapes_study.yaml").to_dict()
+    spec = load_spec(ROOT / "search_spaces" / "shapes_study_ablations.yaml")
+    two = spec.to_dict()
+    for section in ("base_model", "dataset", "train", "evaluation", "selection", "resources"):
+        assert two[section] == one[section], section
+    points = [(q.lambda_iso, q.p, q.iso_metric, q.iso_timesteps or spec.train.iso_timesteps) for q in spec.search.points]
+    best = 1e-2
+    rows = {(best, 0.5, "identity", "per_timestep"), (best, 0.5, "ambient", "per_timestep"),
+            (best, 0.5, "stereographic", "pooled"), (best, 0.0, "stereographic", "per_timestep"),
+            (1e-8, 0.5, "stereographic", "per_timestep")}
+    assert set(points) == rows and all(points.count(r) == 3 for r in rows)
+    assert sorted({q.seed for q in spec.search.points}) == [0, 1, 2] and planned_trials(spec) == 16
+
+
 def test_ls_where_attribute_labels_exist():
     """Issue 14: LS, scored on held-out samples, in every spec whose data have attribute labels (shapes: the domain
     network's five factors; CelebA-HQ: its 40 attributes), in x_T and h; CIFAR-10 and LSUN have none. The demo's
