@@ -20,6 +20,7 @@ within 10% of the baseline's (the specs' selection.fid_tolerance), the largest l
 higher, beyond the noise, than that of the configuration with the lowest mean PPL.
 Lower is better for every metric here but ls_max (the LS of latents that predict nothing: read LS against it;
 ls_rel = ls / ls_max, 1 when the latents predict nothing). `--rtl-plot` draws the seed-mean RTL(t) curve per configuration (Fig. 5);
+`--fid-curves` draws every trial's cheap-FID curve, a panel per seed;
 `--strips` stacks seed 0's slerp strips of the baseline and every stereographic configuration (Fig. 6).
 """
 
@@ -112,15 +113,18 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def summary(rows: list[dict], wanted: tuple[str, ...] = METRICS) -> tuple[list[str], list[list[str]], dict]:
-    """(header, lines, means) of the per-configuration table; means[key][metric] = seed mean."""
+def summary(rows: list[dict], wanted: tuple[str, ...] = METRICS, reference: tuple = BASELINE) -> tuple[list[str], list[list[str]], dict]:
+    """(header, lines, means) of the per-configuration table; means[key][metric] = seed mean. Changes are against
+    `reference` (the baseline, or a configuration key: `--reference`), seed by seed."""
     done = [r for r in rows if r.get("status") == "DONE"]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in done:
         groups[config_key(r)].append(r)
     if BASELINE not in groups:
         raise SystemExit("no finished lambda_iso = 0 row: the study has no baseline")
-    base_by_seed = {r["seed"]: r for r in groups[BASELINE]}
+    if reference not in groups:
+        raise SystemExit(f"no finished rows of the reference configuration {reference}")
+    base_by_seed = {r["seed"]: r for r in groups[reference]}
     metrics = [m for m in METRICS if any(math.isfinite(_num(r.get(m))) for r in groups[BASELINE])]
     means = {k: {m: _mean_sd([_num(r.get(m)) for r in g])[0] for m in metrics} for k, g in groups.items()}
     metrics = [m for m in metrics if m in wanted]
@@ -133,8 +137,8 @@ def summary(rows: list[dict], wanted: tuple[str, ...] = METRICS) -> tuple[list[s
         for m in metrics:
             mean, sd = _mean_sd([_num(r.get(m)) for r in group])
             text = "-" if math.isnan(mean) else f"{mean:.4g}" + ("" if math.isnan(sd) else f" ± {sd:.2g}")
-            if key != BASELINE and math.isfinite(mean):
-                b = means[BASELINE][m]
+            if key != reference and math.isfinite(mean):
+                b = means[reference][m]
                 pairs = [(r, base_by_seed[r["seed"]]) for r in group if r["seed"] in base_by_seed]
                 pairs = [(r, b_row) for r, b_row in pairs if has_interval(r, m) and has_interval(b_row, m)]  # FID and LS have none
                 lower = bool(pairs) and all(lower_beyond_noise(r, b_row, m) for r, b_row in pairs)
@@ -179,6 +183,33 @@ def best_lambda(rows: list[dict], means: dict) -> float | None:
     return max(k[2] for k in keys if no_worse(k))
 
 
+def fid_curves(rows: list[dict], out: Path) -> None:
+    """Cheap FID against the training step for every trial, from the `selection.json` of its final checkpoint
+    (`isosweep.training.selection`), a panel per seed: how much of a FID difference is the training trajectory."""
+    import json
+
+    from isosweep.results.plots import figure
+
+    seeds = sorted({r["seed"] for r in rows})
+    with figure(out, figsize=(4.2 * len(seeds), 3.4), ncols=len(seeds), sharey=True) as (fig, axes):
+        axes = list(axes) if len(seeds) > 1 else [axes]
+        for ax, seed in zip(axes, seeds):
+            for r in sorted((r for r in rows if r["seed"] == seed), key=lambda r: str(config_key(r))):
+                path = Path(r.get("checkpoint_path") or "") / "selection.json"
+                if not path.is_file():
+                    continue
+                curve = json.loads(path.read_text())["curve"]
+                key = config_key(r)
+                label = "baseline" if key == BASELINE else f"p={key[0]:g} {key[1][:6]} {key[2]:g} {key[3]}"
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], "-o", ms=3, label=label,
+                        color="black" if key == BASELINE else None, lw=2 if key == BASELINE else 1)
+            ax.set_title(f"training seed {seed}")
+            ax.set_xlabel("fine-tuning step")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("cheap FID (256 samples)")
+        axes[-1].legend(fontsize=6)
+
+
 def markdown(head: list[str], lines: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in lines])
 
@@ -187,13 +218,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dirs", type=Path, nargs="+")
     p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS, help="the columns of both tables")
+    p.add_argument("--reference", type=float, default=0.0,
+                   help="changes against this lambda_iso (stereographic, p = 0.5, per_timestep) instead of the baseline: "
+                        "a control that shares the trials' random streams (paired by seed)")
     p.add_argument("--rtl-plot", type=Path, default=None)
+    p.add_argument("--fid-curves", type=Path, default=None,
+                   help="the cheap-FID curve of every trial (evaluation.checkpoint_fid), one panel per seed")
     p.add_argument("--strips", type=Path, default=None,
                    help="seed 0's slerp strips of the baseline and every stereographic configuration, frame distances under each")
     args = p.parse_args()
 
     rows, repeats = drop_repeats(load_rows(args.sweep_dirs))
-    head, lines, means = summary(rows, tuple(args.metrics))
+    reference = BASELINE if args.reference == 0 else (0.5, "stereographic", args.reference, "per_timestep")
+    head, lines, means = summary(rows, tuple(args.metrics), reference)
     print(markdown(head, lines))
     print()
     print(markdown(*per_trial(rows, tuple(args.metrics))))
@@ -205,6 +242,9 @@ def main() -> None:
     best = best_lambda(rows, means)
     print(f"stage-1 rule: best lambda_iso = {best:g}" if best is not None else "stage-1 rule: no lambda_iso within the FID tolerance")
 
+    if args.fid_curves:
+        fid_curves(rows, args.fid_curves)
+        print(f"wrote {args.fid_curves}")
     if args.rtl_plot or args.strips:
         from isosweep.results.report import load_trial_eval
 
