@@ -183,7 +183,8 @@ def test_points_run_exactly_the_listed_trials_after_the_baseline_with_their_own_
     assert [(t.lambda_iso, t.seed, t.iso_timesteps) for t in trains] == [
         (0.0, 7, "per_timestep"), (1e-3, 1, "per_timestep"), (1e-3, 1, "pooled"), (0.0, 2, "per_timestep")]
     rows = [make_row(f"t{i}", c, {"evaluated": True, "fid": 1.0}, "TERMINATED") for i, c in enumerate(configs)]
-    assert [r.get("seed") for r in rows] == [None, 1, 1, 2] and rows[2]["iso_timesteps"] == "pooled"
+    assert [r.get("seed") for r in rows] == [7, 1, 1, 2] and rows[2]["iso_timesteps"] == "pooled"
+    assert {k for k, v in space.items() if hasattr(v, "categories")} == {"lambda_iso", "p", "iso_metric", "iso_timesteps", "seed"}
     assert "| iso_metric | iso_timesteps | seed |" in markdown_table(rows)
 
 

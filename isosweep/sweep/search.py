@@ -115,10 +115,13 @@ def build_search(spec: SweepSpec, study_name: str, max_concurrent: int = 0):
     For random and grid the baseline point uses up one sample, so num_samples is num_trials + 1.
     """
     s = spec.search
-    if s.algorithm == "points":  # every key a point sets must be in the space (Tune refuses others); None: train's value
-        space = {k: None for k in TRIAL_KEYS + POINT_KEYS}
+    if s.algorithm == "points":
+        # every point names every key (train's seed and iso_timesteps where it sets none), and the space is a choice
+        # of exactly the values the points take: Tune then shows them as the trials' columns and never samples
+        fill = {"iso_timesteps": spec.train.iso_timesteps, "seed": spec.train.seed}
+        points = [{**dict(BASELINE_PARAMS), **fill}] + [{**fill, **point.as_config()} for point in s.points]
+        space = {k: tune.choice(sorted({q[k] for q in points}, key=str)) for k in TRIAL_KEYS + POINT_KEYS}
         space["baseline"] = False
-        points = [dict(BASELINE_PARAMS)] + [point.as_config() for point in s.points]
         alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent, random_state=s.seed)
         return space, alg, len(points)
     if s.algorithm in ("grid", "random"):
