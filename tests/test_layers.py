@@ -181,3 +181,32 @@ def test_the_cli_and_spec_loading_start_without_torch_ray_or_mlflow():
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = set(result.stdout.split())
     assert "pydantic" in loaded and not {"torch", "ray", "mlflow"} & loaded, sorted({"torch", "ray", "mlflow"} & loaded)
+
+
+def _private_mlflow_uses(path: Path, module: str) -> list[str]:
+    """`mlflow.x._y` imports, `from mlflow.x import _y` and `mlflow...._y` attributes in a file."""
+    found = [n for n in _imports(path, module) if n.split(".")[0] == "mlflow" and any(p.startswith("_") for p in n.split("."))]
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mlflow":
+            found += [f"from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            chain = node.value
+            while isinstance(chain, ast.Attribute):
+                chain = chain.value
+            if isinstance(chain, ast.Name) and chain.id == "mlflow":
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_no_private_mlflow_api():
+    """Only MLflow's public API: a private helper may change or vanish in any release (docs/tracking.md)."""
+    wrong = {m: uses for m, p in _modules().items() if (uses := _private_mlflow_uses(p, m))}
+    assert not wrong, f"private MLflow APIs used: {wrong}"
+
+
+def test_the_served_model_imports_no_isosweep():
+    """tracking/pyfunc_model.py is logged as the model's code: whoever serves it has mlflow, torch, diffusers and
+    pillow, not isosweep (tests/test_tracking.py loads it where isosweep cannot be imported)."""
+    path = PACKAGE / "tracking" / "pyfunc_model.py"
+    top = {n.split(".")[0] for n in _imports(path, "tracking.pyfunc_model")}
+    assert top <= {"__future__", "copy", "io", "threading", "typing", "mlflow", "numpy", "torch", "diffusers", "PIL"}, sorted(top)

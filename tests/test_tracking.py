@@ -8,6 +8,7 @@ the bucket with boto3. Models are tiny UNet2DModels built from config (no downlo
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -196,17 +197,20 @@ def test_registry_champion_pull_sample_interpolate(tmp_path, local_uri, monkeypa
     pipe = DDPMPipeline.from_pretrained(dl / registry.PIPELINE_SUBPATH)
     assert pipe.unet.config.sample_size == RES
     assert not (dl / registry.PIPELINE_SUBPATH / "train_state.pt").exists()
-    images = mlflow.pyfunc.load_model("models:/isodiff-reg@champion").predict({"n": 2, "seed": 0, "steps": 2})
-    assert images.shape == (2, RES, RES, 3) and images.dtype.name == "uint8"
+    model = mlflow.pyfunc.load_model("models:/isodiff-reg@champion")
+    pngs = model.predict(None, params={"n": 2, "seed": 0, "steps": 2})  # one PNG per image (tests/test_serving.py: over HTTP)
+    assert len(pngs) == 2 and all(Image.open(io.BytesIO(p)).size == (RES, RES) for p in pngs)
+    assert model.predict({"n": 2, "seed": 0, "steps": 2}) == pngs  # the request as input fields
+    assert {p.name for p in model.metadata.get_params_schema().params} == {"n", "seed", "seeds", "steps", "mode", "frames", "device"}
 
     # and without isosweep importable at all (the pyfunc is "models from code", no isosweep imports)
-    code = ("import sys; sys.modules['isosweep'] = None; import mlflow; "
+    code = ("import sys, io; sys.modules['isosweep'] = None; import mlflow; from PIL import Image; "
             "m = mlflow.pyfunc.load_model('models:/isodiff-reg@champion'); "
-            "print(m.predict({'n': 1, 'seed': 3, 'steps': 1}).shape)")
+            "print([Image.open(io.BytesIO(p)).size for p in m.predict(None, params={'n': 1, 'seed': 3, 'steps': 1})])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MLFLOW_TRACKING_URI": local_uri, "PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"(1, {RES}, {RES}, 3)" in proc.stdout
+    assert f"[({RES}, {RES})]" in proc.stdout
 
     out = tmp_path / "pulled"
     ns = argparse.Namespace

@@ -152,7 +152,7 @@ def _check_mlflow_model(uri: str, source: str, tracking_uri: str | None) -> str:
     from mlflow.artifacts import list_artifacts
     from mlflow.exceptions import MlflowException
 
-    from isosweep.tracking.client import TrackingError, retry_call, use_tracking_uri
+    from isosweep.tracking.client import TrackingError, artifact_location, retry_call
 
     field = f"{source}: field 'base_model.source'"
     if not tracking_uri:
@@ -160,8 +160,7 @@ def _check_mlflow_model(uri: str, source: str, tracking_uri: str | None) -> str:
                         "(the workers fetch the model through it), tracking.uri or --tracking-uri")
 
     def _list() -> list:
-        with use_tracking_uri(tracking_uri):
-            return list_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+        return list_artifacts(artifact_uri=artifact_location(tracking_uri, uri), tracking_uri=tracking_uri)
 
     try:
         found = retry_call(f"look up {uri}", tracking_uri, _list)

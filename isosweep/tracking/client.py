@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from isosweep.tracking.redact import scrub, scrub_text
 
@@ -198,16 +199,38 @@ def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
 
 
-@contextlib.contextmanager
-def use_tracking_uri(tracking_uri: str) -> Iterator[None]:
-    """Temporarily point MLflow's fluent API (log_model, download_artifacts) at `tracking_uri`.
+def artifact_location(tracking_uri: str, uri: str) -> str:
+    """Where the artifacts of `uri` are stored, asking the tracking server at `tracking_uri` (public client API only).
 
-    MLflow's own private helper: the public `set_tracking_uri` also writes MLFLOW_TRACKING_URI into
-    the environment and cannot restore an unset URI, which would leak into every later call.
+    `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest` and `models:/m-<model id>` (each with an
+    optional `/sub/path`) become their storage location (`mlflow-artifacts:/...`, `s3://...`, a local path);
+    anything else (`runs:/`, `s3://`, ...) is returned as is, since `download_artifacts` and `list_artifacts`
+    resolve those with the `tracking_uri` they are given. MLflow itself resolves a `models:/` URI through the
+    process-wide tracking and registry URIs, which a sweep must not change.
     """
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # private: see the docstring
-
-    with _use_tracking_uri(tracking_uri):
-        yield
+    if not uri.startswith("models:/"):
+        return uri
+    rest = uri[len("models:/"):].strip("/")
+    if not rest:
+        raise MlflowException.invalid_parameter_value(f"{uri}: no model named; use models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-ID")
+    c = client(tracking_uri)
+    head, _, tail = rest.partition("/")
+    if head.startswith("m-") and "@" not in head:  # a LoggedModel id
+        location, sub = c.get_logged_model(head).artifact_location, tail
+    elif "@" in head:
+        name, alias = head.split("@", 1)
+        location, sub = c.get_model_version_download_uri(name, c.get_model_version_by_alias(name, alias).version), tail
+    else:
+        version, _, sub = tail.partition("/")
+        if version == "latest":
+            found = c.search_model_versions(f"name='{head}'")
+            if not found:
+                raise MlflowException(f"{uri}: registered model {head!r} has no versions", error_code=RESOURCE_DOES_NOT_EXIST)
+            version = str(max(int(v.version) for v in found))
+        elif not version.isdigit():
+            raise MlflowException.invalid_parameter_value(f"{uri}: expected a version number, 'latest' or @ALIAS after the name "
+                                                          "(registry stages are not supported)")
+        location = c.get_model_version_download_uri(head, version)
+    return location.rstrip("/") + "/" + sub if sub else location
 
 

@@ -11,9 +11,10 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from isosweep.models.loading import find_diffusers_dir, is_model_uri
-from isosweep.tracking.client import retry_call, use_tracking_uri
+from isosweep.tracking.client import artifact_location, retry_call
 from isosweep.tracking.registry import PIPELINE_SUBPATH
 
 
@@ -24,11 +25,12 @@ def download_model(uri: str, dst: str | os.PathLike | None = None, tracking_uri:
     root.mkdir(parents=True, exist_ok=True)
 
     def _download() -> str:
-        # models:/ URIs resolve through the fluent tracking/registry URI, not download_artifacts' arguments
-        if not tracking_uri:
-            return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(root))
-        with use_tracking_uri(tracking_uri):
-            return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(root), tracking_uri=tracking_uri)
+        if tracking_uri and uri.startswith("models:/"):
+            # resolved here: MLflow resolves models:/ through the process-wide tracking URI, not the one given.
+            # The model's files (MLmodel, artifacts/pipeline, ...) land in `root` itself, as for a models:/ download.
+            repo = get_artifact_repository(artifact_location(tracking_uri, uri), tracking_uri=tracking_uri)
+            return repo.download_artifacts("", dst_path=str(root))
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(root), tracking_uri=tracking_uri)
 
     return Path(retry_call(f"download {uri}", tracking_uri or mlflow.get_tracking_uri(), _download))
 

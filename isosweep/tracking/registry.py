@@ -1,26 +1,31 @@
 """The MLflow model registry: the champion and the Pareto trials logged as pyfunc models and registered.
 
 What is registered is an MLflow pyfunc model written "from code" (`isosweep/tracking/pyfunc_model.py`, which
-imports no isosweep) whose single artifact is a diffusers pipeline directory. So anyone with mlflow,
-torch and diffusers can use it without isosweep:
+imports no isosweep) whose single artifact is a diffusers pipeline directory, with the request signature
+of that file, requirements pinned to the installed versions, and the trial's final metrics and params on its
+LoggedModel. So anyone with mlflow, torch, diffusers and pillow can use or serve it without isosweep:
 
     path = mlflow.artifacts.download_artifacts("models:/isodiff-demo@champion", dst_path="champion")
     DDPMPipeline.from_pretrained(f"{path}/artifacts/pipeline")          # PIPELINE_SUBPATH
-    mlflow.pyfunc.load_model("models:/isodiff-demo@champion").predict({"n": 4, "seed": 0, "steps": 50})
+    pngs = mlflow.pyfunc.load_model("models:/isodiff-demo@champion").predict(None, params={"n": 4, "seed": 0, "steps": 50})
+    # mlflow models serve -m models:/isodiff-demo@champion --env-manager local  (docs/tracking.md#serving-the-champion)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import mlflow
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
@@ -30,10 +35,13 @@ from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, CHECKPOINT_EXC
 from isosweep.tracking.redact import scrub, scrub_text
 
 MODEL_NAME = "model"  # the logged model's name inside a run
+MODEL_TYPE = "diffusers-ddpm"  # the LoggedModel's model_type, to search and compare them in the MLflow UI
 PIPELINE_KEY = "pipeline"  # the pyfunc artifact key
 PIPELINE_SUBPATH = f"artifacts/{PIPELINE_KEY}"  # where the diffusers dir lies in a downloaded model
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-PIP_REQUIREMENTS = ["mlflow>=3.0", "torch>=2.4", "diffusers>=0.30", "numpy", "pandas"]
+# What the served model imports, pinned to the versions installed here (the ones it was logged and tested with).
+# Local version labels (torch's "+cu124") are dropped so that pip can install them from PyPI.
+SERVING_PACKAGES = ("mlflow", "torch", "diffusers", "numpy", "pillow", "pandas", "safetensors")
 CHAMPION_ALIAS = "champion"
 
 
@@ -52,26 +60,62 @@ def _stage_pipeline(pipeline_dir: Path, dst: Path) -> Path:
     return out
 
 
-def log_pipeline_model(tracking_uri: str, run_id: str, pipeline_dir: str | os.PathLike) -> Any:
-    """Log `pipeline_dir` as the run's MLflow 3 LoggedModel `model` (pyfunc from code). Returns ModelInfo."""
+def pip_requirements() -> list[str]:
+    """`SERVING_PACKAGES` pinned to their installed versions: ["mlflow==3.17.2", "torch==2.14.1", ...]."""
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in SERVING_PACKAGES]
+
+
+def _final_metrics(tracking_uri: str, run_id: str, keys: Iterable[str], step: int = 0) -> list[Metric]:
+    """The run's metrics at `step` (the final evaluation is logged at step 0) not yet linked to a model."""
+    c = tracking.client(tracking_uri)
+    out = []
+    for key in keys:
+        history = tracking.retry_call("get metric history", tracking_uri, c.get_metric_history, run_id, key)
+        out += [m for m in history if m.step == step and m.model_id is None]
+    return out
+
+
+def log_pipeline_model(tracking_uri: str, run_id: str, pipeline_dir: str | os.PathLike) -> LoggedModel:
+    """Log `pipeline_dir` as the run's MLflow 3 LoggedModel `model` (pyfunc from code, SIGNATURE, pinned requirements).
+
+    What `mlflow.pyfunc.log_model` does, through a client bound to `tracking_uri` (log_model goes through the
+    process-wide tracking URI and the active experiment): the LoggedModel is created in the run's experiment
+    with the run's params, the model saved with `mlflow.pyfunc.save_model` and uploaded, recorded as the run's
+    output at step 0, its metrics at step 0 (fid, ppl, ... as `artifacts.log_trial_result` logs them) linked to it
+    (the model page of the MLflow UI shows them), and marked READY (FAILED if any of this fails).
+    """
+    # imported here, when a model is logged: defining the pyfunc class makes MLflow warn (once, whatever the
+    # filters) that its predict has no type hints, which is on purpose (SIGNATURE says what a request holds)
+    from isosweep.tracking.pyfunc_model import SIGNATURE
+
     c = tracking.client(tracking_uri)
     run = tracking.retry_call("get run", tracking_uri, c.get_run, run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = _stage_pipeline(Path(pipeline_dir), Path(tmp))
-
-        def _log() -> Any:
-            # Created explicitly in the run's experiment: mlflow.pyfunc.log_model would otherwise put the
-            # LoggedModel in the process's active experiment (often Default) when no run is active.
-            lm = c.create_logged_model(experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id)
-            with tracking.use_tracking_uri(tracking_uri), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)  # predict takes a dict
-                return Model.log(
-                    artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=lm.model_id,
-                    python_model=str(PYFUNC_CODE), artifacts={PIPELINE_KEY: str(staged)},
-                    pip_requirements=PIP_REQUIREMENTS,  # skips dependency inference: 0.3 s instead of 8 s
+    lm = tracking.retry_call(
+        "create logged model", tracking_uri, c.create_logged_model, experiment_id=run.info.experiment_id, name=MODEL_NAME,
+        source_run_id=run_id, params=dict(run.data.params), model_type=MODEL_TYPE,
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = _stage_pipeline(Path(pipeline_dir), Path(tmp))
+            local = Path(tmp) / "mlflow_model"
+            with warnings.catch_warnings():  # SIGNATURE is given: no input example (MLflow would load the model to check it)
+                warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+                mlflow.pyfunc.save_model(
+                    path=str(local), python_model=str(PYFUNC_CODE), artifacts={PIPELINE_KEY: str(staged)}, signature=SIGNATURE,
+                    pip_requirements=pip_requirements(),  # pinned here: MLflow's inference loads the model (8 s)
+                    mlflow_model=Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id),
                 )
-
-        return tracking.retry_call("log model", tracking_uri, _log)
+            tracking.retry_call("upload model", tracking_uri, c.log_model_artifacts, lm.model_id, str(local))
+        tracking.retry_call("log run output", tracking_uri, c.log_outputs, run_id, [LoggedModelOutput(lm.model_id, step=0)])
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=lm.model_id, run_id=run_id)
+                  for m in _final_metrics(tracking_uri, run_id, run.data.metrics)]
+        for chunk in tracking.chunks(linked, tracking.MAX_METRICS_PER_BATCH):
+            tracking.retry_call("link metrics to the model", tracking_uri, c.log_batch, run_id, metrics=list(chunk))
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that got us here is the one to see
+            c.finalize_logged_model(lm.model_id, LoggedModelStatus.FAILED)
+        raise
+    return tracking.retry_call("finalize logged model", tracking_uri, c.finalize_logged_model, lm.model_id, LoggedModelStatus.READY)
 
 
 def _ensure_registered_model(tracking_uri: str, name: str) -> None:
@@ -111,13 +155,16 @@ def log_and_register(
     clean_tags = {k: scrub(k, v) for k, v in (tags or {}).items()}
     desc = scrub_text(description) if description else None
     if mv is None:
-        info = log_pipeline_model(tracking_uri, run_id, pipeline_dir)
+        lm = log_pipeline_model(tracking_uri, run_id, pipeline_dir)
+
+        # models:/<model id> links the version to its LoggedModel in the UI; a tracking server resolves it in
+        # its own process, but a local store (sqlite) would resolve it through the process-wide tracking URI,
+        # which may name another store: there the source is the model's storage location.
+        source = f"models:/{lm.model_id}" if tracking_uri.startswith(("http://", "https://")) else lm.artifact_location
 
         def _create() -> Any:
-            # the registry resolves a models:/<model_id> source through the fluent tracking URI
-            with tracking.use_tracking_uri(tracking_uri):
-                return c.create_model_version(registry_name, info.model_uri, run_id=run_id, tags=clean_tags,
-                                              description=desc, model_id=info.model_id)
+            return c.create_model_version(registry_name, source, run_id=run_id, tags=clean_tags, description=desc,
+                                          model_id=lm.model_id)
 
         mv = tracking.retry_call("create model version", tracking_uri, _create,
                                  already_done=lambda: _existing_version(tracking_uri, registry_name, run_id))
