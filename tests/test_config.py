@@ -27,7 +27,7 @@ def demo_data():
 
 def test_every_documented_spec_is_shipped():
     """The README and docs name these specs; a missing one would also silently empty the parametrised tests below."""
-    assert {p.stem for p in SPECS} == {"demo", "shapes_study", *PAPER_SPECS}
+    assert {p.stem for p in SPECS} == {"demo", "shapes_study", "shapes_study_ablations", *PAPER_SPECS}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
@@ -39,6 +39,7 @@ def test_shipped_specs_validate(path):
     assert "stereographic" in s.iso_metric.values
     # the searched space never contains the baseline (lambda_iso = 0 or p = 1): it is added as its own trial
     assert min(s.lambda_iso.bounds()) > 0 and max(s.p.bounds()) < 1
+    assert all(q.lambda_iso > 0 and q.p < 1 for q in s.points)  # search.points (the study's stage 2) likewise
 
 
 def test_shipped_specs_register_under_their_own_names():
