@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.isosweep-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-gpu bench clean
+.PHONY: install prometheus demo test test-fast test-gpu bench clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,16 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/isosweep run search_spaces/demo.yaml $(DEMO_ARGS)
 
-## test: set up, then run the whole test suite (Ray, MLflow and S3 servers on loopback included)
-test: install
+## prometheus: the Prometheus server that tests/test_sweep.py scrapes a Ray cluster with (Debian's package,
+## installed as root when no `prometheus` is found; elsewhere the test says how and skips that part)
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || test -x /usr/bin/prometheus || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; } || \
+	  echo "note: no prometheus binary (apt-get install prometheus): tests/test_sweep.py skips its Prometheus checks (fails them when CI is set)"
+
+## test: set up, then run the whole test suite (Ray, MLflow, S3 and Prometheus servers on loopback included)
+test: install prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## test-fast: only the tests that start no Ray, MLflow or S3 server

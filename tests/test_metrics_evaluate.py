@@ -162,8 +162,14 @@ def test_whole_suite_on_a_tiny_model(tmp_path, fast_domain):
     unet, sched = tiny_unet(16), DDPMScheduler(num_train_timesteps=1000)
     spec = tiny_eval_spec(tmp_path)
     data = DatasetSpec(kind="shapes", resolution=16, size=64)
-    res = evaluate_model(unet, sched, spec, data, progress=False)
+    reports = []  # the progress callback (the sweep layer turns it into Ray metrics): (share, done, total)
+    res = evaluate_model(unet, sched, spec, data, progress=False, on_progress=lambda *r: reports.append(r))
     assert isinstance(res, EvalResult)
+    # each share reports its start, every batch (16 samples; PPL 8 pairs; mRTL 4 pairs; Jacobians one group) and its end
+    done = {share: [d for s, d, _ in reports if s == share] for share, _, _ in reports}
+    totals = {share: {t for s, _, t in reports if s == share} for share in done}
+    assert totals == {"fid": {12}, "ppl": {6}, "mrtl": {2}, "jacobian": {4}, "ls": {24}}  # jacobian: 2 samples x 2 t
+    assert done == {"fid": [0, 12, 12], "ppl": [0, 6, 6], "mrtl": [0, 2, 2], "jacobian": [0, 2, 4, 4], "ls": [0, 16, 24, 24]}
     intervals = {f"{m}_{b}" for m in ("ppl", "mrtl", "mcn", "vor", "mcn_t100", "vor_t100") for b in ("lo", "hi")}
     assert set(res.metrics) == {"fid", "ppl", "mrtl", "mcn", "vor", "ls", "ls_rbf", "ls_h", "ls_h_rbf", "ls_max", "mcn_t100",
                                 "vor_t100", "ppl_median", "ppl_p90", "ppl_p99"} | intervals

@@ -33,6 +33,8 @@ def test_optuna_baseline_first_then_searched(tmp_path):
     # into the sweep's storage; a resume on another machine restores it into a fresh searcher)
     for i, tid in enumerate(("t1", "t2")):
         alg.on_trial_complete(tid, {"fid": 10.0 + i, "ppl": 5.0 - i, "lambda_iso": got[1 + i]["lambda_iso"]})
+    # the baseline's result is no trial of the study (TPE never sees lambda_iso = 0), only its user attribute
+    alg.on_trial_complete("t0", {"fid": 9.0, "ppl": float("nan"), "lambda_iso": 0.0})
     alg.save(str(tmp_path / "searcher.pkl"))
     _, fresh, _ = build_search(spec, "demo-1")
     fresh.restore(str(tmp_path / "searcher.pkl"))
@@ -47,6 +49,11 @@ def test_optuna_baseline_first_then_searched(tmp_path):
     journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal")))
     loaded = optuna.load_study(study_name="demo-1", storage=journal)
     assert sorted(tuple(t.values) for t in loaded.trials if t.values) == [(10.0, 5.0), (11.0, 4.0)]
+    # named objectives, and the baseline beside the searched trials (NaN stored as null: the journal is JSON)
+    assert loaded.metric_names == ["fid", "ppl"] == fresh.inner._ot_study.metric_names
+    baseline = {k: v for k, v in BASELINE_PARAMS.items() if k != "baseline"}
+    assert loaded.user_attrs["baseline"] == {"trial_id": "t0", "state": "COMPLETE", **baseline, "fid": 9.0, "ppl": None}
+    assert len(loaded.trials) == 2
 
 
 @pytest.mark.parametrize("algorithm", ["random", "grid"])

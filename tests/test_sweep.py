@@ -4,6 +4,7 @@ multi-node cluster, with each trial's ranks on different nodes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -325,7 +326,13 @@ def _assert_no_secret(secrets, storage: Path, outputs: list[str], runs, mlflow_s
 def test_sweep_by_address_puts_a_trials_ranks_on_different_nodes(tmp_path, cache_env, ray_cluster):
     """`isosweep run --address` on a cluster shaped like a real one (a head with no CPUs for trials, two
     one-CPU worker nodes): each trial's two DDP ranks run on the two worker nodes, never the head, and every
-    trial's checkpoints and evaluation reach the sweep's storage."""
+    trial's checkpoints and evaluation reach the sweep's storage.
+
+    Meanwhile a real Prometheus with the shipped scrape config (clusters/monitoring/prometheus.yml, pointed at
+    this cluster's temp dir) scrapes the cluster: the sweep's, evaluations' and trainings' isosweep series
+    arrive with the values the sweep's own results show, and every query of the shipped Grafana dashboard
+    runs (tests/test_monitoring.py checks the names without a server)."""
+    from prometheus_server import prometheus_binary, start_prometheus
     from ray_cluster import node_ids
 
     env = {**ray_cluster.env, "ISOSWEEP_CACHE": str(cache_env), "PYTHONUNBUFFERED": "1"}
@@ -333,24 +340,97 @@ def test_sweep_by_address_puts_a_trials_ranks_on_different_nodes(tmp_path, cache
     args = [str(DEMO), "--address", ray_cluster.address, "--storage", str(tmp_path / "runs"), "--shared-fs"]
     for o in TINY + ["search.num_trials=1", "resources.workers_per_trial=2", "search.max_concurrent_trials=1"]:
         args += ["--set", o]
-    out = subprocess.run([sys.executable, "-m", "isosweep", "run", *args], capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:] + ray_cluster.log_tail()
-    assert "champion:" in out.stdout and "baseline" in out.stdout
-    sweep_dir = next((tmp_path / "runs").glob("demo-*"))
-    assert (sweep_dir / "sweep_done.json").exists()
-    assert len(_evaluated_results(sweep_dir)) == 2
-    nodes = node_ids(ray_cluster)
-    trials = sorted(p for p in (sweep_dir / "train").iterdir() if p.is_dir())
-    assert len(trials) == 2
-    for trial in trials:
-        final = sorted(p for p in trial.glob("checkpoint_*") if p.is_dir())[-1]
-        assert (final / "model_index.json").is_file() and (final / "train_state.pt").is_file()
-        assert (final / "eval" / "metrics.json").is_file()
-        workers = json.loads((final / "spec.json").read_text())["workers"]
-        assert [w["rank"] for w in workers] == [0, 1]
-        ran_on = [w["node_id"] for w in workers]
-        assert len(set(ran_on)) == 2 and set(ran_on) == set(nodes["workers"]), (ran_on, nodes)
+    binary = prometheus_binary()
+    if binary is None and os.environ.get("CI"):
+        pytest.fail("no prometheus binary: `make test` installs Debian's package (apt-get install prometheus)")
+    sd_file = ray_cluster.temp_dir / "prom_metrics_service_discovery.json"  # the head's --temp-dir, not /tmp/ray
+    started = time.time()
+    with start_prometheus(sd_file, tmp_path / "prometheus") if binary else contextlib.nullcontext() as prom:
+        out = subprocess.run([sys.executable, "-m", "isosweep", "run", *args], capture_output=True, text=True,
+                             env=env, timeout=900)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:] + ray_cluster.log_tail()
+        assert "champion:" in out.stdout and "baseline" in out.stdout
+        sweep_dir = next((tmp_path / "runs").glob("demo-*"))
+        assert (sweep_dir / "sweep_done.json").exists()
+        assert len(_evaluated_results(sweep_dir)) == 2
+        nodes = node_ids(ray_cluster)
+        trials = sorted(p for p in (sweep_dir / "train").iterdir() if p.is_dir())
+        assert len(trials) == 2
+        for trial in trials:
+            final = sorted(p for p in trial.glob("checkpoint_*") if p.is_dir())[-1]
+            assert (final / "model_index.json").is_file() and (final / "train_state.pt").is_file()
+            assert (final / "eval" / "metrics.json").is_file()
+            workers = json.loads((final / "spec.json").read_text())["workers"]
+            assert [w["rank"] for w in workers] == [0, 1]
+            ran_on = [w["node_id"] for w in workers]
+            assert len(set(ran_on)) == 2 and set(ran_on) == set(nodes["workers"]), (ran_on, nodes)
+        if prom is not None:
+            time.sleep(4)  # the last scrape of values the driver sent before it exited
+            _assert_prometheus_saw_the_sweep(prom, sweep_dir, started)
+    if binary is None:
+        pytest.skip("sweep checked; its Prometheus series were not: no prometheus binary (apt-get install prometheus)")
+
+
+def _assert_prometheus_saw_the_sweep(prom, sweep_dir: Path, started: float) -> None:
+    """The isosweep series Prometheus scraped during the sweep of `sweep_dir` (2 trials, tiny budgets), against
+    the sweep's own results; then every query of the shipped dashboard. The processes that set the gauges have
+    exited by now, so each check reads the series' history ([window] ranges), as a dashboard does afterwards."""
+    import csv
+
+    from prometheus_server import dashboard_queries, label_values_selector
+
+    assert sum(t["health"] == "up" for t in prom.targets()) >= 3, prom.targets()  # each node's metrics export port
+    sweep, window = sweep_dir.name, f"{int(time.time() - started) + 60}s"
+    sel = f'sweep="{sweep}"'
+
+    def values(promql: str, *labels: str) -> dict:
+        return {tuple(r["metric"].get(k, "") for k in labels): float(r["value"][1]) for r in prom.query(promql)}
+
+    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    trial_ids = {r["trial_id"] for r in rows}
+    assert len(trial_ids) == 2
+    # the sweep, from the driver: trials by state at the end and during the sweep, the best and baseline values
+    assert values(f"max(max_over_time(ray_isosweep_sweep_trials_planned{{{sel}}}[{window}]))") == {(): 2.0}
+    assert values(f"max by (state) (last_over_time(ray_isosweep_sweep_trials{{{sel}}}[{window}]))", "state") == {
+        ("done",): 2.0, ("failed",): 0.0, ("running",): 0.0, ("pending",): 0.0}
+    assert values(f'max(max_over_time(ray_isosweep_sweep_trials{{{sel},state="running"}}[{window}]))') == {(): 1.0}
+    assert values(f"max(last_over_time(ray_isosweep_sweep_eta_seconds{{{sel}}}[{window}]))") == {(): 0.0}
+    assert min(values(f"min_over_time(ray_isosweep_sweep_eta_seconds{{{sel}}}[{window}])").values()) >= 0
+    for objective in ("fid", "ppl"):
+        finite = {r["trial_id"]: float(r[objective]) for r in rows if r[objective] and math.isfinite(float(r[objective]))}
+        base = next(float(r[objective]) for r in rows if r["baseline"] == "True")
+        got = values(f'last_over_time(ray_isosweep_trial_objective{{{sel},objective="{objective}"}}[{window}])', "trial")
+        assert got == pytest.approx({(t,): v for t, v in finite.items()}, rel=1e-9), objective
+        best = values(f'min(last_over_time(ray_isosweep_sweep_best{{{sel},objective="{objective}"}}[{window}]))')
+        assert best == pytest.approx({(): min(finite.values())}, rel=1e-9), objective
+        if math.isfinite(base):
+            assert values(f'max(last_over_time(ray_isosweep_sweep_baseline{{{sel},objective="{objective}"}}[{window}]))') == \
+                pytest.approx({(): base}, rel=1e-9)
+    # training (rank 0 of each trial): the last step is max_steps
+    steps = values(f"max by (trial) (max_over_time(ray_isosweep_train_step{{{sel}}}[{window}]))", "trial")
+    assert steps == {(t,): 3.0 for t in trial_ids}, steps
+    # evaluation (every rank): units done never pass the planned ones, some metric went past 0 in every trial,
+    # and what a rank plans is its share of the spec's count (16 FID samples, 8 PPL pairs, ... over 2 ranks)
+    done = values(f"max_over_time(ray_isosweep_eval_samples_done{{{sel}}}[{window}])", "trial", "metric", "rank")
+    planned = values(f"max_over_time(ray_isosweep_eval_samples_planned{{{sel}}}[{window}])", "trial", "metric", "rank")
+    assert done and set(done) == set(planned) and {k[0] for k in done} == trial_ids, (done, planned)
+    assert all(0 <= done[k] <= planned[k] for k in done), (done, planned)
+    assert all(any(v > 0 for k, v in done.items() if k[0] == t) for t in trial_ids), done
+    counts = {"fid": 16, "ppl": 8, "mrtl": 2, "jacobian": 2 * 2, "ls": 32}  # TINY; jacobian: 2 samples x demo's 2 t
+    assert all(planned[k] == counts[k[1]] // 2 for k in planned), planned
+    # every dashboard query runs; those of isosweep's panels (and Ray's CPU, memory, actors) find series
+    end = time.time()
+    may_be_empty = {"Being computed", "GPU use", "GPU memory used"}  # a share may end between two exports; no GPUs here
+    for title, query in dashboard_queries():
+        query = query.replace("$sweep", sweep).replace("$trial", ".*")
+        selector = label_values_selector(query)
+        if selector is not None:
+            label = query.rsplit(",", 1)[1].strip(" )")
+            found = prom.label_values(label, selector)
+            assert (trial_ids if label == "trial" else {sweep}) <= set(found), (title, found)
+            continue
+        result = prom.query_range(query, started, end, step=2)
+        assert result or title in may_be_empty, f"{title}: no series for {query}"
 
 
 def _isosweep(args: list[str], env: dict, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:

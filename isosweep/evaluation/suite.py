@@ -5,6 +5,9 @@ networks `features.resolver` resolves, plus a sample grid and slerp/lerp strips.
 (and torch.distributed initialised) every rank computes a contiguous range of the global sample, pair
 and Jacobian indices; latents depend only on (seed, index), so the gathered result equals the
 one-process result up to float noise. Rank 0 combines everything; all ranks return the same `EvalResult`.
+
+Progress: besides the bars (rank 0), every rank can report how far each metric's share is to a `Progress`
+callback the caller injects (the sweep layer turns it into Ray metrics; this layer imports no Ray).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from tqdm.auto import tqdm
 
 from isosweep.config import EVAL_METRICS, SweepSpec, base_metric, timestep_metric
 from isosweep.core.losses import add_noise
+from isosweep.core.names import CHEAP_FID
 from isosweep.core.sampling import DDIMSampler, initial_noise
 from isosweep.data.datasets import build_dataset
 from isosweep.data.imagefiles import DECODE_VERSION
@@ -35,9 +39,15 @@ from isosweep.evaluation.metrics.rtl import pair_latents, pair_mrtl, rtl_per_pai
 from isosweep.evaluation.metrics.separability import classify_samples, ls_scores
 from isosweep.evaluation.record import EvalResult
 
-__all__ = ["evaluate_model", "trial_evaluator", "checkpoint_fid_scorer", "shard_range"]
+__all__ = ["evaluate_model", "trial_evaluator", "checkpoint_fid_scorer", "shard_range", "Progress"]
 
 _JACOBIAN_NOISE_STREAM = 6  # initial_noise stream of the noise in x_t for MCN/VoR
+
+# Progress(share, done, total): how far this rank is with one share, at its start (done = 0), after every batch
+# and at its end (done = total; an empty share reports 0 of 0). Shares and units: fid, ls and fid_cheap (the
+# cheap FID of evaluation.checkpoint_fid): samples; ppl, mrtl: pairs; jacobian (MCN and VoR): samples x
+# timesteps. It must not raise.
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -53,6 +63,7 @@ class _Shard:
     rank: int
     world_size: int
     progress: bool
+    on_progress: Progress | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -62,19 +73,29 @@ class _Shard:
     def range(self, n: int) -> tuple[int, int]:
         return shard_range(n, self.rank, self.world_size)
 
+    def started(self, share: str, total: int) -> Callable[[int], None]:
+        """Reports `share` at 0 of `total` units; returns the per-batch callback (units done so far)."""
+        if self.on_progress is None:
+            return lambda done: None
+        report = self.on_progress
+        report(share, 0, total)
+        return lambda done: report(share, done, total)
+
 
 def evaluate_model(unet: torch.nn.Module, scheduler, eval_spec, dataset_spec, *, metrics: list[str] | None = None,
                    device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
-                   progress: bool = True, images: bool = True) -> EvalResult:
+                   progress: bool = True, images: bool = True, on_progress: Progress | None = None) -> EvalResult:
     """Evaluate one model: see the module docstring. `metrics` defaults to evaluation.metrics ("ls" gives
     ls, ls_max and, with the rbf kernel configured, ls_rbf; with h in evaluation.ls.spaces, ls_h and ls_h_rbf
-    too). Progress bars only on rank 0. images=False skips the grid and strips (the cheap FID needs none)."""
+    too). Progress bars only on rank 0; `on_progress` (every rank) gets each share's progress on this rank.
+    images=False skips the grid and strips (the cheap FID needs none)."""
     wanted = list(metrics if metrics is not None else eval_spec.metrics)
     unknown = set(wanted) - set(EVAL_METRICS)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; use any of {' '.join(EVAL_METRICS)}")
     with full_float32_matmul():
-        return _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted, device, rank, world_size, progress, images)
+        return _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted, device, rank, world_size, progress, images,
+                         on_progress)
 
 
 @contextlib.contextmanager
@@ -94,12 +115,12 @@ def full_float32_matmul() -> Iterator[None]:
 
 
 def _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted: list[str], device, rank: int, world_size: int,
-              progress: bool, images: bool = True) -> EvalResult:
+              progress: bool, images: bool = True, on_progress: Progress | None = None) -> EvalResult:
     dist = _distributed(world_size)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     show = progress and rank == 0
     sampler = DDIMSampler(unet, scheduler, batch_size=eval_spec.batch_size, progress=show, device=device)
-    shard = _Shard(sampler, unet, scheduler, eval_spec, dataset_spec, device, rank, world_size, show)
+    shard = _Shard(sampler, unet, scheduler, eval_spec, dataset_spec, device, rank, world_size, show, on_progress)
     nets = _feature_networks(shard, wanted, dist)
     partial = {name: share(shard, nets) for name, share in _SHARES.items() if _needed(name, wanted)}
     gathered = _gather(partial, dist, world_size)
@@ -112,28 +133,32 @@ def _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted: list[str], devic
     return _broadcast(result, dist)
 
 
-def trial_evaluator(spec: SweepSpec) -> Callable[[torch.nn.Module, Any, torch.device, int, int], EvalResult]:
+def trial_evaluator(spec: SweepSpec, on_progress: Progress | None = None
+                    ) -> Callable[[torch.nn.Module, Any, torch.device, int, int], EvalResult]:
     """The `training.loop.Evaluator` of a trial: the spec's evaluation suite on the trial's model (the final EMA
-    weights, or with evaluation.checkpoint_fid those of the step with the lowest cheap FID)."""
+    weights, or with evaluation.checkpoint_fid those of the step with the lowest cheap FID), reporting to
+    `on_progress` (this worker's rank) if given."""
 
     def evaluate(unet, scheduler, device, rank, world_size) -> EvalResult:
         return evaluate_model(unet, scheduler, spec.evaluation, spec.dataset, device=device, rank=rank,
-                              world_size=world_size, progress=rank == 0)
+                              world_size=world_size, progress=rank == 0, on_progress=on_progress)
 
     return evaluate
 
 
-def checkpoint_fid_scorer(spec: SweepSpec) -> Callable[[torch.nn.Module, Any, torch.device, int, int], tuple[float, str]]:
+def checkpoint_fid_scorer(spec: SweepSpec, on_progress: Progress | None = None
+                          ) -> Callable[[torch.nn.Module, Any, torch.device, int, int], tuple[float, str]]:
     """The `training.selection.Scorer` of a trial: FID with evaluation.checkpoint_fid's sample count and DDIM
     steps, otherwise exactly the final FID (backbone, reference statistics, seed, sharding over the ranks).
-    Returns (FID, backbone name) on every rank."""
+    Returns (FID, backbone name) on every rank; its progress goes to `on_progress` as the share `fid_cheap`."""
     cheap = spec.evaluation.checkpoint_fid
     fid = spec.evaluation.fid.model_copy(update={"num_samples": cheap.num_samples, "ddim_steps": cheap.ddim_steps})
     eval_spec = spec.evaluation.model_copy(update={"fid": fid})
+    renamed = None if on_progress is None else (lambda share, done, total: on_progress(CHEAP_FID, done, total))
 
     def score(unet, scheduler, device, rank, world_size) -> tuple[float, str]:
         result = evaluate_model(unet, scheduler, eval_spec, spec.dataset, metrics=["fid"], device=device, rank=rank,
-                                world_size=world_size, progress=False, images=False)
+                                world_size=world_size, progress=False, images=False, on_progress=renamed)
         return result.metrics["fid"], result.backbones["fid"]
 
     return score
@@ -152,9 +177,11 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def _fid_share(s: _Shard, nets) -> dict[str, Any]:
     t0, spec = time.time(), s.eval_spec
     lo, hi = s.range(spec.fid.num_samples)
+    on_batch = s.started("fid", hi - lo)
     feats, grid = generated_features(s.sampler, nets.fid_features, num_samples=spec.fid.num_samples, ddim_steps=spec.fid.ddim_steps,
                                      seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=spec.batch_size,
-                                     keep_images=16 if s.rank == 0 else 0)
+                                     keep_images=16 if s.rank == 0 else 0, on_batch=on_batch)
+    on_batch(hi - lo)
     s.timings["fid"] = time.time() - t0
     return {"features": feats, "grid": grid}
 
@@ -162,8 +189,11 @@ def _fid_share(s: _Shard, nets) -> dict[str, Any]:
 def _ppl_share(s: _Shard, nets) -> np.ndarray:
     t0, spec = time.time(), s.eval_spec
     lo, hi = s.range(spec.ppl.num_samples)
+    on_batch = s.started("ppl", hi - lo)
     out = ppl_distances(s.sampler, nets.distance, num_samples=spec.ppl.num_samples, ddim_steps=spec.ppl.ddim_steps,
-                        eps=spec.ppl.eps, seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=max(1, spec.batch_size // 2))
+                        eps=spec.ppl.eps, seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=max(1, spec.batch_size // 2),
+                        on_batch=on_batch)
+    on_batch(hi - lo)
     s.timings["ppl"] = time.time() - t0
     return out
 
@@ -171,9 +201,11 @@ def _ppl_share(s: _Shard, nets) -> np.ndarray:
 def _mrtl_share(s: _Shard, nets) -> torch.Tensor:
     t0, spec = time.time(), s.eval_spec.mrtl
     lo, hi = s.range(spec.num_pairs)
+    on_batch = s.started("mrtl", hi - lo)
     out = rtl_per_pair(s.sampler, num_pairs=spec.num_pairs, num_points=spec.num_points, ddim_steps=spec.ddim_steps,
                        seed=s.eval_spec.seed, shape=s.shape, start=lo, stop=hi,
-                       pairs_per_batch=max(1, s.eval_spec.batch_size // (spec.num_points + 1)))
+                       pairs_per_batch=max(1, s.eval_spec.batch_size // (spec.num_points + 1)), on_batch=on_batch)
+    on_batch(hi - lo)
     s.timings["mrtl"] = time.time() - t0
     return out
 
@@ -182,11 +214,15 @@ def _jacobian_share(s: _Shard, nets) -> dict[int, torch.Tensor]:
     """{t: singular values (n, k)} at every evaluation.jacobian.timesteps, for this rank's samples."""
     t0 = time.time()
     lo, hi = s.range(s.eval_spec.jacobian.num_samples)
+    timesteps = s.eval_spec.jacobian.timesteps
+    on_batch = s.started("jacobian", (hi - lo) * len(timesteps))
     x0, eps = _jacobian_inputs(lo, hi, s)
     out = {}
-    for t in s.eval_spec.jacobian.timesteps:
+    for i, t in enumerate(timesteps):
         x = add_noise(x0, eps, torch.full((hi - lo,), t, dtype=torch.long), s.scheduler.alphas_cumprod)
-        out[t] = _jacobian_svals(s.unet, x, s.eval_spec, s.device, s.progress, t)
+        out[t] = _jacobian_svals(s.unet, x, s.eval_spec, s.device, s.progress, t,
+                                 on_batch=lambda done, before=i * (hi - lo): on_batch(before + done))
+    on_batch((hi - lo) * len(timesteps))
     s.timings["jacobian"] = time.time() - t0
     return out
 
@@ -194,9 +230,11 @@ def _jacobian_share(s: _Shard, nets) -> dict[int, torch.Tensor]:
 def _ls_share(s: _Shard, nets) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     t0, spec = time.time(), s.eval_spec
     lo, hi = s.range(spec.ls.num_samples)
+    on_batch = s.started("ls", hi - lo)
     out = classify_samples(s.sampler, nets.classifier, num_samples=spec.ls.num_samples, ddim_steps=spec.ls.ddim_steps,
                            seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=spec.batch_size,
-                           capture_h="h" in spec.ls.spaces)
+                           capture_h="h" in spec.ls.spaces, on_batch=on_batch)
+    on_batch(hi - lo)
     s.timings["ls_sampling"] = time.time() - t0
     return out
 
@@ -226,8 +264,10 @@ def _jacobian_inputs(lo: int, hi: int, s: _Shard) -> tuple[torch.Tensor, torch.T
     return x0, initial_noise(hi - lo, s.shape, s.eval_spec.seed, start=lo, stream=_JACOBIAN_NOISE_STREAM)
 
 
-def _jacobian_svals(unet, x: torch.Tensor, eval_spec, device, progress: bool, t: int) -> torch.Tensor:
-    """Singular values (n, k) of the pooled encoder Jacobian at x (at timestep t), samples grouped to fit the budget."""
+def _jacobian_svals(unet, x: torch.Tensor, eval_spec, device, progress: bool, t: int,
+                    on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Singular values (n, k) of the pooled encoder Jacobian at x (at timestep t), samples grouped to fit the budget;
+    `on_batch(done)` after each group with the samples of x done so far."""
     spec = eval_spec.jacobian
     enc = unet_encoder(unet, t)
     if x.shape[0] == 0:
@@ -242,6 +282,8 @@ def _jacobian_svals(unet, x: torch.Tensor, eval_spec, device, progress: bool, t:
         for lo in tqdm(range(0, x.shape[0], group), desc="Jacobians", disable=not progress, leave=False):
             xb = x[lo : lo + group].to(device)
             out.append(jacobian_singular_values(enc, xb, pool=spec.pool, memory_budget_mb=spec.memory_budget_mb // 2).cpu())
+            if on_batch is not None:
+                on_batch(lo + xb.shape[0])
     return torch.cat(out)
 
 

@@ -1,4 +1,5 @@
-"""Tune and Train callbacks: per-trial progress lines with the sweep's ETA, and Train reports forwarded to Tune."""
+"""Tune and Train callbacks: per-trial progress lines with the sweep's ETA, the sweep's Ray metrics, and
+Train reports forwarded to Tune."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from isosweep.console import say
+from isosweep.sweep.monitoring import SweepMetrics
 
 
 def sweep_eta(durations: list[float], running_since: list[float], remaining: int, concurrency: int, now: float) -> float | None:
@@ -25,27 +27,65 @@ def sweep_eta(durations: list[float], running_since: list[float], remaining: int
     return running_left + math.ceil(queued / max(1, concurrency)) * mean
 
 
-class SweepProgress(Callback):
-    """Prints one line per finished trial: how many are done and about how long is left."""
+def trial_state(trial, done: set[str] = frozenset(), failed: set[str] = frozenset()) -> str:
+    """A Tune trial's state among `monitoring.TRIAL_STATES`: TERMINATED is done, ERROR failed, RUNNING running,
+    anything else pending. `done`/`failed`: trial ids that just ended, in case Tune has not set their status yet."""
+    if trial.trial_id in failed or trial.status == "ERROR":
+        return "failed"
+    if trial.trial_id in done or trial.status == "TERMINATED":
+        return "done"
+    return "running" if trial.status == "RUNNING" else "pending"
 
-    def __init__(self, total: int, concurrency: int) -> None:
-        self.total, self.concurrency = total, concurrency
+
+def trial_counts(states: list[str], planned: int) -> dict[str, int]:
+    """Trials by state; pending is whatever the plan has left (queued, paused, or not yet suggested)."""
+    counts = {state: states.count(state) for state in ("running", "done", "failed")}
+    counts["pending"] = max(0, planned - sum(counts.values()))
+    return counts
+
+
+class SweepProgress(Callback):
+    """Prints one line per finished trial (how many are done, about how long is left) and, given
+    `metrics`, keeps the sweep's Ray metrics up to date (at every trial event, and every few seconds)."""
+
+    PUBLISH_EVERY_S = 2.0
+    # `isosweep resume` restores this callback pickled by the version that started the sweep: attributes that
+    # version may lack have class-level defaults
+    metrics: SweepMetrics | None = None
+    _published = 0.0
+
+    def __init__(self, total: int, concurrency: int, metrics: SweepMetrics | None = None) -> None:
+        self.total, self.concurrency, self.metrics = total, concurrency, metrics
         self.started: dict[str, float] = {}
         self.durations: list[float] = []
         self.done = 0
+        self._ended: dict[str, set[str]] = {"done": set(), "failed": set()}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, time.time())
+        self._publish(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finished(trial, "finished")
+        self._publish(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finished(trial, "failed")
+        self._publish(trials)
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self._published >= self.PUBLISH_EVERY_S:
+            self._publish(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self._publish(trials)
 
     def _finished(self, trial, how: str) -> None:
         now = time.time()
         self.done += 1
+        if "_ended" not in self.__dict__:  # restored from an older version (see the class attributes)
+            self._ended = {"done": set(), "failed": set()}
+        self._ended["done" if how == "finished" else "failed"].add(trial.trial_id)
         if trial.trial_id in self.started:
             self.durations.append(now - self.started.pop(trial.trial_id))
         eta = sweep_eta(self.durations, list(self.started.values()), self.total - self.done, self.concurrency, now)
@@ -53,6 +93,20 @@ class SweepProgress(Callback):
         if eta is not None and self.done < self.total:
             left = f"; about {eta / 60:.0f} min left" if eta >= 90 else f"; about {eta:.0f} s left"
         say(f"trial {trial.trial_id} {how} ({self.done}/{self.total} done{left})")
+
+    def _publish(self, trials) -> None:
+        """The sweep's gauges from Tune's trials (a resumed sweep's restored trials count too)."""
+        if self.metrics is None:
+            return
+        now = self._published = time.time()
+        ended = self.__dict__.get("_ended", {"done": set(), "failed": set()})
+        states = [trial_state(t, ended["done"], ended["failed"]) for t in trials]
+        counts = trial_counts(states, self.total)
+        remaining = counts["pending"] + counts["running"]
+        eta = 0.0 if remaining == 0 else sweep_eta(self.durations, list(self.started.values()), remaining, self.concurrency, now)
+        finished = [(t.trial_id, bool((t.config or {}).get("baseline")), dict(t.last_result or {}))
+                    for t, state in zip(trials, states) if state == "done"]
+        self.metrics.publish(counts, finished, eta)
 
 
 class ForwardToTune(TuneReportCallback):

@@ -44,6 +44,7 @@ from isosweep.results.rows import SweepOutcome, make_row, summarize
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, RUNNING, SweepState, promotion_refusal, sweep_state
 from isosweep.results.tables import backbones_of, save_tables
 from isosweep.sweep.callbacks import SweepProgress
+from isosweep.sweep.monitoring import SweepMetrics
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
 from isosweep.sweep.resources import check_cluster_fits, trial_concurrency
 from isosweep.sweep.search import build_search, planned_trials
@@ -320,7 +321,8 @@ def _save_state(place: SweepPlace, spec: SweepSpec, spec_path: str | None, track
 def _tuner(spec: SweepSpec, place: SweepPlace, tracking_uri: str, parent_run_id: str, *, resume: bool) -> tune.Tuner:
     """A new Tuner over the spec's search, or the restored one of the sweep being resumed."""
     sweep = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "train_storage": place.train_storage,
-             "session": len(place.state.get("resumed", []))}  # a resume gives errored trials a fresh failure budget
+             "session": len(place.state.get("resumed", [])),  # a resume gives errored trials a fresh failure budget
+             "sweep_id": place.sweep_id}  # the `sweep` tag of the trials' Ray metrics
     # the trial function only waits on its TorchTrainer: it holds no CPU (1 MB so the bundle is not empty)
     trainable = tune.with_resources(make_trial_fn(spec.to_dict(), sweep), {"CPU": 0, "memory": 2**20})
     if resume and tune.Tuner.can_restore(place.sweep_uri):
@@ -337,7 +339,8 @@ def _tuner(spec: SweepSpec, place: SweepPlace, tracking_uri: str, parent_run_id:
         tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(
             name=place.sweep_id,
-            callbacks=[SweepProgress(planned_trials(spec), concurrency)],
+            callbacks=[SweepProgress(planned_trials(spec), concurrency,  # and the sweep's Ray metrics (monitoring.py)
+                                     SweepMetrics(place.sweep_id, planned_trials(spec), list(spec.selection.objectives)))],
             storage_path=place.storage,  # a URI with its query intact: Tune joins the name inside its path
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             verbose=1,

@@ -7,14 +7,18 @@ model never sees it (its lambda_iso = 0 lies outside a log-uniform space and wou
 The Optuna study is held in memory and travels in the searcher state that Tune saves into the sweep's
 experiment folder in storage, so a resume on another machine restores the whole history (no finished
 point is suggested as new, TPE keeps what it learned). Each save also writes `optuna.journal` there,
-Optuna's plain-text journal format, for `optuna-dashboard`.
+Optuna's plain-text journal format, for `optuna-dashboard`. The study names its objectives (`fid`, `ppl`:
+`selection.objectives`) and holds the baseline's result as its user attribute `baseline`, which is all
+the study ever learns of the baseline.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import optuna
@@ -26,11 +30,12 @@ from ray.tune.search.optuna import OptunaSearch
 from isosweep.config import BASELINE_PARAMS, POINT_KEYS, TRIAL_KEYS, SweepSpec
 
 JOURNAL_FILE = "optuna.journal"  # beside Tune's searcher state in <sweep>/: `optuna-dashboard <sweep>/optuna.journal`
+BASELINE_ATTR = "baseline"  # the study's user attribute with the baseline trial's id, parameters and objectives
 
 
 class BaselineFirst(Searcher):
     """Suggests the baseline first, then delegates to the inner searcher; the baseline's result is never
-    given to the inner searcher."""
+    given to the inner searcher as a trial (an Optuna study records it as its user attribute `baseline`)."""
 
     def __init__(self, inner: Searcher, baseline: dict):
         self.inner = inner
@@ -39,7 +44,9 @@ class BaselineFirst(Searcher):
         super().__init__(metric=inner.metric, mode=inner.mode)
 
     def set_search_properties(self, metric, mode, config, **spec):
-        return self.inner.set_search_properties(metric, mode, config, **spec)
+        ok = self.inner.set_search_properties(metric, mode, config, **spec)
+        _name_objectives(self.inner)
+        return ok
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         return self.inner.set_max_concurrency(max_concurrent)
@@ -60,6 +67,12 @@ class BaselineFirst(Searcher):
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         if trial_id != self.baseline_trial:
             self.inner.on_trial_complete(trial_id, result=result, error=error)
+            return
+        study = getattr(self.inner, "_ot_study", None)
+        if study is not None:  # shown by optuna-dashboard beside the searched trials, never used by TPE
+            objectives = {m: _json_number((result or {}).get(m)) for m in _objectives(self.inner)}
+            study.set_user_attr(BASELINE_ATTR, {"trial_id": trial_id, "state": "FAILED" if error else "COMPLETE",
+                                                **{k: v for k, v in self.baseline.items() if k != "baseline"}, **objectives})
 
     def save(self, checkpoint_path: str) -> None:
         _export_journal(self.inner, Path(checkpoint_path).parent / JOURNAL_FILE)
@@ -79,6 +92,28 @@ class BaselineFirst(Searcher):
             inner_path = os.path.join(tmp, "inner.pkl")
             Path(inner_path).write_bytes(state["inner"])
             self.inner.restore(inner_path)
+
+
+def _objectives(searcher: Searcher) -> list[str]:
+    metric = searcher.metric
+    return list(metric) if isinstance(metric, (list, tuple)) else [metric] if metric else []
+
+
+def _name_objectives(searcher: Searcher) -> None:
+    """Name the Optuna study's objectives after the searcher's metrics (`fid`, `ppl`), as its plots and
+    optuna-dashboard then label them; OptunaSearch itself leaves them unnamed."""
+    study = getattr(searcher, "_ot_study", None)
+    names = _objectives(searcher)
+    if study is None or len(names) != len(study.directions) or study.metric_names == names:
+        return
+    with warnings.catch_warnings():  # set_metric_names is marked experimental (since Optuna 3.2)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
+
+
+def _json_number(value) -> float | None:
+    """A finite float, else None: the journal is JSON, and NaN/inf are not."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _export_journal(searcher: Searcher, path: Path) -> None:

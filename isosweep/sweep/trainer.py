@@ -4,7 +4,8 @@
 restart every worker, on whichever nodes are alive, from the run's latest checkpoint);
 `train_loop_per_worker` is the thin function each worker runs: it wraps Ray's context in a `Reporter`,
 hands the loop the evaluation suite as its evaluator (and the cheap FID that selects the trial's step as
-its scorer), MLflow's downloader for `models:/` base models, and calls the plain training loop.
+its scorer), both reporting their progress as Ray metrics (`monitoring`), MLflow's downloader for
+`models:/` base models, and calls the plain training loop.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.util.metrics import Gauge
 
 from isosweep.config import SweepSpec, resolve_trial_spec
 from isosweep.console import say
 from isosweep.evaluation.suite import checkpoint_fid_scorer, trial_evaluator
+from isosweep.sweep.monitoring import EvalProgress, TrainMetrics
 from isosweep.tracking.models import download_model
 from isosweep.tracking.steps import StepLogger
 from isosweep.training.loop import train_loop
@@ -47,12 +48,13 @@ class RayReporter:
     """`training.Reporter` on top of Ray Train V2; rank 0 also logs to MLflow, Ray metrics and stdout."""
 
     def __init__(self, *, max_steps: int | None = None, step_logger=None, verbose: bool = True,
-                 resume_from: str | None = None) -> None:
+                 resume_from: str | None = None, sweep: str = "") -> None:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.max_steps, self.step_logger, self.verbose, self.resume_from = max_steps, step_logger, verbose, resume_from
-        self._gauges = _gauges(ctx.get_experiment_name()) if self.rank == 0 else None
+        self.sweep, self.trial = sweep, ctx.get_experiment_name()  # the Train run is named after the Tune trial
+        self._gauges = TrainMetrics(self.sweep, self.trial) if self.rank == 0 else None
         self._first: tuple[int, float] | None = None  # (step, time) of this run's first report, for the ETA
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
@@ -63,9 +65,7 @@ class RayReporter:
         if self.step_logger is not None:
             self.step_logger.log(metrics, int(metrics["step"]))
         if self._gauges:
-            for name, gauge in self._gauges.items():
-                if name in metrics:
-                    gauge.set(float(metrics[name]))
+            self._gauges.report(metrics)
         if self.verbose:
             stats = " ".join(f"{k}={metrics[k]:.4g}" for k in PRINTED if k in metrics)
             step, now = int(metrics["step"]), time.monotonic()
@@ -80,21 +80,6 @@ class RayReporter:
         older siblings when it is corrupt, and copies remote ones into temporary folders it removes."""
         ckpt = ray.train.get_checkpoint()
         return ckpt if ckpt is not None else self.resume_from
-
-
-def _gauges(run_name: str) -> dict[str, Any] | None:
-    """Ray metrics (Prometheus, the Ray dashboard) for rank 0; None where the metrics agent is absent."""
-    try:
-        tags = {"run": run_name}
-        out = {}
-        for name, desc in (("step", "optimizer steps done"), ("loss", "total loss"), ("dsm_loss", "denoising loss"),
-                           ("iso_loss", "isometry loss"), ("images_per_s", "training throughput")):
-            g = Gauge(f"isosweep_train_{name}", description=desc, tag_keys=("run",))
-            g.set_default_tags(tags)
-            out[name] = g
-        return out
-    except Exception:  # metrics are a nicety: never fail a trial over them
-        return None
 
 
 def _fault_hook(fault: dict | None, rank: int) -> Callable[[int], None] | None:
@@ -127,20 +112,22 @@ def _quiet_train_reports() -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every Train worker runs. config keys: spec (dict), trial_params, evaluate, mlflow
-    ({tracking_uri, run_id}, rank 0 logs step metrics there), resume_from, _fail_once (tests)."""
+    ({tracking_uri, run_id}, rank 0 logs step metrics there), resume_from, sweep_id (the `sweep` tag of the
+    Ray metrics; "" outside a sweep), _fail_once (tests)."""
     _quiet_train_reports()
     spec = resolve_trial_spec(config["spec"], config.get("trial_params"))
     rank = ray.train.get_context().get_world_rank()
     step_logger = None
     if config.get("mlflow") and rank == 0:
         step_logger = StepLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"])
-    reporter = RayReporter(max_steps=spec.train.max_steps, step_logger=step_logger,
-                           verbose=config.get("verbose", True), resume_from=config.get("resume_from"))
+    reporter = RayReporter(max_steps=spec.train.max_steps, step_logger=step_logger, verbose=config.get("verbose", True),
+                           resume_from=config.get("resume_from"), sweep=config.get("sweep_id", ""))
+    progress = EvalProgress(reporter.sweep, reporter.trial, rank)
     try:
         train_loop(spec, reporter, trial_params=config.get("trial_params"),  # recorded in each checkpoint's spec.json
                    provenance={"workers": worker_placement(reporter.rank, reporter.world_size)},
-                   evaluator=trial_evaluator(spec) if config.get("evaluate") else None,
-                   scorer=checkpoint_fid_scorer(spec) if config.get("evaluate") else None,  # evaluation.checkpoint_fid
+                   evaluator=trial_evaluator(spec, progress) if config.get("evaluate") else None,
+                   scorer=checkpoint_fid_scorer(spec, progress) if config.get("evaluate") else None,  # evaluation.checkpoint_fid
                    on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=download_model)
     except BaseException:
         if step_logger is not None:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def make_trial_fn(spec_dict: dict, sweep: dict):
-    """The Tune function trainable. sweep: {tracking_uri, parent_run_id, train_storage}."""
+    """The Tune function trainable. sweep: {tracking_uri, parent_run_id, train_storage, session, sweep_id}."""
 
     def isosweep_trial(config: dict) -> None:
         spec = SweepSpec.model_validate(spec_dict)
@@ -46,7 +46,8 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
         def make_trainer():  # the same run name: each attempt resumes the run from its latest checkpoint
             return build_trainer(spec, run_name=trial_id, storage_path=sweep["train_storage"], trial_params=params,
                                  evaluate=True, mlflow={"tracking_uri": uri, "run_id": run_id} if run_id else None,
-                                 callbacks=[ForwardToTune(list(spec.selection.objectives))], max_failures=0)
+                                 callbacks=[ForwardToTune(list(spec.selection.objectives))], max_failures=0,
+                                 extra_config={"sweep_id": sweep.get("sweep_id", "")})  # tags its Ray metrics
 
         try:
             result = fit_with_one_budget(make_trainer, trial_id, spec.search.max_failures,

@@ -87,11 +87,13 @@ def generated_features(
     stop: int | None = None,
     batch_size: int = 64,
     keep_images: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """Features (n, d) of generated samples start..stop-1 (default: all num_samples), batch by batch.
 
     Latents come from `initial_noise(.., seed, start=i)`, so shards over index ranges concatenate to the
     unsharded result. The first `keep_images` images (of this range) are returned too, for a grid.
+    `on_batch(done)` is called after each batch with the samples of this range done so far (progress).
     """
     stop = num_samples if stop is None else min(stop, num_samples)
     out, kept = [], []
@@ -101,6 +103,8 @@ def generated_features(
         out.append(features(imgs).float().cpu().numpy())
         if sum(k.shape[0] for k in kept) < keep_images:
             kept.append(imgs)
+        if on_batch is not None:
+            on_batch(lo + n - start)
     feats = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
     images = torch.cat(kept)[:keep_images] if kept else None
     return feats, images

@@ -41,10 +41,12 @@ def ppl_distances(
     start: int = 0,
     stop: int | None = None,
     batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """d_i = distance(G(slerp(z0, z1; s)), G(slerp(z0, z1; s + eps))) / eps^2 for pairs start..stop-1: (n,) float64.
 
-    Both ends of a pair are decoded in the same batch with deterministic DDIM (eta = 0)."""
+    Both ends of a pair are decoded in the same batch with deterministic DDIM (eta = 0). `on_batch(done)` is
+    called after each batch with the pairs of this range done so far (progress)."""
     stop = num_samples if stop is None else min(stop, num_samples)
     out = []
     for lo in range(start, stop, batch_size):
@@ -54,6 +56,8 @@ def ppl_distances(
         imgs = sampler(torch.cat([xa, xb]), ddim_steps).images
         d = distance(imgs[:n], imgs[n:]).double().cpu().reshape(-1) / eps**2
         out.append(d.numpy())
+        if on_batch is not None:
+            on_batch(lo + n - start)
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from isosweep.core.sampling import Sampler, initial_noise
@@ -28,8 +30,10 @@ def rtl_per_pair(
     start: int = 0,
     stop: int | None = None,
     pairs_per_batch: int = 4,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """RTL(t) of each pair start..stop-1: (n_pairs, ddim_steps), float64.
+    """RTL(t) of each pair start..stop-1: (n_pairs, ddim_steps), float64. `on_batch(done)` is called after
+    each batch with the pairs of this range done so far (progress).
 
     Pair i has K+1 = num_points+1 points slerp(x_i, x'_i; k/K); every point runs its own DDIM trajectory and
     at each step the bottleneck h_t of all points gives relative_trajectory_length over k.
@@ -47,6 +51,8 @@ def rtl_per_pair(
         steps = h.shape[0]
         h = h.reshape(steps, n, K + 1, -1).permute(0, 2, 1, 3)  # (steps, K+1, n, m)
         rows.append(torch.stack([relative_trajectory_length(h[t]) for t in range(steps)], dim=1))
+        if on_batch is not None:
+            on_batch(lo + n - start)
     return torch.cat(rows) if rows else torch.zeros((0, ddim_steps), dtype=torch.float64)
 
 

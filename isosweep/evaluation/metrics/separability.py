@@ -187,10 +187,12 @@ def classify_samples(
     stop: int | None = None,
     batch_size: int = 64,
     capture_h: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Classifier labels (n, A), confidences (n, A) and, with `capture_h`, the bottleneck h (n, m) float32 at
     the first DDIM step (h = e_t(x_T), t the first of `ddim_steps` timesteps) of generated samples
-    start..stop-1 (latents: stream 0 of `seed`, the same latents as the FID samples); h is None otherwise."""
+    start..stop-1 (latents: stream 0 of `seed`, the same latents as the FID samples); h is None otherwise.
+    `on_batch(done)` is called after each batch with the samples of this range done so far (progress)."""
     stop = num_samples if stop is None else min(stop, num_samples)
     labs, confs, hs = [], [], []
     for lo in range(start, stop, batch_size):
@@ -201,6 +203,8 @@ def classify_samples(
         confs.append(conf.float().cpu().numpy())
         if capture_h:
             hs.append(out.h[0].flatten(1).float().numpy())
+        if on_batch is not None:
+            on_batch(lo + n - start)
     if not labs:  # an empty shard
         empty = np.zeros((0, 0), np.float32)
         return empty.astype(np.int64), empty, (empty if capture_h else None)
