@@ -18,10 +18,11 @@ from isosweep.spec_base import Section as _Section
 # with the rbf kernel, ls_rbf; in h, ls_h and ls_h_rbf). Every list of metric names in isosweep is one of these two.
 EVAL_METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "ls")
 # Metrics with a bootstrap interval (docs/metrics.md, "Intervals"): <name>_lo and <name>_hi beside <name>.
-INTERVAL_METRICS = ("ppl", "mrtl", "mcn", "vor")
+INTERVAL_METRICS = ("fid", "ppl", "mrtl", "mcn", "vor")  # fid's only at screening fidelity (evaluation.screening)
 INTERVAL_BOUNDS = ("lo", "hi")
 PPL_QUANTILES = ("ppl_median", "ppl_p90", "ppl_p99")  # of the per-pair values, unfiltered
-RESULT_METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "ls", "ls_rbf", "ls_h", "ls_h_rbf", "ls_max", *PPL_QUANTILES,
+PPL_COUNT = "ppl_n"  # pairs a sequential PPL (ppl.stop_width) used; absent when it used all num_samples
+RESULT_METRICS = ("fid", "ppl", "mrtl", "mcn", "vor", "ls", "ls_rbf", "ls_h", "ls_h_rbf", "ls_max", *PPL_QUANTILES, PPL_COUNT,
                   *(f"{m}_{b}" for m in INTERVAL_METRICS for b in INTERVAL_BOUNDS))
 # MCN and VoR at every evaluation.jacobian.timesteps: `mcn`/`vor` at the first, `mcn_t<t>`/`vor_t<t>` at the others
 # (with their own _lo/_hi). These names depend on the spec, so they are matched by pattern, not listed.
@@ -68,6 +69,8 @@ class PplSpec(_Section):
     num_samples: int = Field(50000, ge=2, description="slerp pairs (paper: 50k)")
     ddim_steps: int = Field(100, ge=1, description="DDIM steps (paper: 100)")
     eps: float = Field(1e-4, gt=0.0, description="step along the slerp path")
+    stop_width: float | None = Field(None, gt=0.0, le=2.0, description="sequential PPL: stop after a round once the bootstrap interval's width is at most this fraction of PPL (e.g. 0.1); null: always all num_samples pairs")
+    round_pairs: int = Field(1000, ge=2, description="with stop_width: pairs per round (over all workers) between two looks at the interval")
 
 
 class RtlSpec(_Section):
@@ -118,6 +121,26 @@ class LsSpec(_Section):
     spaces: list[Literal[LS_SPACES]] = Field(default_factory=lambda: ["x_T"], min_length=1, description="x_T: initial latents (paper; ls*); h: bottleneck at the first DDIM step (ls_h*)")
 
 
+class ScreenFidSpec(_Section):
+    num_samples: int = Field(1000, ge=2, description="generated images of the screening FID (at most evaluation.fid.num_samples)")
+    ddim_steps: int = Field(20, ge=1, description="DDIM steps per screening-FID sample")
+
+
+class ScreenPplSpec(_Section):
+    num_samples: int = Field(2000, ge=2, description="slerp pairs of the screening PPL (at most evaluation.ppl.num_samples)")
+    ddim_steps: int = Field(20, ge=1, description="DDIM steps per screening-PPL image")
+
+
+class ScreeningSpec(_Section):
+    """Multi-fidelity evaluation (docs/metrics.md, "Screening"): every trial's FID and PPL at these cheap sizes, with
+    bootstrap intervals; the full protocol (evaluation.fid, evaluation.ppl) then runs only for the trials that can
+    still reach the Pareto front (no other trial beats them beyond the noise on both objectives) and the baseline."""
+
+    fid: ScreenFidSpec = Field(default_factory=ScreenFidSpec)
+    ppl: ScreenPplSpec = Field(default_factory=ScreenPplSpec)
+    fid_resamples: int = Field(100, ge=20, description="bootstrap resamples of the screening FID's interval (each costs one eigendecomposition of the feature covariance)")
+
+
 class EvaluationSpec(_Section):
     """What every trial measures at the end, and with which feature networks."""
 
@@ -138,3 +161,31 @@ class EvaluationSpec(_Section):
     jacobian: JacobianSpec = Field(default_factory=JacobianSpec)
     ls: LsSpec = Field(default_factory=LsSpec)
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
+    screening: ScreeningSpec | None = Field(None, description="multi-fidelity evaluation: FID/PPL of every trial at cheap sizes, the full protocol only for trials that can reach the front; null: every trial gets the full protocol")
+
+    @model_validator(mode="after")
+    def _screening_is_cheaper(self) -> "EvaluationSpec":
+        """Screening sizes at most the full ones, FID and PPL measured, intervals on: checked before anything trains."""
+        sc = self.screening
+        if sc is None:
+            return self
+        missing = [m for m in ("fid", "ppl") if m not in self.metrics]
+        if missing:
+            raise ValueError(f"screening screens FID and PPL but evaluation.metrics lacks {missing}: add them, or set screening: null")
+        for metric, cheap, full in (("fid", sc.fid, self.fid), ("ppl", sc.ppl, self.ppl)):
+            for field in ("num_samples", "ddim_steps"):
+                if getattr(cheap, field) > getattr(full, field):
+                    raise ValueError(f"screening.{metric}.{field} = {getattr(cheap, field)} is more than evaluation.{metric}.{field} = "
+                                     f"{getattr(full, field)}: a screening must be cheaper than the full protocol; lower it")
+        if self.bootstrap.resamples < 100:
+            raise ValueError(f"screening decides which trials to evaluate in full from bootstrap intervals, but bootstrap.resamples = "
+                             f"{self.bootstrap.resamples}; set it to at least 100 (default 2000)")
+        return self
+
+    def screened(self) -> "EvaluationSpec":
+        """This evaluation at screening fidelity: FID and PPL at screening's sizes, everything else as it is."""
+        if self.screening is None:
+            raise ValueError("no evaluation.screening in this spec")
+        fid = self.fid.model_copy(update=self.screening.fid.model_dump())
+        ppl = self.ppl.model_copy(update=self.screening.ppl.model_dump())
+        return self.model_copy(update={"fid": fid, "ppl": ppl})

@@ -24,12 +24,23 @@ def _type_name(ann: Any) -> str:
     return getattr(ann, "__name__", str(ann))
 
 
+def _section_of(ann: Any) -> type[BaseModel] | None:
+    """The section class a field holds (`X` or `X | None`), or None for a plain value or a distribution."""
+    candidates = [a for a in (typing.get_args(ann) or (ann,)) if a is not type(None)]
+    if len(candidates) == 1 and isinstance(candidates[0], type) and issubclass(candidates[0], BaseModel) \
+            and candidates[0] is not Distribution:
+        return candidates[0]
+    return None
+
+
 def _walk_fields(model: type[BaseModel], prefix: str = ""):
     for name, info in model.model_fields.items():
         ann = info.annotation
-        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not Distribution else None
+        sub = _section_of(ann)
         path = f"{prefix}{name}"
         if sub is not None:
+            if type(None) in typing.get_args(ann):  # an optional section: its own row says it may be null
+                yield path, f"{sub.__name__} or null", "`None`", (info.description or "")
             yield from _walk_fields(sub, path + ".")
             continue
         if info.is_required():

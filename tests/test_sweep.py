@@ -251,8 +251,10 @@ def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path
            "ISOSWEEP_TRACKING_BACKOFF_S": "0.2", "HF_TOKEN": token}
     registry = "isodiff-outage"
     args = [str(DEMO), "--storage", str(storage), "--tracking-uri", proxy.uri.replace("://", f"://isosweep:{password}@")]
+    # screened (evaluation.screening): the full evaluations run while the server is down, so `sync` must log them
+    screening = "evaluation.screening={fid: {num_samples: 8, ddim_steps: 2}, ppl: {num_samples: 4, ddim_steps: 2}}"
     for o in TINY + ["search.num_trials=1", "evaluation.metrics=[fid, ppl]", f"tracking.registry_name={registry}",
-                     "tracking.experiment=outage"]:
+                     "tracking.experiment=outage", screening]:
         args += ["--set", o]
     try:
         log = open(tmp_path / "run.log", "w")
@@ -292,6 +294,15 @@ def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
     assert sorted(r.data.tags["isosweep.trial_id"] for r in children) == sorted({r.data.tags["isosweep.trial_id"] for r in children})
     assert len(children) == 2 and all("fid" in r.data.metrics for r in children)
+    import csv
+    table = {r["trial_id"]: r for r in csv.DictReader(open(sweep_dir / "results.csv"))}
+    base = next(r for r in table.values() if r["baseline"] == "True")
+    assert "screening: " in out and base["fidelity"] == "full", out[-3000:]  # the baseline is always evaluated in full
+    for run in children:  # what MLflow says is what the table says: the full numbers, the screening ones beside them
+        row = table[run.data.tags["isosweep.trial_id"]]
+        if row["fidelity"] == "full":
+            assert run.data.metrics["fid"] == pytest.approx(float(row["fid"])) and "screen_fid" in run.data.metrics
+            assert float(row["screen_fid"]) == pytest.approx(run.data.metrics["screen_fid"])
     res = subprocess.run([sys.executable, "-m", "isosweep", "results", str(sweep_dir)], capture_output=True, text=True,
                          env=env, timeout=120)
     champion = next(line.split()[1].rstrip(":") for line in res.stdout.splitlines() if line.startswith("champion:"))

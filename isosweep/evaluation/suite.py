@@ -30,13 +30,16 @@ from isosweep.data.imagefiles import DECODE_VERSION
 from isosweep.data.images import make_grid, make_strip
 from isosweep.evaluation.features import resolver as bb
 from isosweep.evaluation.features.common import cache_dir
-from isosweep.evaluation.metrics.confidence import mean_interval, ppl_summary, vor_interval
+from isosweep.evaluation.metrics.confidence import fid_interval, mean_interval, ppl_summary, vor_interval
 from isosweep.evaluation.metrics.fid import fid_from_features, generated_features, reference_statistics
 from isosweep.evaluation.metrics.jacobian import autodiff_context, condition_numbers, jacobian_singular_values, mcn, unet_encoder, vor
 from isosweep.evaluation.metrics.paths import lerp, slerp
-from isosweep.evaluation.metrics.ppl import ppl_distances
+from isosweep.evaluation.metrics.ppl import ppl_distances, sequential_pairs
 from isosweep.evaluation.metrics.rtl import pair_latents, pair_mrtl, rtl_per_pair, summarize_rtl
 from isosweep.evaluation.metrics.separability import classify_samples, ls_scores
+from isosweep.evaluation.collectives import broadcast as _broadcast
+from isosweep.evaluation.collectives import distributed as _distributed
+from isosweep.evaluation.collectives import gather as _gather
 from isosweep.evaluation.record import EvalResult
 
 __all__ = ["evaluate_model", "trial_evaluator", "checkpoint_fid_scorer", "shard_range", "Progress"]
@@ -64,6 +67,7 @@ class _Shard:
     world_size: int
     progress: bool
     on_progress: Progress | None = None
+    fid_resamples: int = 0  # > 0: FID gets a bootstrap interval (screening fidelity)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -84,18 +88,20 @@ class _Shard:
 
 def evaluate_model(unet: torch.nn.Module, scheduler, eval_spec, dataset_spec, *, metrics: list[str] | None = None,
                    device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
-                   progress: bool = True, images: bool = True, on_progress: Progress | None = None) -> EvalResult:
+                   progress: bool = True, images: bool = True, on_progress: Progress | None = None,
+                   fid_resamples: int = 0) -> EvalResult:
     """Evaluate one model: see the module docstring. `metrics` defaults to evaluation.metrics ("ls" gives
     ls, ls_max and, with the rbf kernel configured, ls_rbf; with h in evaluation.ls.spaces, ls_h and ls_h_rbf
     too). Progress bars only on rank 0; `on_progress` (every rank) gets each share's progress on this rank.
-    images=False skips the grid and strips (the cheap FID needs none)."""
+    images=False skips the grid and strips (the cheap FID needs none). fid_resamples > 0 adds fid_lo/fid_hi, a
+    bootstrap interval over the generated images (screening fidelity: docs/metrics.md, "Screening")."""
     wanted = list(metrics if metrics is not None else eval_spec.metrics)
     unknown = set(wanted) - set(EVAL_METRICS)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; use any of {' '.join(EVAL_METRICS)}")
     with full_float32_matmul():
         return _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted, device, rank, world_size, progress, images,
-                         on_progress)
+                         on_progress, fid_resamples)
 
 
 @contextlib.contextmanager
@@ -115,12 +121,12 @@ def full_float32_matmul() -> Iterator[None]:
 
 
 def _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted: list[str], device, rank: int, world_size: int,
-              progress: bool, images: bool = True, on_progress: Progress | None = None) -> EvalResult:
+              progress: bool, images: bool = True, on_progress: Progress | None = None, fid_resamples: int = 0) -> EvalResult:
     dist = _distributed(world_size)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     show = progress and rank == 0
     sampler = DDIMSampler(unet, scheduler, batch_size=eval_spec.batch_size, progress=show, device=device)
-    shard = _Shard(sampler, unet, scheduler, eval_spec, dataset_spec, device, rank, world_size, show, on_progress)
+    shard = _Shard(sampler, unet, scheduler, eval_spec, dataset_spec, device, rank, world_size, show, on_progress, fid_resamples)
     nets = _feature_networks(shard, wanted, dist)
     partial = {name: share(shard, nets) for name, share in _SHARES.items() if _needed(name, wanted)}
     gathered = _gather(partial, dist, world_size)
@@ -133,15 +139,21 @@ def _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted: list[str], devic
     return _broadcast(result, dist)
 
 
-def trial_evaluator(spec: SweepSpec, on_progress: Progress | None = None
-                    ) -> Callable[[torch.nn.Module, Any, torch.device, int, int], EvalResult]:
+def trial_evaluator(spec: SweepSpec, on_progress: Progress | None = None, *, full: bool = False,
+                    metrics: list[str] | None = None) -> Callable[[torch.nn.Module, Any, torch.device, int, int], EvalResult]:
     """The `training.loop.Evaluator` of a trial: the spec's evaluation suite on the trial's model (the final EMA
     weights, or with evaluation.checkpoint_fid those of the step with the lowest cheap FID), reporting to
-    `on_progress` (this worker's rank) if given."""
+    `on_progress` (this worker's rank) if given. With evaluation.screening it runs at screening fidelity (FID with
+    an interval) unless `full`; the record's settings say which (`fidelity`: screen or full)."""
+    screen = spec.evaluation.screening is not None and not full
+    eval_spec = spec.evaluation.screened() if screen else spec.evaluation
 
     def evaluate(unet, scheduler, device, rank, world_size) -> EvalResult:
-        return evaluate_model(unet, scheduler, spec.evaluation, spec.dataset, device=device, rank=rank,
-                              world_size=world_size, progress=rank == 0, on_progress=on_progress)
+        result = evaluate_model(unet, scheduler, eval_spec, spec.dataset, metrics=metrics, device=device, rank=rank,
+                                world_size=world_size, progress=rank == 0, on_progress=on_progress, images=metrics is None,
+                                fid_resamples=spec.evaluation.screening.fid_resamples if screen else 0)
+        result.settings["fidelity"] = "screen" if screen else "full"
+        return result
 
     return evaluate
 
@@ -187,15 +199,33 @@ def _fid_share(s: _Shard, nets) -> dict[str, Any]:
 
 
 def _ppl_share(s: _Shard, nets) -> np.ndarray:
+    """This rank's PPL pairs; with ppl.stop_width, rounds until the interval is tight (rank 0 returns them all)."""
     t0, spec = time.time(), s.eval_spec
     lo, hi = s.range(spec.ppl.num_samples)
     on_batch = s.started("ppl", hi - lo)
-    out = ppl_distances(s.sampler, nets.distance, num_samples=spec.ppl.num_samples, ddim_steps=spec.ppl.ddim_steps,
-                        eps=spec.ppl.eps, seed=spec.seed, shape=s.shape, start=lo, stop=hi, batch_size=max(1, spec.batch_size // 2),
-                        on_batch=on_batch)
+
+    def compute(a: int, b: int) -> np.ndarray:
+        return ppl_distances(s.sampler, nets.distance, num_samples=spec.ppl.num_samples, ddim_steps=spec.ppl.ddim_steps,
+                             eps=spec.ppl.eps, seed=spec.seed, shape=s.shape, start=a, stop=b,
+                             batch_size=max(1, spec.batch_size // 2), on_batch=on_batch if spec.ppl.stop_width is None else None)
+
+    if spec.ppl.stop_width is None:
+        out = compute(lo, hi)
+    else:
+        out = sequential_pairs(compute, lambda v: _gather(v, _distributed(s.world_size), s.world_size),
+                               num_samples=spec.ppl.num_samples, round_pairs=spec.ppl.round_pairs, rank=s.rank,
+                               world_size=s.world_size, enough=lambda d: _tight(d, spec, on_batch, s.world_size))
+        out = out if s.rank == 0 else out[:0]  # gathered in rank order: rank 0 holds every pair, in pair order
     on_batch(hi - lo)
     s.timings["ppl"] = time.time() - t0
     return out
+
+
+def _tight(d: np.ndarray, spec, on_batch: Callable[[int], None], world_size: int) -> bool:
+    """Sequential PPL's look after a round: the interval (200 resamples) at most ppl.stop_width x PPL wide."""
+    on_batch(len(d) // world_size)
+    summary = ppl_summary(d, resamples=200, level=spec.bootstrap.level, seed=spec.seed)
+    return bool(summary.get("ppl_hi", np.inf) - summary.get("ppl_lo", 0.0) <= spec.ppl.stop_width * abs(summary["ppl"]))
 
 
 def _mrtl_share(s: _Shard, nets) -> torch.Tensor:
@@ -313,11 +343,16 @@ def _combine(result: EvalResult, gathered: list[dict], wanted: list[str], s: _Sh
         feats = np.concatenate([g["fid"]["features"] for g in gathered])
         mu, sigma = _reference_stats(s.eval_spec, s.dataset_spec, nets.fid_features, names["fid"], s.progress)
         result.metrics["fid"] = fid_from_features(feats, mu, sigma)
+        if s.fid_resamples:
+            result.metrics.update(fid_interval(feats, mu, sigma, resamples=s.fid_resamples, level=s.eval_spec.bootstrap.level,
+                                               seed=s.eval_spec.seed))
         s.timings["fid"] += time.time() - t0
     boot = {"resamples": s.eval_spec.bootstrap.resamples, "level": s.eval_spec.bootstrap.level, "seed": s.eval_spec.seed}
     if "ppl" in wanted:
         result.values["ppl_pairs"] = d = np.concatenate([g["ppl"] for g in gathered])  # pair order: ranks hold ranges
         result.metrics.update(ppl_summary(d, **boot))
+        if s.eval_spec.ppl.stop_width is not None:  # sequential: how many pairs it took
+            result.metrics["ppl_n"] = float(len(d))
     if "mrtl" in wanted:
         per_pair = torch.cat([g["mrtl"] for g in gathered])
         result.metrics["mrtl"], result.rtl_curve = summarize_rtl(per_pair)
@@ -398,33 +433,3 @@ def _settings(eval_spec, shape) -> dict[str, Any]:
             "fid": eval_spec.fid.model_dump(), "ppl": eval_spec.ppl.model_dump(), "mrtl": eval_spec.mrtl.model_dump(),
             "jacobian": eval_spec.jacobian.model_dump(), "ls": eval_spec.ls.model_dump(),
             "bootstrap": eval_spec.bootstrap.model_dump()}
-
-
-# --- collectives ----------------------------------------------------------------------------------
-
-
-def _distributed(world_size: int) -> bool:
-    if world_size <= 1:
-        return False
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised; initialise the "
-                           "process group first (Ray Train does) or pass world_size=1")
-    return True
-
-
-def _gather(obj: Any, dist: bool, world_size: int) -> list[Any]:
-    """Every rank's obj, in rank order (all ranks get the list)."""
-    if not dist:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(result: EvalResult, dist: bool) -> EvalResult:
-    """Rank 0's result on every rank."""
-    if not dist:
-        return result
-    box = [result]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

@@ -55,6 +55,9 @@ def make_row(trial_id: str, config: dict, metrics: dict, status: str) -> dict:
     row.update({k: v for k, v in metrics.items() if k.startswith("backbone_")})
     for k in (SELECTED_STEP, SELECTED_FID):  # the step whose weights the row measures (evaluation.checkpoint_fid)
         row[k] = float(metrics[k]) if isinstance(metrics.get(k), (int, float)) else math.nan
+    # evaluation.screening: `screen` until the full protocol ran (`full`, with the screened values kept beside it)
+    row["fidelity"] = str(metrics.get("fidelity") or "full")
+    row.update({k: float(v) for k, v in metrics.items() if k.startswith(("screen_", "cost_")) and isinstance(v, (int, float))})
     row["checkpoint_path"] = metrics.get("checkpoint_path", "")
     row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
     row["tracking_pending"] = bool(metrics.get("tracking_pending"))  # MLflow lacks some of it: `isosweep sync`
@@ -77,8 +80,10 @@ def label_rows(rows: list[dict], front: list[dict], champion: Choice | None) -> 
 
 
 def summarize(spec: SweepSpec, rows: list[dict]) -> tuple[list[dict], Choice | None]:
-    """The Pareto front and champion of the DONE rows by the spec's selection rule; labels every row."""
-    done = [r for r in rows if r["status"] == "DONE"]
+    """The Pareto front and champion of the DONE rows by the spec's selection rule; labels every row. Rows measured
+    only at screening fidelity (evaluation.screening) are never on the front nor champion: FID and PPL at other
+    sizes are other numbers, and the screening left out just the rows that could not reach either."""
+    done = [r for r in rows if r["status"] == "DONE" and r.get("fidelity", "full") != "screen"]
     objectives = tuple(spec.selection.objectives)
     front = pareto_front(done, objectives)
     champion = choose_champion(

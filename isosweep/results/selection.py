@@ -61,6 +61,19 @@ def pareto_front(rows: Sequence[Row], objectives: Sequence[str] = ("fid", "ppl")
     return sorted(front, key=lambda r: tuple(r[k] for k in objectives))
 
 
+def contenders(rows: Sequence[Row], objectives: Sequence[str] = ("fid", "ppl")) -> list[Row]:
+    """The screened rows that can still reach the Pareto front or the champion rule, and the baseline (its reference).
+
+    A row is out only when another beats it beyond the noise on every objective (`lower_beyond_noise` on each: the
+    other's interval wholly below its own), which at full fidelity would dominate it and, having the lower PPL with
+    a FID no higher, be preferred by every rule. Rows with a missing objective are out; the baseline never is.
+    """
+    valid = [r for r in rows if _finite(r, objectives)]
+    keep = [r for r in valid if r.get("baseline")
+            or not any(o is not r and all(lower_beyond_noise(o, r, k) for k in objectives) for o in valid)]
+    return sorted(keep, key=lambda r: (not r.get("baseline"), tuple(r[k] for k in objectives)))
+
+
 @dataclass(frozen=True)
 class Choice:
     """The champion and why it was chosen (the sentence goes into the report)."""

@@ -50,10 +50,14 @@ def table_rows(rows: list[dict]) -> list[dict]:
 
 
 def table_columns(rows: list[dict]) -> tuple[str, ...]:
-    """TABLE_COLUMNS, with the POINT_KEYS columns after iso_metric when a point of search.points set them."""
+    """TABLE_COLUMNS, with the POINT_KEYS columns after iso_metric when a point of search.points set them, and
+    `fidelity` (screen or full) before status when the sweep screened its trials (evaluation.screening)."""
     extra = tuple(k for k in POINT_KEYS if any(k in r for r in rows))
     at = TABLE_COLUMNS.index("iso_metric") + 1
-    return TABLE_COLUMNS[:at] + extra + TABLE_COLUMNS[at:]
+    columns = TABLE_COLUMNS[:at] + extra + TABLE_COLUMNS[at:]
+    if any(r.get("fidelity") == "screen" or "screen_fid" in r for r in rows):  # evaluation.screening: which rows are full
+        columns = columns[:-1] + ("fidelity", columns[-1])
+    return columns
 
 
 def markdown_table(rows: list[dict], backbones: dict[str, str] | None = None) -> str:

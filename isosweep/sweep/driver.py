@@ -45,6 +45,7 @@ from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, RUNNING, Swe
 from isosweep.results.tables import backbones_of, save_tables
 from isosweep.sweep.callbacks import SweepProgress
 from isosweep.sweep.monitoring import SweepMetrics
+from isosweep.sweep.promotion import apply_stored_records, promote_screened
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
 from isosweep.sweep.resources import check_cluster_fits, trial_concurrency
 from isosweep.sweep.search import build_search, planned_trials
@@ -101,7 +102,9 @@ def _run(spec: SweepSpec, spec_path: str | None, place: SweepPlace, *, address: 
     say(f"MLflow: {scrub_text(tracking_uri)} (experiment '{spec.experiment_name}', parent run {parent_run_id})")
     try:
         results = _tuner(spec, place, tracking_uri, parent_run_id, resume=place.resuming).fit()
-        outcome = _outcome(spec, place, rows_from_results(results), tracking_uri, parent_run_id)
+        rows = rows_from_results(results)
+        promote_screened(spec, place.train_storage, rows, tracking_uri, trial_concurrency(spec)[0])  # evaluation.screening
+        outcome = _outcome(spec, place, rows, tracking_uri, parent_run_id)
         return _finish(spec, place, outcome, report_dir=report_dir, write_report=write_report)
     except BaseException as exc:  # a second Ctrl-C, a crash: the sweep is resumable and its parent run ends
         interrupted = isinstance(exc, KeyboardInterrupt)
@@ -237,6 +240,7 @@ def load_outcome(sweep: str | Path) -> tuple[SweepSpec, SweepOutcome]:
         trials = []
     rows = [make_row(t.trial_id, dict(t.config or {}), dict(t.last_result or {}), t.status) for t in trials]
     rows.sort(key=lambda r: (not r["baseline"], r["trial_id"]))
+    apply_stored_records(spec, train_storage(st.parent_of(sweep), state["sweep_id"]), rows)  # evaluation.screening
     front, champion = summarize(spec, rows)
     return spec, SweepOutcome(state["sweep_id"], Path(sweep) if not st.is_remote(sweep) else Path(state["sweep_id"]), rows, front,
                               champion, tracking_uri=state.get("tracking_uri"), parent_run_id=state.get("parent_run_id"),

@@ -49,6 +49,7 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
                                  callbacks=[ForwardToTune(list(spec.selection.objectives))], max_failures=0,
                                  extra_config={"sweep_id": sweep.get("sweep_id", "")})  # tags its Ray metrics
 
+        started = time.time()
         try:
             result = fit_with_one_budget(make_trainer, trial_id, spec.search.max_failures,
                                          st.join(sweep["train_storage"], trial_id, ATTEMPTS_FILE), sweep.get("session", 0))
@@ -66,7 +67,8 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
             raise
         if run_id and not pending:
             end_run(uri, run_id, "FINISHED", quiet=True)
-        report = final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id, selected)
+        report = final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id, selected,
+                              seconds=time.time() - started)
         tune.report({**report, "tracking_pending": pending})
 
     return isosweep_trial
@@ -171,16 +173,23 @@ def evaluated_record(spec: SweepSpec, checkpoint_dir, trial_id: str) -> EvalResu
 
 
 def final_report(spec: SweepSpec, train_metrics: dict[str, Any], record: EvalResult, params: dict[str, Any],
-                 checkpoint_path: str, run_id: str | None, selected: dict[str, Any] | None = None) -> dict[str, Any]:
+                 checkpoint_path: str, run_id: str | None, selected: dict[str, Any] | None = None,
+                 seconds: float | None = None) -> dict[str, Any]:
     """What Tune records for a finished trial: its last training report, the evaluation, the parameters,
     where its model is, and `evaluated` (a DONE row); both objectives always present (NaN when missing).
-    selected: the final checkpoint's `selected_step`, `selected_fid_cheap` and `backbone_fid_cheap`."""
+    selected: the final checkpoint's `selected_step`, `selected_fid_cheap` and `backbone_fid_cheap`.
+    Costs: `cost_<metric>_s` the final evaluation's seconds per metric (rank 0's), `cost_train_s` the rest of the
+    trial's `seconds` (training, checkpoint FIDs, start-up, retries); `fidelity` screen or full (evaluation.screening)."""
     report = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float, str, bool))}
     report.update(selected or {})
     report.update(record.metrics)
     report.update({f"backbone_{k}": v for k, v in record.backbones.items()})
     report.update(params)
-    report.update({"checkpoint_path": checkpoint_path, "mlflow_run_id": run_id or "", "evaluated": True})
+    report.update({"checkpoint_path": checkpoint_path, "mlflow_run_id": run_id or "", "evaluated": True,
+                   "fidelity": record.settings.get("fidelity", "full")})
+    report.update({f"cost_{k}_s": float(v) for k, v in record.timings.items()})
+    if seconds is not None:
+        report["cost_train_s"] = max(0.0, seconds - sum(float(v) for v in record.timings.values()))
     for objective in spec.selection.objectives:
         report.setdefault(objective, float("nan"))
     return report

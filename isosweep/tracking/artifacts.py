@@ -101,6 +101,21 @@ def _log_record(tracking_uri: str, run: Any, record: EvalResult, only_metrics: s
         retry_call("log backbones", tracking_uri, c.log_batch, run_id, params=params, tags=tags_of(names))
 
 
+def log_final_metrics(tracking_uri: str, run_id: str, values: dict[str, float], tags: dict[str, str] | None = None) -> None:
+    """Final metrics that replace earlier ones, and tags, on a run finished or not; used when a screened trial's full
+    evaluation replaces its screening numbers (`sweep.promotion`, `isosweep sync`). Each value is logged at step 0
+    (the final evaluation's step: the newest one there is the one a registered model gets) and one step after the
+    run's last step of any of these keys, so that MLflow's latest value (highest step) is the new one too."""
+    c, ts = client(tracking_uri), int(time.time() * 1000)
+    last = max((m.step for k in values for m in retry_call("get metric history", tracking_uri, c.get_metric_history, run_id, k)),
+               default=0)
+    ms = [Metric(k, float(v), ts, step) for k, v in values.items() if math.isfinite(v) for step in {0, last + 1}]
+    for chunk in chunks(ms, MAX_METRICS_PER_BATCH):
+        retry_call("log final metrics", tracking_uri, c.log_batch, run_id, metrics=list(chunk))
+    if tags:
+        retry_call("log tags", tracking_uri, c.log_batch, run_id, tags=tags_of(tags))
+
+
 def log_sweep_summary(
     tracking_uri: str,
     parent_run_id: str,

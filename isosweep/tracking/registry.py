@@ -66,12 +66,14 @@ def pip_requirements() -> list[str]:
 
 
 def _final_metrics(tracking_uri: str, run_id: str, keys: Iterable[str], step: int = 0) -> list[Metric]:
-    """The run's metrics at `step` (the final evaluation is logged at step 0) not yet linked to a model."""
+    """The run's metrics at `step` (the final evaluation is logged at step 0) not yet linked to a model; of several
+    values of a key there, the newest (a screened trial's full evaluation replaces its screening numbers)."""
     c = tracking.client(tracking_uri)
     out = []
     for key in keys:
         history = tracking.retry_call("get metric history", tracking_uri, c.get_metric_history, run_id, key)
-        out += [m for m in history if m.step == step and m.model_id is None]
+        at_step = [m for m in history if m.step == step and m.model_id is None]
+        out += [max(at_step, key=lambda m: m.timestamp)] if at_step else []
     return out
 
 

@@ -11,8 +11,8 @@ from mlflow.exceptions import MlflowException
 
 from isosweep.evaluation.record import EVAL_DIR, RECORD_FILE, read_record, record_path
 from isosweep.files import read_json
-from isosweep.results.layout import STATE_FILE, trial_id_from_path
-from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, EVAL_ARTIFACT_PATH, log_trial_result
+from isosweep.results.layout import FULL_EVAL_FILE, SCREENED_VALUES, STATE_FILE, TRAIN_DIR, trial_id_from_path
+from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, EVAL_ARTIFACT_PATH, log_final_metrics, log_trial_result
 from isosweep.tracking.client import client, retry_call
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run, find_trial_run, open_trial_run
 
@@ -98,7 +98,25 @@ def sync_sweep_dir(
             log_trial_result(tracking_uri, run_id, ckpt, only_metrics=set(metrics), log_eval=need_eval, log_checkpoint=need_ckpt)
             uploaded += (["metrics:" + ",".join(sorted(metrics))] if metrics else []) + (["checkpoint"] if need_ckpt else []) + (["eval"] if need_eval else [])
             end_run(tracking_uri, run_id, "FINISHED")
+        if _sync_full_record(tracking_uri, run_id, sweep_dir / TRAIN_DIR / tid / FULL_EVAL_FILE, file_metrics, run):
+            uploaded.append("full evaluation")
         done.append((tid, run_id, uploaded))
     return done
+
+
+def _sync_full_record(tracking_uri: str, run_id: str, path: Path, screened: dict, run: Any) -> bool:
+    """A screened trial's full-protocol record (evaluation.screening) onto its run, after the screening numbers:
+    `fid`, `ppl`, ... become the full ones (the newest value at step 0 wins) and `screen_<name>` keeps the
+    screening ones. Skipped when the run already has them; returns whether anything was logged."""
+    full = read_json(path).get("metrics") or {}
+    if not full:
+        return False
+    have = dict(run.data.metrics) if run is not None else {}
+    values = {k: float(v) for k, v in full.items() if k in SCREENED_VALUES}
+    values.update({f"screen_{k}": float(v) for k, v in screened.items() if k in SCREENED_VALUES})
+    if all(have.get(k) == v for k, v in values.items()) and run is not None and run_id == run.info.run_id:
+        return False
+    log_final_metrics(tracking_uri, run_id, values, tags={"isosweep.fidelity": "full"})
+    return True
 
 

@@ -1,4 +1,4 @@
-"""Bootstrap intervals of the evaluation metrics: how sure a PPL, mRTL, MCN or VoR is (docs/metrics.md, "Intervals").
+"""Bootstrap intervals of the evaluation metrics: how sure a PPL, mRTL, MCN, VoR or screening FID is (docs/metrics.md, "Intervals").
 
 Every interval is a percentile bootstrap over the metric's own units (PPL pairs, mRTL pairs, Jacobian samples):
 `resamples` draws of n units with replacement, the metric recomputed on each, and the (1 - level)/2 and
@@ -15,6 +15,7 @@ import zlib
 from typing import Callable
 
 import numpy as np
+from scipy import linalg
 
 from isosweep.evaluation.metrics.ppl import filtered_mean
 
@@ -26,6 +27,8 @@ __all__ = [
     "ppl_summary",
     "mean_interval",
     "vor_interval",
+    "fid_of_counts",
+    "fid_interval",
 ]
 
 Statistic = Callable[[np.ndarray], np.ndarray]  # counts (B, n) -> the statistic of each resample (B,)
@@ -141,3 +144,43 @@ def vor_interval(name: str, svals: np.ndarray, norm: str, *, resamples: int, lev
         return {}
     lo, hi = bootstrap_interval(len(s), vor_of_counts(s, norm), resamples=resamples, level=level, seed=seed, name=name)
     return {f"{name}_lo": lo, f"{name}_hi": hi}
+
+
+def fid_of_counts(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> Statistic:
+    """`fid.frechet_distance` of each resample of the generated features (N, d) against fixed reference statistics.
+
+    With A = sqrtm(ref_sigma) (symmetric, computed once), Tr (S_b R)^{1/2} = Tr (A S_b A)^{1/2} = sum sqrt(eig(A S_b A)),
+    so a resample costs one weighted covariance and one symmetric eigendecomposition, not a general sqrtm. S_b is the
+    unbiased weighted covariance of the resample (np.cov of the drawn rows), so all-ones counts give the FID itself.
+    """
+    x = np.asarray(feats, np.float64)
+    mu_r, sigma_r = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
+    root = linalg.sqrtm(sigma_r)
+    root = np.real(root + root.T) / 2.0
+    tr_r = float(np.trace(sigma_r))
+
+    def stat(counts: np.ndarray) -> np.ndarray:
+        out = np.empty(len(counts))
+        for i, c in enumerate(counts.astype(np.float64)):
+            n = c.sum()
+            mu = c @ x / n
+            centred = x - mu
+            cov = (centred * c[:, None]).T @ centred / (n - 1.0)
+            eig = np.linalg.eigvalsh(root @ cov @ root)
+            diff = mu - mu_r
+            out[i] = diff @ diff + np.trace(cov) + tr_r - 2.0 * np.sqrt(np.clip(eig, 0.0, None)).sum()
+        return out
+
+    return stat
+
+
+def fid_interval(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, *, resamples: int, level: float,
+                 seed: int) -> dict[str, float]:
+    """{fid_lo, fid_hi}: the bootstrap interval of FID over the generated images (the reference statistics held
+    fixed, as every trial shares them); {} without resamples. Used at screening fidelity, where it decides which
+    trials are evaluated in full (docs/metrics.md, "Screening")."""
+    x = np.asarray(feats, np.float64)
+    if not resamples:
+        return {}
+    lo, hi = bootstrap_interval(len(x), fid_of_counts(x, ref_mu, ref_sigma), resamples=resamples, level=level, seed=seed, name="fid")
+    return {"fid_lo": lo, "fid_hi": hi}

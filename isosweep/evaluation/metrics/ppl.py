@@ -10,7 +10,7 @@ import torch
 from isosweep.core.sampling import Sampler, index_generator, initial_noise
 from isosweep.evaluation.metrics.paths import slerp
 
-__all__ = ["ppl_pairs", "ppl_distances", "filtered_mean", "perceptual_path_length"]
+__all__ = ["ppl_pairs", "ppl_distances", "sequential_pairs", "filtered_mean", "perceptual_path_length"]
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # two (B, C, H, W) in [-1, 1] -> (B,)
 
@@ -59,6 +59,29 @@ def ppl_distances(
         if on_batch is not None:
             on_batch(lo + n - start)
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def sequential_pairs(compute: Callable[[int, int], np.ndarray], gather: Callable[[np.ndarray], list[np.ndarray]], *,
+                     num_samples: int, round_pairs: int, rank: int, world_size: int,
+                     enough: Callable[[np.ndarray], bool]) -> np.ndarray:
+    """Per-pair values of pairs 0, 1, ... in rounds of `round_pairs`, stopping after the first round whose pairs so
+    far are `enough` (sequential estimation), or at num_samples.
+
+    compute(lo, hi): this rank's values of pairs lo..hi-1; each round's pairs are split over the ranks in
+    contiguous ranges. gather(values): every rank's values in rank order (a collective; [values] on one process).
+    After each round every rank holds all pairs so far, in pair order, so `enough` decides the same on every
+    rank. Pair i depends only on (seed, i): stopping after n pairs gives exactly the first n pairs' values.
+    """
+    done = np.zeros(0)
+    for lo in range(0, num_samples, round_pairs):
+        hi = min(lo + round_pairs, num_samples)
+        base, extra = divmod(hi - lo, world_size)
+        a = lo + rank * base + min(rank, extra)
+        b = a + base + (1 if rank < extra else 0)
+        done = np.concatenate([done, *gather(compute(a, b))])
+        if hi < num_samples and enough(done):
+            break
+    return done
 
 
 def filtered_mean(values: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> float:

@@ -1,0 +1,168 @@
+"""Multi-fidelity evaluation, its second phase: the full protocol for the screened trials that can still win.
+
+With `evaluation.screening`, every trial ends with FID and PPL at screening sizes, each with a bootstrap interval
+(`trial.py`). Once Tune is done, `promote_screened` takes the rows that can still reach the Pareto front or the
+champion rule (`results.selection.contenders`: nobody beats them beyond the noise on both objectives; the
+baseline always) and evaluates each at the full protocol (evaluation.fid, evaluation.ppl), sharded over the
+trial's own worker count by a TorchTrainer that only evaluates. The record goes to
+`<train storage>/<trial id>/isosweep_full_eval.json` (JSON: nothing read back can run code), so a resumed sweep
+never evaluates a trial twice, and the row's `fid`/`ppl` (and intervals) become the full numbers with the
+screening ones kept as `screen_*` and `fidelity: full`. The other rows keep `fidelity: screen` and are never
+selected (`results.rows.summarize`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from isosweep import storage as st
+from isosweep.config import SweepSpec
+from isosweep.console import say
+from isosweep.evaluation.suite import trial_evaluator
+from isosweep.models.loading import load_local
+from isosweep.results.layout import FULL_EVAL_FILE, SCREENED_VALUES
+from isosweep.results.selection import contenders
+from isosweep.tracking.client import TrackingError
+from isosweep.tracking.artifacts import log_final_metrics
+from isosweep.training.checkpoint import verify_checkpoint
+
+
+
+def promote_screened(spec: SweepSpec, train_storage: str, rows: list[dict], tracking_uri: str | None,
+                     concurrency: int) -> list[str]:
+    """Evaluate the contenders among the DONE rows at the full protocol (or read their stored record) and update
+    their rows in place; returns the trial ids whose full evaluation failed (their rows stay `screen`)."""
+    if spec.evaluation.screening is None:
+        return []
+    done = [r for r in rows if r["status"] == "DONE"]
+    objectives = tuple(spec.selection.objectives)
+    chosen = contenders(done, objectives)  # rows rebuilt from Tune's results: their screening numbers
+    todo = [r for r in chosen if st.read_json(_record_uri(train_storage, r["trial_id"])) is None]
+    say(f"screening: {len(chosen)} of {len(done)} trials can still reach the front or the champion rule "
+        f"({', '.join(r['trial_id'] for r in chosen) or 'none'}); the full protocol runs for {len(todo)} of them, "
+        f"the others keep their screening numbers")
+    failed: list[str] = []
+    for start in range(0, len(todo), max(1, concurrency)):  # as many at once as trials ran at once
+        batch = todo[start:start + max(1, concurrency)]
+        outcomes = ray.get([_fit_remote.remote(spec, train_storage, r) for r in batch])
+        failed += [r["trial_id"] for r, ok in zip(batch, outcomes) if not ok]
+    for r in apply_stored_records(spec, train_storage, chosen):
+        _log_full(tracking_uri, r)
+    for r in rows:  # the sweep is not complete without them: FAILED, and `isosweep resume` evaluates them again
+        if r["trial_id"] in failed:
+            r["status"] = "ERROR"
+    return failed
+
+
+def apply_stored_records(spec: SweepSpec, train_storage: str, rows: list[dict]) -> list[dict]:
+    """Put every stored full-protocol record into its screened row (`apply_full_record`); returns those rows.
+    A sweep read back from storage (`isosweep results`, `promote`) shows exactly what its run decided."""
+    if spec.evaluation.screening is None:
+        return []
+    updated = []
+    for r in rows:
+        record = st.read_json(_record_uri(train_storage, r["trial_id"])) if r["status"] == "DONE" else None
+        if record is not None:
+            apply_full_record(r, record)
+            updated.append(r)
+    return updated
+
+
+def apply_full_record(row: dict, record: dict) -> None:
+    """Put a full-protocol record into a screened row: screening values kept as `screen_<name>`, the full ones in
+    their place, `fidelity` full, the full evaluation's seconds as `cost_full_<metric>_s`."""
+    if row.get("fidelity") == "screen":
+        for k in SCREENED_VALUES:
+            if k in row:
+                row[f"screen_{k}"] = row[k]
+    for k in SCREENED_VALUES:
+        row[k] = float(record["metrics"].get(k, math.nan))
+    row.update({f"cost_full_{k}_s": float(v) for k, v in (record.get("timings") or {}).items()})
+    row["fidelity"] = "full"
+
+
+def _record_uri(train_storage: str, trial_id: str) -> str:
+    return st.join(train_storage, trial_id, FULL_EVAL_FILE)
+
+
+@ray.remote(num_cpus=0)
+def _fit_remote(spec: SweepSpec, train_storage: str, row: dict) -> bool:
+    """Runs `_evaluate_in_full` in its own process, as Tune runs a trial, so several run at once."""
+    return _evaluate_in_full(spec, train_storage, row)
+
+
+def _evaluate_in_full(spec: SweepSpec, train_storage: str, row: dict) -> bool:
+    """One trial's full evaluation as a TorchTrainer run of the trial's worker count; False (said) when it failed."""
+    trial_id = row["trial_id"]
+    checkpoint = st.join(train_storage, trial_id, st.name_of(row["checkpoint_path"]))
+    res = spec.resources
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    trainer = TorchTrainer(
+        _evaluate_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "checkpoint": checkpoint, "out": _record_uri(train_storage, trial_id)},
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=f"{trial_id}-full-eval", storage_path=_local_path(train_storage),
+                             failure_config=FailureConfig(max_failures=spec.search.max_failures, max_preemption_failures=-1),
+                             logging_config=LoggingConfig(log_level=os.environ.get("ISOSWEEP_TRAIN_LOG_LEVEL", "WARNING"))),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as exc:  # noqa: BLE001 -- reported: the row stays at screening fidelity, the sweep says so
+        error = exc
+    if error is not None:
+        say(f"screening: the full evaluation of {trial_id} failed ({type(error).__name__}: {str(error)[:300]}); "
+            "`isosweep resume` runs it again")
+        return False
+    say(f"screening: {trial_id} evaluated in full in {time.time() - t0:.0f} s")
+    return True
+
+
+def _local_path(uri: str) -> str:
+    return uri if st.is_remote(uri) else str(Path(uri).expanduser().resolve())
+
+
+def _evaluate_per_worker(config: dict[str, Any]) -> None:
+    """Every rank: the trial's final model from storage (manifest checked, safetensors only), the selection's
+    objectives at the full protocol over this rank's shard; rank 0 writes the record."""
+    spec = SweepSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    with tempfile.TemporaryDirectory(prefix="isosweep-full-eval-") as tmp:
+        local = st.download_dir(config["checkpoint"], Path(tmp) / "checkpoint")
+        verify_checkpoint(local, config["checkpoint"])
+        unet, scheduler = load_local(local, None)
+    evaluate = trial_evaluator(spec, full=True, metrics=list(spec.selection.objectives))
+    result = evaluate(unet.to(device), scheduler, device, rank, world)
+    if rank == 0:
+        st.write_json(config["out"], {"metrics": result.metrics, "backbones": result.backbones, "timings": result.timings,
+                                      "settings": result.settings, "finished": time.time()})
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _log_full(tracking_uri: str | None, row: dict) -> None:
+    """The full numbers on the trial's MLflow run (`fid`, `ppl`, ... replace the screening ones, which stay as
+    `screen_*`); best effort: storage holds the record, and the tables are made from it."""
+    run_id = row.get("mlflow_run_id")
+    if not tracking_uri or not run_id:
+        return
+    values = {k: v for k, v in row.items() if (k in SCREENED_VALUES or k.startswith(("screen_", "cost_full_")))
+              and isinstance(v, float) and math.isfinite(v)}
+    try:
+        log_final_metrics(tracking_uri, run_id, values, tags={"isosweep.fidelity": "full"})
+    except TrackingError as exc:
+        say(f"warning: MLflow did not get the full evaluation of {row['trial_id']} ({exc}); the sweep's tables have it")
