@@ -205,3 +205,66 @@ def test_ddim_sample_matches_diffusers_ddim_pipeline():
                output_type="np").images  # (B, H, W, C) in [0, 1], from the same noise
     ours = ddim_sample(unet, sched, x, 5, progress=False).images
     assert np.allclose((ours.numpy().transpose(0, 2, 3, 1) + 1) / 2, ref, atol=1e-5)
+
+
+def test_ddim_sample_is_exactly_the_plain_ddim_loop():
+    """inference_mode, batching and the float32 DDIM update change no bit of the fp32 result."""
+    from diffusers import DDIMScheduler
+
+    unet, sched = tiny_unet(16), ddpm_scheduler()
+    x_T = initial_noise(3, (3, 16, 16), seed=1)
+    ddim = DDIMScheduler.from_config(sched.config)
+    ddim.set_timesteps(4)
+    with torch.no_grad():
+        x = x_T.clone()
+        for t in ddim.timesteps:
+            x = ddim.step(unet(x, int(t)).sample, int(t), x, eta=0.0).prev_sample
+    for grad_mode in ("inference", "no_grad"):
+        assert torch.equal(ddim_sample(unet, sched, x_T, 4, batch_size=3, progress=False, grad_mode=grad_mode).images,
+                           x.clamp(-1, 1))
+
+
+def test_ddim_sample_returns_ordinary_tensors():
+    """Sampled under inference_mode, but the images and h can go into autograd and be changed in place later."""
+    unet, sched = tiny_unet(16), ddpm_scheduler()
+    out = ddim_sample(unet, sched, initial_noise(3, (3, 16, 16), seed=0), 2, batch_size=2, capture_h=True, progress=False)
+    assert not torch.is_inference(out.images) and not torch.is_inference(out.h)
+    assert not out.images.requires_grad
+    w = torch.ones((), requires_grad=True)
+    ((w * out.images).sum() + (w * out.h).sum()).backward()  # saves both for backward: fails on inference tensors
+    assert w.grad is not None
+    out.images.add_(1.0)
+    with torch.inference_mode():  # a caller in inference mode (the metrics) still gets inference tensors: its choice
+        assert torch.is_inference(ddim_sample(unet, sched, initial_noise(1, (3, 16, 16), seed=0), 1, progress=False).images)
+
+
+def test_ddim_sample_precision_choices():
+    from isosweep.core.sampling import DDIMSampler
+
+    unet, sched = tiny_unet(16), ddpm_scheduler()
+    x = initial_noise(2, (3, 16, 16), seed=0)
+    with pytest.raises(ValueError, match="fp16.*GPU"):
+        ddim_sample(unet, sched, x, 2, progress=False, precision="fp16")
+    with pytest.raises(ValueError, match="fp16.*GPU"):
+        DDIMSampler(unet, sched, progress=False, precision="fp16")(x, 2)
+    with pytest.raises(ValueError, match="precision"):
+        ddim_sample(unet, sched, x, 2, progress=False, precision="float16")
+    with pytest.raises(ValueError, match="grad_mode"):
+        ddim_sample(unet, sched, x, 2, progress=False, grad_mode="enable_grad")
+    fp32 = ddim_sample(unet, sched, x, 2, progress=False).images
+    bf16 = DDIMSampler(unet, sched, progress=False, precision="bf16")(x, 2, capture_h=True)
+    assert bf16.images.dtype == torch.float32 and bf16.h.dtype == torch.float32
+    assert not torch.equal(bf16.images, fp32)  # autocast did act
+    assert (bf16.images - fp32).abs().max() < 0.1
+    assert next(unet.parameters()).dtype == torch.float32  # the model is untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_ddim_sample_half_precision_on_gpu(precision):
+    unet, sched = tiny_unet(16).cuda(), ddpm_scheduler()
+    x = initial_noise(4, (3, 16, 16), seed=0)
+    fp32 = ddim_sample(unet, sched, x, 4, progress=False).images
+    half = ddim_sample(unet, sched, x, 4, progress=False, precision=precision, capture_h=True)
+    assert half.images.device.type == "cpu" and half.images.dtype == torch.float32 and half.h.dtype == torch.float32
+    assert (half.images - fp32).abs().max() < 0.1

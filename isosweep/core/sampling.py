@@ -4,19 +4,32 @@ Sampling is the inner loop of every metric, so it is batched, runs under `torch.
 capture the bottleneck h (the output of `unet.mid_block`) at every step for mRTL. Initial noise is drawn
 per sample index from its own generator: sample i's noise depends only on (seed, stream, i), so a
 sharded evaluation draws exactly the latents a single process would.
+
+Precision (`precision=`): "fp32" (the default, and the only choice that reproduces the recorded metrics) or,
+on a GPU, "bf16"/"fp16" autocast of the UNet forward with x_t and the DDIM update kept in float32. Which
+metric tolerates what, and what TF32 does, is in `ddim_sample`'s docstring; docs/benchmarks.md ("Sampling")
+has the throughput and the measured size of the bf16 error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-__all__ = ["SampleOutput", "Sampler", "DDIMSampler", "ddim_sample", "initial_noise", "index_generator"]
+__all__ = ["GRAD_MODES", "PRECISIONS", "DDIMSampler", "SampleOutput", "Sampler", "ddim_sample", "index_generator",
+           "initial_noise"]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+GradMode = Literal["inference", "no_grad"]
+# precision -> autocast dtype of the UNet forward (None: no autocast, the UNet's own dtype)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRAD_MODES: tuple[str, ...] = ("inference", "no_grad")
 
 
 @dataclass
@@ -80,7 +93,6 @@ def _unet_dtype(unet: torch.nn.Module) -> torch.dtype:
     return next(unet.parameters()).dtype
 
 
-@torch.inference_mode()
 def ddim_sample(
     unet: torch.nn.Module,
     scheduler,
@@ -91,19 +103,76 @@ def ddim_sample(
     capture_h: bool = False,
     progress: bool = True,
     device: torch.device | str | None = None,
+    precision: Precision = "fp32",
+    grad_mode: GradMode = "inference",
 ) -> SampleOutput:
     """Run deterministic DDIM (eta = 0) from x_T: (B, C, H, W) -> images (B, C, H, W) in [-1, 1] on the CPU.
 
     `scheduler` is the model's training scheduler (any diffusers scheduler with a DDPM-style config); a
     fresh `DDIMScheduler.from_config(scheduler.config)` is built, as diffusers' DDIMPipeline does, so
     the caller's scheduler is not modified. With `capture_h`, the output of `unet.mid_block` at each step
-    is returned as h (num_steps, B, *h_shape) on the CPU.
+    is returned as h (num_steps, B, *h_shape) float32 on the CPU. `batch_size` images run through the UNet
+    at once; the result does not depend on it (up to float noise).
+
+    The loop runs under `torch.inference_mode` (`grad_mode="no_grad"`: `torch.no_grad`, for benchmarks; same
+    numbers). The returned tensors are ordinary tensors (unless the caller is itself in inference mode, as the
+    metrics are): they are concatenated after the loop's inference mode ends, so they may go into autograd or
+    be modified in place afterwards.
+
+    precision:
+      "fp32": the UNet runs in its own dtype (float32 for every isosweep model). On an Ampere or later GPU
+        this is full float32 only with TF32 off: PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa)
+        by default. `isosweep.evaluation.suite.evaluate_model` turns TF32 off around every metric
+        (`full_float32_matmul`); a caller outside the suite must do so itself where the metric needs it.
+      "bf16" / "fp16": the UNet forward under `torch.autocast` in that dtype (attention and convolutions in half
+        precision, normalisations in float32); x_t, eps and the DDIM update are float32, so x_t itself is never
+        rounded to half precision between steps. For throughput on a GPU (tensor cores). "fp16" is refused on
+        a CPU; "bf16" runs there (emulated, about 16x slower than fp32 on this project's CPU) so that its
+        effect can be measured.
+    Which metric tolerates half precision (bench/sampling.py --precision-check; docs/benchmarks.md, "Sampling"):
+      PPL does not. It is a finite difference of two decodes whose latents differ by eps = 1e-4 along a
+        slerp, divided by eps^2 = 1e-8: the two images differ by ~1e-4, while rounding that differs between
+        the two decodes is ~4e-3 relative in bf16 (2^-8) and ~5e-4 in fp16 and TF32 (2^-11). Measured on the
+        trained 32 px shapes model, 20 steps: bf16 changed the per-pair PPL value by a median factor of about
+        3,000 (fp32 at another batch size: 0.3 %). PPL needs "fp32" with TF32 off.
+      FID, LS and the sample grid compare distributions: bf16 moved those samples by 0.018 rms (pixels in
+        [-1, 1]; single pixels at shape edges by up to 0.9), against 5e-7 for fp32 at another batch size.
+        Plausibly below FID's sampling error, but not measured: compare FID in fp32 and bf16 on the same
+        seeds before recording half-precision metrics. mRTL's h (points 1/K apart on the path) stays "fp32"
+        until measured too.
     """
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    device = torch.device(device) if device is not None else _unet_device(unet)
+    autocast_dtype = _autocast_dtype(precision, device)
+    context = torch.inference_mode() if grad_mode == "inference" else torch.no_grad()
+    with context:
+        images, hs, timesteps = _ddim_loop(unet, scheduler, x_T, num_steps, batch_size, capture_h, progress, device,
+                                           autocast_dtype)
+    # concatenated outside inference mode: ordinary tensors (one copy, which the concatenation makes anyway)
+    h = torch.cat(hs, dim=1) if capture_h else None
+    return SampleOutput(images=torch.cat(images, dim=0), h=h, timesteps=timesteps)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is torch.float16 and device.type == "cpu":
+        raise ValueError('precision="fp16" needs a GPU: on a CPU use "fp32" (evaluation) or "bf16" (to measure its effect)')
+    return dtype
+
+
+def _ddim_loop(unet, scheduler, x_T: torch.Tensor, num_steps: int, batch_size: int, capture_h: bool, progress: bool,
+               device: torch.device, autocast_dtype: torch.dtype | None
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """The batches of `ddim_sample`: per-batch images (float32, CPU), per-batch h (steps, b, ...), timesteps."""
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(num_steps)
     timesteps = [int(t) for t in ddim.timesteps]
-    device = torch.device(device) if device is not None else _unet_device(unet)
-    dtype = _unet_dtype(unet)
+    unet_dtype = _unet_dtype(unet)
+    # x_t and the DDIM update in float32 at least (a half-precision UNet only sees a cast copy)
+    state_dtype = torch.promote_types(unet_dtype, torch.float32)
     was_training = unet.training
     unet.eval()
 
@@ -118,10 +187,10 @@ def ddim_sample(
     bar = tqdm(total=total, desc=f"DDIM {num_steps} steps", disable=not progress, leave=False)
     try:
         for lo in range(0, n, batch_size):
-            x = x_T[lo : lo + batch_size].to(device=device, dtype=dtype)
+            x = x_T[lo : lo + batch_size].to(device=device, dtype=state_dtype)
             captured.clear()
             for t in timesteps:
-                eps = unet(x, t).sample
+                eps = _unet_forward(unet, x.to(unet_dtype), t, autocast_dtype).to(state_dtype)
                 x = ddim.step(eps, t, x, eta=0.0).prev_sample
                 bar.update(1)
             images.append(x.float().clamp(-1, 1).cpu())
@@ -132,17 +201,27 @@ def ddim_sample(
         if handle is not None:
             handle.remove()
         unet.train(was_training)
-    h = torch.cat(hs, dim=1) if capture_h else None
-    return SampleOutput(images=torch.cat(images, dim=0), h=h, timesteps=timesteps)
+    return images, hs, timesteps
+
+
+def _unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: int, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    if autocast_dtype is None:
+        return unet(x, t).sample
+    with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+        return unet(x, t).sample
 
 
 class DDIMSampler:
-    """A `Sampler` bound to one UNet and scheduler: `sampler(x_T, num_steps, capture_h=...)`."""
+    """A `Sampler` bound to one UNet and scheduler: `sampler(x_T, num_steps, capture_h=...)`.
+
+    `precision` is `ddim_sample`'s ("fp32" unless the metrics it serves tolerate half precision: not PPL).
+    """
 
     def __init__(self, unet: torch.nn.Module, scheduler, *, batch_size: int = 64, progress: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, precision: Precision = "fp32") -> None:
         self.unet, self.scheduler = unet, scheduler
         self.batch_size, self.progress, self.device = batch_size, progress, device
+        self.precision = precision
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -151,5 +230,4 @@ class DDIMSampler:
 
     def __call__(self, x_T: torch.Tensor, num_steps: int, *, capture_h: bool = False) -> SampleOutput:
         return ddim_sample(self.unet, self.scheduler, x_T, num_steps, batch_size=self.batch_size,
-                           capture_h=capture_h, progress=self.progress, device=self.device)
-
+                           capture_h=capture_h, progress=self.progress, device=self.device, precision=self.precision)
