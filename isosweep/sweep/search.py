@@ -124,8 +124,13 @@ def _export_journal(searcher: Searcher, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     backend = optuna.storages.journal.JournalFileBackend(str(tmp))
-    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
-                      to_storage=optuna.storages.JournalStorage(backend))
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # else "A new study created" at every save (~10 s)
+    try:
+        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                          to_storage=optuna.storages.JournalStorage(backend))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     os.replace(tmp, path)
 
 
