@@ -94,6 +94,12 @@ class TrainSpec(_Section):
     iso_timesteps: Literal[ISO_TIMESTEPS] = Field(
         "per_timestep", description="per_timestep: every iso micro-batch shares one t, the ratio is Eq. 6 at that t (the paper); "
                                     "pooled: one ratio over samples with their own t (the public code; an ablation)")
+    iso_batch: int | None = Field(
+        None, ge=1, description="samples of each worker's micro-batch (the first ones) the isometry term uses; null = all. "
+                                "Its cost scales with it; the denoising term always uses the whole micro-batch")
+    iso_shared_forward: bool = Field(
+        False, description="denoise the iso sub-batch from the isometry term's encoder pass (one encoder pass instead of two); "
+                           "with per_timestep those samples are denoised at t_iso (still uniform on [pT, T): L_dsm stays unbiased)")
     learning_rate: float = Field(1e-4, gt=0.0, description="Adam learning rate")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")
@@ -303,7 +309,15 @@ class SweepSpec(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SweepSpec":
-        self.train.per_worker_batch_size(self.resources.workers_per_trial)
+        per_worker = self.train.per_worker_batch_size(self.resources.workers_per_trial)
+        iso_batch = self.train.iso_batch
+        if iso_batch is not None and iso_batch > per_worker:
+            raise ValueError(f"train.iso_batch={iso_batch} is above the per-worker micro-batch ({per_worker} = global_batch_size / "
+                             f"(workers_per_trial x grad_accumulation)); fix: set train.iso_batch to at most {per_worker}, or null for all")
+        if self.train.iso_shared_forward and self.resources.workers_per_trial > 1 and (iso_batch or per_worker) >= per_worker:
+            raise ValueError(f"train.iso_shared_forward under DDP (workers_per_trial={self.resources.workers_per_trial}) needs "
+                             f"train.iso_batch below the per-worker micro-batch ({per_worker}), so that the other samples' forward "
+                             f"runs through the DDP wrapper; fix: set train.iso_batch to at most {per_worker - 1}")
         unmeasured = [o for o in self.selection.objectives if o not in self.evaluation.metrics]
         if unmeasured:  # found now, not after every trial has trained
             raise ValueError(f"selection.objectives {unmeasured} are not in evaluation.metrics {self.evaluation.metrics}; "

@@ -507,3 +507,35 @@ def test_a_sweep_saved_before_the_intervals_resumes_without_them():
     saved = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False).to_dict()
     del saved["evaluation"]["bootstrap"]
     assert spec_for_resume(saved, None, allow_changes=False, source="x").evaluation.bootstrap.resamples == 0
+
+
+def test_iso_batch_and_shared_forward_default_to_all_samples_and_are_validated(tmp_path):
+    """train.iso_batch (null = every sample) and train.iso_shared_forward (off): a spec without them loads as before
+    and trains as before; an iso_batch above the per-worker micro-batch, or not a positive integer, names the field;
+    sharing under DDP needs a sample outside the iso sub-batch."""
+    data = demo_data()
+    for key in ("iso_batch", "iso_shared_forward"):
+        data["train"].pop(key, None)
+    spec = load_spec(write(tmp_path, data))
+    assert spec.train.iso_batch is None and spec.train.iso_shared_forward is False
+    per_worker = spec.train.per_worker_batch_size(spec.resources.workers_per_trial)
+    ok = load_spec(write(tmp_path, data), [f"train.iso_batch={per_worker}", "train.iso_shared_forward=true"])
+    assert ok.train.iso_batch == per_worker and ok.train.iso_shared_forward is True
+    for bad in (0, -2, "two"):
+        data = demo_data()
+        data["train"]["iso_batch"] = bad
+        msg = _error(tmp_path, data)
+        assert "train.iso_batch" in msg and str(bad) in msg
+    data = demo_data()
+    data["train"]["iso_batch"] = per_worker + 1
+    msg = _error(tmp_path, data)
+    assert "train.iso_batch" in msg and f"at most {per_worker}" in msg
+    data = demo_data()
+    data["resources"]["workers_per_trial"] = 2
+    data["train"]["global_batch_size"] = 8
+    data["train"]["grad_accumulation"] = 1
+    data["train"]["iso_shared_forward"] = True
+    msg = _error(tmp_path, data)
+    assert "train.iso_shared_forward" in msg and "train.iso_batch" in msg and "at most 3" in msg
+    data["train"]["iso_batch"] = 3
+    assert load_spec(write(tmp_path, data)).train.iso_batch == 3

@@ -302,3 +302,101 @@ def test_iso_timesteps_errors_name_the_choice():
         IsoDiffusionLoss(lambda_iso=1.0, p=0.5, iso_timesteps="mixed")
     with pytest.raises(ValueError, match="shared"):
         IsoDiffusionLoss(lambda_iso=1.0, p=0.5).draw(torch.zeros(2, 3, 8, 8), True, torch.Generator().manual_seed(0))
+
+
+# --- cost levers: the isometry term on a sub-batch, and one encoder pass shared with the denoising term ---------
+
+
+@pytest.mark.parametrize("mode", ["per_timestep", "pooled"])
+def test_iso_batch_is_the_full_loss_on_the_first_k_samples(mode):
+    """iso_batch=k: L_iso is exactly the loss of the whole-batch estimator computed on the micro-batch's first k
+    samples (same x0, noise, t_iso, probes), in value and in gradient; L_dsm still averages all B samples."""
+    unet, sched = tiny_unet(), default_scheduler()
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(21)) * 2 - 1
+    sub = IsoDiffusionLoss(lambda_iso=1.0, p=0.5, iso_timesteps=mode, iso_batch=2)
+    full = IsoDiffusionLoss(lambda_iso=1.0, p=0.5, iso_timesteps=mode)
+    d = sub.draw(x0, True, torch.Generator().manual_seed(22), torch.Generator().manual_seed(23))
+    same = full.draw(x0, True, torch.Generator().manual_seed(22), torch.Generator().manual_seed(23))
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(d, same))  # iso_batch changes no draw
+    out = sub(unet, unet, x0, d.t, d.noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(24), t_iso=d.t_iso)
+    t_iso_k = None if d.t_iso is None else d.t_iso[:2]
+    ref = full(unet, unet, x0[:2], d.t[:2], d.noise[:2], True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(24),
+               t_iso=t_iso_k)
+    assert out.iso.item() == pytest.approx(ref.iso.item(), rel=1e-6)
+    assert out.tr_r.item() == pytest.approx(ref.tr_r.item(), rel=1e-6)
+    dsm_all = F.mse_loss(unet(sched.add_noise(x0, d.noise, d.t), d.t).sample, d.noise)
+    assert out.dsm.item() == pytest.approx(dsm_all.item(), rel=1e-5)
+    g_sub = _grads(unet, out.loss - _dsm_graph(unet, sched, x0, d))  # the isometry term's gradient alone
+    g_ref = _grads(unet, ref.loss - _dsm_graph(unet, sched, x0[:2], d, k=2))
+    assert all(_close(g_sub[n], g_ref[n]) for n in g_sub)
+    whole = full(unet, unet, x0, d.t, d.noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(24), t_iso=d.t_iso)
+    assert abs(whole.iso.item() - out.iso.item()) > 1e-4 * whole.iso.item()  # k = 2 of 4 is a different estimate
+
+
+def _dsm_graph(unet, sched, x0, d, k=None):
+    """The denoising MSE with its graph, on the first k samples of the draw (all when k is None)."""
+    k = x0.shape[0] if k is None else k
+    return F.mse_loss(unet(sched.add_noise(x0, d.noise[:k], d.t[:k]), d.t[:k]).sample, d.noise[:k])
+
+
+def test_iso_batch_above_the_micro_batch_uses_all_and_bad_values_are_refused():
+    assert IsoDiffusionLoss(lambda_iso=1.0, p=0.5, iso_batch=16).iso_samples(4) == 4
+    assert IsoDiffusionLoss(lambda_iso=1.0, p=0.5).iso_samples(4) == 4
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="iso_batch"):
+            IsoDiffusionLoss(lambda_iso=1.0, p=0.5, iso_batch=bad)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_shared_forward_equals_the_unshared_loss_for_pooled(k):
+    """pooled: denoising the iso sub-batch from the JVP's encoder pass gives the same loss and the same gradient
+    as a separate denoising forward (same draws), whether the sub-batch is part of the micro-batch or all of it."""
+    unet, sched = tiny_unet(), default_scheduler()
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(31)) * 2 - 1
+    outs, grads = [], []
+    for share in (False, True):
+        loss_fn = IsoDiffusionLoss(lambda_iso=0.5, p=0.5, iso_timesteps="pooled", iso_batch=k, share_forward=share)
+        d = loss_fn.draw(x0, True, torch.Generator().manual_seed(32), torch.Generator().manual_seed(33))
+        out = loss_fn(unet, unet, x0, d.t, d.noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(34))
+        outs.append((d, out))
+        grads.append(_grads(unet, out.loss))
+    (d0, a), (d1, b) = outs
+    assert torch.equal(d0.t, d1.t) and torch.equal(d0.noise, d1.noise)  # pooled: sharing changes no draw
+    assert b.dsm.item() == pytest.approx(a.dsm.item(), rel=1e-5) and b.iso.item() == pytest.approx(a.iso.item(), rel=1e-5)
+    assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-5)
+    assert all(_close(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_shared_forward_per_timestep_denoises_the_sub_batch_at_t_iso():
+    """per_timestep + share_forward: `draw` gives the first k samples the denoising t = t_iso and leaves the others'
+    draws as they were; the loss then equals the unshared loss at those timesteps (value and gradient)."""
+    unet, sched = tiny_unet(), default_scheduler()
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(41)) * 2 - 1
+    plain = IsoDiffusionLoss(lambda_iso=0.5, p=0.5, iso_batch=2)
+    shared = IsoDiffusionLoss(lambda_iso=0.5, p=0.5, iso_batch=2, share_forward=True)
+    d0 = plain.draw(x0, True, torch.Generator().manual_seed(42), torch.Generator().manual_seed(43))
+    d1 = shared.draw(x0, True, torch.Generator().manual_seed(42), torch.Generator().manual_seed(43))
+    assert torch.equal(d1.t[:2], d1.t_iso[:2]) and torch.equal(d1.t[2:], d0.t[2:]) and not torch.equal(d0.t[:2], d1.t[:2])
+    assert torch.equal(d0.noise, d1.noise) and torch.equal(d0.t_iso, d1.t_iso)
+    a = plain(unet, unet, x0, d1.t, d1.noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(44), t_iso=d1.t_iso)
+    g_a = _grads(unet, a.loss)
+    b = shared(unet, unet, x0, d1.t, d1.noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(44), t_iso=d1.t_iso)
+    g_b = _grads(unet, b.loss)
+    assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-5) and b.dsm.item() == pytest.approx(a.dsm.item(), rel=1e-5)
+    assert all(_close(g_a[n], g_b[n]) for n in g_a)
+    with pytest.raises(ValueError, match="t_iso|isometry term's t"):  # timesteps not drawn for sharing
+        shared(unet, unet, x0, d0.t, d0.noise, True, sched.alphas_cumprod, generator=torch.Generator().manual_seed(44), t_iso=d0.t_iso)
+
+
+def test_shared_forward_under_a_wrapper_needs_a_sample_outside_the_iso_batch():
+    """A DDP wrapper that runs no forward would not all-reduce the gradients: sharing the whole micro-batch is refused."""
+    unet, sched = tiny_unet(), default_scheduler()
+    wrapper = torch.nn.Sequential(unet)  # any module other than `unet` stands for the DDP wrapper
+    wrapper.forward = lambda x, t: unet(x, t)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    loss_fn = IsoDiffusionLoss(lambda_iso=0.5, p=0.5, iso_timesteps="pooled", share_forward=True)
+    d = loss_fn.draw(x0, True, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="iso_batch"):
+        loss_fn(wrapper, unet, x0, d.t, d.noise, True, sched.alphas_cumprod)
+    ok = IsoDiffusionLoss(lambda_iso=0.5, p=0.5, iso_timesteps="pooled", share_forward=True, iso_batch=1)
+    assert ok(wrapper, unet, x0, d.t, d.noise, True, sched.alphas_cumprod).iso_on

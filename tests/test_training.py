@@ -247,3 +247,32 @@ def test_the_base_models_prediction_type_reaches_the_loss(tiny_model_dir, tmp_pa
     monkeypatch.setattr(losses, "denoising_target", spy)
     train_loop(make_spec(model, max_steps=2, checkpoint_every=100, lambda_iso=0.0), LocalReporter(tmp_path / "run"))
     assert seen and set(seen) == {prediction_type}
+
+
+def test_iso_batch_and_shared_forward_reach_the_loss(tiny_model_dir, tmp_path, monkeypatch):
+    """train.iso_batch and train.iso_shared_forward: the isometry term runs on the first k samples of each micro-batch
+    through the shared encoder pass (with_skips), the denoising forward of the model on the other samples only,
+    and the spec records both fields."""
+    calls, forwards = [], []
+    real_encoder = losses.encoder_at
+
+    def encoder_spy(unet, t, *args, **kwargs):
+        calls.append((t.clone(), kwargs.get("with_skips", False)))
+        return real_encoder(unet, t, *args, **kwargs)
+
+    real_forward = UNet2DModel.forward
+
+    def forward_spy(self, sample, timestep, *args, **kwargs):
+        forwards.append(sample.shape[0])
+        return real_forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "encoder_at", encoder_spy)
+    monkeypatch.setattr(UNet2DModel, "forward", forward_spy)
+    rep = LocalReporter(tmp_path)
+    res = train_loop(make_spec(tiny_model_dir, p=0.0, max_steps=2, checkpoint_every=1000, iso_batch=1,
+                               iso_shared_forward=True), rep)
+    assert len(calls) == 2 and all(t.shape == (1,) and shared for t, shared in calls)
+    assert forwards == [3, 3]  # global batch 4 on one worker: 1 sample shared with the isometry term, 3 denoised apart
+    assert np.isfinite(res.metrics["loss"]) and res.metrics["iso_loss"] > 0
+    train = json.loads((rep.checkpoints[-1] / "spec.json").read_text())["spec"]["train"]
+    assert train["iso_batch"] == 1 and train["iso_shared_forward"] is True

@@ -32,6 +32,22 @@ t_iso, so this is Eq. 6's ratio of global means at one t. `"local"` uses each wo
 approximation whose bias grows as the per-worker batch shrinks). Either way the ratio is per micro-batch;
 with gradient accumulation each micro-batch draws its own t_iso, and the step's L_iso is the mean of the
 micro-batch ratios.
+
+Cost levers (`train.iso_batch`, `train.iso_shared_forward`; measured in docs/benchmarks.md, "Scale: 256 px"):
+- `iso_batch=k`: the isometry term uses the first k samples of each micro-batch (None: all of them), so its
+  JVP/VJP cost and memory scale with k, not with the micro-batch. The ratio is then a ratio of means over k
+  samples (over k x ranks with reduction="global": each rank takes its own first k): the same Eq. 6 estimator
+  on a smaller sample, so more spread and, for very small k, the bias of a ratio of means (bench/scale.py
+  --estimator measures both). The denoising term still uses the whole micro-batch.
+- `share_forward=True`: the iso sub-batch's denoising prediction is finished (`hspace.decode`) from the
+  encoder pass the JVP already runs (`encoder_at(..., with_skips=True)`), so those k samples' encoder runs
+  once instead of twice; the rest of the micro-batch runs the ordinary forward. Exact for "pooled" (the same
+  x_t and t). With "per_timestep" the shared samples must be denoised at t_iso: `draw` then gives the first
+  k samples the denoising timestep t_iso instead of their own draw. Each such t is still ~ U{pT..T-1}, the
+  law of a per-sample t in an iso micro-batch, so E[L_dsm] is unchanged (unbiased); only its variance grows a
+  little, because those k samples share one t. Off by default, so existing specs train what they trained.
+  The shared samples' denoising runs in float32 with the isometry term (outside autocast, math attention).
+  Under DDP the rest of the micro-batch (at least one sample) carries the forward through the DDP wrapper.
 """
 
 from __future__ import annotations
@@ -44,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from isosweep.core import geometry
-from isosweep.core.hspace import encoder_at  # runs each encoder call inside hspace.autodiff_safe
+from isosweep.core.hspace import decode, encoder_at  # runs each encoder call inside hspace.autodiff_safe
 from isosweep.core.names import ISO_TIMESTEPS
 
 
@@ -167,16 +183,23 @@ class IsoDiffusionLoss:
 
     def __init__(self, *, lambda_iso: float, p: float, iso_metric: str = "stereographic",
                  reduction: str = "global", timesteps: int = 1000, prediction_type: str = "epsilon",
-                 iso_timesteps: str = "per_timestep") -> None:
+                 iso_timesteps: str = "per_timestep", iso_batch: int | None = None, share_forward: bool = False) -> None:
         check_prediction_type(prediction_type)
         if iso_timesteps not in ISO_TIMESTEPS:
             raise ValueError(f"unknown iso_timesteps {iso_timesteps!r}; use one of {list(ISO_TIMESTEPS)}")
+        if iso_batch is not None and (isinstance(iso_batch, bool) or not isinstance(iso_batch, int) or iso_batch < 1):
+            raise ValueError(f"iso_batch must be a positive int or None (all samples); got {iso_batch!r}")
         self.lambda_iso, self.p, self.iso_metric, self.reduction, self.T = lambda_iso, p, iso_metric, reduction, timesteps
         self.prediction_type, self.iso_timesteps = prediction_type, iso_timesteps
+        self.iso_batch, self.share_forward = iso_batch, share_forward
 
     @property
     def baseline(self) -> bool:
         return is_baseline(self.lambda_iso, self.p)
+
+    def iso_samples(self, batch_size: int) -> int:
+        """How many samples (the first ones) of a micro-batch of `batch_size` the isometry term uses."""
+        return batch_size if self.iso_batch is None else min(self.iso_batch, batch_size)
 
     def coin(self, shared: torch.Generator) -> bool:
         """This optimizer step's iso coin (False for the baseline, which never draws). `shared` must be
@@ -187,7 +210,9 @@ class IsoDiffusionLoss:
              shared: torch.Generator | None = None) -> Draw:
         """One micro-batch's `Draw` for x0 (B, C, H, W), on x0's device: timesteps from the range the coin
         chose, then the noise, both from `generator` (this rank's stream); with "per_timestep" and the
-        isometry term on, then t_iso from `shared` (the generator `coin` used, identical on every rank)."""
+        isometry term on, then t_iso from `shared` (the generator `coin` used, identical on every rank).
+        With `share_forward` and "per_timestep", the iso sub-batch (the first `iso_samples(B)`) is denoised at
+        t_iso: its entries of t are set to t_iso (same draws, so the other samples keep theirs)."""
         t, iso_on = sample_timesteps(x0.shape[0], self.p, self.T, generator, lambda_iso=self.lambda_iso,
                                      iso_on=iso_on, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -197,22 +222,53 @@ class IsoDiffusionLoss:
             raise ValueError("iso_timesteps='per_timestep' draws the isometry term's t from the generator shared by "
                              "every rank: pass it as `shared` (the one given to `coin`)")
         t_iso = torch.full_like(t, shared_timestep(self.p, self.T, shared))
+        if self.share_forward:
+            t = t.clone()
+            t[: self.iso_samples(t.shape[0])] = t_iso[0]
         return Draw(t, noise, iso_on, t_iso)
 
     def __call__(self, model, unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, iso_on: bool,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None, *,
                  t_iso: torch.Tensor | None = None) -> LossOutput:
-        """The loss at x_t = add_noise(x0, noise, t). The isometry term (when on) is taken at x_{t_iso} with the
-        same x0 and noise when `t_iso` ((B,) long, from `draw`) is given, else at x_t itself. `generator`
-        draws the Hutchinson probes."""
-        x_t = add_noise(x0, noise, t, alphas_cumprod)
-        dsm = dsm_loss(model, x_t, t, denoising_target(self.prediction_type, x0, noise, t, alphas_cumprod))
-        if not iso_on or self.baseline:
-            return LossOutput(dsm, dsm.detach(), None, None, False)
-        if t_iso is not None:
-            t, x_t = t_iso, add_noise(x0, noise, t_iso, alphas_cumprod)
+        """The loss at x_t = add_noise(x0, noise, t). The isometry term (when on) is taken on the first
+        `iso_samples(B)` samples, at x_{t_iso} with the same x0 and noise when `t_iso` ((B,) long, from `draw`)
+        is given, else at x_t itself. `generator` draws the Hutchinson probes (one per iso sample)."""
+        target = denoising_target(self.prediction_type, x0, noise, t, alphas_cumprod)
+        iso_on = iso_on and not self.baseline
+        if not iso_on or not self.share_forward:
+            dsm = dsm_loss(model, add_noise(x0, noise, t, alphas_cumprod), t, target)
+            if not iso_on:
+                return LossOutput(dsm, dsm.detach(), None, None, False)
+        k = self.iso_samples(x0.shape[0])
+        t_i = (t if t_iso is None else t_iso)[:k]
+        x_i = add_noise(x0[:k], noise[:k], t_i, alphas_cumprod)
         with torch.autocast(device_type=x0.device.type, enabled=False):
-            tr_r, tr_r2 = geometry.isometry_terms(encoder_at(unet, t), x_t.float(), self.iso_metric, generator=generator)
+            if self.share_forward:
+                if not torch.equal(t_i, t[:k]):
+                    raise ValueError("share_forward: the iso sub-batch must be denoised at the isometry term's t; "
+                                     "take the timesteps from `draw` of a loss built with share_forward=True")
+                tr_r, tr_r2, enc = geometry.isometry_terms(encoder_at(unet, t_i, with_skips=True), x_i.float(),
+                                                           self.iso_metric, generator=generator, has_aux=True)
+                pred_i = decode(unet, enc.h, enc.skips, enc.emb, enc.timesteps)
+            else:
+                tr_r, tr_r2 = geometry.isometry_terms(encoder_at(unet, t_i), x_i.float(), self.iso_metric, generator=generator)
             iso = geometry.isometry_ratio(tr_r, tr_r2, reduction=self.reduction)
+        if self.share_forward:
+            dsm = self._shared_dsm(model, unet, pred_i, x0, noise, t, target, k, alphas_cumprod)
         loss = dsm + self.lambda_iso * iso
         return LossOutput(loss, dsm.detach(), iso.detach(), tr_r.detach().mean(), True)
+
+    @staticmethod
+    def _shared_dsm(model, unet, pred_i: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                    target: torch.Tensor, k: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's denoising MSE (mean over all B samples and pixels) with the first k predictions
+        `pred_i` taken from the isometry term's encoder pass and the other B - k from `model`."""
+        b = x0.shape[0]
+        total = F.mse_loss(pred_i.float(), target[:k].float(), reduction="sum")
+        if k < b:
+            rest = model(add_noise(x0[k:], noise[k:], t[k:], alphas_cumprod), t[k:]).sample
+            total = total + F.mse_loss(rest.float(), target[k:].float(), reduction="sum")
+        elif model is not unet:  # a DDP wrapper that never ran forward would not all-reduce the gradients
+            raise ValueError(f"share_forward under DDP needs iso_batch below the micro-batch ({b}) so that the "
+                             "other samples' forward runs through the DDP wrapper; lower train.iso_batch")
+        return total / target.numel()

@@ -214,7 +214,7 @@ def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Callable[[str], 
     amp = autocast_dtype(tr.mixed_precision, device)
     loss_fn = IsoDiffusionLoss(lambda_iso=tr.lambda_iso, p=tr.p, iso_metric=tr.iso_metric, reduction=tr.iso_reduction,
                                timesteps=tr.timesteps, prediction_type=scheduler.config.get("prediction_type", "epsilon"),
-                               iso_timesteps=tr.iso_timesteps)
+                               iso_timesteps=tr.iso_timesteps, iso_batch=tr.iso_batch, share_forward=tr.iso_shared_forward)
     loader = ShardedLoader(build_dataset(spec.dataset, train=True), tr.per_worker_batch_size(world), rank, world, seed=tr.seed)
     steps_per_epoch = loader.batches_per_epoch // tr.grad_accumulation
     if steps_per_epoch < 1:
