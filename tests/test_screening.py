@@ -64,7 +64,12 @@ def test_the_bootstrap_fid_of_all_ones_is_the_fid_and_its_interval_brackets_it()
         drawn = np.repeat(feats, c, axis=0)
         assert got == pytest.approx(frechet_distance(*feature_statistics(drawn), mu, sigma), rel=1e-6)
     out = fid_interval(feats, mu, sigma, resamples=200, level=0.95, seed=3)
-    assert out["fid_lo"] < out["fid_hi"] and out["fid_lo"] <= exact * 1.05
+    assert out["fid_lo"] < exact < out["fid_hi"]  # re-centred: the resamples' upward bias is not in it
+    few = feats[:20]  # fewer images than twice the dimension: the plain percentile interval lies wholly above FID
+    from isosweep.evaluation.metrics.confidence import bootstrap_interval
+    plain = bootstrap_interval(20, fid_of_counts(few, mu, sigma), resamples=200, level=0.95, seed=3, name="fid")
+    small = fid_interval(few, mu, sigma, resamples=200, level=0.95, seed=3)
+    assert plain[0] > fid_from_features(few, mu, sigma) and small["fid_lo"] < fid_from_features(few, mu, sigma) < small["fid_hi"]
     assert out == fid_interval(feats, mu, sigma, resamples=200, level=0.95, seed=3)  # seeded: reproducible
 
 
@@ -192,6 +197,7 @@ def test_the_screening_check_counts_unet_evaluations_and_flags_a_dropped_front_m
     wrong = bench.check(spec, full, {"base": screen(50), "a": screen(10), "b": screen(20)})  # b looks beaten, is not
     assert wrong.contenders == ["a", "base"] and wrong.missed == ["b"] and not wrong.same
     assert set(wrong.front_full) == {"a", "b"} and wrong.front_mf == ["a"] and wrong.trials == ["base", "a", "b"]
+    assert (wrong.separated, wrong.order_kept) == (6, 5)  # a below b on PPL at screening, above it in full
     right = bench.check(spec, full, {"base": screen(50), "a": screen(10), "b": screen(11, spread=2.0)})
     assert right.same and right.missed == [] and right.champion_full == right.champion_mf == "b"
     assert full[1] == {"trial_id": "a", "baseline": False, "status": "DONE", "fid": 10.0, "ppl": 10.0}  # rows unchanged
