@@ -22,7 +22,7 @@ from isosweep.evaluation.record import EvalResult, read_record
 from isosweep.results.rows import make_row
 from isosweep.sweep.callbacks import ForwardToTune
 from isosweep.sweep.trainer import build_trainer
-from isosweep.tracking.artifacts import log_trial_result
+from isosweep.tracking.artifacts import log_final_metrics, log_trial_result
 from isosweep.tracking.client import TrackingError
 from isosweep.tracking.runs import end_run, open_trial_run
 from isosweep.training.selection import selection_columns
@@ -69,6 +69,9 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
             end_run(uri, run_id, "FINISHED", quiet=True)
         report = final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id, selected,
                               seconds=time.time() - started)
+        costs = {k: v for k, v in report.items() if k.startswith("cost_")}  # seconds per phase, on the run too (best effort)
+        if run_id and not pending and costs:
+            _best_effort(trial_id, "log its costs", log_final_metrics, uri, run_id, costs)
         tune.report({**report, "tracking_pending": pending})
 
     return isosweep_trial
