@@ -472,3 +472,17 @@ def test_a_failing_job_returns_its_exit_code_and_the_cluster_checks_paths(ray_cl
     out, err = capsys.readouterr()
     assert code == 2, out[-2000:] + err[-2000:]
     assert "FAILED" in err and "dataset.path" in out + err
+
+
+def test_the_worker_environment_leaves_out_what_a_submitted_job_sets(monkeypatch):
+    """`isosweep run --address` inside a job: Ray refuses a driver runtime env that sets a variable the job's
+    runtime env sets too, so those are left to the job (its value wins) and the rest still reach the workers."""
+    import json
+
+    from isosweep.sweep.ray_env import _not_set_by_the_job
+
+    wanted = {"TQDM_MININTERVAL": "15", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _not_set_by_the_job(wanted) == wanted
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"TQDM_MININTERVAL": "1"}}}))
+    assert _not_set_by_the_job(wanted) == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

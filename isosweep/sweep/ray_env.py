@@ -6,6 +6,7 @@ and RAY_TRAIN_ENABLE_PRINT_PATCH (passed on to workers); see docs/environment.md
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -22,14 +23,25 @@ def init_ray(address: str | None, dashboard: bool = True) -> dict:
     quiet = {"logging_level": "WARNING", "log_to_driver": True}
     if ray.is_initialized():
         ctx = None
-    elif address:
-        ctx = ray.init(address=address, **quiet)
+    elif address:  # the same worker environment: without it every step line printed twice per worker
+        ctx = ray.init(address=address, runtime_env={"env_vars": _not_set_by_the_job(worker_env)}, **quiet)
     else:
         dashboard = dashboard and os.environ.get("ISOSWEEP_RAY_DASHBOARD", "1") != "0"
         ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
                        runtime_env={"env_vars": worker_env}, **quiet)
     url = getattr(ctx, "dashboard_url", None) if ctx is not None else None  # `if ctx` warns (len)
     return {"dashboard_url": f"http://{url}" if url and not url.startswith("http") else url}
+
+
+def _not_set_by_the_job(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the variables a submitted job's runtime env already sets: Ray refuses to merge a driver's
+    runtime env with the job's when both set one key (`isosweep submit --env` may set any)."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")) or {}
+        taken = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+    except (ValueError, AttributeError, TypeError):
+        taken = set()
+    return {k: v for k, v in env.items() if k not in taken}
 
 
 def quiet_libraries() -> None:
