@@ -54,8 +54,8 @@ def promote_screened(spec: SweepSpec, train_storage: str, rows: list[dict], trac
     failed: list[str] = []
     for start in range(0, len(todo), max(1, concurrency)):  # as many at once as trials ran at once
         batch = todo[start:start + max(1, concurrency)]
-        outcomes = ray.get([_fit_remote.remote(spec, train_storage, r) for r in batch])
-        failed += [r["trial_id"] for r, ok in zip(batch, outcomes) if not ok]
+        futures = [_fit_remote.remote(spec, train_storage, r) for r in batch]
+        failed += [r["trial_id"] for r, future in zip(batch, futures) if not _succeeded(r["trial_id"], future)]
     for r in apply_stored_records(spec, train_storage, chosen):
         _log_full(tracking_uri, r)
     for r in rows:  # the sweep is not complete without them: FAILED, and `isosweep resume` evaluates them again
@@ -93,6 +93,16 @@ def apply_full_record(row: dict, record: dict) -> None:
 
 def _record_uri(train_storage: str, trial_id: str) -> str:
     return st.join(train_storage, trial_id, FULL_EVAL_FILE)
+
+
+def _succeeded(trial_id: str, future) -> bool:
+    """The outcome of one `_fit_remote`; a task that died (its process killed, out of memory) is a failure, said."""
+    try:
+        return bool(ray.get(future))
+    except ray.exceptions.RayError as exc:
+        say(f"screening: the full evaluation of {trial_id} died ({type(exc).__name__}: {str(exc)[:300]}); "
+            "`isosweep resume` runs it again")
+        return False
 
 
 @ray.remote(num_cpus=0)
