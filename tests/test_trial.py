@@ -238,3 +238,53 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     loss.backward()
     for name, p in unet.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_full_evaluation_of_a_truncated_checkpoint_fails_alone_and_a_rerun_does_only_it(ray_local, tmp_path):
+    """evaluation.screening's second phase (`sweep.promotion`), on real checkpoints in storage and real Train runs:
+    a contender whose final checkpoint was truncated fails its full evaluation (manifest check) and only its row
+    turns ERROR, while the other gets the full numbers and a record in storage; once the file is back, running
+    the phase again (what `isosweep resume` does) evaluates only the one that failed."""
+    import shutil
+
+    from isosweep.core.ema import EMA
+    from isosweep.evaluation.features.resolver import load_feature_networks
+    from isosweep.results.layout import FULL_EVAL_FILE
+    from isosweep.sweep.promotion import promote_screened
+    from isosweep.training.checkpoint import save_checkpoint
+
+    spec = spec_from_dict({
+        "name": "promote", "base_model": {"source": str(tmp_path)}, "dataset": {"kind": "shapes", "size": 64, "resolution": 8},
+        "evaluation": {"metrics": ["fid", "ppl"], "batch_size": 8, "backbone": "domain", "cache_dir": str(tmp_path / "cache"),
+                       "fid": {"num_samples": 8, "ddim_steps": 1, "reference_samples": 32}, "ppl": {"num_samples": 4, "ddim_steps": 1},
+                       "bootstrap": {"resamples": 200}, "screening": {"fid": {"num_samples": 4, "ddim_steps": 1},
+                                                                      "ppl": {"num_samples": 2, "ddim_steps": 1}}},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}, "search": {"max_failures": 0},
+    }, check_paths=False)
+    load_feature_networks(spec.evaluation, spec.dataset, needs=("fid", "ppl"), progress=False)  # cached, as the driver does
+    storage = tmp_path / "train"
+    rows = []
+    for i, tid in enumerate(("base0000", "trial001")):
+        unet = _tiny_unet(seed=i)
+        ckpt = save_checkpoint(storage / tid / "checkpoint_final", unet, EMA(unet, 0.9), default_scheduler(), {"step": 3}, {})
+        rows.append({"trial_id": tid, "baseline": i == 0, "status": "DONE", "fidelity": "screen", "mlflow_run_id": "",
+                     "checkpoint_path": str(ckpt), "fid": 10.0 + i, "fid_lo": 5.0, "fid_hi": 20.0, "ppl": 3.0, "ppl_lo": 1.0, "ppl_hi": 9.0})
+    weights = next((storage / "trial001" / "checkpoint_final" / "unet").glob("*.safetensors"))
+    kept = tmp_path / "kept.safetensors"
+    shutil.copy(weights, kept)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a cut-off upload
+
+    first = [dict(r) for r in rows]
+    assert promote_screened(spec, str(storage), first, None, concurrency=2) == ["trial001"]
+    assert [r["status"] for r in first] == ["DONE", "ERROR"] and [r["fidelity"] for r in first] == ["full", "screen"]
+    record = json.loads((storage / "base0000" / FULL_EVAL_FILE).read_text())
+    assert np.isfinite(record["metrics"]["fid"]) and np.isfinite(record["metrics"]["ppl"])
+    assert record["settings"]["fidelity"] == "full" and record["settings"]["fid"]["num_samples"] == 8
+    assert (first[0]["fid"], first[0]["screen_fid"]) == (record["metrics"]["fid"], 10.0)
+    assert not (storage / "trial001" / FULL_EVAL_FILE).exists()
+
+    shutil.copy(kept, weights)  # the file is back
+    again = [dict(r) for r in rows]
+    assert promote_screened(spec, str(storage), again, None, concurrency=2) == []
+    assert [r["status"] for r in again] == ["DONE", "DONE"] and [r["fidelity"] for r in again] == ["full", "full"]
+    assert json.loads((storage / "base0000" / FULL_EVAL_FILE).read_text()) == record  # not evaluated twice

@@ -145,8 +145,9 @@ def _local_path(uri: str) -> str:
 
 
 def _evaluate_per_worker(config: dict[str, Any]) -> None:
-    """Every rank: the trial's final model from storage (manifest checked, safetensors only), the selection's
-    objectives at the full protocol over this rank's shard; rank 0 writes the record."""
+    """Every rank: the trial's final model from storage (manifest checked, safetensors only), FID and PPL (the
+    metrics screening changes; the others were measured at full size already) at the full protocol over this rank's
+    shard; rank 0 writes the record."""
     spec = SweepSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -155,7 +156,7 @@ def _evaluate_per_worker(config: dict[str, Any]) -> None:
         local = st.download_dir(config["checkpoint"], Path(tmp) / "checkpoint")
         verify_checkpoint(local, config["checkpoint"])
         unet, scheduler = load_local(local, None)
-    evaluate = trial_evaluator(spec, full=True, metrics=list(spec.selection.objectives))
+    evaluate = trial_evaluator(spec, full=True, metrics=["fid", "ppl"])  # what screening measured at other sizes
     result = evaluate(unet.to(device), scheduler, device, rank, world)
     if rank == 0:
         st.write_json(config["out"], {"metrics": result.metrics, "backbones": result.backbones, "timings": result.timings,
