@@ -64,7 +64,7 @@ def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
         "Backbones: " + (", ".join(f"`{k}`: {v}" for k, v in sorted(backbones.items())) or "none recorded"),
         "",
     ]
-    screened = [r["trial_id"] for r in rows if r.get("fidelity") == "screen"]
+    screened = [r["trial_id"] for r in rows if r.get("fidelity") == "screen" and r["status"] == "DONE"]  # ERROR: failed
     if screened or any(r.get("fidelity") == "full" and "screen_fid" in r for r in rows):
         md += [f"Screened (evaluation.screening): every trial was first evaluated at screening sizes; the {len(screened)} "
                f"trial(s) at `fidelity: screen` ({', '.join(screened) or 'none'}) were beaten beyond the noise on both "

@@ -32,16 +32,15 @@ from isosweep.evaluation.suite import trial_evaluator
 from isosweep.models.loading import load_local
 from isosweep.results.layout import FULL_EVAL_FILE, SCREENED_VALUES
 from isosweep.results.selection import contenders
-from isosweep.tracking.client import TrackingError
 from isosweep.tracking.artifacts import log_final_metrics
+from isosweep.tracking.client import TrackingError
 from isosweep.training.checkpoint import verify_checkpoint
-
 
 
 def promote_screened(spec: SweepSpec, train_storage: str, rows: list[dict], tracking_uri: str | None,
                      concurrency: int) -> list[str]:
     """Evaluate the contenders among the DONE rows at the full protocol (or read their stored record) and update
-    their rows in place; returns the trial ids whose full evaluation failed (their rows stay `screen`)."""
+    their rows in place; returns the trial ids whose full evaluation failed (their rows turn ERROR, still `screen`)."""
     if spec.evaluation.screening is None:
         return []
     done = [r for r in rows if r["status"] == "DONE"]

@@ -114,7 +114,7 @@ def _sync_full_record(tracking_uri: str, run_id: str, path: Path, screened: dict
     have = dict(run.data.metrics) if run is not None else {}
     values = {k: float(v) for k, v in full.items() if k in SCREENED_VALUES}
     values.update({f"screen_{k}": float(v) for k, v in screened.items() if k in SCREENED_VALUES})
-    if all(have.get(k) == v for k, v in values.items()) and run is not None and run_id == run.info.run_id:
+    if run is not None and all(have.get(k) == v for k, v in values.items()):
         return False
     log_final_metrics(tracking_uri, run_id, values, tags={"isosweep.fidelity": "full"})
     return True
