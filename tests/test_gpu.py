@@ -80,17 +80,20 @@ def _nccl_worker(rank: int, world: int, model_dir: str, out: str, init: str) -> 
 
 
 @gpu
-def test_two_rank_nccl_trial(tiny_model_dir, tmp_path):
-    """Two processes, one GPU each, NCCL: both ranks finish every step and report the same (all-reduced) loss."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip(f"needs two CUDA devices (this machine has {torch.cuda.device_count()})")
+@pytest.mark.parametrize("world", [1, 2])
+def test_nccl_trial(tiny_model_dir, tmp_path, world):
+    """One process per GPU, NCCL: every rank finishes every step, reports the same (all-reduced) loss and rank 0
+    writes the checkpoints. One rank still runs NCCL's init, DDP's broadcast and the all-reduces; two ranks need
+    two devices (NCCL refuses two ranks on one GPU)."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA devices (this machine has {torch.cuda.device_count()})")
     import torch.multiprocessing as mp
 
     init = f"file://{tmp_path / 'pg'}"
-    mp.spawn(_nccl_worker, args=(2, str(tiny_model_dir), str(tmp_path), init), nprocs=2, join=True)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert results[0]["step"] == results[1]["step"] == 4
-    assert results[0]["loss"] == pytest.approx(results[1]["loss"])
+    mp.spawn(_nccl_worker, args=(world, str(tiny_model_dir), str(tmp_path), init), nprocs=world, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    assert {r["step"] for r in results} == {4}
+    assert all(r["loss"] == pytest.approx(results[0]["loss"]) for r in results)
     assert (tmp_path / "rank0" / "checkpoint_000004" / "model_index.json").is_file()
 
 

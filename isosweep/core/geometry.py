@@ -134,7 +134,9 @@ def isometry_terms(
         raise TypeError(f"encoder must be callable x -> h (got {type(encoder).__name__})")
     flat_x = _flat(x).detach()
     if probes is None:
-        v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        # drawn where the generator lives (training seeds CPU generators), then moved: the same probes on CPU and GPU
+        v = torch.randn(x.shape, generator=generator, device=generator.device if generator is not None else x.device,
+                        dtype=x.dtype).to(x.device)
     else:
         if probes.shape != x.shape:
             raise ValueError(f"probes must have x's shape {tuple(x.shape)} (got {tuple(probes.shape)})")
