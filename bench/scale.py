@@ -172,7 +172,7 @@ def run_scale(args: argparse.Namespace) -> int:
     for name, (wall, cpu, mib, exact) in results.items():
         cpu_text = f"{cpu:.1f} s" if on_cpu else "-"
         approx = "" if exact else " (process peak)"
-        print(f"| {labels[name]} | {wall:.1f} s | {cpu_text} | {mib / 1024:.2f} GiB{approx} | {rel(name, 'plain', basis)} | "
+        print(f"| {labels[name]} | {wall:.{1 if on_cpu else 3}f} s | {cpu_text} | {mib / 1024:.2f} GiB{approx} | {rel(name, 'plain', basis)} | "
               f"{rel(name, 'plain', 2)} | {rel(name, 'reference', basis)} |")
     print()
     print(f"Targets (ratios of median {'CPU' if on_cpu else 'wall'} time and of peak memory):")

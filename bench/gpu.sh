@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks in one go (issue 16: "when a GPU machine is lent, run the benchmarks there too"):
+# the GPU tests, then bench/scale.py (256 px training step, fp32 and bf16) and bench/sampling.py
+# (32 and 256 px, fp32 and bf16), each log written to OUT_DIR with the card's name at its top.
+#
+#   bash bench/gpu.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else bench/gpu-out
+#
+# On a machine without this project's packages (an air-gapped GPU box with torch only), put the wheels
+# the import chain needs in .whl/ first (see docs/benchmarks.md, "GPU figures"); they are installed
+# into /tmp/site, never into the system.
+set -uo pipefail
+out=${1:-${OUT:-bench/gpu-out}}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+card=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
+header="# card: ${card:-none}; torch $($py -c 'import torch; print(torch.__version__, torch.version.cuda)'); $(date -u +%FT%TZ)"
+echo "$header"
+
+run() {  # run NAME TIMEOUT CMD...: one check, its log in $out/NAME.log, a line saying how it ended
+    local name=$1 limit=$2; shift 2
+    { echo "$header"; echo "\$ $*"; } >"$out/$name.log"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >>"$out/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc in $((SECONDS - t0)) s"
+    tail -n 40 "$out/$name.log"
+}
+
+case ${GPU_CHECKS:-all} in
+all|tests) run tests 150 $py -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py tests/test_metrics.py ;;
+esac
+run scale_fp32 75 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5
+run scale_bf16 75 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5 --bf16
+# fp32 with TF32 off (what evaluation runs) is several times slower than bf16: fewer images at 256 px
+run sampling_fp32 45 $py bench/sampling.py --device cuda --dtype fp32 --sizes 32
+run sampling_fp32_256 60 $py bench/sampling.py --device cuda --dtype fp32 --sizes 256 --n 32 --batch 32
+case ${GPU_CHECKS:-all} in
+all) run sampling_bf16 75 $py bench/sampling.py --device cuda --dtype bf16 ;;
+esac
