@@ -196,7 +196,7 @@ def _iv(m: dict, k: str) -> str:
 
 def run_sweep(sweep: Path, args) -> dict:
     from isosweep.results.selection import lower_beyond_noise
-    from isosweep.sweep.driver import load_outcome
+    from isosweep.sweep.outcome import load_outcome
 
     spec, outcome = load_outcome(sweep)
     sizes = screening_sizes(spec, args)

@@ -183,6 +183,17 @@ def test_the_cli_and_spec_loading_start_without_torch_ray_or_mlflow():
     assert "pydantic" in loaded and not {"torch", "ray", "mlflow"} & loaded, sorted({"torch", "ray", "mlflow"} & loaded)
 
 
+def test_results_and_status_read_a_sweep_without_torch_or_mlflow():
+    """`isosweep results/status/resume` load the sweep verbs and a sweep's outcome without torch, MLflow or the feature
+    networks (Tune's reader only): a status poll takes seconds, and a refused resume answers before Ray starts."""
+    code = ("import sys, isosweep.commands.sweep, isosweep.sweep.outcome\n"
+            "print(' '.join(sorted({m.partition('.')[0] for m in sys.modules})))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = set(result.stdout.split())
+    assert "ray" in loaded and not {"torch", "mlflow", "lpips", "cleanfid"} & loaded, sorted({"torch", "mlflow", "lpips", "cleanfid"} & loaded)
+
+
 def _private_mlflow_uses(path: Path, module: str) -> list[str]:
     """`mlflow.x._y` imports, `from mlflow.x import _y` and `mlflow...._y` attributes in a file."""
     found = [n for n in _imports(path, module) if n.split(".")[0] == "mlflow" and any(p.startswith("_") for p in n.split("."))]

@@ -14,7 +14,7 @@ from isosweep.evaluation.metrics.fid import feature_statistics, fid_from_feature
 from isosweep.results.rows import make_row, summarize
 from isosweep.results.selection import contenders, pareto_front
 from isosweep.results.tables import markdown_table
-from isosweep.sweep.promotion import apply_full_record
+from isosweep.results.records import apply_full_record
 from test_metrics_evaluate import fast_domain  # noqa: F401 -- the fixture: a short recipe for the domain network
 
 

@@ -112,7 +112,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     from isosweep.data.datasets import ShapesDataset
     from isosweep.evaluation.record import read_record
     from isosweep.results.selection import lower_beyond_noise
-    from isosweep.sweep.driver import load_outcome
+    from isosweep.sweep.outcome import load_outcome
     from isosweep.training.checkpoint import load_train_state
 
     storage = tmp_path / "runs"

@@ -16,10 +16,11 @@ from isosweep.results.rows import SweepOutcome
 from isosweep.results.states import COMPLETED, EXIT_COMPLETED, EXIT_NO_CHAMPION, FAILED, INTERRUPTED
 from isosweep.results.tables import backbones_of, plain_table
 from isosweep.spec_changes import spec_for_resume
-from isosweep.sweep.driver import load_outcome, run_sweep
+from isosweep.sweep.outcome import load_outcome
 from isosweep.tracking.redact import REDACTED, scrub_text
-from isosweep.tracking.registry import current_champion, register_sweep_models
-from isosweep.tracking.runs import find_trial_run
+
+# The driver (torch, MLflow, the feature networks) and the registry are imported by the verbs that use them:
+# `isosweep results` and `status` read storage only and start in seconds.
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -30,6 +31,8 @@ def run_command(args: argparse.Namespace) -> int:
     say(f"base model: {scrub_text(found.base_model)}")
     if found.scan is not None:
         say(found.scan.summary())
+    from isosweep.sweep.driver import run_sweep  # torch, MLflow, the feature networks: after every check above
+
     outcome = run_sweep(spec, args.spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
                         report_dir=args.report_dir, shared_fs=args.shared_fs)
     print_summary(spec, outcome)
@@ -51,6 +54,8 @@ def resume_command(args: argparse.Namespace) -> int:
     spec = spec_for_resume(state["spec"], given, allow_changes=args.allow_changes, source=args.target)
     say(f"resuming {state['sweep_id']} from {scrub_text(sweep)} with the spec it ran with")
     spec_path = state.get("spec_path") if state.get("spec_path") and Path(state["spec_path"]).is_file() else None
+    from isosweep.sweep.driver import run_sweep  # after every check above: a refusal comes in seconds
+
     outcome = run_sweep(spec, spec_path, address=args.address, tracking_uri=args.tracking_uri,
                         report_dir=args.report_dir, resume_sweep=sweep, shared_fs=args.shared_fs)
     print_summary(spec, outcome)
@@ -88,6 +93,9 @@ def promote_command(args: argparse.Namespace) -> int:
     champion a person prefers. The trial must have finished and been evaluated; the message says which
     version the alias leaves.
     """
+    from isosweep.tracking.registry import current_champion, register_sweep_models
+    from isosweep.tracking.runs import find_trial_run
+
     sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
     spec, outcome = load_outcome(sweep)
     row = next((r for r in outcome.rows if r["trial_id"] == args.trial), None)

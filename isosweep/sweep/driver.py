@@ -18,7 +18,6 @@ from pathlib import Path
 import ray
 import yaml
 from ray import tune
-from ray.tune import ExperimentAnalysis
 
 from isosweep import storage as st
 from isosweep.config import SpecError, SweepSpec
@@ -40,12 +39,12 @@ from isosweep.results.layout import (
 )
 from isosweep.results.plots import pareto_plot
 from isosweep.results.report import write_report as write_report_folder
-from isosweep.results.rows import SweepOutcome, make_row, summarize
+from isosweep.results.rows import SweepOutcome, summarize
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, RUNNING, SweepState, promotion_refusal, sweep_state
 from isosweep.results.tables import backbones_of, save_tables
 from isosweep.sweep.callbacks import SweepProgress
 from isosweep.sweep.monitoring import SweepMetrics
-from isosweep.sweep.promotion import apply_stored_records, promote_screened
+from isosweep.sweep.promotion import promote_screened
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
 from isosweep.sweep.resources import check_cluster_fits, trial_concurrency
 from isosweep.sweep.search import build_search, planned_trials
@@ -227,24 +226,6 @@ def _record_state(place: SweepPlace, state: SweepState, reason: str = "", tracki
         st.write_json(st.join(place.sweep_uri, STATE_FILE), place.state)
     except OSError as exc:  # storage down: say so, but never replace the error being handled
         say(f"warning: could not record the sweep's state {state.state} in storage: {exc}")
-
-
-def load_outcome(sweep: str | Path) -> tuple[SweepSpec, SweepOutcome]:
-    """Rebuild a sweep's rows from its folder in storage (running or finished), from any machine."""
-    sweep = st.normalize(sweep)
-    state = read_state(sweep)
-    spec = SweepSpec.model_validate(state["spec"])
-    try:
-        trials = ExperimentAnalysis(sweep).trials
-    except (FileNotFoundError, ValueError):  # Tune has not saved its experiment state yet: no trial to show
-        trials = []
-    rows = [make_row(t.trial_id, dict(t.config or {}), dict(t.last_result or {}), t.status) for t in trials]
-    rows.sort(key=lambda r: (not r["baseline"], r["trial_id"]))
-    apply_stored_records(spec, train_storage(st.parent_of(sweep), state["sweep_id"]), rows)  # evaluation.screening
-    front, champion = summarize(spec, rows)
-    return spec, SweepOutcome(state["sweep_id"], Path(sweep) if not st.is_remote(sweep) else Path(state["sweep_id"]), rows, front,
-                              champion, tracking_uri=state.get("tracking_uri"), parent_run_id=state.get("parent_run_id"),
-                              sweep_uri=sweep)
 
 
 def _place(spec: SweepSpec, storage: str | None, resume_sweep: str | None) -> SweepPlace:

@@ -30,7 +30,8 @@ from isosweep.config import SweepSpec
 from isosweep.console import say
 from isosweep.evaluation.suite import trial_evaluator
 from isosweep.models.loading import load_local
-from isosweep.results.layout import FULL_EVAL_FILE, SCREENED_VALUES
+from isosweep.results.layout import SCREENED_VALUES
+from isosweep.results.records import apply_stored_records, full_eval_uri
 from isosweep.results.selection import contenders
 from isosweep.tracking.artifacts import log_final_metrics
 from isosweep.tracking.client import TrackingError
@@ -46,7 +47,7 @@ def promote_screened(spec: SweepSpec, train_storage: str, rows: list[dict], trac
     done = [r for r in rows if r["status"] == "DONE"]
     objectives = tuple(spec.selection.objectives)
     chosen = contenders(done, objectives)  # rows rebuilt from Tune's results: their screening numbers
-    todo = [r for r in chosen if st.read_json(_record_uri(train_storage, r["trial_id"])) is None]
+    todo = [r for r in chosen if st.read_json(full_eval_uri(train_storage, r["trial_id"])) is None]
     say(f"screening: {len(chosen)} of {len(done)} trials can still reach the front or the champion rule "
         f"({', '.join(r['trial_id'] for r in chosen) or 'none'}); the full protocol runs for {len(todo)} of them, "
         f"the others keep their screening numbers")
@@ -61,37 +62,6 @@ def promote_screened(spec: SweepSpec, train_storage: str, rows: list[dict], trac
         if r["trial_id"] in failed:
             r["status"] = "ERROR"
     return failed
-
-
-def apply_stored_records(spec: SweepSpec, train_storage: str, rows: list[dict]) -> list[dict]:
-    """Put every stored full-protocol record into its screened row (`apply_full_record`); returns those rows.
-    A sweep read back from storage (`isosweep results`, `promote`) shows exactly what its run decided."""
-    if spec.evaluation.screening is None:
-        return []
-    updated = []
-    for r in rows:
-        record = st.read_json(_record_uri(train_storage, r["trial_id"])) if r["status"] == "DONE" else None
-        if record is not None:
-            apply_full_record(r, record)
-            updated.append(r)
-    return updated
-
-
-def apply_full_record(row: dict, record: dict) -> None:
-    """Put a full-protocol record into a screened row: screening values kept as `screen_<name>`, the full ones in
-    their place, `fidelity` full, the full evaluation's seconds as `cost_full_<metric>_s`."""
-    if row.get("fidelity") == "screen":
-        for k in SCREENED_VALUES:
-            if k in row:
-                row[f"screen_{k}"] = row[k]
-    for k in SCREENED_VALUES:
-        row[k] = float(record["metrics"].get(k, math.nan))
-    row.update({f"cost_full_{k}_s": float(v) for k, v in (record.get("timings") or {}).items()})
-    row["fidelity"] = "full"
-
-
-def _record_uri(train_storage: str, trial_id: str) -> str:
-    return st.join(train_storage, trial_id, FULL_EVAL_FILE)
 
 
 def _succeeded(trial_id: str, future) -> bool:
@@ -118,7 +88,7 @@ def _evaluate_in_full(spec: SweepSpec, train_storage: str, row: dict) -> bool:
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
     trainer = TorchTrainer(
         _evaluate_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "checkpoint": checkpoint, "out": _record_uri(train_storage, trial_id)},
+        train_loop_config={"spec": spec.to_dict(), "checkpoint": checkpoint, "out": full_eval_uri(train_storage, trial_id)},
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"{trial_id}-full-eval", storage_path=_local_path(train_storage),

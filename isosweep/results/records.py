@@ -1,0 +1,47 @@
+"""Full-protocol records of screened trials (evaluation.screening): where each lives and how it changes a row.
+
+A screened sweep evaluates its contenders again at the full protocol (`sweep.promotion`) and stores one JSON record
+per trial at `<train storage>/<trial id>/isosweep_full_eval.json`. Everything that reads a sweep back (the driver,
+`isosweep results/status/promote`, `isosweep sync`) puts those records into the rows the same way, here, without
+importing Ray or torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from isosweep import storage as st
+from isosweep.config import SweepSpec
+from isosweep.results.layout import FULL_EVAL_FILE, SCREENED_VALUES
+
+
+def full_eval_uri(train_storage: str, trial_id: str) -> str:
+    """Where a trial's full-protocol record is stored."""
+    return st.join(train_storage, trial_id, FULL_EVAL_FILE)
+
+
+def apply_stored_records(spec: SweepSpec, train_storage: str, rows: list[dict]) -> list[dict]:
+    """Put every stored full-protocol record into its screened row (`apply_full_record`); returns those rows.
+    A sweep read back from storage (`isosweep results`, `promote`) shows exactly what its run decided."""
+    if spec.evaluation.screening is None:
+        return []
+    updated = []
+    for r in rows:
+        record = st.read_json(full_eval_uri(train_storage, r["trial_id"])) if r["status"] == "DONE" else None
+        if record is not None:
+            apply_full_record(r, record)
+            updated.append(r)
+    return updated
+
+
+def apply_full_record(row: dict, record: dict) -> None:
+    """Put a full-protocol record into a screened row: screening values kept as `screen_<name>`, the full ones in
+    their place, `fidelity` full, the full evaluation's seconds as `cost_full_<metric>_s`."""
+    if row.get("fidelity") == "screen":
+        for k in SCREENED_VALUES:
+            if k in row:
+                row[f"screen_{k}"] = row[k]
+    for k in SCREENED_VALUES:
+        row[k] = float(record["metrics"].get(k, math.nan))
+    row.update({f"cost_full_{k}_s": float(v) for k, v in (record.get("timings") or {}).items()})
+    row["fidelity"] = "full"
