@@ -34,7 +34,7 @@ run() {  # run NAME TIMEOUT CMD...: one check, its log in $out/NAME.log, a line 
 }
 
 case ${GPU_CHECKS:-all} in
-all|tests) run tests 150 $py -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py tests/test_metrics.py ;;
+all|tests) run tests 150 $py -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py tests/test_metrics.py tests/test_metrics_evaluate.py ;;
 esac
 run scale_fp32 75 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5
 run scale_bf16 75 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5 --bf16

@@ -246,3 +246,21 @@ def test_per_unit_values_are_saved_and_are_what_the_metrics_were_taken_from(tmp_
         "num_samples": 2, "pool": 2, "timesteps": [100], "vor_norm": "paper", "memory_budget_mb": 64}), data,
         metrics=["vor"], progress=False, images=False)
     assert paper.backbones["vor"] == "norm-paper" and paper.metrics["vor"] != pytest.approx(one.metrics["vor"])
+
+
+@pytest.mark.gpu
+def test_whole_suite_on_a_gpu_gives_the_cpus_numbers(tmp_path, fast_domain):
+    """Every metric runs on CUDA (the probes, pairs and perturbations are drawn by CPU generators, as in training:
+    a draw made on the wrong device fails here) and, with TF32 off, lands where the CPU's does."""
+    from diffusers import DDPMScheduler
+
+    unet, sched = tiny_unet(16), DDPMScheduler(num_train_timesteps=1000)
+    spec = tiny_eval_spec(tmp_path)
+    data = DatasetSpec(kind="shapes", resolution=16, size=64)
+    cpu = evaluate_model(unet, sched, spec, data, progress=False, device="cpu")
+    gpu = evaluate_model(unet.cuda(), sched, spec, data, progress=False, device="cuda")
+    assert set(gpu.metrics) == set(cpu.metrics) and gpu.backbones == cpu.backbones
+    assert all(np.isfinite(v) for v in gpu.metrics.values()), gpu.metrics
+    for k in ("fid", "mrtl", "mcn", "vor", "ls"):
+        assert gpu.metrics[k] == pytest.approx(cpu.metrics[k], rel=0.05), (k, gpu.metrics[k], cpu.metrics[k])
+    assert gpu.metrics["ppl"] == pytest.approx(cpu.metrics["ppl"], rel=0.10)  # finite differences at eps = 1e-4
