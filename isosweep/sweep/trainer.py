@@ -28,7 +28,6 @@ from isosweep.config import SweepSpec, resolve_trial_spec
 from isosweep.console import say
 from isosweep.evaluation.suite import checkpoint_fid_scorer, trial_evaluator
 from isosweep.sweep.monitoring import EvalProgress, TrainMetrics
-from isosweep.tracking.models import download_model
 from isosweep.tracking.steps import StepLogger
 from isosweep.training.loop import train_loop
 
@@ -128,7 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    provenance={"workers": worker_placement(reporter.rank, reporter.world_size)},
                    evaluator=trial_evaluator(spec, progress) if config.get("evaluate") else None,
                    scorer=checkpoint_fid_scorer(spec, progress) if config.get("evaluate") else None,  # evaluation.checkpoint_fid
-                   on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=download_model)
+                   on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=_download_model)
     except BaseException:
         if step_logger is not None:
             step_logger.close(raise_errors=False)  # a tracking error must not hide the training error
@@ -194,3 +193,10 @@ def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_pa
             logging_config=LoggingConfig(log_level=os.environ.get("ISOSWEEP_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
+
+
+def _download_model(uri: str) -> Path:
+    """`tracking.models.download_model`, imported on use: only a `models:/` base model needs MLflow's fetcher."""
+    from isosweep.tracking.models import download_model
+
+    return download_model(uri)

@@ -9,11 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lpips
 import numpy as np
 import torch
-from cleanfid.inception_torchscript import InceptionV3W
-from cleanfid.resize import build_resizer
 
 from isosweep.data.images import to_uint8_tensor
 from isosweep.evaluation.features.common import ALEXNET_FILE, INCEPTION_FILE, INCEPTION_NAME, LPIPS_NAME
@@ -67,6 +64,9 @@ class InceptionFeatures:
     def __init__(self, weights_path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
         path = Path(weights_path)
         self.device = torch.device(device)
+        from cleanfid.inception_torchscript import InceptionV3W  # here, not at the top: with torchvision, 2-3 s per
+        from cleanfid.resize import build_resizer  # process start, paid only by runs that use the standard networks
+
         self.model = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(self.device).eval()
         self.resize = build_resizer("clean")
 
@@ -90,6 +90,8 @@ class LpipsDistance:
 
     def __init__(self, alexnet_path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+        import lpips  # here, not at the top (torchvision): paid only by runs that use it
+
         model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
         state = torch.load(alexnet_path, map_location="cpu", weights_only=True)
         net = model.net  # slices hold torchvision's alexnet.features modules under their original indices

@@ -25,7 +25,6 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from sklearn.svm import SVC, LinearSVC
 
 from isosweep.core.names import LS_SPACES
 from isosweep.core.sampling import Sampler, initial_noise
@@ -87,6 +86,8 @@ def _fit_predict(z_fit: np.ndarray, y_fit: np.ndarray, z_out: np.ndarray, kernel
     """
     if kernel not in ("linear", "rbf"):
         raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+    from sklearn.svm import SVC, LinearSVC  # here: a second per process start, paid only by LS
+
     classes = np.unique(y_fit)
     if classes.size < 2:
         return np.full(len(z_out), classes[0])
