@@ -6,7 +6,7 @@
 #   bash bench/gpu.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else bench/gpu-out
 #
 # On a machine without this project's packages (an air-gapped GPU box with torch only), put the wheels
-# the import chain needs in .whl/ first (see docs/benchmarks.md, "GPU figures"); they are installed
+# the import chain needs in .whl/ first (docs/benchmarks.md, "GPU tests", says which); they are installed
 # into /tmp/site, never into the system.
 set -uo pipefail
 out=${1:-${OUT:-bench/gpu-out}}

@@ -1,9 +1,9 @@
 """Full-protocol records of screened trials (evaluation.screening): where each lives and how it changes a row.
 
 A screened sweep evaluates its contenders again at the full protocol (`sweep.promotion`) and stores one JSON record
-per trial at `<train storage>/<trial id>/isosweep_full_eval.json`. Everything that reads a sweep back (the driver,
-`isosweep results/status/promote`, `isosweep sync`) puts those records into the rows the same way, here, without
-importing Ray or torch.
+per trial at `<train storage>/<trial id>/isosweep_full_eval.json`. The promotion phase and every reader of a sweep
+(`sweep.outcome.load_outcome`: `isosweep results/status/promote`) put those records into the rows the same way, here,
+without importing Ray or torch. (`tracking.sync` reads the same file to log its values to MLflow.)
 """
 
 from __future__ import annotations
