@@ -100,6 +100,9 @@ class TrainSpec(_Section):
     iso_shared_forward: bool = Field(
         False, description="denoise the iso sub-batch from the isometry term's encoder pass (one encoder pass instead of two); "
                            "with per_timestep those samples are denoised at t_iso (still uniform on [pT, T): L_dsm stays unbiased)")
+    iso_every: int = Field(
+        1, ge=1, description="lazy regularisation: the isometry term only on optimizer steps whose index is a multiple of n, "
+                             "weighted lambda_iso x n (the same expected gradient at 1/n of its cost per step); 1 = every step (the paper)")
     learning_rate: float = Field(1e-4, gt=0.0, description="Adam learning rate")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")
@@ -318,6 +321,11 @@ class SweepSpec(_Section):
             raise ValueError(f"train.iso_shared_forward under DDP (workers_per_trial={self.resources.workers_per_trial}) needs "
                              f"train.iso_batch below the per-worker micro-batch ({per_worker}), so that the other samples' forward "
                              f"runs through the DDP wrapper; fix: set train.iso_batch to at most {per_worker - 1}")
+        max_steps = self.train.max_steps
+        if self.train.iso_every > 1 and max_steps is not None and self.train.iso_every > max_steps:
+            raise ValueError(f"train.iso_every={self.train.iso_every} is above train.max_steps={max_steps}: the isometry term would be "
+                             f"taken once, at step 0, weighted {self.train.iso_every}x; fix: set train.iso_every to at most {max_steps} "
+                             "(or 1, every step)")
         unmeasured = [o for o in self.selection.objectives if o not in self.evaluation.metrics]
         if unmeasured:  # found now, not after every trial has trained
             raise ValueError(f"selection.objectives {unmeasured} are not in evaluation.metrics {self.evaluation.metrics}; "

@@ -539,3 +539,21 @@ def test_iso_batch_and_shared_forward_default_to_all_samples_and_are_validated(t
     assert "train.iso_shared_forward" in msg and "train.iso_batch" in msg and "at most 3" in msg
     data["train"]["iso_batch"] = 3
     assert load_spec(write(tmp_path, data)).train.iso_batch == 3
+
+
+def test_iso_every_defaults_to_every_step_and_is_validated(tmp_path):
+    """train.iso_every: absent means 1 (the paper's every-step loss); 0, a fraction, or more than max_steps (the term
+    would be taken once, n times heavier) are refused naming the field and the fix."""
+    data = demo_data()
+    data["train"].pop("iso_every", None)
+    assert load_spec(write(tmp_path, data)).train.iso_every == 1
+    assert load_spec(write(tmp_path, data), ["train.iso_every=4"]).train.iso_every == 4
+    for bad in (0, 2.5):
+        data = demo_data()
+        data["train"]["iso_every"] = bad
+        assert "train.iso_every" in _error(tmp_path, data)
+    data = demo_data()
+    data["train"]["max_steps"] = 3
+    data["train"]["iso_every"] = 4
+    msg = _error(tmp_path, data)
+    assert "train.iso_every=4" in msg and "train.max_steps=3" in msg and "at most 3" in msg

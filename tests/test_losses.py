@@ -400,3 +400,39 @@ def test_shared_forward_under_a_wrapper_needs_a_sample_outside_the_iso_batch():
         loss_fn(wrapper, unet, x0, d.t, d.noise, True, sched.alphas_cumprod)
     ok = IsoDiffusionLoss(lambda_iso=0.5, p=0.5, iso_timesteps="pooled", share_forward=True, iso_batch=1)
     assert ok(wrapper, unet, x0, d.t, d.noise, True, sched.alphas_cumprod).iso_on
+
+
+# --- lazy regularisation: the isometry term on every n-th step, weighted n x lambda_iso ---------------------------
+
+
+def test_iso_every_takes_the_term_n_times_heavier_on_due_steps_only():
+    """iso_every=n: due(step) holds on steps 0, n, 2n, ...; where the term is taken the loss is L_dsm + n lambda L_iso
+    with the same L_dsm and L_iso as the every-step loss (same draws), so a trial's expected isometry gradient per
+    step is the paper's; a skipped step keeps the iso range's timesteps and noise and draws no t_iso."""
+    unet, sched = tiny_unet(), default_scheduler()
+    x0 = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(31)) * 2 - 1
+    lazy = IsoDiffusionLoss(lambda_iso=0.5, p=0.5, iso_every=3)
+    every = IsoDiffusionLoss(lambda_iso=0.5, p=0.5)
+    assert [s for s in range(10) if lazy.due(s)] == [0, 3, 6, 9] and all(every.due(s) for s in range(10))
+    d = lazy.draw(x0, True, torch.Generator().manual_seed(32), torch.Generator().manual_seed(33))
+    same = every.draw(x0, True, torch.Generator().manual_seed(32), torch.Generator().manual_seed(33))
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(d, same))
+    probes = lambda: torch.Generator().manual_seed(34)  # noqa: E731
+    out = lazy(unet, unet, x0, d.t, d.noise, True, sched.alphas_cumprod, generator=probes(), t_iso=d.t_iso)
+    ref = every(unet, unet, x0, d.t, d.noise, True, sched.alphas_cumprod, generator=probes(), t_iso=d.t_iso)
+    assert out.iso.item() == pytest.approx(ref.iso.item(), rel=1e-6) and out.dsm.item() == pytest.approx(ref.dsm.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(ref.dsm.item() + 3 * 0.5 * ref.iso.item(), rel=1e-6)
+    g_lazy = _grads(unet, out.loss - _dsm_graph(unet, sched, x0, d))  # the isometry part of the gradient
+    g_every = _grads(unet, ref.loss - _dsm_graph(unet, sched, x0, d))
+    flat = lambda g: torch.cat([g[n].flatten() for n in g if n.startswith(ENCODER)])  # noqa: E731  (the term reaches only these)
+    assert _close(flat(g_lazy), 3 * flat(g_every)) and flat(g_every).norm() > 0
+    skipped = lazy.draw(x0, True, torch.Generator().manual_seed(32), torch.Generator().manual_seed(33), term=False)
+    assert torch.equal(skipped.t, d.t) and torch.equal(skipped.noise, d.noise) and skipped.t_iso is None and skipped.iso_on
+    off = lazy(unet, unet, x0, skipped.t, skipped.noise, False, sched.alphas_cumprod)
+    assert off.iso is None and off.loss.item() == pytest.approx(ref.dsm.item(), rel=1e-6)
+
+
+def test_iso_every_bad_values_are_refused():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="iso_every"):
+            IsoDiffusionLoss(lambda_iso=1.0, p=0.5, iso_every=bad)

@@ -276,3 +276,38 @@ def test_iso_batch_and_shared_forward_reach_the_loss(tiny_model_dir, tmp_path, m
     assert np.isfinite(res.metrics["loss"]) and res.metrics["iso_loss"] > 0
     train = json.loads((rep.checkpoints[-1] / "spec.json").read_text())["spec"]["train"]
     assert train["iso_batch"] == 1 and train["iso_shared_forward"] is True
+
+
+def test_iso_every_takes_the_term_on_due_steps_and_resume_keeps_the_rhythm(tiny_model_dir, tmp_path, monkeypatch):
+    """train.iso_every=2 with p=0 (every step in the iso range): the isometry term runs on steps 0, 2, 4 only
+    (iso_fraction 1, 0, 1, ...), every step keeps the iso range's timesteps; a run stopped after 3 steps and resumed
+    ends where the uninterrupted run ends (the rhythm follows the global step, not the process)."""
+    calls, ranges = [], []
+    real_encoder, real_draw = losses.encoder_at, losses.sample_timesteps
+
+    def encoder_spy(unet, t, *args, **kwargs):
+        calls.append(int(t[0]))
+        return real_encoder(unet, t, *args, **kwargs)
+
+    def draw_spy(*args, **kwargs):
+        t, on = real_draw(*args, **kwargs)
+        ranges.append(on)
+        return t, on
+
+    monkeypatch.setattr(losses, "encoder_at", encoder_spy)
+    monkeypatch.setattr(losses, "sample_timesteps", draw_spy)
+    spec = make_spec(tiny_model_dir, p=0.0, iso_every=2)
+    full = LocalReporter(tmp_path / "full")
+    train_loop(spec, full)
+    assert [r["iso_fraction"] for r in full.reports] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert len(calls) == 3 and all(ranges)  # three isometry terms in six steps, every step drawn from [pT, T)
+    assert all(np.isfinite(r["iso_loss"]) for r in full.reports[::2]) and "iso_loss" not in full.reports[1]
+    part = LocalReporter(tmp_path / "part")
+    train_loop(make_spec(tiny_model_dir, p=0.0, iso_every=2, max_steps=3), part)
+    calls.clear()
+    resumed = LocalReporter(tmp_path / "resumed")
+    train_loop(spec, resumed, resume_from=str(part.checkpoints[-1]))
+    assert [r["iso_fraction"] for r in resumed.reports] == [0.0, 1.0, 0.0] and len(calls) == 1  # steps 3, 4, 5
+    a, b = _params(full.checkpoints[-1]), _params(resumed.checkpoints[-1])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -48,6 +48,12 @@ Cost levers (`train.iso_batch`, `train.iso_shared_forward`; measured in docs/ben
   little, because those k samples share one t. Off by default, so existing specs train what they trained.
   The shared samples' denoising runs in float32 with the isometry term (outside autocast, math attention).
   Under DDP the rest of the micro-batch (at least one sample) carries the forward through the DDP wrapper.
+- `iso_every=n` (lazy regularisation, as StyleGAN2 does for its R1 and path-length terms): the isometry term
+  is taken only on optimizer steps whose index is a multiple of n (`due(step)`), weighted lambda_iso x n. The
+  coin, and so the timestep range of every step, is drawn as before and independently of the step index, so
+  E[gradient of the isometry part] per step is unchanged and its cost per step falls by n; what grows is the
+  variance (one term n times larger every n steps). A skipped step draws its timesteps from the iso range as
+  usual and costs a plain step. n = 1 (the default) is the paper's every-step loss.
 """
 
 from __future__ import annotations
@@ -169,7 +175,8 @@ class LossOutput:
 
 
 class IsoDiffusionLoss:
-    """L = L_dsm + lambda_iso * 1[iso_on] * L_iso for one micro-batch; `iso_timesteps` (module docstring)
+    """L = L_dsm + lambda_iso * iso_every * 1[iso_on] * L_iso for one micro-batch (`iso_on`: the coin's range and,
+    with lazy regularisation, a step `due` for the term); `iso_timesteps` (module docstring)
     chooses where `draw` puts the isometry term's timesteps.
 
     `model` runs the denoising forward (the DDP wrapper under data parallelism, so its reducer sees the
@@ -183,15 +190,18 @@ class IsoDiffusionLoss:
 
     def __init__(self, *, lambda_iso: float, p: float, iso_metric: str = "stereographic",
                  reduction: str = "global", timesteps: int = 1000, prediction_type: str = "epsilon",
-                 iso_timesteps: str = "per_timestep", iso_batch: int | None = None, share_forward: bool = False) -> None:
+                 iso_timesteps: str = "per_timestep", iso_batch: int | None = None, share_forward: bool = False,
+                 iso_every: int = 1) -> None:
         check_prediction_type(prediction_type)
         if iso_timesteps not in ISO_TIMESTEPS:
             raise ValueError(f"unknown iso_timesteps {iso_timesteps!r}; use one of {list(ISO_TIMESTEPS)}")
         if iso_batch is not None and (isinstance(iso_batch, bool) or not isinstance(iso_batch, int) or iso_batch < 1):
             raise ValueError(f"iso_batch must be a positive int or None (all samples); got {iso_batch!r}")
+        if isinstance(iso_every, bool) or not isinstance(iso_every, int) or iso_every < 1:
+            raise ValueError(f"iso_every must be a positive int (1: the isometry term on every step); got {iso_every!r}")
         self.lambda_iso, self.p, self.iso_metric, self.reduction, self.T = lambda_iso, p, iso_metric, reduction, timesteps
         self.prediction_type, self.iso_timesteps = prediction_type, iso_timesteps
-        self.iso_batch, self.share_forward = iso_batch, share_forward
+        self.iso_batch, self.share_forward, self.iso_every = iso_batch, share_forward, iso_every
 
     @property
     def baseline(self) -> bool:
@@ -201,22 +211,33 @@ class IsoDiffusionLoss:
         """How many samples (the first ones) of a micro-batch of `batch_size` the isometry term uses."""
         return batch_size if self.iso_batch is None else min(self.iso_batch, batch_size)
 
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based, counted over the whole run, so resume keeps the rhythm) takes the
+        isometry term when its coin is on: every step, or every `iso_every`-th with lazy regularisation."""
+        return step % self.iso_every == 0
+
+    @property
+    def iso_weight(self) -> float:
+        """The isometry term's weight where it is taken: lambda_iso, times iso_every to keep its expectation."""
+        return self.lambda_iso * self.iso_every
+
     def coin(self, shared: torch.Generator) -> bool:
         """This optimizer step's iso coin (False for the baseline, which never draws). `shared` must be
         seeded identically on every rank: the global isometry ratio is a collective."""
         return not self.baseline and choose_iso(self.p, shared)
 
     def draw(self, x0: torch.Tensor, iso_on: bool, generator: torch.Generator,
-             shared: torch.Generator | None = None) -> Draw:
+             shared: torch.Generator | None = None, *, term: bool = True) -> Draw:
         """One micro-batch's `Draw` for x0 (B, C, H, W), on x0's device: timesteps from the range the coin
         chose, then the noise, both from `generator` (this rank's stream); with "per_timestep" and the
         isometry term on, then t_iso from `shared` (the generator `coin` used, identical on every rank).
         With `share_forward` and "per_timestep", the iso sub-batch (the first `iso_samples(B)`) is denoised at
-        t_iso: its entries of t are set to t_iso (same draws, so the other samples keep theirs)."""
+        t_iso: its entries of t are set to t_iso (same draws, so the other samples keep theirs). `term=False` (a step
+        that lazy regularisation skips, `due`) keeps the iso range's timesteps and noise and draws no t_iso."""
         t, iso_on = sample_timesteps(x0.shape[0], self.p, self.T, generator, lambda_iso=self.lambda_iso,
                                      iso_on=iso_on, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        if not iso_on or self.iso_timesteps == "pooled":
+        if not iso_on or not term or self.iso_timesteps == "pooled":
             return Draw(t, noise, iso_on, None)
         if shared is None:
             raise ValueError("iso_timesteps='per_timestep' draws the isometry term's t from the generator shared by "
@@ -255,7 +276,7 @@ class IsoDiffusionLoss:
             iso = geometry.isometry_ratio(tr_r, tr_r2, reduction=self.reduction)
         if self.share_forward:
             dsm = self._shared_dsm(model, unet, pred_i, x0, noise, t, target, k, alphas_cumprod)
-        loss = dsm + self.lambda_iso * iso
+        loss = dsm + self.iso_weight * iso
         return LossOutput(loss, dsm.detach(), iso.detach(), tr_r.detach().mean(), True)
 
     @staticmethod

@@ -214,7 +214,8 @@ def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Callable[[str], 
     amp = autocast_dtype(tr.mixed_precision, device)
     loss_fn = IsoDiffusionLoss(lambda_iso=tr.lambda_iso, p=tr.p, iso_metric=tr.iso_metric, reduction=tr.iso_reduction,
                                timesteps=tr.timesteps, prediction_type=scheduler.config.get("prediction_type", "epsilon"),
-                               iso_timesteps=tr.iso_timesteps, iso_batch=tr.iso_batch, share_forward=tr.iso_shared_forward)
+                               iso_timesteps=tr.iso_timesteps, iso_batch=tr.iso_batch, share_forward=tr.iso_shared_forward,
+                               iso_every=tr.iso_every)
     loader = ShardedLoader(build_dataset(spec.dataset, train=True), tr.per_worker_batch_size(world), rank, world, seed=tr.seed)
     steps_per_epoch = loader.batches_per_epoch // tr.grad_accumulation
     if steps_per_epoch < 1:
@@ -258,24 +259,29 @@ def _resume(run: Run, checkpoint: str | StoredCheckpoint | None, selection: Sele
 
 
 def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> None:
-    """One optimizer step over `grad_accumulation` micro-batches: the iso coin, losses, one finite check, update."""
+    """One optimizer step over `grad_accumulation` micro-batches: the iso coin, losses, one finite check, update.
+
+    The coin picks the step's timestep range; the isometry term is taken on an iso-range step when the step is
+    due for it (`IsoDiffusionLoss.due`: every step unless train.iso_every > 1)."""
     tr = run.spec.train
     t0 = time.perf_counter()
     shared, local = step_generators(tr.seed, step, run.rank)
     iso_on = run.loss_fn.coin(shared)
+    due = run.loss_fn.due(step)
     flags = torch.zeros(2, device=run.device)  # any non-finite dsm / iso term on this rank during this step
     values = torch.zeros(2, device=run.device)
     for k in range(tr.grad_accumulation):
         x0, _ = next(micro_batches)
         x0 = x0.to(run.device, non_blocking=True)
-        d = run.loss_fn.draw(x0, iso_on, local, shared)  # per_timestep: the iso t from `shared`, one for all ranks
+        d = run.loss_fn.draw(x0, iso_on, local, shared, term=due)  # per_timestep: the iso t from `shared`, one for all ranks
         iso_on = d.iso_on
+        take = iso_on and due
         # DDP all-reduces gradients only on the last micro-batch of the step
         last = k == tr.grad_accumulation - 1
         sync = run.model.no_sync() if run.world > 1 and not last else contextlib.nullcontext()
         with sync:
             with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
-                out = run.loss_fn(run.model, run.unet, x0, d.t, d.noise, iso_on, run.alphas_cumprod, generator=local, t_iso=d.t_iso)
+                out = run.loss_fn(run.model, run.unet, x0, d.t, d.noise, take, run.alphas_cumprod, generator=local, t_iso=d.t_iso)
             terms = torch.stack([out.dsm.float(), out.iso.float() if out.iso is not None else torch.zeros((), device=run.device)])
             bad = (~torch.isfinite(terms)).float()
             values = torch.where(bad > flags, terms, values)  # the first non-finite value of each term
@@ -290,7 +296,7 @@ def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> Non
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.ema.update(run.unet)
-    stats.end_step(time.perf_counter() - t0, iso_on)
+    stats.end_step(time.perf_counter() - t0, iso_on and due)
 
 
 def _train_state(run: Run, pos: Position) -> dict[str, Any]:
