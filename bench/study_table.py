@@ -5,7 +5,8 @@
 
 Takes one or more finished sweep folders (each with `results.csv`, written by `isosweep run`/`isosweep results`,
 and `spec.yaml`). A row's training seed and loss timestep handling are its own columns when a point of
-`search.points` set them, else the sweep's `train.seed` / `train.iso_timesteps`. Rows with lambda_iso = 0 (the
+`search.points` set them, else the sweep's `train.seed` / `train.iso_timesteps` (with " every n" appended when the
+sweep's `train.iso_every` is n > 1: lazy regularisation, its own configuration). Rows with lambda_iso = 0 (the
 sweep's baseline, or a point repeating it at another seed) are the baseline of their seed.
 
 Prints two Markdown tables:
@@ -63,6 +64,8 @@ def load_rows(sweep_dirs: list[Path]) -> list[dict]:
                    for k, v in r.items()}
             row["seed"] = int(_num(r.get("seed"))) if _is_number(r.get("seed")) else int(train.get("seed", 0))
             row["iso_timesteps"] = r.get("iso_timesteps") or train.get("iso_timesteps", "pooled")
+            if int(train.get("iso_every", 1)) > 1:  # lazy regularisation is another configuration: its own rows
+                row["iso_timesteps"] += f" every {int(train['iso_every'])}"
             row["iso_metric"] = r.get("iso_metric") or r.get("metric", "")
             row["sweep"] = d.name
             if _is_number(r.get("ls")) and _is_number(r.get("ls_max")):  # LS against the LS of latents that say nothing

@@ -27,7 +27,7 @@ def demo_data():
 
 def test_every_documented_spec_is_shipped():
     """The README and docs name these specs; a missing one would also silently empty the parametrised tests below."""
-    assert {p.stem for p in SPECS} == {"demo", "shapes_study", "shapes_study_ablations", *PAPER_SPECS}
+    assert {p.stem for p in SPECS} == {"demo", "shapes_study", "shapes_study_ablations", "shapes_study_lazy", *PAPER_SPECS}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
