@@ -4,6 +4,8 @@
 # (32 and 256 px, fp32 and bf16), each log written to OUT_DIR with the card's name at its top.
 #
 #   bash bench/gpu.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else bench/gpu-out
+#   GPU_CHECKS=tests|profile|lazy bash bench/gpu.sh   # tests: no bf16 sampling; profile: where the isometry step's
+#                                                  # time goes; lazy: training steps with train.iso_every = 1, 2, 4, 8
 #
 # On a machine without this project's packages (an air-gapped GPU box with torch only), put the wheels
 # the import chain needs in .whl/ first (docs/benchmarks.md, "GPU tests", says which); they are installed
@@ -33,6 +35,18 @@ run() {  # run NAME TIMEOUT CMD...: one check, its log in $out/NAME.log, a line 
     tail -n 40 "$out/$name.log"
 }
 
+if [ "${GPU_CHECKS:-all}" = profile ]; then  # where the 256 px isometry step's GPU time goes, and two cheap levers
+    run profile_iso 120 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --profile iso_levers
+    run profile_plain 90 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --profile plain
+    run scale_cudnn_benchmark 90 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --cudnn-benchmark
+    run scale_channels_last 90 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --channels-last
+    exit 0
+fi
+if [ "${GPU_CHECKS:-all}" = lazy ]; then  # training steps with the isometry term every n-th step (train.iso_every)
+    run scale_lazy_fp32 150 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 4 --variants plain,iso_levers --trial-steps 32 --iso-every 1,2,4,8
+    run scale_lazy_bf16 150 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 4 --variants plain,iso_levers --trial-steps 32 --iso-every 1,2,4,8 --bf16
+    exit 0
+fi
 case ${GPU_CHECKS:-all} in
 all|tests) run tests 150 $py -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py tests/test_metrics.py tests/test_metrics_evaluate.py ;;
 esac

@@ -24,9 +24,15 @@ over `--draws` micro-batches (fresh x0, noise, t_iso, probes) it takes L_iso on 
 and reports its mean, spread and bias against the whole micro-batch, and the error of its gradient against
 the mean whole-batch gradient.
 
+`--profile VARIANT` (CUDA) runs torch.profiler over one step of that variant after the warm-up and prints where
+the time goes: the GPU's busy time against the wall time (a step whose kernels keep the GPU busy a small part of
+its wall time is bound by launches and the CPU, not by arithmetic), the kernel launch count, and the ops that take
+the most GPU and CPU time. `--cudnn-benchmark` lets cuDNN pick its convolution algorithms by timing them.
+
     python bench/scale.py --batch 2 --iso-batch 1 --warmup 0 --repeats 1  # 256 px, CPU: 10 min of CPU time, 17 GiB
     python bench/scale.py --device cuda --batch 8 --iso-batch 2 --bf16 --repeats 5
     python bench/scale.py --estimator                                   # small UNet: about a minute
+    python bench/scale.py --device cuda --batch 8 --iso-batch 2 --profile iso_levers
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class ScaleStepper(Stepper):
         self.loss_all = IsoDiffusionLoss(**common)
         self.loss_levers = IsoDiffusionLoss(**common, iso_batch=iso_batch, share_forward=share)
         self.loss_sub = IsoDiffusionLoss(**common, iso_batch=iso_batch)
+        self.common, self.iso_batch, self.share = common, iso_batch, share
         # Adam's state (2 x 113.7 M floats, 0.9 GB) now, so the first variant's peak memory does not carry it:
         # a step on zero gradients allocates it and leaves the weights as they are
         for p in unet.parameters():
@@ -97,6 +104,24 @@ class ScaleStepper(Stepper):
 
     def iso_sub(self) -> None:
         self._iso(self.loss_sub)
+
+    def trial(self, every: int | None, steps: int) -> int:
+        """`steps` optimizer steps as training takes them with train.iso_every = `every` (None: the baseline, a plain
+        step each): each step's coin from its own seeded generator (the same coins for every `every`), the isometry
+        term where the coin is on and the step is due. Returns how many steps took the term."""
+        loss_fn = (IsoDiffusionLoss(**self.common, iso_batch=self.iso_batch, share_forward=self.share, iso_every=every)
+                   if every is not None else IsoDiffusionLoss(**(self.common | {"lambda_iso": 0.0})))
+        taken = 0
+        for step in range(steps):
+            shared = torch.Generator().manual_seed(10_000 + step)  # the loop's per-step generator, shared by every rank
+            on, due = loss_fn.coin(shared), loss_fn.due(step)
+            d = loss_fn.draw(self.x0, on, self.local, shared, term=due)
+            with self._autocast():
+                out = loss_fn(self.unet, self.unet, self.x0, d.t, d.noise, d.iso_on and due, self.abar, generator=self.local,
+                              t_iso=d.t_iso)
+            self._update(out.loss)
+            taken += int(out.iso_on)
+        return taken
 
     def reference(self) -> None:
         x_t, t, eps = self._noisy(iso_cutoff(P_SPLIT, T), T)
@@ -153,9 +178,13 @@ def run_scale(args: argparse.Namespace) -> int:
     check = "the 113.7 M of google/ddpm-ema-celebahq-256" if n_params == CELEBAHQ_PARAMS else f"!= the real model's {CELEBAHQ_PARAMS}"
     print(f"# UNet: celebahq layout, channels={args.channels}, {n_params:,} parameters ({check}), random weights; "
           f"resolution={args.resolution} batch={args.batch} iso_batch={k} share={not args.no_share} "
-          f"channels_last={args.channels_last} bf16={args.bf16} warmup={args.warmup} repeats={args.repeats} "
+          f"channels_last={args.channels_last} bf16={args.bf16} cudnn_benchmark={args.cudnn_benchmark} warmup={args.warmup} repeats={args.repeats} "
           f"p={P_SPLIT} lambda_iso={LAMBDA_ISO}")
     sys.stdout.flush()
+    if args.profile:
+        if args.profile not in labels:
+            raise SystemExit(f"--profile: unknown variant {args.profile!r}; choose from {sorted(labels)}")
+        return profile_step(getattr(stepper, args.profile), labels[args.profile], device, args.warmup)
     results = measure({name: _logged(name, getattr(stepper, name)) for name in wanted}, device, args.warmup, args.repeats)
 
     on_cpu = device.type == "cpu"
@@ -190,10 +219,89 @@ def run_scale(args: argparse.Namespace) -> int:
             else:
                 cells.append("-")
         print(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    if have("plain") and have("iso_levers") and args.iso_every:
+        print_lazy(results, basis, args.iso_every, have("reference"))
+    if args.trial_steps and args.iso_every:
+        time_trials(stepper, device, args.iso_every, args.trial_steps, on_cpu)
     if have("iso") and have("iso_levers"):
         print()
         print(f"Levers: time x{results['iso'][basis] / results['iso_levers'][basis]:.2f} faster, "
               f"memory x{results['iso'][2] / results['iso_levers'][2]:.2f} smaller than the same loss without them.")
+    return 0
+
+
+def print_lazy(results: dict, basis: int, every: list[int], with_reference: bool) -> None:
+    """What a trial pays per optimizer step with lazy regularisation (train.iso_every = n), derived from the medians
+    above: the isometry term is on a step when its coin is (probability 1 - p) and the step is due (1 in n); every
+    other step costs a plain step (its timesteps come from either range, which costs the same)."""
+    plain, levers = results["plain"][basis], results["iso_levers"][basis]
+    ref = results["reference"][basis] if with_reference else None
+    print()
+    print(f"Per optimizer step of a trial at p = {P_SPLIT} (derived from the medians above, not timed: a fraction "
+          f"(1 - p) / n of the steps takes the isometry step, the rest a plain one; the reference-style trial takes its "
+          f"term on every step of the iso range; peak memory is the isometry step's, whatever n):")
+    print()
+    print("| train.iso_every (n) | steps with the isometry term | time vs a plain trial | time vs a reference-style trial |")
+    print("|---|---|---|---|")
+    for n in every:
+        share = (1 - P_SPLIT) / n
+        cost = plain + share * (levers - plain)
+        vs_ref = f"{cost / (plain + (1 - P_SPLIT) * (ref - plain)):.2f}x" if ref is not None else "-"
+        print(f"| {n} | {share:.1%} | {cost / plain:.2f}x | {vs_ref} |")
+
+
+def time_trials(stepper: ScaleStepper, device: torch.device, every: list[int], steps: int, on_cpu: bool) -> None:
+    """Time `steps` training steps per train.iso_every value (the same coins for each) against as many baseline steps."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.process_time if on_cpu else time.perf_counter
+    times: dict[int | None, tuple[float, int]] = {}
+    for n in [None, *every]:
+        sync()
+        t0 = clock()
+        taken = stepper.trial(n, steps)
+        sync()
+        times[n] = (clock() - t0, taken)
+        print(f"#   trial iso_every={n if n is not None else '- (baseline)'}: {times[n][0]:.1f} s, {taken} of {steps} steps "
+              "with the isometry term", file=sys.stderr, flush=True)
+    base = times[None][0]
+    print()
+    print(f"Timed: {steps} training steps per row (the coin of each step seeded alike in every row, p = {P_SPLIT}; "
+          f"{'CPU' if on_cpu else 'wall'} time), against {steps} baseline steps:")
+    print()
+    print("| train.iso_every (n) | steps with the isometry term | time per step | vs the baseline's steps |")
+    print("|---|---|---|---|")
+    print(f"| baseline (lambda_iso = 0) | 0 of {steps} | {base / steps:.3f} s | 1.00x |")
+    for n in every:
+        seconds, taken = times[n]
+        print(f"| {n} | {taken} of {steps} | {seconds / steps:.3f} s | {seconds / base:.2f}x |")
+
+
+def profile_step(step, label: str, device: torch.device, warmup: int) -> int:
+    """One step under torch.profiler (after `warmup` steps): GPU busy vs wall time, launches, the costliest ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    for _ in range(max(warmup, 1)):
+        step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        wall0 = time.perf_counter()
+        step()
+        sync()
+        wall = time.perf_counter() - wall0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6  # kernel durations, microseconds -> seconds (overlaps counted twice)
+    print()
+    print(f"## profile: {label}, one step")
+    print(f"wall {wall:.3f} s (under the profiler); GPU kernels {len(kernels):,}, their summed time {busy:.3f} s = "
+          f"{busy / wall:.0%} of the wall; mean kernel {1e6 * busy / max(len(kernels), 1):.0f} us")
+    averages = prof.key_averages()
+    for sort, rows in ((("self_device_time_total", 25),) if on_gpu else ()) + (("self_cpu_time_total", 15),):
+        try:
+            print(averages.table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+        except (AttributeError, KeyError, ValueError):  # torch < 2.4 names it self_cuda_time_total
+            print(averages.table(sort_by=sort.replace("device", "cuda"), row_limit=rows, max_name_column_width=60))
     return 0
 
 
@@ -256,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=128, help="first level's channels (128: the real model)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: OpenMP threads stall on a CPU shared with other jobs; 0: torch's choice)")
+    parser.add_argument("--iso-every", default="1,2,4,8", type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+                        help="train.iso_every values for the derived per-trial table (empty: none)")
+    parser.add_argument("--trial-steps", type=int, default=0, help="also time this many training steps per --iso-every "
+                        "value (the coin and lazy rhythm of training) against as many baseline steps")
+    parser.add_argument("--profile", default=None, metavar="VARIANT", help="CUDA: profile one step of VARIANT instead of timing (where its time goes)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="CUDA: let cuDNN time and pick its convolution algorithms")
     parser.add_argument("--estimator", action="store_true", help="measure the sub-batch estimator's spread instead (small UNet)")
     parser.add_argument("--draws", type=int, default=24, help="--estimator: micro-batches drawn")
     parser.add_argument("--seed", type=int, default=0)
@@ -264,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         args.batch = 8 if args.estimator else 2
     if args.iso_batch is not None and not 1 <= args.iso_batch <= args.batch:
         parser.error(f"--iso-batch must lie in [1, --batch={args.batch}]")
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     if args.threads > 0 and args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.estimator:
