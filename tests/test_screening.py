@@ -201,3 +201,23 @@ def test_the_screening_check_counts_unet_evaluations_and_flags_a_dropped_front_m
     right = bench.check(spec, full, {"base": screen(50), "a": screen(10), "b": screen(11, spread=2.0)})
     assert right.same and right.missed == [] and right.champion_full == right.champion_mf == "b"
     assert full[1] == {"trial_id": "a", "baseline": False, "status": "DONE", "fid": 10.0, "ppl": 10.0}  # rows unchanged
+
+
+def test_the_sequential_ppl_replay_stops_where_the_evaluation_would():
+    """bench/sequential_ppl.py: on pairs whose values barely vary the interval is tight after the first round, on
+    heavy-tailed pairs (shapes' PPL) never; what it keeps is always a prefix, in pair order."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "sequential_ppl.py"
+    mod_spec = importlib.util.spec_from_file_location("bench_sequential_ppl", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    steady = 50 + rng.normal(0, 0.5, 192)
+    heavy = rng.pareto(0.8, 192) * 10
+    kept = mod.stopped_pairs(steady, stop_width=0.1, round_pairs=32, level=0.95, seed=0)
+    assert len(kept) == 32 and np.array_equal(kept, steady[:32])
+    assert len(mod.stopped_pairs(heavy, stop_width=0.1, round_pairs=32, level=0.95, seed=0)) == 192

@@ -30,7 +30,7 @@ from isosweep.data.imagefiles import DECODE_VERSION
 from isosweep.data.images import make_grid, make_strip
 from isosweep.evaluation.features import resolver as bb
 from isosweep.evaluation.features.common import cache_dir
-from isosweep.evaluation.metrics.confidence import fid_interval, mean_interval, ppl_summary, vor_interval
+from isosweep.evaluation.metrics.confidence import fid_interval, mean_interval, ppl_interval_tight, ppl_summary, vor_interval
 from isosweep.evaluation.metrics.fid import fid_from_features, generated_features, reference_statistics
 from isosweep.evaluation.metrics.jacobian import autodiff_context, condition_numbers, jacobian_singular_values, mcn, unet_encoder, vor
 from isosweep.evaluation.metrics.paths import lerp, slerp
@@ -222,10 +222,9 @@ def _ppl_share(s: _Shard, nets) -> np.ndarray:
 
 
 def _tight(d: np.ndarray, spec, on_batch: Callable[[int], None], world_size: int) -> bool:
-    """Sequential PPL's look after a round: the interval (200 resamples) at most ppl.stop_width x PPL wide."""
+    """Sequential PPL's look after a round (`ppl_interval_tight`), with the progress bar moved on."""
     on_batch(len(d) // world_size)
-    summary = ppl_summary(d, resamples=200, level=spec.bootstrap.level, seed=spec.seed)
-    return bool(summary.get("ppl_hi", np.inf) - summary.get("ppl_lo", 0.0) <= spec.ppl.stop_width * abs(summary["ppl"]))
+    return ppl_interval_tight(d, stop_width=spec.ppl.stop_width, level=spec.bootstrap.level, seed=spec.seed)
 
 
 def _mrtl_share(s: _Shard, nets) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = [
     "filtered_mean_of_counts",
     "vor_of_counts",
     "ppl_summary",
+    "ppl_interval_tight",
     "mean_interval",
     "vor_interval",
     "fid_of_counts",
@@ -131,6 +132,16 @@ def ppl_summary(values: np.ndarray, *, resamples: int, level: float, seed: int) 
         out["ppl_lo"], out["ppl_hi"] = bootstrap_interval(len(d), filtered_mean_of_counts(d), resamples=resamples,
                                                           level=level, seed=seed, name="ppl")
     return out
+
+
+SEQUENTIAL_RESAMPLES = 200  # bootstrap resamples of sequential PPL's look after each round (cheap, and steady enough)
+
+
+def ppl_interval_tight(values: np.ndarray, *, stop_width: float, level: float, seed: int) -> bool:
+    """Sequential PPL's stopping rule (`evaluation.ppl.stop_width`): the bootstrap interval of the pairs so far
+    (SEQUENTIAL_RESAMPLES resamples) is at most stop_width x PPL wide."""
+    summary = ppl_summary(values, resamples=SEQUENTIAL_RESAMPLES, level=level, seed=seed)
+    return bool(summary.get("ppl_hi", np.inf) - summary.get("ppl_lo", 0.0) <= stop_width * abs(summary["ppl"]))
 
 
 def mean_interval(name: str, values: np.ndarray, *, resamples: int, level: float, seed: int) -> dict[str, float]:
