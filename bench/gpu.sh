@@ -45,6 +45,7 @@ fi
 if [ "${GPU_CHECKS:-all}" = lazy ]; then  # training steps with the isometry term every n-th step (train.iso_every)
     run scale_lazy_fp32 150 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 4 --variants plain,iso_levers --trial-steps 32 --iso-every 1,2,4,8
     run scale_lazy_bf16 150 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 4 --variants plain,iso_levers --trial-steps 32 --iso-every 1,2,4,8 --bf16
+    run train_steps 300 $py bench/train_steps.py --device cuda --steps 40 --iso-every 1,2,4
     exit 0
 fi
 case ${GPU_CHECKS:-all} in
