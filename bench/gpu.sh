@@ -49,7 +49,9 @@ if [ "${GPU_CHECKS:-all}" = lazy ]; then  # training steps with the isometry ter
     exit 0
 fi
 case ${GPU_CHECKS:-all} in
-all|tests) run tests 150 $py -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py tests/test_metrics.py tests/test_metrics_evaluate.py ;;
+all|tests)
+    serving=$($py -c 'import mlflow, pandas' 2>/dev/null && echo tests/test_serving.py)  # where MLflow is there
+    run tests 180 $py -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py tests/test_metrics.py tests/test_metrics_evaluate.py $serving ;;
 esac
 run scale_fp32 75 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5
 run scale_bf16 75 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5 --bf16
