@@ -234,6 +234,17 @@ def measure(
     return {name: (statistics.median(walls[name]), statistics.median(cpus[name]), peaks[name], exact) for name in steps}
 
 
+def print_iso_every_table(baseline: tuple[str, float], rows: list[tuple[int, str, float]], time_header: str) -> None:
+    """The Markdown table of seconds per step against the baseline's, one row per train.iso_every value:
+    baseline = (share of steps with the term, seconds), rows = [(n, share, seconds), ...]."""
+    share, base = baseline
+    print(f"| train.iso_every (n) | steps with the isometry term | {time_header} | vs the baseline |")
+    print("|---|---|---|---|")
+    print(f"| baseline (lambda_iso = 0) | {share} | {base:.3f} s | 1.00x |")
+    for n, share, seconds in rows:
+        print(f"| {n} | {share} | {seconds:.3f} s | {seconds / base:.2f}x |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels")

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from iso_step import LAMBDA_ISO, P_SPLIT, Stepper, T, build_unet, measure, reference_isometry_loss
+from iso_step import LAMBDA_ISO, P_SPLIT, Stepper, T, build_unet, measure, print_iso_every_table, reference_isometry_loss
 
 from isosweep.core.geometry import isometry_ratio, isometry_terms
 from isosweep.core.hspace import encoder_at
@@ -268,12 +268,8 @@ def time_trials(stepper: ScaleStepper, device: torch.device, every: list[int], s
     print(f"Timed: {steps} training steps per row (the coin of each step seeded alike in every row, p = {P_SPLIT}; "
           f"{'CPU' if on_cpu else 'wall'} time), against {steps} baseline steps:")
     print()
-    print("| train.iso_every (n) | steps with the isometry term | time per step | vs the baseline's steps |")
-    print("|---|---|---|---|")
-    print(f"| baseline (lambda_iso = 0) | 0 of {steps} | {base / steps:.3f} s | 1.00x |")
-    for n in every:
-        seconds, taken = times[n]
-        print(f"| {n} | {taken} of {steps} | {seconds / steps:.3f} s | {seconds / base:.2f}x |")
+    print_iso_every_table((f"0 of {steps}", base / steps),
+                          [(n, f"{times[n][1]} of {steps}", times[n][0] / steps) for n in every], "time per step")
 
 
 def profile_step(step, label: str, device: torch.device, warmup: int) -> int:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from iso_step import build_unet  # noqa: E402
+from iso_step import build_unet, print_iso_every_table  # noqa: E402
 
 from isosweep.config import spec_from_dict  # noqa: E402
 from isosweep.models.builtin import default_scheduler  # noqa: E402
@@ -82,12 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"#   iso_every={n}: {results[n][0]:.3f} s per step", file=sys.stderr, flush=True)
     base_s = results[None][0]
     print()
-    print("| train.iso_every (n) | steps with the isometry term | s per step (the loop's s_per_step) | vs the baseline |")
-    print("|---|---|---|---|")
-    print(f"| baseline (lambda_iso = 0) | 0% | {base_s:.3f} | 1.00x |")
-    for n in every:
-        s, frac = results[n]
-        print(f"| {n} | {frac:.0%} | {s:.3f} | {s / base_s:.2f}x |")
+    print_iso_every_table(("0%", base_s), [(n, f"{results[n][1]:.0%}", results[n][0]) for n in every],
+                          "time per step (the loop's s_per_step)")
     return 0
 
 
