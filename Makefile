@@ -35,7 +35,8 @@ test: install prometheus
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-## test-gpu: only the GPU tests (fp16/bf16 steps and resume, NCCL with two devices, TF32 during evaluation)
+## test-gpu: only the GPU tests (fp16/bf16 steps and resume, NCCL with two devices, TF32 during evaluation,
+## every metric and the served model on CUDA)
 test-gpu: install
 	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
 

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from isosweep.evaluation.metrics.confidence import ppl_interval_tight, ppl_summary  # noqa: E402
-from isosweep.evaluation.metrics.ppl import sequential_pairs  # noqa: E402
+from isosweep.evaluation.metrics.confidence import ppl_interval_tight, ppl_summary
+from isosweep.evaluation.metrics.ppl import sequential_pairs
 
 
 def stopped_pairs(d: np.ndarray, *, stop_width: float, round_pairs: int, level: float, seed: int) -> np.ndarray:
@@ -54,8 +54,12 @@ def replay(sweep: Path, stop_width: float, round_pairs: int) -> dict:
         seq_rows.append({**r, "fidelity": "full", **{k: seq[k] for k in ("ppl", "ppl_lo", "ppl_hi") if k in seq}})
     front_a, champ_a = summarize(spec, full_rows)
     front_b, champ_b = summarize(spec, seq_rows)
-    ids = lambda front: sorted(x["trial_id"] for x in front)  # noqa: E731
-    champ = lambda c: c.row["trial_id"] if c else None  # noqa: E731
+    def ids(front) -> list[str]:
+        return sorted(x["trial_id"] for x in front)
+
+    def champ(c) -> str | None:
+        return c.row["trial_id"] if c else None
+
     return {"sweep": spec.name, "trials": len(done), "pairs_all": len(done) * ev.ppl.num_samples,
             "pairs_used": sum(n for n, *_ in used.values()), "steps": ev.ppl.ddim_steps, "used": used,
             "same": ids(front_a) == ids(front_b) and champ(champ_a) == champ(champ_b),
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {res['sweep']} | {w:g} | {res['trials']} | {counts[0]}-{counts[-1]} | {inside}/{res['trials']} | {verdict} | "
                   f"{evals_all:,} | {evals_seq:,} | {1 - evals_seq / evals_all:.0%} |")
             tot = totals[w]
-            tot[0] += res["trials"]; tot[1] += inside; tot[2] += int(res["same"]); tot[3] += 1; tot[4] += evals_all; tot[5] += evals_seq  # noqa: E702
+            for i, v in enumerate((res["trials"], inside, int(res["same"]), 1, evals_all, evals_seq)):
+                tot[i] += v
         tot = totals[w]
         print(f"| **all** | {w:g} | {tot[0]} | | {tot[1]}/{tot[0]} | {tot[2]}/{tot[3]} SAME | {tot[4]:,} | {tot[5]:,} | "
               f"{1 - tot[5] / tot[4]:.0%} |")

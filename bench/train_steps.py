@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from iso_step import build_unet, print_iso_every_table  # noqa: E402
+from iso_step import build_unet, print_iso_every_table
 
-from isosweep.config import spec_from_dict  # noqa: E402
-from isosweep.models.builtin import default_scheduler  # noqa: E402
-from isosweep.training.loop import train_loop  # noqa: E402
-from isosweep.training.reporting import LocalReporter  # noqa: E402
+from isosweep.config import spec_from_dict
+from isosweep.models.builtin import default_scheduler
+from isosweep.training.loop import train_loop
+from isosweep.training.reporting import LocalReporter
 
 
 def run(base: Path, out: Path, args: argparse.Namespace, lambda_iso: float, iso_every: int) -> tuple[float, float]:

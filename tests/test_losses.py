@@ -417,14 +417,14 @@ def test_iso_every_takes_the_term_n_times_heavier_on_due_steps_only():
     d = lazy.draw(x0, True, torch.Generator().manual_seed(32), torch.Generator().manual_seed(33))
     same = every.draw(x0, True, torch.Generator().manual_seed(32), torch.Generator().manual_seed(33))
     assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(d, same))
-    probes = lambda: torch.Generator().manual_seed(34)  # noqa: E731
+    probes = lambda: torch.Generator().manual_seed(34)
     out = lazy(unet, unet, x0, d.t, d.noise, True, sched.alphas_cumprod, generator=probes(), t_iso=d.t_iso)
     ref = every(unet, unet, x0, d.t, d.noise, True, sched.alphas_cumprod, generator=probes(), t_iso=d.t_iso)
     assert out.iso.item() == pytest.approx(ref.iso.item(), rel=1e-6) and out.dsm.item() == pytest.approx(ref.dsm.item(), rel=1e-6)
     assert out.loss.item() == pytest.approx(ref.dsm.item() + 3 * 0.5 * ref.iso.item(), rel=1e-6)
     g_lazy = _grads(unet, out.loss - _dsm_graph(unet, sched, x0, d))  # the isometry part of the gradient
     g_every = _grads(unet, ref.loss - _dsm_graph(unet, sched, x0, d))
-    flat = lambda g: torch.cat([g[n].flatten() for n in g if n.startswith(ENCODER)])  # noqa: E731  (the term reaches only these)
+    flat = lambda g: torch.cat([g[n].flatten() for n in g if n.startswith(ENCODER)])  # the term reaches only these
     assert _close(flat(g_lazy), 3 * flat(g_every)) and flat(g_every).norm() > 0
     skipped = lazy.draw(x0, True, torch.Generator().manual_seed(32), torch.Generator().manual_seed(33), term=False)
     assert torch.equal(skipped.t, d.t) and torch.equal(skipped.noise, d.noise) and skipped.t_iso is None and skipped.iso_on
