@@ -11,7 +11,8 @@ from mlflow.exceptions import MlflowException
 
 from isosweep.evaluation.record import EVAL_DIR, RECORD_FILE, read_record, record_path
 from isosweep.files import read_json
-from isosweep.results.layout import FULL_EVAL_FILE, SCREENED_VALUES, STATE_FILE, TRAIN_DIR, trial_id_from_path
+from isosweep.results.layout import SCREENED_VALUES, STATE_FILE, TRAIN_DIR, trial_id_from_path
+from isosweep.results.records import full_eval_uri
 from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, EVAL_ARTIFACT_PATH, log_final_metrics, log_trial_result
 from isosweep.tracking.client import client, retry_call
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run, find_trial_run, open_trial_run
@@ -98,7 +99,7 @@ def sync_sweep_dir(
             log_trial_result(tracking_uri, run_id, ckpt, only_metrics=set(metrics), log_eval=need_eval, log_checkpoint=need_ckpt)
             uploaded += (["metrics:" + ",".join(sorted(metrics))] if metrics else []) + (["checkpoint"] if need_ckpt else []) + (["eval"] if need_eval else [])
             end_run(tracking_uri, run_id, "FINISHED")
-        if _sync_full_record(tracking_uri, run_id, sweep_dir / TRAIN_DIR / tid / FULL_EVAL_FILE, file_metrics, run):
+        if _sync_full_record(tracking_uri, run_id, Path(full_eval_uri(str(sweep_dir / TRAIN_DIR), tid)), file_metrics, run):
             uploaded.append("full evaluation")
         done.append((tid, run_id, uploaded))
     return done
