@@ -56,3 +56,5 @@ def tiny_model_dir(tmp_path_factory):
 # imported into each test module instead, every module would start its own (about 10 s and 0.5 GB each).
 from ray_cluster import ray_cluster  # noqa: E402,F401
 from servers import mlflow_server, s3_server  # noqa: E402,F401
+# Stand-ins for what tests cannot download: the paper's hub models in a real HF cache (built once per session).
+from support.hub import hub_cache, hub_cache_real  # noqa: E402,F401
