@@ -13,6 +13,10 @@ from isosweep.sweep.search import planned_trials
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
 PAPER_SPECS = ("celebahq", "cifar10", "lsun_bedroom", "lsun_church")  # the paper's Table 1 datasets
+# The paper's configurations, one spec per dataset (`<dataset>_paper.yaml`): (lambda_iso, p, G) of each table row it runs.
+TABLE1_POINT = (1e-4, 0.5, "stereographic")
+PAPER_POINTS = {"celebahq": [(1e-4, 0.0, "identity"), (1e-3, 0.5, "identity"), (1e-4, 0.5, "identity"), TABLE1_POINT],  # Table 3
+                "cifar10": [TABLE1_POINT], "lsun_bedroom": [TABLE1_POINT], "lsun_church": [TABLE1_POINT]}
 
 
 def write(tmp_path, data, name="spec.yaml"):
@@ -27,7 +31,8 @@ def demo_data():
 
 def test_every_documented_spec_is_shipped():
     """The README and docs name these specs; a missing one would also silently empty the parametrised tests below."""
-    assert {p.stem for p in SPECS} == {"demo", "shapes_study", "shapes_study_ablations", "shapes_study_lazy", *PAPER_SPECS}
+    assert {p.stem for p in SPECS} == {"demo", "shapes_study", "shapes_study_ablations", "shapes_study_lazy", *PAPER_SPECS,
+                                       *(f"{name}_paper" for name in PAPER_SPECS)}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
@@ -129,12 +134,36 @@ def test_paper_specs_search_around_the_paper_setting(name):
     assert spec.base_model.source.endswith(f"-{spec.dataset.resolution}") and spec.dataset.kind == "image_folder"
 
 
-def test_paper_specs_use_paper_defaults():
-    spec = load_spec(ROOT / "search_spaces" / "celebahq.yaml", check_paths=False)
+@pytest.mark.parametrize("name", [*PAPER_SPECS, *(f"{n}_paper" for n in PAPER_SPECS)])
+def test_paper_specs_use_paper_defaults(name):
+    """Sec. 4.1 on every dataset: Adam lr 1e-4, global batch 32, p 0.5, lambda_iso 1e-4, 10 epochs, EMA 0.9999, FID-10k at 20
+    DDIM steps, PPL-50k at 100 steps with eps 1e-4."""
+    spec = load_spec(ROOT / "search_spaces" / f"{name}.yaml", check_paths=False)
     t = spec.train
     assert (t.learning_rate, t.global_batch_size, t.p, t.lambda_iso, t.epochs, t.ema_decay) == (1e-4, 32, 0.5, 1e-4, 10, 0.9999)
     assert spec.evaluation.fid.num_samples == 10000 and spec.evaluation.fid.ddim_steps == 20
-    assert spec.evaluation.ppl.num_samples == 50000 and spec.evaluation.ppl.ddim_steps == 100
+    assert spec.evaluation.ppl.num_samples == 50000 and spec.evaluation.ppl.ddim_steps == 100 and spec.evaluation.ppl.eps == 1e-4
+
+
+@pytest.mark.parametrize("name", PAPER_SPECS)
+def test_paper_configuration_specs_are_the_tables_rows(name):
+    """`<dataset>_paper.yaml` runs exactly the paper's rows for its dataset (Table 1's point; on CelebA-HQ Table 3's four
+    rows, which include it) after the baseline, trained and evaluated as `<dataset>.yaml` trains and evaluates except that
+    every row gets the full protocol the paper reports (no screening, PPL over all its pairs), under its own registry name."""
+    search = load_spec(ROOT / "search_spaces" / f"{name}.yaml", check_paths=False)
+    spec = load_spec(ROOT / "search_spaces" / f"{name}_paper.yaml", check_paths=False)
+    s = spec.search
+    assert s.algorithm == "points" and planned_trials(spec) == 1 + len(PAPER_POINTS[name])
+    assert [(q.lambda_iso, q.p, q.iso_metric) for q in s.points] == PAPER_POINTS[name]
+    assert all(q.seed is None and q.iso_timesteps is None for q in s.points)  # train's seed and per-timestep loss
+    a, b = spec.to_dict(), search.to_dict()
+    for section in ("base_model", "dataset", "train", "selection", "resources"):
+        assert a[section] == b[section], section
+    ppl = ("num_samples", "ddim_steps", "eps")  # round_pairs matters only with stop_width
+    assert {k: a["evaluation"]["ppl"][k] for k in ppl} == {k: b["evaluation"]["ppl"][k] for k in ppl}
+    assert a["evaluation"]["ppl"]["stop_width"] is None and a["evaluation"]["screening"] is None
+    assert {**a["evaluation"], "ppl": None, "screening": None} == {**b["evaluation"], "ppl": None, "screening": None}
+    assert spec.registry_name == f"{search.registry_name}-paper"
 
 
 def _error(tmp_path, data, **kw) -> str:
