@@ -143,3 +143,72 @@ def test_tables_show_intervals_where_the_metric_is_read():
     old = make_row("t0", {}, {"fid": 10.0, "ppl": 80.0, "vor": 0.5, "evaluated": True, "backbone_vor": "none"}, "TERMINATED")
     md_old = markdown_table([old], {"fid": "x", "ppl": "x", "vor": "none"})
     assert "| 80 |" in md_old and "| vor |" in md_old  # an older sweep: values alone, VoR unnamed
+
+
+def _measured(seed: int, spread: float, ppl_scale: float, fid: float) -> dict:
+    """Metrics as the evaluation suite computes them from per-unit values: MCN and VoR (at t = 999 and 100) from
+    Jacobian singular values, mRTL from per-pair values, PPL from per-pair distances, each with its bootstrap interval."""
+    import numpy as np
+    import torch
+
+    from isosweep.evaluation.metrics.confidence import mean_interval, ppl_summary, vor_interval
+    from isosweep.evaluation.metrics.jacobian import condition_numbers, mcn, vor
+
+    rng = np.random.default_rng(seed)
+    boot = {"resamples": 200, "level": 0.95, "seed": 0}
+    m = {"fid": fid, "evaluated": True, "backbone_fid": "domain-shapes-v1", "backbone_ppl": "domain-shapes-v1"}
+    for name in ("", "_t100"):
+        svals = -np.sort(-rng.lognormal(0.0, spread, (48, 6)), axis=1)  # largest first, as the suite gathers them
+        m[f"mcn{name}"], m[f"vor{name}"] = mcn(torch.from_numpy(svals)), vor(torch.from_numpy(svals))
+        m.update(mean_interval(f"mcn{name}", condition_numbers(torch.from_numpy(svals)).numpy(), **boot))
+        m.update(vor_interval(f"vor{name}", svals, "global_mean", **boot))
+    pairs = rng.lognormal(0.5, 0.2, 12)
+    m["mrtl"] = float(pairs.mean())
+    m.update(mean_interval("mrtl", pairs, **boot))
+    m.update(ppl_summary(rng.lognormal(np.log(ppl_scale), 1.0, 48), **boot))
+    return m
+
+
+def test_the_summary_report_and_table_say_what_the_loss_changed_beyond_the_noise_or_inside_it(tmp_path, capsys):
+    """The demo's case: no trial's PPL lies below the baseline's beyond the noise, so the baseline stays champion,
+    yet the summary, the report and results.md show each trial's MCN, VoR, mRTL and PPL with intervals next to the
+    baseline's and say where the loss moved them beyond the noise (the intervals do not overlap)."""
+    from isosweep.commands.sweep import print_summary
+    from isosweep.config import load_spec
+    from isosweep.evaluation.record import metric_text
+    from isosweep.results.report import write_report
+    from isosweep.results.rows import SweepOutcome, make_row, summarize
+    from isosweep.results.tables import save_tables
+
+    spec = load_spec("search_spaces/demo.yaml")
+    base_cfg = {"baseline": True, "lambda_iso": 0.0, "p": 1.0, "iso_metric": "stereographic"}
+    rows = [make_row("base0001", base_cfg, _measured(0, 0.3, 100.0, 10.0), "TERMINATED"),
+            make_row("iso00002", {"lambda_iso": 0.2, "p": 0.5, "iso_metric": "stereographic"},
+                     _measured(1, 0.05, 90.0, 10.5), "TERMINATED"),  # nearly isometric: MCN, VoR far below
+            make_row("same0003", {"lambda_iso": 1e-3, "p": 0.5, "iso_metric": "identity"},
+                     _measured(3, 0.3, 95.0, 10.2), "TERMINATED"),  # the baseline's distribution: inside the noise
+            make_row("worse004", {"lambda_iso": 0.9, "p": 0.0, "iso_metric": "identity"},
+                     _measured(4, 0.9, 110.0, 11.0), "TERMINATED")]  # spread out: MCN, VoR far above
+    front, champion = summarize(spec, rows)
+    base, iso, same, worse = rows
+    assert champion.row is base  # no PPL interval below the baseline's
+    outcome = SweepOutcome("demo-x", tmp_path, rows, front, champion)
+
+    print_summary(spec, outcome)
+    out = capsys.readouterr().out
+    assert "what the loss changed against the baseline (95% bootstrap intervals; lower/higher: beyond the noise" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["mcn"], ["vor"], ["vor_t100"], ["ppl"])}
+    assert set(lines) == {"mcn", "vor", "vor_t100", "ppl"}
+    for k in ("mcn", "vor", "vor_t100"):
+        assert metric_text(base, k) in lines[k] and f"{metric_text(iso, k)} lower" in lines[k], lines[k]
+        assert f"{metric_text(same, k)} overlap" in lines[k] and f"{metric_text(worse, k)} higher" in lines[k], lines[k]
+    assert "lower" not in lines["ppl"] and f"{metric_text(iso, 'ppl')} overlap" in lines["ppl"]
+    assert out.index("champion: trial base0001") < out.index("what the loss changed") < out.index("sweep:")
+
+    report = write_report(spec, outcome, tmp_path / "report") / "report.md"
+    text = report.read_text()
+    assert "## What the loss changed" in text and "| metric | baseline base0001 | same0003 (lambda_iso=0.001) | iso00002 (lambda_iso=0.2) | worse004 (lambda_iso=0.9) |" in text
+    assert (f"| vor | {metric_text(base, 'vor')} | {metric_text(same, 'vor')} overlap | {metric_text(iso, 'vor')} lower "
+            f"| {metric_text(worse, 'vor')} higher |") in text  # trials in table order: by FID
+    _, md = save_tables(rows, tmp_path, spec.evaluation.bootstrap.level)
+    assert f"| mcn | {metric_text(base, 'mcn')} | {metric_text(same, 'mcn')} overlap | {metric_text(iso, 'mcn')} lower |" in md.read_text()

@@ -23,7 +23,7 @@ from isosweep.evaluation.record import metric_text, read_record, record_images, 
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.results.plots import rtl_plot, strips_figure
 from isosweep.results.rows import SweepOutcome
-from isosweep.results.tables import backbones_of, markdown_table
+from isosweep.results.tables import backbones_of, change_markdown, markdown_table
 
 
 def load_trial_eval(row: dict) -> dict:
@@ -88,6 +88,9 @@ def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
             md.append("")
     else:
         md += ["## Champion", "", "No trial finished with finite FID and PPL.", ""]
+    changes = change_markdown(rows, spec.evaluation.bootstrap.level)
+    if changes:
+        md += ["## What the loss changed", "", changes, ""]
     if (out_dir / "pareto.png").is_file():
         md += ["## Pareto front (FID vs PPL)", "", "![Pareto front](pareto.png)", ""]
 

@@ -1,7 +1,8 @@
 """The results table: Table-1 order, as Markdown, as plain text and as CSV, every number from the rows.
 
 A metric with a bootstrap interval is shown with it, `12.3 [11.1, 13.6]` (`evaluation.record.metric_text`);
-the CSV keeps every value in its own column (`ppl`, `ppl_lo`, `ppl_hi`, ...)."""
+the CSV keeps every value in its own column (`ppl`, `ppl_lo`, `ppl_hi`, ...). The change table says what the loss
+changed against the baseline, beyond the noise or inside it, by the rule that chooses the champion."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from isosweep import storage as st
-from isosweep.config import INTERVAL_METRICS, POINT_KEYS
+from isosweep.config import INTERVAL_METRICS, POINT_KEYS, is_result_metric
+from isosweep.evaluation.features.common import unpublished_note
 from isosweep.evaluation.record import metric_text
 from isosweep.redact import scrub_text
+from isosweep.results.selection import has_interval, lower_beyond_noise
 
 
 def _fmt(v: Any) -> str:
@@ -71,9 +74,68 @@ def markdown_table(rows: list[dict], backbones: dict[str, str] | None = None) ->
 
 def plain_table(rows: list[dict]) -> str:
     columns = table_columns(rows)
-    cells = [list(columns)] + [[_cell(r, c) for c in columns] for r in table_rows(rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return _aligned([list(columns)] + [[_cell(r, c) for c in columns] for r in table_rows(rows)])
+
+
+def _aligned(cells: list[list[str]]) -> str:
+    """Cells as text columns padded to their widest cell."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+# what the isometry loss is meant to move (MCN, VoR; at further timesteps after these), then what it may cost
+CHANGE_METRICS = ("mcn", "vor", "mrtl", "ppl")
+
+
+def change_cells(rows: list[dict]) -> list[list[str]]:
+    """What the loss changed against the baseline, as cells: a header (metric, the baseline, each finished trial in
+    table order with its lambda_iso), then one line per metric the baseline has an interval for (CHANGE_METRICS, MCN/VoR at further
+    timesteps after VoR): the baseline's `12.3 [11.1, 13.6]`, each trial's with `lower` or `higher` where
+    `selection.lower_beyond_noise` says so (the intervals do not overlap: the rule that chooses the champion) and
+    `overlap` where it does not. [] without a finished baseline, another finished trial or such a metric. Rows at
+    screening fidelity are left out: their numbers come from other sample sizes."""
+    done = [r for r in table_rows(rows) if r.get("status") == "DONE" and r.get("fidelity", "full") != "screen"]
+    base = next((r for r in done if r.get("baseline")), None)
+    trials = [r for r in done if not r.get("baseline")]
+    if base is None or not trials:
+        return []
+    further = sorted(k for k in base if is_result_metric(k) and k.startswith(("mcn_t", "vor_t")) and not k.endswith(("_lo", "_hi")))
+    metrics = [k for k in (*CHANGE_METRICS[:2], *further, *CHANGE_METRICS[2:]) if has_interval(base, k)]
+    if not metrics:
+        return []
+
+    def verdict(r: dict, k: str) -> str:
+        if not isinstance(r.get(k), float) or math.isnan(r[k]):
+            return ""
+        return " lower" if lower_beyond_noise(r, base, k) else " higher" if lower_beyond_noise(base, r, k) else " overlap"
+
+    cells = [["metric", f"baseline {base['trial_id']}", *(f"{r['trial_id']} (lambda_iso={r['lambda_iso']:.3g})" for r in trials)]]
+    for k in metrics:
+        cells.append([k, metric_text(base, k), *(metric_text(r, k) + verdict(r, k) for r in trials)])
+    return cells
+
+
+def change_title(level: float | None) -> str:
+    """The line above the change table: what its intervals are and what its words mean."""
+    intervals = f"{level:.0%} bootstrap intervals" if level else "bootstrap intervals"
+    return (f"what the loss changed against the baseline ({intervals}; lower/higher: beyond the noise, the intervals "
+            "do not overlap; overlap: inside it)")
+
+
+def change_plain(rows: list[dict], level: float | None) -> str:
+    """The change table as text for the terminal, its title first; "" when there is nothing to compare."""
+    cells = change_cells(rows)
+    return change_title(level) + "\n" + _aligned(cells) if cells else ""
+
+
+def change_markdown(rows: list[dict], level: float | None) -> str:
+    """The change table as Markdown, its title (capitalised) first; "" when there is nothing to compare."""
+    cells = change_cells(rows)
+    if not cells:
+        return ""
+    title = change_title(level)
+    lines = [title[0].upper() + title[1:] + ":", "", "| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells[1:]])
 
 
 def backbones_of(rows: list[dict]) -> dict[str, str]:
@@ -85,8 +147,9 @@ def backbones_of(rows: list[dict]) -> dict[str, str]:
     return out
 
 
-def save_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """results.csv and results.md, scrubbed (a checkpoint path may be a signed URI) and private to the user."""
+def save_tables(rows: list[dict], out_dir: Path, level: float | None = None) -> tuple[Path, Path]:
+    """results.csv and results.md (the table, then what the loss changed at interval level `level`), scrubbed (a
+    checkpoint path may be a signed URI) and private to the user."""
     csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
     keys = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
@@ -95,7 +158,11 @@ def save_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     for r in table_rows(rows):
         w.writerow(r)
     st.write_bytes(str(csv_path), scrub_text(buf.getvalue()).encode())
-    st.write_bytes(str(md_path), (scrub_text(markdown_table(rows, backbones_of(rows))) + "\n").encode())
+    changes = change_markdown(rows, level)
+    md = markdown_table(rows, backbones_of(rows)) + (f"\n\n{changes}" if changes else "")
+    note = unpublished_note(backbones_of(rows))  # stand-in or unverified weight files: said once, under the table
+    md += f"\n\n{note}" if note else ""
+    st.write_bytes(str(md_path), (scrub_text(md) + "\n").encode())
     return csv_path, md_path
 
 

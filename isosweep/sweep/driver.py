@@ -157,7 +157,7 @@ def _finish(spec: SweepSpec, place: SweepPlace, outcome: SweepOutcome, *, report
         refusal = (f"MLflow lacks the records of {', '.join(unrecorded)}; once the server is back run "
                    f"`isosweep sync {scrub_text(place.sweep_uri)}`, then `isosweep promote`")
     outcome.promotion = refusal or ""
-    csv_path, md_path = save_tables(outcome.rows, place.staging)
+    csv_path, md_path = save_tables(outcome.rows, place.staging, spec.evaluation.bootstrap.level)
     plot = pareto_plot(outcome.rows, outcome.front, outcome.champion, place.staging / "pareto.png",
                        tuple(spec.selection.objectives), backbones_of(outcome.rows))
     if spec.tracking.register_champion and refusal is None:
