@@ -5,12 +5,16 @@ An exception class is deterministic when it says so with a class attribute `dete
 with the same inputs and seed, it fails the same way, so retrying only burns GPU hours. Everything
 else (a lost worker or node, a timeout) is treated as infrastructure and retried under the trial's
 one failure budget (`search.max_failures`). A marker attribute rather than a base class, so each
-layer keeps its own exception types without importing this module.
+layer keeps its own exception types without importing this module. Python's own errors of a wrong program
+(`TypeError`, `NameError`: a call with the wrong arguments, a misspelt name) are deterministic too: the same
+code fails the same way on any node.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+
+PROGRAM_ERRORS = (TypeError, NameError)  # raised by the code itself, not by a node, a network or a store
 
 
 def _linked(exc: BaseException) -> Iterator[BaseException]:
@@ -34,7 +38,7 @@ def deterministic_cause(exc: BaseException | None) -> BaseException | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if getattr(type(e), "deterministic", False):
+        if getattr(type(e), "deterministic", False) or isinstance(e, PROGRAM_ERRORS):
             return e
         todo.extend(_linked(e))
     return None

@@ -6,11 +6,13 @@ Sources (`base_model.source`):
   bare UNet directory (config.json + weights).
 - a hub id such as `google/ddpm-ema-celebahq-256` (read from the local HF cache when offline).
 - an MLflow model URI (`models:/NAME@alias`, `runs:/RUN/model`): downloaded by the `fetch` callable the
-  caller passes (the tracking layer's `download_model`) into a temporary folder, loaded, and the folder
-  removed as soon as the weights are in memory, on success or error; the artifact holds a diffusers
-  pipeline directory. Every load (each worker of each attempt) downloads again rather than keeping a
-  cache keyed by the URI: `@alias` may move between attempts, and only the tracking layer can resolve
-  it to a version.
+  caller passes (a `Fetch`: the tracking layer's `download_model` bound to a tracking URI) into a temporary
+  folder, loaded, and the folder removed as soon as the weights are in memory, on success or error; the
+  artifact holds a diffusers pipeline directory. Every load (each worker of each attempt) downloads again
+  rather than keeping a cache keyed by the URI: `@alias` may move between attempts, and only the tracking
+  layer can resolve it to a version.
+
+`weights_sha256` names the weights a model holds, so a trial can record exactly which base it started from.
 
 The scheduler comes from the model's own scheduler config when there is one, converted to
 `DDPMScheduler`; otherwise DDPM with linear betas and T = 1000 (MATH.md section 1).
@@ -18,12 +20,14 @@ The scheduler comes from the model's own scheduler config when there is one, con
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from isosweep.models.builtin import BUILTIN_SHAPES, default_scheduler, pretrain_builtin
@@ -31,9 +35,13 @@ from isosweep.models.builtin import BUILTIN_SHAPES, default_scheduler, pretrain_
 # MLflow model and artifact URIs; any other `scheme://` URI (s3://, gs://...) is an artifact location too
 MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
+# fetch(uri, dst): download the MLflow URI `uri` into the existing local folder `dst`, return the folder holding its
+# files. The one signature of every downloader given to `load_unet_and_scheduler` (eval, pull, the Train workers).
+Fetch = Callable[[str, Path], Path]
+
 
 def load_unet_and_scheduler(base_model_spec, dataset_spec=None, *, progress: bool = True,
-                            fetch: Callable[[str, Path], Path] | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
+                            fetch: Fetch | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
     """The base UNet (float32, eval mode, on CPU) and its DDPM scheduler, from any supported source.
 
     `dataset_spec` is only used by `builtin:shapes` (the resolution it is pretrained at). `fetch(uri, dst)`
@@ -55,7 +63,7 @@ def load_unet_and_scheduler(base_model_spec, dataset_spec=None, *, progress: boo
     return _load_hub(src, base_model_spec.subfolder)
 
 
-def _load_fetched(uri: str, subfolder: str | None, fetch: Callable[[str, Path], Path]) -> tuple[UNet2DModel, DDPMScheduler]:
+def _load_fetched(uri: str, subfolder: str | None, fetch: Fetch) -> tuple[UNet2DModel, DDPMScheduler]:
     """Download `uri` into a private temporary folder, load it, remove the folder on every exit path.
 
     Loading reads the weights into memory (safetensors' memory maps stay valid after the files are
@@ -138,3 +146,15 @@ def find_diffusers_dir(root: Path) -> Path | None:
     return None
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict: each key (UTF-8) then its tensor's raw bytes, in sorted key order.
+
+    Names the exact weights (and dtype) a model holds, whichever file or device they came from; one pass over the
+    bytes, cheap next to loading them.
+    """
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

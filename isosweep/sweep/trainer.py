@@ -6,6 +6,10 @@ restart every worker, on whichever nodes are alive, from the run's latest checkp
 hands the loop the evaluation suite as its evaluator (and the cheap FID that selects the trial's step as
 its scorer), both reporting their progress as Ray metrics (`monitoring`), MLflow's downloader for
 `models:/` base models, and calls the plain training loop.
+
+The tracking URI reaches the workers inside the function Ray ships to them, not in `train_loop_config`, which
+Ray Train records in its run state (the dashboard shows it): a URI may carry credentials. Step metrics and a
+`models:/` base model both use it, so a worker on any node reads the registry the driver uses.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from isosweep import storage as st
 from isosweep.config import SweepSpec, resolve_trial_spec
 from isosweep.console import say
 from isosweep.evaluation.suite import checkpoint_fid_scorer, trial_evaluator
+from isosweep.models.loading import Fetch, is_model_uri
 from isosweep.sweep.monitoring import EvalProgress, TrainMetrics
+from isosweep.tracking.client import TrackingError, client, resolve_tracking_uri, retry_call, tags_of
 from isosweep.tracking.steps import StepLogger
 from isosweep.training.loop import train_loop
 
@@ -109,31 +116,67 @@ def _quiet_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """What every Train worker runs. config keys: spec (dict), trial_params, evaluate, mlflow
-    ({tracking_uri, run_id}, rank 0 logs step metrics there), resume_from, sweep_id (the `sweep` tag of the
-    Ray metrics; "" outside a sweep), _fail_once (tests)."""
+def train_loop_per_worker(config: dict[str, Any], tracking_uri: str | None = None) -> None:
+    """What every Train worker runs. config keys: spec (dict), trial_params, evaluate, mlflow ({run_id}: rank 0
+    logs step metrics and the base model it started from into that run), resume_from, sweep_id (the `sweep` tag of
+    the Ray metrics; "" outside a sweep), _fail_once (tests). tracking_uri: where the run is and where a `models:/`
+    base model is looked up (`build_trainer` binds it)."""
     _quiet_train_reports()
     spec = resolve_trial_spec(config["spec"], config.get("trial_params"))
     rank = ray.train.get_context().get_world_rank()
-    step_logger = None
-    if config.get("mlflow") and rank == 0:
-        step_logger = StepLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"])
+    run_id = (config.get("mlflow") or {}).get("run_id") if tracking_uri else None
+    step_logger = StepLogger(tracking_uri, run_id) if run_id and rank == 0 else None
     reporter = RayReporter(max_steps=spec.train.max_steps, step_logger=step_logger, verbose=config.get("verbose", True),
                            resume_from=config.get("resume_from"), sweep=config.get("sweep_id", ""))
     progress = EvalProgress(reporter.sweep, reporter.trial, rank)
     try:
+        fetch, base = base_model_fetch(spec.base_model.source, tracking_uri, reporter.world_size)
         train_loop(spec, reporter, trial_params=config.get("trial_params"),  # recorded in each checkpoint's spec.json
-                   provenance={"workers": worker_placement(reporter.rank, reporter.world_size)},
+                   provenance={"workers": worker_placement(reporter.rank, reporter.world_size), "base_model": base},
                    evaluator=trial_evaluator(spec, progress) if config.get("evaluate") else None,
                    scorer=checkpoint_fid_scorer(spec, progress) if config.get("evaluate") else None,  # evaluation.checkpoint_fid
-                   on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=_download_model)
+                   on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=fetch,
+                   on_base=lambda started: _record_base(started, tracking_uri, run_id, config.get("verbose", True)))
     except BaseException:
         if step_logger is not None:
             step_logger.close(raise_errors=False)  # a tracking error must not hide the training error
         raise
     if step_logger is not None:  # step curves are best effort: an outage must not fail a trained trial
         step_logger.close(raise_errors=False)
+
+
+def base_model_fetch(source: str, tracking_uri: str | None, world_size: int = 1) -> tuple[Fetch | None, dict[str, str]]:
+    """The downloader every rank loads an MLflow base model with, and what it pins (`{resolved, version}`).
+
+    `models:/NAME@ALIAS` (or `/latest`) is resolved to its version once, by rank 0, and every rank downloads that
+    version: the alias may move while the workers start, and the trial records the version it trained from.
+    Other sources need no downloader (None, {}). MLflow is imported here, only for an MLflow base model."""
+    if not is_model_uri(source):
+        return None, {}
+    from isosweep.tracking.models import fetcher, pin_model_uri
+
+    pinned: list[Any] = [None]
+    if world_size == 1 or torch.distributed.get_rank() == 0:
+        pinned[0] = pin_model_uri(source, tracking_uri)
+    if world_size > 1:  # every rank calls this (a collective), before any rank loads
+        torch.distributed.broadcast_object_list(pinned, src=0)
+    uri, version = pinned[0]
+    return fetcher(tracking_uri, {source: uri}), {"resolved": uri, **({"version": version} if version else {})}
+
+
+def _record_base(started: dict[str, Any], tracking_uri: str | None, run_id: str | None, verbose: bool) -> None:
+    """Rank 0, once the loop knows which weights the trial started from: a progress line, and tags on the trial's
+    run (tags, not params: a restart before the first checkpoint may start from a moved alias). Best effort."""
+    if verbose:
+        pinned = f" = {started['resolved']}" if started.get("resolved", started["source"]) != started["source"] else ""
+        say(f"base model: {started['source']}{pinned} (unet sha256 {started['unet_sha256'][:16]})")  # scrubbed by the loop
+    if not (tracking_uri and run_id):
+        return
+    tags = tags_of({f"isosweep.base_model.{k}": v for k, v in started.items()})
+    try:
+        retry_call("log the base model's tags", tracking_uri, client(tracking_uri).log_batch, run_id, tags=tags)
+    except TrackingError as exc:
+        say(f"warning: the base model's tags were not logged to MLflow ({exc}); each checkpoint's spec.json records it")
 
 
 def worker_placement(rank: int, world_size: int) -> list[dict[str, Any]]:
@@ -149,9 +192,12 @@ def worker_placement(rank: int, world_size: int) -> list[dict[str, Any]]:
 def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_params: dict[str, Any] | None = None,
                   evaluate: bool = False, mlflow: dict[str, str] | None = None, resume_from: str | None = None,
                   callbacks: list | None = None, extra_config: dict[str, Any] | None = None,
-                  max_failures: int | None = None) -> TorchTrainer:
+                  max_failures: int | None = None, tracking_uri: str | None = None) -> TorchTrainer:
     """A TorchTrainer for one trial. max_failures: Train's own retries (default `search.max_failures`);
     the sweep's trials pass 0 and retry in the trial function, which tells deterministic errors apart.
+    mlflow: {tracking_uri, run_id} of the trial's run. tracking_uri: the sweep's tracking URI, also when it has no
+    run (a tracking outage at the trial's start), for a `models:/` base model; default the run's, else
+    `worker_tracking_uri`.
 
     Re-running with the same `run_name` and `storage_path` restores that run from its latest
     checkpoint (Ray Train V2); `resume_from` starts a new run from a checkpoint directory.
@@ -170,15 +216,19 @@ def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_pa
     same `run_name` restores this run from `storage_path`, which must be shared (S3, NFS).
     """
     res = spec.resources
+    tracking_uri = tracking_uri or (mlflow or {}).get("tracking_uri")
+    if not tracking_uri and is_model_uri(spec.base_model.source):  # where the driver's sweep would track: see worker_tracking_uri
+        tracking_uri = worker_tracking_uri(spec, storage_path)
     config = {"spec": spec.to_dict(), "trial_params": dict(trial_params or {}), "evaluate": evaluate,
-              "mlflow": mlflow, "resume_from": resume_from, **(extra_config or {})}
+              "mlflow": {k: v for k, v in mlflow.items() if k != "tracking_uri"} if mlflow else None,
+              "resume_from": resume_from, **(extra_config or {})}
     resources = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         resources["GPU"] = res.gpus_per_worker
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
     return TorchTrainer(
-        train_loop_per_worker,
+        _bound(tracking_uri),
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=resources),
@@ -195,8 +245,17 @@ def build_trainer(spec: SweepSpec, *, run_name: str, storage_path: str, trial_pa
     )
 
 
-def _download_model(uri: str) -> Path:
-    """`tracking.models.download_model`, imported on use: only a `models:/` base model needs MLflow's fetcher."""
-    from isosweep.tracking.models import download_model
+def worker_tracking_uri(spec: SweepSpec, storage_path: str) -> str:
+    """The tracking URI a run without one given uses, resolved in the driver, whose environment and arguments are the
+    user's (a worker on another node may lack MLFLOW_TRACKING_URI): the spec's, MLFLOW_TRACKING_URI, else the local
+    store a sweep with this storage uses (`tracking.client.resolve_tracking_uri`)."""
+    return resolve_tracking_uri(spec.tracking.uri, None, None if st.is_remote(storage_path) else storage_path)
 
-    return download_model(uri)
+
+def _bound(tracking_uri: str | None) -> Callable[[dict[str, Any]], None]:
+    """`train_loop_per_worker` with the tracking URI bound: it travels with the function, outside the recorded config."""
+
+    def isosweep_train_worker(config: dict[str, Any]) -> None:
+        train_loop_per_worker(config, tracking_uri)
+
+    return isosweep_train_worker

@@ -46,6 +46,7 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
         def make_trainer():  # the same run name: each attempt resumes the run from its latest checkpoint
             return build_trainer(spec, run_name=trial_id, storage_path=sweep["train_storage"], trial_params=params,
                                  evaluate=True, mlflow={"tracking_uri": uri, "run_id": run_id} if run_id else None,
+                                 tracking_uri=uri,  # also without a run: a models:/ base model is looked up there
                                  callbacks=[ForwardToTune(list(spec.selection.objectives))], max_failures=0,
                                  extra_config={"sweep_id": sweep.get("sweep_id", "")})  # tags its Ray metrics
 

@@ -8,6 +8,11 @@ Evaluation is not imported here: the caller passes an `evaluator`, run once at t
 and optionally a `scorer` (a cheap FID every `evaluation.checkpoint_fid.every` steps): the trial's model is
 then the EMA weights of the step with the lowest score (`selection.py`), else the final EMA weights.
 
+Provenance: each checkpoint's spec.json (`base_model`) and train_state.pt record the weights the trial started
+from: the base model's source, the registry version it resolved to (from the caller), and `weights_sha256` of the
+loaded UNet, hashed once on rank 0; a resumed run keeps what its checkpoint recorded, since its weights descend
+from that base, whatever the source resolves to now.
+
 Determinism: every optimizer step draws its randomness from generators seeded by (seed, step, rank),
 and the data order depends only on (seed, epoch), so a resumed run continues exactly where the
 checkpointed one stopped.
@@ -34,8 +39,8 @@ from isosweep.console import say
 from isosweep.core.ema import EMA
 from isosweep.core.losses import IsoDiffusionLoss
 from isosweep.data.datasets import ShardedLoader, build_dataset
-from isosweep.models.loading import load_unet_and_scheduler
-from isosweep.redact import scrub_tree
+from isosweep.models.loading import Fetch, load_unet_and_scheduler, weights_sha256
+from isosweep.redact import scrub_text, scrub_tree
 from isosweep.training.checkpoint import StoredCheckpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from isosweep.training.reporting import Reporter, StepStats
 from isosweep.training.selection import Scorer, Selection
@@ -75,12 +80,13 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     resumed_at: list[int] = field(default_factory=list)  # provenance: the steps this run was resumed from
+    base_model: dict[str, str] = field(default_factory=dict)  # provenance: the weights the run started from (rank 0)
 
     def state(self, steps_per_epoch: int) -> dict[str, Any]:
         """As saved in a checkpoint: a finished epoch is saved as the start of the next one."""
         done = self.step_in_epoch == steps_per_epoch
         return {"step": self.step, "epoch": self.epoch + done, "step_in_epoch": self.step_in_epoch % steps_per_epoch,
-                "resumed_at": list(self.resumed_at)}
+                "resumed_at": list(self.resumed_at), "base_model": dict(self.base_model)}
 
 
 @dataclass
@@ -146,16 +152,19 @@ def check_finite(flags: torch.Tensor, values: torch.Tensor, step: int, world_siz
 
 def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict[str, Any] | None = None,
                evaluator: Evaluator | None = None, resume_from: str | StoredCheckpoint | None = None,
-               on_step: Callable[[int], None] | None = None, fetch_base: Callable[[str], Path] | None = None,
-               provenance: dict[str, Any] | None = None, scorer: Scorer | None = None) -> TrainResult:
+               on_step: Callable[[int], None] | None = None, fetch_base: Fetch | None = None,
+               provenance: dict[str, Any] | None = None, scorer: Scorer | None = None,
+               on_base: Callable[[dict[str, str]], None] | None = None) -> TrainResult:
     """Fine-tune one trial on this worker's shard; every DDP rank calls it with the same arguments.
 
     resume_from: a checkpoint (local folder, storage URI, or a `pyarrow.fs` checkpoint such as Ray's) used
     when the reporter has none (a restarted Ray run's own checkpoint wins); a corrupt one is passed over
     for the newest older one of its run that verifies (`checkpoint.resume_state`).
     on_step(step): called after each optimizer step (tests inject faults here).
-    fetch_base(uri): downloads an MLflow base model (see `models.loading.load_unet_and_scheduler`).
-    provenance: where the run ran (e.g. each rank's node), saved in every checkpoint's spec.json.
+    fetch_base(uri, dst): downloads an MLflow base model (a `models.loading.Fetch`).
+    provenance: where the run ran (e.g. each rank's node), saved in every checkpoint's spec.json; its `base_model`
+    ({resolved, version}: what the caller's `fetch_base` pinned the source to) joins the loop's own record of it.
+    on_base(base_model): called once on rank 0 with that record ({source, unet_sha256, resolved?, version?}).
     scorer: the cheap FID of `evaluation.checkpoint_fid` (ignored when its `every` is 0 or null); the step with the
     lowest score is the trial's model: evaluated, and saved as the final checkpoint's pipeline.
     """
@@ -164,7 +173,12 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
     run = _build_run(spec, reporter, fetch_base)
     selection = Selection.of(spec) if scorer is not None else None
     pos = _resume(run, reporter.latest_checkpoint() or resume_from, selection)
-    spec_json = {"spec": scrub_tree(spec.to_dict()), "trial_params": trial_params or {}, "world_size": run.world, **(provenance or {})}
+    if run.rank == 0:
+        pos.base_model = pos.base_model or _started_from(run, (provenance or {}).get("base_model") or {})
+        if on_base is not None:
+            on_base(dict(pos.base_model))
+    spec_json = {"spec": scrub_tree(spec.to_dict()), "trial_params": trial_params or {}, "world_size": run.world,
+                 **(provenance or {}), "base_model": dict(pos.base_model)}
     stats, metrics, evaluation = StepStats(), {}, None
     while pos.step < run.max_steps:
         micro_batches = run.loader.epoch_batches(pos.epoch, start_batch=pos.step_in_epoch * tr.grad_accumulation)
@@ -199,7 +213,7 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
     return TrainResult(step=pos.step, epoch=pos.epoch, metrics=metrics, eval=evaluation)
 
 
-def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Callable[[str], Path] | None) -> Run:
+def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Fetch | None) -> Run:
     """Load the base model (rank 0 first), wrap it for DDP, and build the optimiser, EMA, loss and data shard."""
     tr, rank, world, device = spec.train, reporter.rank, reporter.world_size, reporter.device
     torch.manual_seed(tr.seed)
@@ -227,7 +241,7 @@ def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Callable[[str], 
                rank=rank, world=world, device=device)
 
 
-def _load_base(spec: SweepSpec, rank: int, world_size: int, fetch_base: Callable[[str], Path] | None):
+def _load_base(spec: SweepSpec, rank: int, world_size: int, fetch_base: Fetch | None):
     """Rank 0 loads (and, for builtin:shapes, pretrains into the cache) first; the others then reuse it."""
     if world_size > 1 and rank != 0:
         dist.barrier()
@@ -255,7 +269,17 @@ def _resume(run: Run, checkpoint: str | StoredCheckpoint | None, selection: Sele
     set_rng_state(state["rng"])
     if selection is not None:
         selection.restore(state.get("selection"), verbose=run.rank == 0)
-    return Position(state["step"], state["epoch"], state["step_in_epoch"], list(state.get("resumed_at", [])) + [state["step"]])
+    # the weights descend from the base the checkpoint recorded; an older checkpoint without that record says so
+    started = state.get("base_model") or {"source": scrub_text(run.spec.base_model.source), "unet_sha256": "unknown (not recorded)"}
+    return Position(state["step"], state["epoch"], state["step_in_epoch"], list(state.get("resumed_at", [])) + [state["step"]],
+                    dict(started))
+
+
+def _started_from(run: Run, pinned: dict[str, str]) -> dict[str, str]:
+    """What a run that did not resume starts from: the source as given, what the caller pinned it to, and the
+    sha256 of the UNet's weights as loaded (before any step: DDP gives every rank these rank-0 weights)."""
+    return {"source": scrub_text(run.spec.base_model.source), **{k: scrub_text(str(v)) for k, v in pinned.items()},
+            "unet_sha256": weights_sha256(run.unet)}
 
 
 def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> None:
