@@ -4,8 +4,10 @@ what the spec points at that `validate` and `run` make before Ray starts.
 `preflight(spec, source)` raises `SpecError` (exit 2) naming the file, the field and the fix when:
 - the base model cannot be found: a local folder without a UNet config.json; a hub id that is neither in
   the local Hugging Face cache nor (when online) on the hub, and with HF_HUB_OFFLINE=1 the cache alone
-  counts; an MLflow URI (`models:/`, `runs:/`, an artifact URI) that its tracking server does not have,
-  or a tracking server that cannot be reached;
+  counts; an MLflow URI (`models:/`, `runs:/`, an artifact URI) that its tracking server does not have
+  (a registered name, alias or version), or a tracking server that cannot be reached. The server is the one
+  the sweep tracks to: --tracking-uri, `tracking.uri`, MLFLOW_TRACKING_URI, else the local store under the
+  storage path (`tracking.client.resolve_tracking_uri`), so `models:/NAME@champion` of the previous sweep is found;
 - with `deep=True`: any image of an image_folder dataset cannot be decoded (`data.imagefiles`; cached).
 
 MLflow is imported only for an MLflow base model, so `isosweep validate` of other specs starts without it.
@@ -52,15 +54,16 @@ def validate_command(args: argparse.Namespace) -> int:
 
 
 def preflight(spec: SweepSpec, source: str, *, tracking_uri: str | None = None, deep: bool = False,
-              progress: bool = True, cache_dir: str | os.PathLike | None = None) -> Preflight:
+              progress: bool = True, cache_dir: str | os.PathLike | None = None, storage: str | None = None) -> Preflight:
     """Check, before Ray starts, that the base model exists and (deep) that every dataset image decodes.
 
     `source` names the spec in messages (its path). `tracking_uri` is where an MLflow base model is looked
-    up (default: the spec's `tracking.uri`, then MLFLOW_TRACKING_URI). `deep` scans an image_folder
+    up (default: the spec's `tracking.uri`, then MLFLOW_TRACKING_URI, then the local store under `storage`, default
+    the spec's `storage.path`). `deep` scans an image_folder
     dataset with `scan_image_folder` (progress bar on stderr; result cached in `cache_dir`, default
     $ISOSWEEP_CACHE/scans or ~/.cache/isosweep/scans). Raises SpecError; prints nothing itself.
     """
-    where = check_base_model(spec, source, tracking_uri=tracking_uri)
+    where = check_base_model(spec, source, tracking_uri=tracking_uri, storage=storage)
     ds = spec.dataset
     if not deep or ds.kind != "image_folder" or not ds.path or "://" in ds.path:
         return Preflight(where, None)
@@ -74,13 +77,14 @@ def preflight(spec: SweepSpec, source: str, *, tracking_uri: str | None = None, 
     return Preflight(where, scan)
 
 
-def check_base_model(spec: SweepSpec, source: str, *, tracking_uri: str | None = None) -> str:
+def check_base_model(spec: SweepSpec, source: str, *, tracking_uri: str | None = None, storage: str | None = None) -> str:
     """SpecError unless `base_model.source` can be loaded; returns where it was found (for a progress line)."""
     src, sub = spec.base_model.source, spec.base_model.subfolder
     if src.startswith("builtin:"):
         return "built in (pretrained and cached by the sweep when missing)"
     if ":/" in src:  # models:/, runs:/, mlflow-artifacts:/, s3://...: what models.loading.is_model_uri fetches
-        return _check_mlflow_model(src, source, tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        named = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return _check_mlflow_model(src, source, named or _local_store(storage or spec.storage.path))
     local = Path(os.path.expanduser(src))
     if local.exists():
         unet = local / sub if sub else (local / "unet" if (local / "unet" / "config.json").is_file() else local)
@@ -146,6 +150,16 @@ def _check_hub(repo_id: str, subfolder: str | None, source: str) -> str:
     return f"hub id {repo_id} on the hub (downloaded by each worker)"
 
 
+def _local_store(storage: str) -> str | None:
+    """The local SQLite store a sweep under `storage` tracks to when no URI is named, if it exists (no file is created)."""
+    if "://" in storage or not Path(storage).expanduser().is_dir():
+        return None
+    from isosweep.tracking.client import resolve_tracking_uri  # MLflow: only for an MLflow base model
+
+    uri = resolve_tracking_uri(None, None, storage)
+    return uri if Path(uri.removeprefix("sqlite:///")).is_file() else None
+
+
 def _check_mlflow_model(uri: str, source: str, tracking_uri: str | None) -> str:
     """An MLflow model or artifact URI: listed (not downloaded) at its tracking server."""
     # imported here, not at the top: MLflow (seconds) only for specs whose base model lives in MLflow
@@ -156,8 +170,9 @@ def _check_mlflow_model(uri: str, source: str, tracking_uri: str | None) -> str:
 
     field = f"{source}: field 'base_model.source'"
     if not tracking_uri:
-        raise SpecError(f"{field}: {uri!r} is an MLflow URI but no tracking server is named; fix: set MLFLOW_TRACKING_URI "
-                        "(the workers fetch the model through it), tracking.uri or --tracking-uri")
+        raise SpecError(f"{field}: {uri!r} is an MLflow URI but no tracking server is named and the storage path holds no "
+                        "local store (mlflow.db); fix: pass --tracking-uri, set tracking.uri or MLFLOW_TRACKING_URI to the server "
+                        "that holds the model, or --storage where the sweep that registered it ran")
 
     def _list() -> list:
         return list_artifacts(artifact_uri=artifact_location(tracking_uri, uri), tracking_uri=tracking_uri)
@@ -169,8 +184,10 @@ def _check_mlflow_model(uri: str, source: str, tracking_uri: str | None) -> str:
         raise SpecError(f"{field}: the tracking server {tracking_uri} could not be reached to look up {uri!r} ({cause}); "
                         "fix: start the server, or point MLFLOW_TRACKING_URI / --tracking-uri at the one that holds the model") from None
     except (MlflowException, OSError, ValueError) as exc:
-        raise SpecError(f"{field}: {uri!r} was not found at the tracking server {tracking_uri} ({type(exc).__name__}: {exc}); "
-                        "fix: check the name, version or alias in the MLflow UI, or register the model first") from None
+        said = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise SpecError(f"{field}: {uri!r} was not found at the tracking server {tracking_uri} ({type(exc).__name__}: {said}); "
+                        "fix: check the name, version or alias in the MLflow UI (a sweep registers its champion as "
+                        "models:/REGISTRY_NAME@champion), or register the model first") from None
     if not found:
         raise SpecError(f"{field}: {uri!r} exists at {tracking_uri} but holds no files; fix: point it at a model with a "
                         "diffusers pipeline (e.g. models:/NAME@champion registered by a sweep)")
