@@ -14,7 +14,7 @@ from isosweep.commands.validate import preflight
 from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
 from isosweep.results.rows import SweepOutcome
 from isosweep.results.states import COMPLETED, EXIT_COMPLETED, EXIT_NO_CHAMPION, FAILED, INTERRUPTED
-from isosweep.results.tables import backbones_of, plain_table
+from isosweep.results.tables import backbones_of, change_plain, plain_table
 from isosweep.spec_changes import spec_for_resume
 from isosweep.sweep.outcome import load_outcome
 from isosweep.tracking.redact import REDACTED, scrub_text
@@ -68,7 +68,7 @@ def results_command(args: argparse.Namespace) -> int:
     TARGET: the sweep's folder or URI, a spec file (its newest sweep), or a spec name or sweep id with --storage.
     """
     sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
-    _, outcome = load_outcome(sweep)
+    spec, outcome = load_outcome(sweep)
     recorded = read_state(sweep).get("status")
     if is_done(sweep):
         how = "finished"
@@ -83,6 +83,7 @@ def results_command(args: argparse.Namespace) -> int:
     print("\nPareto front: " + ", ".join(r["trial_id"] for r in outcome.front))
     if outcome.champion:
         print(f"champion: {outcome.champion.row['trial_id']}: {outcome.champion.reason}")
+    _print_changes(spec, outcome)
     return 0
 
 
@@ -134,6 +135,7 @@ def print_summary(spec: SweepSpec, outcome: SweepOutcome) -> None:
         print(f"\nchampion: trial {c['trial_id']} (lambda_iso={c['lambda_iso']:.3g}, p={c['p']:g}, G={c['iso_metric']}): {outcome.champion.reason}")
     else:
         print("\nno champion: no trial finished with finite objectives and a finite baseline to compare with")
+    _print_changes(spec, outcome)
     state = outcome.state
     where = scrub_text(outcome.sweep_uri or str(outcome.sweep_dir))
     if state is not None:
@@ -174,6 +176,13 @@ def _print_backbones(outcome: SweepOutcome) -> None:
     bb = backbones_of(outcome.rows)
     if bb:
         print("backbones: " + ", ".join(f"{k}={v}" for k, v in sorted(bb.items())))
+
+
+def _print_changes(spec: SweepSpec, outcome: SweepOutcome) -> None:
+    """What the loss changed against the baseline, with intervals: shown even when the baseline stays champion."""
+    changes = change_plain(outcome.rows, spec.evaluation.bootstrap.level)
+    if changes:
+        print("\n" + changes)
 
 
 def _sweep_to_resume(args: argparse.Namespace) -> tuple[str, SweepSpec | None]:
