@@ -48,10 +48,11 @@ class BaseModelSpec(_Section):
 
     `source` is one of: `builtin:shapes` (trained by `isosweep pretrain` and cached), a local diffusers
     directory, a hub id such as `google/ddpm-ema-celebahq-256` (loaded from the local HF cache when
-    offline), or an MLflow model URI (`models:/NAME@alias`, `runs:/ID/model`).
+    offline), or an MLflow model URI (`models:/NAME@alias`, `runs:/ID/model`; docs/tracking.md, staged sweeps).
     """
 
-    source: str = Field("builtin:shapes", description="builtin:shapes, a diffusers directory, a hub id, or an MLflow model URI")
+    source: str = Field("builtin:shapes", description="builtin:shapes, a diffusers directory, a hub id, or an MLflow model URI "
+                                                      "(models:/NAME@champion: an earlier sweep's champion; models:/NAME/3 pins a version)")
     subfolder: str | None = Field(None, description="subfolder of the source holding the UNet, e.g. 'unet' for a pipeline")
     pretrain_steps: int = Field(600, ge=1, description="optimizer steps for builtin:shapes pretraining")
     pretrain_batch_size: int = Field(32, ge=1, description="batch size for builtin:shapes pretraining")

@@ -52,6 +52,13 @@ def tiny_model_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def isosweep_cache_dir(tmp_path_factory):
+    """One ISOSWEEP_CACHE folder for every module's sweeps (each module's `cache_env` points at it): the built-in base
+    model and the domain network of a recipe are trained once per session, not once per module."""
+    return tmp_path_factory.mktemp("isosweep-cache")
+
+
 # The servers and the multi-node cluster are session fixtures registered here, once for the whole run:
 # imported into each test module instead, every module would start its own (about 10 s and 0.5 GB each).
 from ray_cluster import ray_cluster  # noqa: E402,F401

@@ -46,8 +46,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("isosweep-cache")
+def cache_env(isosweep_cache_dir):
+    cache = isosweep_cache_dir  # shared with the other modules' sweeps (tests/test_staged_sweep.py)
     old = os.environ.get("ISOSWEEP_CACHE")
     os.environ["ISOSWEEP_CACHE"] = str(cache)
     yield cache
