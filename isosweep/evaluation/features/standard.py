@@ -72,7 +72,7 @@ class InceptionFeatures:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_uint8_tensor(images).float().cpu().numpy()  # on the uint8 grid, as a saved PNG read back.transpose(0, 2, 3, 1)
+        x = to_uint8_tensor(images).float().cpu().numpy().transpose(0, 2, 3, 1)  # (B, H, W, C) on the uint8 grid, as a saved PNG read back
         if x.shape[-1] == 1:
             x = np.repeat(x, 3, axis=-1)
         batch = torch.from_numpy(np.stack([self.resize(im).transpose(2, 0, 1) for im in x])).float()
