@@ -1,6 +1,7 @@
 """Shared test settings: quiet, small, CPU-only unless a test is marked gpu."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -55,8 +56,10 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def isosweep_cache_dir(tmp_path_factory):
     """One ISOSWEEP_CACHE folder for every module's sweeps (each module's `cache_env` points at it): the built-in base
-    model and the domain network of a recipe are trained once per session, not once per module."""
-    return tmp_path_factory.mktemp("isosweep-cache")
+    model and the domain network of a recipe are trained once per session, not once per module. ISOSWEEP_TEST_CACHE
+    names a folder to keep them in across sessions instead (entries are keyed by their recipe)."""
+    kept = os.environ.get("ISOSWEEP_TEST_CACHE")
+    return Path(kept) if kept else tmp_path_factory.mktemp("isosweep-cache")
 
 
 # The servers and the multi-node cluster are session fixtures registered here, once for the whole run:
