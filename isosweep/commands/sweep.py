@@ -11,6 +11,7 @@ from isosweep import storage as st
 from isosweep.config import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
 from isosweep.console import say
 from isosweep.commands.validate import preflight
+from isosweep.evaluation.features.common import unpublished_note
 from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
 from isosweep.results.rows import SweepOutcome
 from isosweep.results.states import COMPLETED, EXIT_COMPLETED, EXIT_NO_CHAMPION, FAILED, INTERRUPTED
@@ -176,6 +177,9 @@ def _print_backbones(outcome: SweepOutcome) -> None:
     bb = backbones_of(outcome.rows)
     if bb:
         print("backbones: " + ", ".join(f"{k}={v}" for k, v in sorted(bb.items())))
+    note = unpublished_note(bb)
+    if note:
+        print(f"WARNING: {note}")
 
 
 def _print_changes(spec: SweepSpec, outcome: SweepOutcome) -> None:

@@ -10,6 +10,9 @@ what the spec points at that `validate` and `run` make before Ray starts.
   storage path (`tracking.client.resolve_tracking_uri`), so `models:/NAME@champion` of the previous sweep is found;
 - with `deep=True`: any image of an image_folder dataset cannot be decoded (`data.imagefiles`; cached).
 
+`validate --deep` also prints, per metric, the feature network it will use: for Inception and AlexNet the
+weight file, its sha256 and whether it is the published file (`backbone_lines`).
+
 MLflow is imported only for an MLflow base model, so `isosweep validate` of other specs starts without it.
 """
 
@@ -48,6 +51,8 @@ def validate_command(args: argparse.Namespace) -> int:
         print(f"base model: {found.base_model}", file=sys.stderr)
         if found.scan is not None:
             print(found.scan.summary(), file=sys.stderr)
+        if args.deep:
+            print("feature networks:\n" + "\n".join(f"  {line}" for line in backbone_lines(spec, args.spec)), file=sys.stderr)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
     print(f"ok: {args.spec} is a valid sweep spec", file=sys.stderr)
     return 0
@@ -75,6 +80,19 @@ def preflight(spec: SweepSpec, source: str, *, tracking_uri: str | None = None, 
                         f"cannot be decoded:\n{scan.problems()}\n  fix: delete or re-encode these files, then run "
                         f"`isosweep validate --deep {source}` again (unchanged folders are not decoded twice)")
     return Preflight(where, scan)
+
+
+def backbone_lines(spec: SweepSpec, source: str) -> list[str]:
+    """Per evaluation metric, the network it will use (weight file, sha256, published or not); SpecError when the
+    spec's evaluation.backbone cannot be had here, as `run` would fail."""
+    # imported here: the resolver pulls in torch and the metrics, which plain `validate` does not need
+    from isosweep.evaluation.features.common import BackboneUnavailable
+    from isosweep.evaluation.features.resolver import describe_backbones
+
+    try:
+        return describe_backbones(spec.evaluation, spec.dataset, list(spec.evaluation.metrics))
+    except BackboneUnavailable as exc:
+        raise SpecError(f"{source}: field 'evaluation.backbone': {exc}") from None
 
 
 def check_base_model(spec: SweepSpec, source: str, *, tracking_uri: str | None = None, storage: str | None = None) -> str:

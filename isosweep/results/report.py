@@ -19,6 +19,7 @@ import yaml
 
 from isosweep import storage as st
 from isosweep.config import RESULT_METRICS, SweepSpec, is_result_metric
+from isosweep.evaluation.features.common import unpublished_note
 from isosweep.evaluation.record import metric_text, read_record, record_images, shown_metrics
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.results.plots import rtl_plot, strips_figure
@@ -64,6 +65,8 @@ def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
         "Backbones: " + (", ".join(f"`{k}`: {v}" for k, v in sorted(backbones.items())) or "none recorded"),
         "",
     ]
+    if unpublished_note(backbones):
+        md += [f"**{unpublished_note(backbones)}**", ""]
     screened = [r["trial_id"] for r in rows if r.get("fidelity") == "screen" and r["status"] == "DONE"]  # ERROR: failed
     if screened or any(r.get("fidelity") == "full" and "screen_fid" in r for r in rows):
         md += [f"Screened (evaluation.screening): every trial was first evaluated at screening sizes; the {len(screened)} "

@@ -15,7 +15,15 @@ import torch
 
 from isosweep.data.attributes import AttributeFileError
 from isosweep.evaluation.features.attributes import train_attribute_classifier
-from isosweep.evaluation.features.common import DOMAIN_SHAPES, INCEPTION_NAME, LPIPS_NAME, NO_BACKBONE, BackboneUnavailable, cache_dir
+from isosweep.evaluation.features.common import (
+    DOMAIN_SHAPES,
+    INCEPTION_NAME,
+    LPIPS_NAME,
+    NO_BACKBONE,
+    BackboneUnavailable,
+    cache_dir,
+    check_weights,
+)
 from isosweep.evaluation.features.domain import DomainClassifier, DomainDistance, DomainFeatures, load_shapes_net
 from isosweep.evaluation.features.standard import InceptionFeatures, LpipsDistance, find_standard_weights, missing_weights_message
 
@@ -44,10 +52,15 @@ def resolve_backbone(eval_spec, dataset_spec) -> str:
     return "standard" if have_standard else DOMAIN_SHAPES
 
 
-def metric_backbone_names(family: str, dataset_kind: str) -> dict[str, str]:
-    """The network behind each metric, as recorded in results: {'fid', 'ppl', 'ls', 'mrtl', 'mcn', 'vor'}."""
+def metric_backbone_names(family: str, dataset_kind: str, weights_dir: str | None = None) -> dict[str, str]:
+    """The network behind each metric, as recorded in results: {'fid', 'ppl', 'ls', 'mrtl', 'mcn', 'vor'}.
+
+    Standard names carry `-unpublished-<sha256 prefix>` unless the weight file found (through `weights_dir`) is the
+    published one (`common.check_weights`); a file that is not found keeps the plain name (no metric uses it)."""
     if family == "standard":
-        names = {"fid": INCEPTION_NAME, "ppl": LPIPS_NAME}
+        found = find_standard_weights(weights_dir)
+        names = {"fid": check_weights("inception", found["inception"]).name if found["inception"] else INCEPTION_NAME,
+                 "ppl": check_weights("alexnet", found["alexnet"]).name if found["alexnet"] else LPIPS_NAME}
     elif family == DOMAIN_SHAPES:
         names = {"fid": DOMAIN_SHAPES, "ppl": DOMAIN_SHAPES}
     else:
@@ -78,7 +91,7 @@ def load_feature_networks(eval_spec, dataset_spec, *, needs: tuple[str, ...] = (
     """
     folder_ls_only = dataset_spec.kind != "shapes" and not any(m in needs for m in ("fid", "ppl"))
     family = "standard" if folder_ls_only else resolve_backbone(eval_spec, dataset_spec)
-    nets = FeatureNetworks(family=family, names=metric_backbone_names(family, dataset_spec.kind))
+    nets = FeatureNetworks(family=family, names=metric_backbone_names(family, dataset_spec.kind, eval_spec.weights_dir))
     res = dataset_spec.resolution
     root = cache_dir(eval_spec)
     domain = None
@@ -103,3 +116,25 @@ def load_feature_networks(eval_spec, dataset_spec, *, needs: tuple[str, ...] = (
         nets.fid_features = DomainFeatures(domain, res)
         nets.distance = DomainDistance(domain, res)
     return nets
+
+
+def describe_backbones(eval_spec, dataset_spec, metrics: list[str]) -> list[str]:
+    """One line per metric of `metrics`: the network it will use and, for a standard network, the weight file,
+    its sha256 and whether it is the published file. Loads no network; raises BackboneUnavailable as a run would."""
+    needs_standard = any(m in metrics for m in ("fid", "ppl"))
+    family = resolve_backbone(eval_spec, dataset_spec) if needs_standard else None
+    found = find_standard_weights(eval_spec.weights_dir) if family == "standard" else {}
+    lines = []
+    for metric in metrics:
+        if metric in ("fid", "ppl") and family == "standard":
+            role, net = ("inception", "clean-fid Inception-v3") if metric == "fid" else ("alexnet", "LPIPS v0.1 AlexNet")
+            check = check_weights(role, found[role])
+            lines.append(f"{metric}: {check.name} ({net}), {check.describe()}")
+        elif metric in ("fid", "ppl"):
+            lines.append(f"{metric}: {DOMAIN_SHAPES} (the domain network isosweep trains on shapes; no weight file)")
+        elif metric == "ls":
+            lines.append(f"ls: {DOMAIN_SHAPES} (the domain network's heads)" if dataset_spec.kind == "shapes" else
+                         "ls: the attribute classifier isosweep trains from dataset.attributes (attr-cnn-v1-<hash>)")
+        else:
+            lines.append(f"{metric}: {NO_BACKBONE} (computed in H or from the UNet; no feature network)")
+    return lines

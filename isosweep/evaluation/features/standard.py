@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from isosweep.data.images import to_uint8_tensor
-from isosweep.evaluation.features.common import ALEXNET_FILE, INCEPTION_FILE, INCEPTION_NAME, LPIPS_NAME
+from isosweep.evaluation.features.common import ALEXNET_FILE, INCEPTION_FILE, check_weights
 
 CLEANFID_DIR = Path("/tmp")  # where clean-fid downloads (and so finds) the Inception weights
 
@@ -56,13 +56,13 @@ class InceptionFeatures:
     """clean-fid's Inception-v3 pool features: images (B, 3, H, W) in [-1, 1] -> (B, 2048) float32.
 
     Preprocessing ("clean" mode): quantise to uint8 values, then clean-fid's PIL bicubic float resize to
-    299x299, per image, exactly as `cleanfid.fid.get_model_features` does.
+    299x299, per image, exactly as `cleanfid.fid.get_model_features` does. `name`: what FID records, which says
+    whether the file is the published one (`common.check_weights`).
     """
-
-    name = INCEPTION_NAME
 
     def __init__(self, weights_path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
         path = Path(weights_path)
+        self.name = check_weights("inception", path).name
         self.device = torch.device(device)
         from cleanfid.inception_torchscript import InceptionV3W  # here, not at the top: with torchvision, 2-3 s per
         from cleanfid.resize import build_resizer  # process start, paid only by runs that use the standard networks
@@ -83,12 +83,12 @@ class LpipsDistance:
     """LPIPS v0.1 with AlexNet: two image batches (B, 3, H, W) in [-1, 1] -> (B,) distances.
 
     The AlexNet weights come from `alexnet_path` (never downloaded); the linear layers from the lpips
-    package. Images are used at their own resolution.
+    package. Images are used at their own resolution. `name`: what PPL records, which says whether the AlexNet
+    file is the published one (`common.check_weights`).
     """
 
-    name = LPIPS_NAME
-
     def __init__(self, alexnet_path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
+        self.name = check_weights("alexnet", alexnet_path).name
         self.device = torch.device(device)
         import lpips  # here, not at the top (torchvision): paid only by runs that use it
 
