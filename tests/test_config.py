@@ -487,7 +487,7 @@ def test_preflight_looks_up_mlflow_models_at_their_server(tmp_path, monkeypatch)
     assert "127.0.0.1:9" in str(exc.value) and "could not be reached" in str(exc.value) and "fix" in str(exc.value)
 
 
-def test_validate_deep_names_unreadable_images(tmp_path, monkeypatch, capsys):
+def test_validate_deep_names_unreadable_images(tmp_path, monkeypatch, capsys, standard_weights):
     import numpy as np
     from PIL import Image
 
@@ -499,6 +499,8 @@ def test_validate_deep_names_unreadable_images(tmp_path, monkeypatch, capsys):
     (folder / "cut.png").write_bytes((folder / "cut.png").read_bytes()[:500])
     data = demo_data()
     data["dataset"] = {"kind": "image_folder", "path": str(folder), "resolution": 8}
+    # an image folder's FID/PPL need the standard networks: --deep also checks that their files are there
+    data["evaluation"].update(backbone="standard", weights_dir=str(standard_weights.dir))
     spec = str(write(tmp_path, data))
     assert main(["validate", spec]) == 0  # without --deep the images are not decoded
     capsys.readouterr()
