@@ -64,6 +64,26 @@ def test_frechet_matches_closed_form_for_diagonal_gaussians():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
 
 
+@pytest.mark.parametrize("n", [20, 400])
+def test_frechet_equals_clean_fids_general_sqrtm_for_non_commuting_and_rank_deficient_covariances(n):
+    """The symmetric route (two eigh) gives clean-fid's number (a general sqrtm of sigma1 sigma2), also when the
+    covariances do not commute and when fewer samples than dimensions leave them singular (n = 20 < d = 64)."""
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64))
+    b = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) + 0.5
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    assert np.abs(s1 @ s2 - s2 @ s1).max() > 1.0  # not the commuting case the closed form above covers
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(cleanfid_frechet(mu1, s1, mu2, s2), rel=1e-6)
+
+
+def test_frechet_refuses_non_finite_statistics():
+    mu, sigma = np.zeros(3), np.eye(3)
+    with pytest.raises(ValueError, match="non-finite"):
+        frechet_distance(mu, sigma, np.array([0.0, np.nan, 0.0]), sigma)
+
+
 def test_frechet_one_dimensional_closed_form():
     # W2^2 of N(0, 1) and N(3, 4): 9 + (1 - 2)^2 = 10
     assert frechet_distance(np.array([0.0]), np.array([[1.0]]), np.array([3.0]), np.array([[4.0]])) == pytest.approx(10.0)

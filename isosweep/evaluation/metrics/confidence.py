@@ -15,8 +15,8 @@ import zlib
 from typing import Callable
 
 import numpy as np
-from scipy import linalg
 
+from isosweep.evaluation.metrics.fid import symmetric_sqrt
 from isosweep.evaluation.metrics.ppl import filtered_mean
 
 __all__ = [
@@ -166,14 +166,13 @@ def vor_interval(name: str, svals: np.ndarray, norm: str, *, resamples: int, lev
 def fid_of_counts(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> Statistic:
     """`fid.frechet_distance` of each resample of the generated features (N, d) against fixed reference statistics.
 
-    With A = sqrtm(ref_sigma) (symmetric, computed once), Tr (S_b R)^{1/2} = Tr (A S_b A)^{1/2} = sum sqrt(eig(A S_b A)),
+    With A = ref_sigma^{1/2} (symmetric, computed once: `fid.symmetric_sqrt`), Tr (S_b R)^{1/2} = Tr (A S_b A)^{1/2} = sum sqrt(eig(A S_b A)),
     so a resample costs one weighted covariance and one symmetric eigendecomposition, not a general sqrtm. S_b is the
     unbiased weighted covariance of the resample (np.cov of the drawn rows), so all-ones counts give the FID itself.
     """
     x = np.asarray(feats, np.float64)
     mu_r, sigma_r = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
-    root = linalg.sqrtm(sigma_r)
-    root = np.real(root + root.T) / 2.0
+    root = symmetric_sqrt(sigma_r)
     tr_r = float(np.trace(sigma_r))
 
     def stat(counts: np.ndarray) -> np.ndarray:

@@ -12,13 +12,11 @@ import hashlib
 import io
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from scipy import linalg
 from tqdm.auto import tqdm
 
 from isosweep.core.sampling import Sampler, initial_noise
@@ -26,6 +24,7 @@ from isosweep.files import write_bytes_atomic
 
 __all__ = [
     "frechet_distance",
+    "symmetric_sqrt",
     "feature_statistics",
     "generated_features",
     "fid_from_features",
@@ -36,30 +35,36 @@ __all__ = [
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # images (B, C, H, W) in [-1, 1] -> features (B, d)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Squared Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2):
 
         |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2})
 
-    mu (d,), sigma (d, d). As clean-fid does, a singular product is retried with eps added to both
-    diagonals, and a negligible imaginary part of the square root is dropped. Computed in float64.
+    mu (d,), sigma (d, d), both covariances symmetric positive semi-definite. The trace of the square root is
+    taken through symmetric matrices only: with A = sigma1^{1/2}, sigma1 sigma2 and A sigma2 A have the same
+    eigenvalues, so Tr (sigma1 sigma2)^{1/2} = sum sqrt(eig(A sigma2 A)). Two symmetric eigendecompositions
+    replace the general `scipy.linalg.sqrtm` clean-fid uses (the same number to rounding; at d = 2048 several
+    times faster, and never complex). Computed in float64.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("Frechet distance: non-finite mean or covariance (a feature was NaN or infinite)")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # handled below: non-finite -> retry with eps
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):g} in sqrtm")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    root = symmetric_sqrt(sigma1)
+    eig = np.linalg.eigvalsh(root @ sigma2 @ root)
+    tr_covmean = float(np.sqrt(np.clip(eig, 0.0, None)).sum())  # rounding can leave eigenvalues of order -1e-12
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+def symmetric_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric positive semi-definite square root of a covariance (d, d), by one eigendecomposition;
+    eigenvalues that rounding left slightly negative count as 0."""
+    sym = (np.asarray(sigma, np.float64) + np.asarray(sigma, np.float64).T) / 2.0
+    w, v = np.linalg.eigh(sym)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
 def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
