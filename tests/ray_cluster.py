@@ -124,7 +124,10 @@ def _alive_nodes(cluster: LocalRayCluster) -> int:
         f"ray.init(address={cluster.address!r}, logging_level='ERROR', log_to_driver=False)\n"
         "print('NODES', sum(1 for n in ray.nodes() if n['Alive']))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=60)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:  # a loaded machine: not known to be alive yet; the caller's deadline decides
+        return 0
     for line in r.stdout.splitlines():
         if line.startswith("NODES "):
             return int(line.split()[1])
