@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from isosweep.evaluation.features.common import INCEPTION_NAME, LPIPS_NAME, UNPUBLISHED
+from isosweep.evaluation.features.common import INCEPTION_NAME, LPIPS_NAME, UNPUBLISHED, UNVERIFIED
 from isosweep.evaluation.features.standard import InceptionFeatures, LpipsDistance
 from isosweep.evaluation.metrics import frechet_distance
 from isosweep.evaluation.metrics.fid import feature_statistics
@@ -98,7 +98,7 @@ def test_inception_features_and_fid_equal_clean_fids_folder_pipeline(size, tmp_p
     ref = cleanfid_frechet(refs[0].mean(0), np.cov(refs[0], rowvar=False), refs[1].mean(0), np.cov(refs[1], rowvar=False))
     assert ref > 0
     assert abs(ours - ref) / ref < 1e-3
-    assert ours_fn.name.startswith(f"{INCEPTION_NAME}-{UNPUBLISHED}-")  # a stand-in never carries the published name
+    assert ours_fn.name.startswith(f"{INCEPTION_NAME}-{UNVERIFIED}-")  # a stand-in never carries the published name
 
 
 def test_inception_features_of_grayscale_images_equal_clean_fids(tmp_path, standard_weights):

@@ -39,8 +39,11 @@ def test_weight_files_are_named_by_whether_they_are_the_published_ones(standard_
     assert alexnet.name == f"{common.LPIPS_NAME}-{common.UNPUBLISHED}-{alexnet.sha256[:12]}"
     assert "NOT the published file" in alexnet.describe() and alexnet.sha256 in alexnet.describe()
     inception = common.check_weights("inception", standard_weights.inception)
-    assert inception.name == f"{common.INCEPTION_NAME}-{common.UNPUBLISHED}-{_sha256(standard_weights.inception)[:12]}"
-    assert "cannot be verified" in inception.describe()
+    # no published Inception digest is on record: any Inception file, NVIDIA's included, is "unverified", never
+    # "unpublished" (which says the file differs from a known digest) and never the plain name
+    assert inception.name == f"{common.INCEPTION_NAME}-{common.UNVERIFIED}-{_sha256(standard_weights.inception)[:12]}"
+    assert "cannot be verified" in inception.describe() and not inception.published
+    assert common.unpublished_note({"fid": inception.name}) is not None
 
     # what each metric records, through the resolver the suite and the driver use
     ev = EvaluationSpec(backbone="standard", weights_dir=str(standard_weights.dir))
@@ -110,7 +113,7 @@ def test_validate_deep_shows_each_networks_file_digest_and_whether_it_is_publish
     assert ok.returncode == 0, ok.stderr
     lines = {line.strip().split(":")[0]: line.strip() for line in ok.stderr.split("feature networks:")[1].splitlines() if line.strip()}
     inception, alexnet = _sha256(standard_weights.inception), _sha256(standard_weights.alexnet)
-    assert lines["fid"].startswith(f"fid: {common.INCEPTION_NAME}-{common.UNPUBLISHED}-{inception[:12]} (clean-fid Inception-v3)")
+    assert lines["fid"].startswith(f"fid: {common.INCEPTION_NAME}-{common.UNVERIFIED}-{inception[:12]} (clean-fid Inception-v3)")
     assert f"{standard_weights.inception} sha256 {inception}: cannot be verified" in lines["fid"]
     assert lines["ppl"].startswith(f"ppl: {common.LPIPS_NAME}-{common.UNPUBLISHED}-{alexnet[:12]} (LPIPS v0.1 AlexNet)")
     assert f"{standard_weights.alexnet} sha256 {alexnet}: NOT the published file" in lines["ppl"]

@@ -5,7 +5,8 @@ Nothing here is shipped or downloaded. `inception-2015-12-05.pt` is a TorchScrip
 (B, 2048, 1, 1), and the module itself takes [0, 255] images (`return_features=True`: the 2048 features). It is
 a small random conv net (fixed seed) so that FID is cheap on a CPU and not trivially 0. `alexnet-owt-7be5be79.pth`
 is torchvision's `alexnet()` state dict with a fixed seed, as torchvision's hub cache holds the real one.
-Neither is the published file, so every metric computed with them is named `...-unpublished-<sha256 prefix>`.
+Neither is the published file: FID computed with them is named `inception-v3-clean-unverified-<sha256 prefix>` (no
+published Inception digest is on record) and PPL `lpips-alex-v0.1-unpublished-<sha256 prefix>`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ INCEPTION_NAME = "inception-v3-clean"
 LPIPS_NAME = "lpips-alex-v0.1"
 DOMAIN_SHAPES = "domain-shapes-v1"
 NO_BACKBONE = "none"  # mRTL, MCN, VoR are computed in H and need no feature network
-UNPUBLISHED = "unpublished"  # in a metric's backbone name: its weight file is not known to be the published one
+UNPUBLISHED = "unpublished"  # in a metric's backbone name: its weight file differs from the published one
+UNVERIFIED = "unverified"  # in a metric's backbone name: no published digest is on record to check its file against
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ PUBLISHED: dict[str, PublishedFile] = {
 @dataclass(frozen=True)
 class WeightsCheck:
     """One weight file checked against PUBLISHED: its digest, whether it is the published file, and the name
-    its metric records (the base name, or the base name with `-unpublished-<first 12 hex of its sha256>`)."""
+    its metric records: the base name; the base name with `-unpublished-<first 12 hex of its sha256>` when the file
+    differs from the published one; `-unverified-<...>` when no published digest is on record (then the published
+    file and any other are told apart by the digest alone, which the name carries)."""
 
     role: str
     path: Path
@@ -70,7 +73,8 @@ class WeightsCheck:
         if self.published:
             verdict = "the published file"
         elif ref.sha256 is None:
-            verdict = f"cannot be verified ({ref.filename} has no published sha256 on record): recorded as unpublished"
+            verdict = (f"cannot be verified ({ref.filename} has no published sha256 on record): recorded as unverified; "
+                       "compare the sha256 with a copy you downloaded from the URL yourself")
         else:
             verdict = f"NOT the published file (that has sha256 {ref.sha256})"
         return f"{self.path} sha256 {self.sha256}: {verdict}"
@@ -98,13 +102,14 @@ def check_weights(role: str, path: str | os.PathLike) -> WeightsCheck:
     ref = PUBLISHED[role]
     digest = file_sha256(path)
     published = ref.sha256 is not None and digest == ref.sha256
-    name = ref.base if published else f"{ref.base}-{UNPUBLISHED}-{digest[:12]}"
+    label = UNVERIFIED if ref.sha256 is None else UNPUBLISHED
+    name = ref.base if published else f"{ref.base}-{label}-{digest[:12]}"
     return WeightsCheck(role=role, path=Path(path), sha256=digest, published=published, name=name)
 
 
 def unpublished_note(backbones: dict[str, str]) -> str | None:
     """The one sentence results print when a metric used a weight file not known to be the published one; else None."""
-    bad = sorted(f"{metric} [{name}]" for metric, name in backbones.items() if UNPUBLISHED in name)
+    bad = sorted(f"{metric} [{name}]" for metric, name in backbones.items() if UNPUBLISHED in name or UNVERIFIED in name)
     if not bad:
         return None
     return (f"Not comparable with published FID/PPL: {', '.join(bad)} used weight files that are not known to be the "

@@ -55,8 +55,8 @@ def resolve_backbone(eval_spec, dataset_spec) -> str:
 def metric_backbone_names(family: str, dataset_kind: str, weights_dir: str | None = None) -> dict[str, str]:
     """The network behind each metric, as recorded in results: {'fid', 'ppl', 'ls', 'mrtl', 'mcn', 'vor'}.
 
-    Standard names carry `-unpublished-<sha256 prefix>` unless the weight file found (through `weights_dir`) is the
-    published one (`common.check_weights`); a file that is not found keeps the plain name (no metric uses it)."""
+    Standard names carry `-unpublished-` or `-unverified-<sha256 prefix>` unless the weight file found (through
+    `weights_dir`) is the published one (`common.check_weights`); a file that is not found keeps the plain name (no metric uses it)."""
     if family == "standard":
         found = find_standard_weights(weights_dir)
         names = {"fid": check_weights("inception", found["inception"]).name if found["inception"] else INCEPTION_NAME,
