@@ -118,8 +118,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     storage = tmp_path / "runs"
     env = {**os.environ, "ISOSWEEP_CACHE": str(cache_env), "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
     args = [str(DEMO), "--storage", str(storage), "--tracking-uri", mlflow_server.uri]
-    for o in TINY + ["search.num_trials=2", "search.max_concurrent_trials=1", "tracking.registry_name=isodiff-sigint",
-                     "search.max_failures=0"]:
+    for o in TINY + ["search.num_trials=2", "search.max_concurrent_trials=1", "search.max_failures=0"]:
         args += ["--set", o]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "isosweep", "run", *args], stdout=log, stderr=subprocess.STDOUT,
@@ -155,7 +154,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     client, _ = _runs(mlflow_server.uri, "demo")
     assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
     with pytest.raises(MlflowException):  # nothing promoted from a partial sweep
-        client.get_model_version_by_alias("isodiff-sigint", "champion")
+        client.get_model_version_by_alias("isodiff-demo", "champion")  # the spec's registry name
     before = _evaluated_results(sweep_dir)
     finished = [k for k, v in before.items() if v]
     assert finished
@@ -217,6 +216,12 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     assert all(r.data.metrics["cost_train_s"] > 0 and r.data.metrics["cost_fid_s"] > 0 for r in children)
     mv = client.get_model_version_by_alias(spec.registry_name, "champion")
     assert mv.run_id == outcome.champion.row["mlflow_run_id"]
+    # what a user does next (README): `isosweep pull` downloads @champion and loads it (tests/test_specs_e2e.py counts
+    # this run as demo.yaml's end-to-end run: keep the spec's registry name and this check)
+    pulled = subprocess.run([sys.executable, "-m", "isosweep", "pull", f"models:/{spec.registry_name}@champion", "--out",
+                             str(tmp_path / "pulled")], capture_output=True, text=True,
+                            env={**env, "MLFLOW_TRACKING_URI": mlflow_server.uri}, timeout=300)
+    assert pulled.returncode == 0 and "pulled models:/isodiff-demo@champion" in pulled.stdout, pulled.stderr[-3000:]
 
     # the artifacts are in the bucket: every trial's checkpoint and images, the parent's summary
     keys = mlflow_server.s3.keys("mlflow/")
