@@ -1,4 +1,4 @@
-"""Can torch.compile take the isometry term's launches away? What dynamo does with it, on this torch (issue 16, goal 2).
+"""Can torch.compile take the isometry term's launches away? What dynamo does with it, on this torch.
 
 On a GPU the isometry step is launch-bound (docs/benchmarks.md, "Where the isometry step's time goes"), so the lever
 would be one compiled graph (or a CUDA graph) for the term. This runs `core.geometry.isometry_terms` on a small

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go (issue 16: "when a GPU machine is lent, run the benchmarks there too"):
+# The GPU checks in one go:
 # the GPU tests, then bench/scale.py (256 px training step, fp32 and bf16) and bench/sampling.py
 # (32 and 256 px, fp32 and bf16), each log written to OUT_DIR with the card's name at its top.
 #

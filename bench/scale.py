@@ -1,4 +1,4 @@
-"""The training step at the paper's scale: the google/ddpm-ema-celebahq-256 UNet, 256 px (issue 16, goals 2 and 4).
+"""The training step at the paper's scale: the google/ddpm-ema-celebahq-256 UNet, 256 px.
 
 Builds the real architecture from its config (bench/iso_step.py's `build_unet(layout="celebahq", channels=128)`,
 113.7 M parameters, random weights: nothing is downloaded) and times whole optimizer steps (forward, backward,
@@ -17,7 +17,7 @@ Adam) on one fixed batch of `--batch` images, each variant in the same run, roun
 On a CPU the ratios use the process's CPU time (the machine is shared; wall time mostly measures waiting) and
 memory is the peak RSS above the level before each step; on CUDA, wall time and torch's peak allocation.
 `--bf16` (CUDA) runs the denoising forward under bf16 autocast (the isometry term stays float32, as in training).
-Targets (issue 16, goal 2): iso+levers <= 2.0x plain in time and in peak memory, <= 0.40x reference.
+Targets: iso+levers <= 2.0x plain in time and in peak memory, <= 0.40x reference.
 
 `--estimator` instead measures what the sub-batch costs in accuracy, on bench/iso_step.py's small UNet (32 px):
 over `--draws` micro-batches (fresh x0, noise, t_iso, probes) it takes L_iso on the first k samples for each k
@@ -57,7 +57,7 @@ from isosweep.core.geometry import isometry_ratio, isometry_terms
 from isosweep.core.hspace import encoder_at
 from isosweep.core.losses import IsoDiffusionLoss, add_noise, iso_cutoff
 
-CELEBAHQ_PARAMS = 113_673_219  # google/ddpm-ema-celebahq-256's config built by diffusers 0.42 (issue 16: 113.7 M)
+CELEBAHQ_PARAMS = 113_673_219  # google/ddpm-ema-celebahq-256's config built by diffusers 0.42
 TARGET_VS_PLAIN, TARGET_VS_REFERENCE = 2.0, 0.40
 
 

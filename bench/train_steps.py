@@ -1,5 +1,5 @@
 """isosweep's own training loop at the paper's scale: seconds per optimizer step with train.iso_every = 1, 2, 4, ...
-against the baseline (issue 16, goal 2; docs/benchmarks.md, "Lazy regularisation").
+against the baseline (docs/benchmarks.md, "Lazy regularisation").
 
 bench/scale.py times the loss's steps in isolation; this runs `isosweep.training.loop.train_loop` itself (data
 loader, the per-step coin and lazy rhythm, the finite check, gradient clipping, Adam, EMA) on the

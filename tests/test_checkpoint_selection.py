@@ -1,4 +1,4 @@
-"""Checkpoint selection by a cheap FID (evaluation.checkpoint_fid, issue 14): the curve, the best step's weights
+"""Checkpoint selection by a cheap FID (evaluation.checkpoint_fid): the curve, the best step's weights
 evaluated and saved as the trial's model, and the choice kept across a crash and resume."""
 
 from __future__ import annotations

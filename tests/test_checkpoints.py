@@ -1,4 +1,4 @@
-"""Checkpoints under faults (issue 13): nothing read back is unpickled, every checkpoint carries a manifest,
+"""Checkpoints under faults: nothing read back is unpickled, every checkpoint carries a manifest,
 a corrupt one is named and passed over for the newest older one that verifies, and copies made while
 resuming are removed on every exit path. Faults are injected into real checkpoint files."""
 

@@ -1,4 +1,4 @@
-"""Bootstrap intervals of PPL, mRTL, MCN and VoR (issue 14, "Metrics with confidence"): known answers."""
+"""Bootstrap intervals of PPL, mRTL, MCN and VoR: known answers."""
 
 from __future__ import annotations
 

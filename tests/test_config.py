@@ -71,7 +71,7 @@ def test_demo_spec_is_the_readme_demo():
 
 def test_shapes_study_stage_one_is_the_lambda_grid():
     """docs/results.md: stage 1 of the study is the paper's setting (stereographic, p = 0.5) at lambda_iso in
-    {1e-4, 1e-3, 1e-2} plus the baseline, 240 steps each, best-FID checkpoints and LS (issue 14)."""
+    {1e-4, 1e-3, 1e-2} plus the baseline, 240 steps each, best-FID checkpoints and LS."""
     spec = load_spec(ROOT / "search_spaces" / "shapes_study.yaml")
     s = spec.search
     assert s.algorithm == "grid" and planned_trials(spec) == 4
@@ -99,7 +99,7 @@ def test_shapes_study_stage_two_is_the_ablations_at_one_lambda_over_three_seeds(
 
 
 def test_ls_where_attribute_labels_exist():
-    """Issue 14: LS, scored on held-out samples, in every spec whose data have attribute labels (shapes: the domain
+    """LS, scored on held-out samples, in every spec whose data have attribute labels (shapes: the domain
     network's five factors; CelebA-HQ: its 40 attributes), in x_T and h; CIFAR-10 and LSUN have none. The demo's
     LS stays a small smoke test (x_T only, 128 samples)."""
     specs = {p.stem: load_spec(p, check_paths=False) for p in SPECS}
@@ -317,7 +317,7 @@ def test_trials_of_a_sweep_started_before_the_rename_keep_their_metric():
     assert make_row("t", old, {}, "TERMINATED")["iso_metric"] == "identity"
 
 
-# --- validation holes closed before any trial starts (issue 13, item 9) ---
+# --- validation holes closed before any trial starts ---
 
 def _set(data, dotted, value):
     *parents, last = dotted.split(".")

@@ -1,4 +1,4 @@
-"""Metrics and sampling (issue 4): closed forms, known maps, and a tiny UNet end to end."""
+"""Metrics and sampling: closed forms, known maps, and a tiny UNet end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LS on an image folder: the dataset.attributes file and the attribute classifier trained from it (issue 4)."""
+"""LS on an image folder: the dataset.attributes file and the attribute classifier trained from it."""
 
 from __future__ import annotations
 

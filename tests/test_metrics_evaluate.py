@@ -1,4 +1,4 @@
-"""Backbones and the whole evaluation suite on a tiny model (issue 4)."""
+"""Backbones and the whole evaluation suite on a tiny model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Linear separability scored on held-out samples (issue 14): known answers on small synthetic problems.
+"""Linear separability scored on held-out samples: known answers on small synthetic problems.
 
 LS = exp(sum_i H(Y_i | X_i)), entropies in nats: 1 when a hyperplane fitted on one part of the kept samples
 predicts every attribute on the other part, 2 per balanced binary attribute it cannot predict (k per
@@ -69,7 +69,7 @@ def test_ls_counts_only_the_attributes_the_latents_do_not_predict():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_same_sample_scoring_calls_random_labels_separable_and_heldout_does_not(seed):
-    """The bug of issue 14: 200 samples in 256 dimensions, random labels. Fitting and scoring the same samples
+    """The bug this guards: 200 samples in 256 dimensions, random labels. Fitting and scoring the same samples
     (the old LS, `heldout=0`) separates any labelling: LS = 1. Held out, LS = 2^2 = 4."""
     rng = np.random.default_rng(seed)
     z, y = rng.normal(size=(200, 256)), rng.integers(0, 2, size=(200, 2))

@@ -1,4 +1,4 @@
-"""Sharded evaluation (2 gloo ranks) equals the one-process result (issue 4)."""
+"""Sharded evaluation (2 gloo ranks) equals the one-process result."""
 
 from __future__ import annotations
 

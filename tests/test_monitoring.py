@@ -1,4 +1,4 @@
-"""The monitoring files of clusters/monitoring/ agree with the metrics the code exports (issue 15).
+"""The monitoring files of clusters/monitoring/ agree with the metrics the code exports.
 
 Fast: every PromQL query of the Grafana dashboard names only gauges that `isosweep.sweep.monitoring`
 defines (as Ray exports them, `ray_` + name) or metrics that Ray's own dashboards chart, and filters and

@@ -212,7 +212,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
     assert len(children) == 3, "a resumed trial must reopen its MLflow run, not duplicate it"
     assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
-    # the cost of each phase (issue 16): training and each metric of the final evaluation, in seconds, on every run
+    # the cost of each phase: training and each metric of the final evaluation, in seconds, on every run
     assert all(r.data.metrics["cost_train_s"] > 0 and r.data.metrics["cost_fid_s"] > 0 for r in children)
     mv = client.get_model_version_by_alias(spec.registry_name, "champion")
     assert mv.run_id == outcome.champion.row["mlflow_run_id"]
