@@ -25,7 +25,7 @@ AWS = CLUSTERS / "aws-gpu.yaml"
 RAYCLUSTER = CLUSTERS / "kuberay" / "raycluster.yaml"
 RAYJOB = CLUSTERS / "kuberay" / "rayjob.yaml"
 DOCKERFILE = CLUSTERS / "Dockerfile"
-DOCS = [CLUSTERS / "README.md", REPO / "docs" / "operations.md"]
+DOCS = [CLUSTERS / "README.md", REPO / "docs" / "operations.md", REPO / "docs" / "airgapped.md"]
 IMAGE_REPO_DIR = "/home/ray/isosweep"  # where clusters/Dockerfile puts the checkout
 
 # GPUs per instance for the EC2 types a config here may name (AWS instance type docs).

@@ -441,7 +441,7 @@ def test_preflight_finds_a_hub_id_only_in_the_local_cache_when_offline(tmp_path,
         with pytest.raises(SpecError) as exc:
             check_base_model(_spec_with_base(source, sub), "s.yaml")
         msg = str(exc.value)
-        assert "s.yaml" in msg and "base_model.source" in msg and source in msg and f"huggingface-cli download {source}" in msg
+        assert "s.yaml" in msg and "base_model.source" in msg and source in msg and f"hf download {source}" in msg
     with pytest.raises(SpecError, match="no local path, MLflow URI or hub id"):
         check_base_model(_spec_with_base("not a/valid id"), "s.yaml")
 

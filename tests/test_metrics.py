@@ -78,6 +78,29 @@ def test_frechet_equals_clean_fids_general_sqrtm_for_non_commuting_and_rank_defi
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(cleanfid_frechet(mu1, s1, mu2, s2), rel=1e-6)
 
 
+@pytest.mark.parametrize("n", [8, 63, 64, 65, 300])
+def test_fid_of_features_and_its_resamples_equal_clean_fids_on_either_side_of_n_equals_d(n):
+    """FID of N generated features against reference statistics, and of weighted resamples of them: through the
+    N x N Gram matrix when N <= d (the generated covariance has rank < d), through the d x d route above it; on both
+    sides clean-fid's number for the np.cov statistics of the same (repeated) rows. Features are offset far from 0,
+    as Inception's are, so the centring of the Gram matrix is tested too."""
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    from isosweep.evaluation.metrics.confidence import fid_of_counts
+    from isosweep.evaluation.metrics.fid import feature_statistics, fid_from_features
+
+    rng = np.random.default_rng(n)
+    d = 64
+    ref = rng.normal(size=(500, d)) @ rng.normal(size=(d, d)) / 8 + 3.0
+    mu_r, s_r = feature_statistics(ref)
+    x = np.abs(rng.normal(size=(n, d))) * 2 + 5.0
+    expected = cleanfid_frechet(*feature_statistics(x), mu_r, s_r)
+    assert fid_from_features(x, mu_r, s_r) == pytest.approx(expected, rel=1e-6)
+    counts = np.vstack([np.ones(n, int), rng.multinomial(n, np.ones(n) / n, size=3)])
+    for c, got in zip(counts, fid_of_counts(x, mu_r, s_r)(counts)):
+        assert got == pytest.approx(cleanfid_frechet(*feature_statistics(np.repeat(x, c, axis=0)), mu_r, s_r), rel=1e-6)
+
+
 def test_frechet_refuses_non_finite_statistics():
     mu, sigma = np.zeros(3), np.eye(3)
     with pytest.raises(ValueError, match="non-finite"):

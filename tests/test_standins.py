@@ -135,7 +135,7 @@ def test_the_env_alone_points_a_process_at_the_cache(hub_cache):
     for rid in SPECS.values():
         cfg = unet_config(rid, "fast")
         assert out[rid] == [cfg["sample_size"], cfg["block_out_channels"]]
-    assert "could not load UNet2DModel 'google/ddpm-cat-256'" in out["missing"] and "huggingface-cli download" in out["missing"]
+    assert "could not load UNet2DModel 'google/ddpm-cat-256'" in out["missing"] and "hf download" in out["missing"]
 
 
 def test_the_real_celebahq_stand_in_is_the_repository_config(hub_cache_real, monkeypatch):

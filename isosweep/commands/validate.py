@@ -145,7 +145,7 @@ def _check_hub(repo_id: str, subfolder: str | None, source: str) -> str:
         weights = [try_to_load_from_cache(repo_id, prefix + w, cache_dir=cache) for w in WEIGHT_FILES]
         if isinstance(config, str) and any(isinstance(w, str) for w in weights):
             return f"hub id {repo_id} in the local HF cache {cache}"
-    fix = (f"fix: download it where there is network (`huggingface-cli download {repo_id}`) into this machine's HF cache "
+    fix = (f"fix: download it where there is network (`hf download {repo_id}`) into this machine's HF cache "
            f"({cache}; HF_HOME moves it) and set HF_HUB_OFFLINE=1, or point base_model.source at a local diffusers folder")
     if _hub_offline():
         raise SpecError(f"{field}: {repo_id!r} is not a local folder, and HF_HUB_OFFLINE is set but its UNet (config.json "
@@ -154,7 +154,7 @@ def _check_hub(repo_id: str, subfolder: str | None, source: str) -> str:
         info = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo_id, timeout=15)
     except GatedRepoError:
         raise SpecError(f"{field}: {repo_id!r} is gated on the hub; fix: accept its terms on huggingface.co and log in "
-                        "(`huggingface-cli login` or HF_TOKEN), or pre-download it") from None
+                        "(`hf auth login` or HF_TOKEN), or pre-download it") from None
     except RepositoryNotFoundError:
         raise SpecError(f"{field}: no model {repo_id!r} on the hub (or it is private) and no local folder of that name; "
                         "fix: check the id (e.g. google/ddpm-ema-celebahq-256), log in for a private model, or give a local path") from None

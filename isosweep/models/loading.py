@@ -111,7 +111,7 @@ def _load_hub(hub_id: str, subfolder: str | None) -> tuple[UNet2DModel, DDPMSche
     else:
         raise OSError(
             f"could not load UNet2DModel {hub_id!r} from the Hugging Face hub or its local cache "
-            f"({'; '.join(errors)}); when offline, pre-download it with `huggingface-cli download {hub_id}` "
+            f"({'; '.join(errors)}); when offline, pre-download it with `hf download {hub_id}` "
             "or point base_model.source at a local diffusers directory"
         )
     sched_cfg = None

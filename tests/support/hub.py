@@ -1,7 +1,7 @@
 """Stand-ins for the paper's hub models in a real Hugging Face cache, so `base_model.source: google/...` loads offline.
 
 Tests cannot reach the hub. For each hub id the shipped specs name, `build_hub_cache` writes what
-`huggingface-cli download <id>` leaves in `HF_HUB_CACHE`: `models--google--<name>/` with `refs/main` (the
+`hf download <id>` leaves in `HF_HUB_CACHE`: `models--google--<name>/` with `refs/main` (the
 commit of main), `blobs/` (files named by their git sha1, LFS files by their sha256) and
 `snapshots/<commit>/...`, each file a relative symlink into `blobs/`, as huggingface_hub writes them. The
 file list and the config files are the repository's own; only the weights are random (seed 0), written by

@@ -28,6 +28,7 @@ __all__ = [
     "feature_statistics",
     "generated_features",
     "fid_from_features",
+    "low_rank_trace_sqrt",
     "reference_statistics",
     "fid_score",
 ]
@@ -74,9 +75,35 @@ def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fid_from_features(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
-    """FID of generated features (N, d) against reference statistics."""
+    """FID of generated features (N, d) against reference statistics.
+
+    With fewer samples than dimensions (a cheap checkpoint FID of 2,000 Inception features of 2,048 dimensions,
+    or any small evaluation) the trace term goes through the N x N Gram matrix (`low_rank_trace_sqrt`): the same
+    number, without a d x d eigendecomposition."""
+    feats = np.asarray(feats, np.float64)
+    if feats.ndim == 2 and 1 < len(feats) <= feats.shape[1]:
+        ref_mu, ref_sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
+        if ref_mu.shape != (feats.shape[1],) or ref_sigma.shape != (feats.shape[1],) * 2:
+            raise ValueError(f"shape mismatch: features {feats.shape}, reference mu {ref_mu.shape}, sigma {ref_sigma.shape}")
+        if not all(np.isfinite(a).all() for a in (feats, ref_mu, ref_sigma)):
+            raise ValueError("Frechet distance: non-finite mean or covariance (a feature was NaN or infinite)")
+        mu = feats.mean(axis=0)
+        factor = (feats - mu) / np.sqrt(len(feats) - 1.0)  # sigma = factor.T @ factor, as np.cov
+        diff = mu - ref_mu
+        return float(diff @ diff + np.trace(ref_sigma) + (factor * factor).sum()
+                     - 2.0 * low_rank_trace_sqrt(factor @ ref_sigma @ factor.T))
     mu, sigma = feature_statistics(feats)
     return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+
+
+def low_rank_trace_sqrt(gram: np.ndarray) -> float:
+    """Tr (R S)^{1/2} for S = B^T B of rank <= N, from the symmetric N x N matrix gram = B R B^T.
+
+    R S = R B^T B and B R B^T have the same non-zero eigenvalues, which are those of a product of two symmetric
+    positive semi-definite matrices and so real and non-negative: the trace of the square root is the sum of their
+    square roots, found by one N x N symmetric eigendecomposition instead of two d x d ones."""
+    sym = (gram + gram.T) / 2.0
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(sym), 0.0, None)).sum())
 
 
 @torch.inference_mode()
