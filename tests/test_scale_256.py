@@ -4,7 +4,7 @@
 real-config stand-in of tests/support/hub.py), takes one optimizer step with the isometry term on every
 sample (p = 0) at 256 px on the photo folder and its CelebAMask-HQ labels file, and writes a checkpoint;
 `isosweep eval` then scores that checkpoint with the spec's standard backbone (the stand-in Inception and
-AlexNet files): FID of 2 samples and PPL of 2 pairs, at 2 DDIM steps. Everything else is the shipped spec. The test prints
+AlexNet files): FID of 2 samples and PPL of 2 pairs, at 1 DDIM step. Everything else is the shipped spec. The test prints
 the wall time of each command (`pytest -s` shows it).
 """
 
@@ -62,8 +62,8 @@ def test_celebahq_256_at_real_size_trains_an_iso_step_and_evaluates(hub_cache_re
     drift = max(float((tuned.state_dict()[k] - base[k]).abs().max()) for k in base)
     assert moved and drift < 1e-2, (len(moved), drift)  # one small Adam step away from the cached weights, not a fresh init
 
-    sizes = ["evaluation.batch_size=2", "evaluation.fid.num_samples=2", "evaluation.fid.ddim_steps=2", "evaluation.fid.reference_samples=8",
-             "evaluation.ppl.num_samples=2", "evaluation.ppl.ddim_steps=2", "evaluation.ppl.stop_width=null",
+    sizes = ["evaluation.batch_size=2", "evaluation.fid.num_samples=2", "evaluation.fid.ddim_steps=1", "evaluation.fid.reference_samples=8",
+             "evaluation.ppl.num_samples=2", "evaluation.ppl.ddim_steps=1", "evaluation.ppl.stop_width=null",
              "evaluation.bootstrap.resamples=0", "evaluation.screening=null"]
     out, eval_s = _run(["eval", str(ckpt), "--spec", SPEC, *(a for kv in common + sizes for a in ("--set", kv)),
                         "--metrics", "fid", "ppl"], env, tmp_path / "eval.log")

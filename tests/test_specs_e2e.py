@@ -42,10 +42,11 @@ SHAPES = (
     "evaluation.mrtl.num_pairs=2", "evaluation.mrtl.num_points=2", "evaluation.mrtl.ddim_steps=2",
     "evaluation.jacobian.num_samples=2", "evaluation.ls.num_samples=32", "evaluation.ls.keep=16", "evaluation.ls.ddim_steps=2",
 )
-# The paper's datasets: one worker of one CPU, two steps of two images, a few samples at one DDIM step, at the
-# hub model's own resolution (256 px for CelebA-HQ and LSUN).
+# The paper's datasets: one worker of one CPU, one step of two images (checkpointed, with its cheap FID), a few
+# samples at one DDIM step, at the hub model's own resolution (256 px for CelebA-HQ and LSUN). Choosing between
+# checkpoints by the cheap FID is the shapes runs' (two steps) and tests/test_checkpoint_selection.py's.
 PHOTOS = (
-    "train.max_steps=2", "train.global_batch_size=2", "train.checkpoint_every=2", "train.report_every=1",
+    "train.max_steps=1", "train.global_batch_size=2", "train.checkpoint_every=1", "train.report_every=1",
     "resources.workers_per_trial=1", "resources.use_gpu=false", "resources.cpus_per_worker=1", "resources.gpus_per_worker=0",
     "search.max_concurrent_trials=2",
     "evaluation.batch_size=8", "evaluation.fid.num_samples=8", "evaluation.fid.ddim_steps=1",
