@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from isosweep.evaluation.metrics.fid import low_rank_trace_sqrt, symmetric_sqrt
+from isosweep.evaluation.metrics.fid import fid_of_counts
 from isosweep.evaluation.metrics.ppl import filtered_mean
 
 __all__ = [
@@ -161,49 +161,6 @@ def vor_interval(name: str, svals: np.ndarray, norm: str, *, resamples: int, lev
         return {}
     lo, hi = bootstrap_interval(len(s), vor_of_counts(s, norm), resamples=resamples, level=level, seed=seed, name=name)
     return {f"{name}_lo": lo, f"{name}_hi": hi}
-
-
-def fid_of_counts(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> Statistic:
-    """`fid.frechet_distance` of each resample of the generated features (N, d) against fixed reference statistics.
-
-    S_b is the unbiased weighted covariance of the resample (np.cov of the drawn rows), so all-ones counts give the
-    FID itself. With N <= d, S_b = B^T B for B = diag(sqrt(c / (n - 1))) (x - mu_b), and Tr (S_b R)^{1/2} is
-    `fid.low_rank_trace_sqrt` of B R B^T, which is the N x N matrix x R x^T = G (computed once) centred on mu_b:
-    a resample costs an N x N eigendecomposition. With N > d, A = ref_sigma^{1/2} (symmetric, computed once:
-    `fid.symmetric_sqrt`) and Tr (S_b R)^{1/2} = Tr (A S_b A)^{1/2}: one d x d symmetric eigendecomposition.
-    """
-    x = np.asarray(feats, np.float64)
-    x = x - x.mean(axis=0)  # every statistic below is invariant to a shift of x; centring keeps G's entries small
-    mu_r, sigma_r = np.asarray(ref_mu, np.float64) - np.asarray(feats, np.float64).mean(axis=0), np.asarray(ref_sigma, np.float64)
-    tr_r = float(np.trace(sigma_r))
-    low_rank = len(x) <= x.shape[1]
-    if low_rank:
-        gram = x @ sigma_r @ x.T  # (N, N)
-        norms = (x * x).sum(axis=1)
-    else:
-        root = symmetric_sqrt(sigma_r)
-
-    def stat(counts: np.ndarray) -> np.ndarray:
-        out = np.empty(len(counts))
-        for i, c in enumerate(counts.astype(np.float64)):
-            n = c.sum()
-            mu = c @ x / n
-            diff = mu - mu_r
-            if low_rank:
-                u = gram @ c / n  # x R mu
-                centred = gram - u[:, None] - u[None, :] + c @ u / n  # (x - mu) R (x - mu)^T
-                w = np.sqrt(c / (n - 1.0))
-                tr_s = float((c @ norms - n * (mu @ mu)) / (n - 1.0))
-                tr_sqrt = low_rank_trace_sqrt(w[:, None] * centred * w[None, :])
-            else:
-                centred = x - mu
-                cov = (centred * c[:, None]).T @ centred / (n - 1.0)
-                tr_s = float(np.trace(cov))
-                tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh(root @ cov @ root), 0.0, None)).sum())
-            out[i] = diff @ diff + tr_s + tr_r - 2.0 * tr_sqrt
-        return out
-
-    return stat
 
 
 def fid_interval(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, *, resamples: int, level: float,

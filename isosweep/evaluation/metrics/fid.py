@@ -29,6 +29,7 @@ __all__ = [
     "generated_features",
     "fid_from_features",
     "low_rank_trace_sqrt",
+    "fid_of_counts",
     "reference_statistics",
     "fid_score",
 ]
@@ -75,25 +76,16 @@ def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fid_from_features(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
-    """FID of generated features (N, d) against reference statistics.
-
-    With fewer samples than dimensions (a cheap checkpoint FID of 2,000 Inception features of 2,048 dimensions,
-    or any small evaluation) the trace term goes through the N x N Gram matrix (`low_rank_trace_sqrt`): the same
-    number, without a d x d eigendecomposition."""
+    """FID of generated features (N, d) against reference statistics: `fid_of_counts` with every row once, so with
+    fewer samples than dimensions (a cheap checkpoint FID of 2,000 Inception features of 2,048 dimensions) the trace
+    term goes through an N x N matrix, without a d x d eigendecomposition."""
     feats = np.asarray(feats, np.float64)
-    if feats.ndim == 2 and 1 < len(feats) <= feats.shape[1]:
-        ref_mu, ref_sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
-        if ref_mu.shape != (feats.shape[1],) or ref_sigma.shape != (feats.shape[1],) * 2:
-            raise ValueError(f"shape mismatch: features {feats.shape}, reference mu {ref_mu.shape}, sigma {ref_sigma.shape}")
-        if not all(np.isfinite(a).all() for a in (feats, ref_mu, ref_sigma)):
-            raise ValueError("Frechet distance: non-finite mean or covariance (a feature was NaN or infinite)")
-        mu = feats.mean(axis=0)
-        factor = (feats - mu) / np.sqrt(len(feats) - 1.0)  # sigma = factor.T @ factor, as np.cov
-        diff = mu - ref_mu
-        return float(diff @ diff + np.trace(ref_sigma) + (factor * factor).sum()
-                     - 2.0 * low_rank_trace_sqrt(factor @ ref_sigma @ factor.T))
-    mu, sigma = feature_statistics(feats)
-    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    ref_mu, ref_sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
+    if feats.ndim != 2 or len(feats) < 2 or ref_mu.shape != (feats.shape[1],) or ref_sigma.shape != (feats.shape[1],) * 2:
+        raise ValueError(f"shape mismatch: features {feats.shape}, reference mu {ref_mu.shape}, sigma {ref_sigma.shape}")
+    if not all(np.isfinite(a).all() for a in (feats, ref_mu, ref_sigma)):
+        raise ValueError("Frechet distance: non-finite mean or covariance (a feature was NaN or infinite)")
+    return float(fid_of_counts(feats, ref_mu, ref_sigma)(np.ones((1, len(feats)), np.int64))[0])
 
 
 def low_rank_trace_sqrt(gram: np.ndarray) -> float:
@@ -104,6 +96,49 @@ def low_rank_trace_sqrt(gram: np.ndarray) -> float:
     square roots, found by one N x N symmetric eigendecomposition instead of two d x d ones."""
     sym = (gram + gram.T) / 2.0
     return float(np.sqrt(np.clip(np.linalg.eigvalsh(sym), 0.0, None)).sum())
+
+
+def fid_of_counts(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """`frechet_distance` of each resample of the generated features (N, d) against fixed reference statistics.
+
+    S_b is the unbiased weighted covariance of the resample (np.cov of the drawn rows), so all-ones counts give the
+    FID itself. With N <= d, S_b = B^T B for B = diag(sqrt(c / (n - 1))) (x - mu_b), and Tr (S_b R)^{1/2} is
+    `low_rank_trace_sqrt` of B R B^T, which is the N x N matrix x R x^T = G (computed once) centred on mu_b:
+    a resample costs an N x N eigendecomposition. With N > d, A = ref_sigma^{1/2} (symmetric, computed once:
+    `symmetric_sqrt`) and Tr (S_b R)^{1/2} = Tr (A S_b A)^{1/2}: one d x d symmetric eigendecomposition.
+    """
+    x = np.asarray(feats, np.float64)
+    x = x - x.mean(axis=0)  # every statistic below is invariant to a shift of x; centring keeps G's entries small
+    mu_r, sigma_r = np.asarray(ref_mu, np.float64) - np.asarray(feats, np.float64).mean(axis=0), np.asarray(ref_sigma, np.float64)
+    tr_r = float(np.trace(sigma_r))
+    low_rank = len(x) <= x.shape[1]
+    if low_rank:
+        gram = x @ sigma_r @ x.T  # (N, N)
+        norms = (x * x).sum(axis=1)
+    else:
+        root = symmetric_sqrt(sigma_r)
+
+    def stat(counts: np.ndarray) -> np.ndarray:
+        out = np.empty(len(counts))
+        for i, c in enumerate(counts.astype(np.float64)):
+            n = c.sum()
+            mu = c @ x / n
+            diff = mu - mu_r
+            if low_rank:
+                u = gram @ c / n  # x R mu
+                centred = gram - u[:, None] - u[None, :] + c @ u / n  # (x - mu) R (x - mu)^T
+                w = np.sqrt(c / (n - 1.0))
+                tr_s = float((c @ norms - n * (mu @ mu)) / (n - 1.0))
+                tr_sqrt = low_rank_trace_sqrt(w[:, None] * centred * w[None, :])
+            else:
+                centred = x - mu
+                cov = (centred * c[:, None]).T @ centred / (n - 1.0)
+                tr_s = float(np.trace(cov))
+                tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh(root @ cov @ root), 0.0, None)).sum())
+            out[i] = diff @ diff + tr_s + tr_r - 2.0 * tr_sqrt
+        return out
+
+    return stat
 
 
 @torch.inference_mode()
