@@ -4,7 +4,7 @@
     python bench/jacobian.py --size 32 --batch 1 --methods vjp batched --device cuda
 
 The encoder is the built-in shapes UNet (isosweep.models.builtin_unet_config) up to its mid block, at
-t = 999, h average-pooled with kernel 2 (MATH.md section 5). The loop is the reference the paper's
+t = 999, h average-pooled with kernel 2 (docs/math.md section 5). The loop is the reference the paper's
 appendix timed; each batched method builds all B Jacobians at once.
 """
 

@@ -2,7 +2,7 @@
 
     python bench/ppl_tails.py search_spaces/shapes_study.yaml BASE_DIR TRIAL_CKPT_DIR ... [--labels a b ...]
 
-PPL (MATH.md section 5) is the mean of d(G(slerp(t)), G(slerp(t + eps))) / eps^2 over pairs, after dropping
+PPL (docs/math.md section 5) is the mean of d(G(slerp(t)), G(slerp(t + eps))) / eps^2 over pairs, after dropping
 the values outside the 1st-99th percentiles. A generator that is flat almost everywhere and jumps in a few
 places (for example between a blank image and a shape) can have a low filtered PPL: the jumps fall in the
 dropped top 1%. This prints, for each model directory (a diffusers pipeline directory or a trial checkpoint),
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=None, help="override evaluation.ppl.num_samples")
     args = p.parse_args()
 
-    from isosweep.config import BaseModelSpec, load_spec
+    from isosweep.spec import BaseModelSpec, load_spec
     from isosweep.core.sampling import DDIMSampler
     from isosweep.evaluation.features import resolver as bb
     from isosweep.evaluation.metrics.ppl import filtered_mean, ppl_distances

@@ -2,7 +2,7 @@
 
     python bench/radius_spread.py search_spaces/shapes_study.yaml [--batch 16] [--batches 200]
 
-MATH.md section 3: G = identity multiplies each sample's Tr(R) by g = (r - x[n-1])^2 and Tr(R^2) by g^2, with
+docs/math.md section 3: G = identity multiplies each sample's Tr(R) by g = (r - x[n-1])^2 and Tr(R^2) by g^2, with
 r = |x_t|. L_iso is a ratio that ignores a factor common to the samples it averages, so identity and
 stereographic differ only as much as g varies across those samples. Which samples those are depends on
 `train.iso_timesteps`: per_timestep averages one micro-batch at one t (g varies with the image only), pooled at
@@ -30,7 +30,7 @@ def main() -> None:
 
     from diffusers import DDPMScheduler
 
-    from isosweep.config import load_spec
+    from isosweep.spec import load_spec
     from isosweep.core.losses import add_noise, iso_cutoff
     from isosweep.data.datasets import build_dataset
 

@@ -158,7 +158,7 @@ def screen_metric(spec, sweep: Path, row: dict, sizes: dict, metric: str, cache:
             return out
     import torch
 
-    from isosweep.config import SweepSpec
+    from isosweep.spec import SweepSpec
     from isosweep.evaluation.suite import trial_evaluator
     from isosweep.models.loading import load_local
     from isosweep.training.checkpoint import verify_checkpoint

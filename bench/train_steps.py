@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from iso_step import build_unet, print_iso_every_table
 
-from isosweep.config import spec_from_dict
+from isosweep.spec import spec_from_dict
 from isosweep.models.builtin import default_scheduler
 from isosweep.training.loop import train_loop
 from isosweep.training.reporting import LocalReporter

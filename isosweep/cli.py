@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-from isosweep.config import SpecError
+from isosweep.constants import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_SPEC_ERROR, OVERRIDES_ENV
+from isosweep.spec import SpecError
 
 
 def _add_spec(p: argparse.ArgumentParser) -> None:
@@ -139,12 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --set items from the environment: a JSON list of "KEY=VALUE" strings, appended after the command line's
-# --set. `isosweep submit` puts its --set items here so that their values stay out of the job's entrypoint
-# (sweep/jobs.py writes the same name as jobs.OVERRIDES_ENV; a test checks that they agree).
-OVERRIDES_ENV = "ISOSWEEP_OVERRIDES"
-
-
 def _env_overrides() -> list[str]:
     """The items of OVERRIDES_ENV; [] when it is unset; a SpecError when it is not a JSON list of strings."""
     raw = os.environ.get(OVERRIDES_ENV)
@@ -170,15 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         from isosweep.redact import scrub_text  # stdlib only: keeps `isosweep --help` fast
 
         print(f"error: {scrub_text(str(exc))}", file=sys.stderr)
-        return 2
+        return EXIT_SPEC_ERROR
     except KeyboardInterrupt:
         print("interrupted; `isosweep resume SWEEP_URI` (printed above) continues from the last checkpoints", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a cause deep in MLflow/requests may quote a URI with its credentials
         from isosweep.redact import format_exception_scrubbed  # stdlib only
 
         print(format_exception_scrubbed(exc), end="", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 # verb -> (module in isosweep.commands, function)

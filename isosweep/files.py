@@ -1,4 +1,5 @@
-"""Atomic writes: the one way isosweep puts a file or a folder where a concurrent reader may look.
+"""Files: atomic writes, the one way isosweep puts a file or a folder where a concurrent reader may look, and the one
+definition of which files make an image folder (read by the spec's path check and by the datasets).
 
 Caches (the built-in base model, feature networks, reference statistics) and sweep records are read
 by other trials and other processes while they are being written. Everything is written beside its
@@ -15,6 +16,14 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+# The files an image_folder dataset is made of: every file under dataset.path with one of these suffixes.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Every file under `root` (recursively, unsorted) whose suffix is one of IMAGE_SUFFIXES: an image_folder's images."""
+    return (p for p in Path(root).expanduser().rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from isosweep.config import SpecError, load_spec, spec_from_dict
+from isosweep.spec import SpecError, load_spec, spec_from_dict
 from isosweep.training.checkpoint import load_train_state, verify_checkpoint
 from isosweep.training.loop import train_loop
 from isosweep.training.reporting import LocalReporter
@@ -215,7 +215,7 @@ def test_the_spec_field(tiny_model_dir):
 def test_the_scorer_is_the_final_fid_on_fewer_samples(tmp_path, monkeypatch):
     """`checkpoint_fid_scorer`: FID with checkpoint_fid's samples and DDIM steps, the same feature network, reference
     statistics and latents as the final FID (so at the same settings it equals it), and its backbone's name."""
-    from isosweep.config import DatasetSpec
+    from isosweep.spec import DatasetSpec
     from isosweep.evaluation import suite
     from isosweep.evaluation.features import resolver as bb
     from isosweep.evaluation.features.resolver import FeatureNetworks

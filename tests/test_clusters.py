@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from isosweep.cli import build_parser
-from isosweep.config import load_spec
+from isosweep.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTERS = REPO / "clusters"

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from isosweep.cli import main
-from isosweep.config import SpecError, apply_overrides, load_spec
+from isosweep.spec import SpecError, apply_overrides, load_spec
 from isosweep.sweep.resources import check_cluster_fits, max_concurrent
 from isosweep.sweep.search import planned_trials
 
@@ -236,7 +236,7 @@ def test_iso_timesteps_defaults_to_the_paper_and_names_the_field(tmp_path):
 def test_a_sweep_saved_before_iso_timesteps_resumes_pooled():
     """A spec saved before train.iso_timesteps existed ran pooled: resuming it keeps pooled, and a given spec
     that now defaults to per_timestep is a result-changing difference, refused with both values."""
-    from isosweep.spec_changes import spec_for_resume
+    from isosweep.spec.changes import spec_for_resume
 
     saved = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False).to_dict()
     del saved["train"]["iso_timesteps"]
@@ -306,7 +306,7 @@ def test_old_metric_key_names_its_new_name(tmp_path, section, capsys):
 
 def test_trials_of_a_sweep_started_before_the_rename_keep_their_metric():
     """A stored Tune config or results row still saying `metric` is read as `iso_metric`, never the default."""
-    from isosweep.config import resolve_trial_spec, trial_params_of
+    from isosweep.spec import resolve_trial_spec, trial_params_of
     from isosweep.results.rows import make_row
 
     old = {"lambda_iso": 1e-3, "p": 0.5, "metric": "identity", "baseline": False}
@@ -423,7 +423,7 @@ def _fake_hub_cache(root: Path, repo_id: str, files: list[str]) -> Path:
 
 
 def _spec_with_base(source, subfolder=None):
-    from isosweep.config import spec_from_dict
+    from isosweep.spec import spec_from_dict
 
     return spec_from_dict({**demo_data(), "base_model": {"source": source, "subfolder": subfolder}}, check_paths=False)
 
@@ -516,7 +516,7 @@ def test_validate_deep_names_unreadable_images(tmp_path, monkeypatch, capsys, st
 def test_jacobian_timesteps_and_the_older_single_timestep(tmp_path):
     """evaluation.jacobian.timesteps is a list (default 999, 500, 100); a spec with the older `timestep: t` (one t)
     still loads, as timesteps [t]; both at once, or a repeated t, are refused naming the field."""
-    from isosweep.config import JacobianSpec, spec_from_dict
+    from isosweep.spec import JacobianSpec, spec_from_dict
 
     assert JacobianSpec().timesteps == [999, 500, 100] and JacobianSpec().vor_norm == "global_mean"
     data = demo_data()
@@ -533,7 +533,7 @@ def test_jacobian_timesteps_and_the_older_single_timestep(tmp_path):
 def test_a_sweep_saved_before_the_intervals_resumes_without_them():
     """A spec saved before evaluation.bootstrap existed had no intervals: resuming it keeps them off, so one sweep's
     rows all compare by value (results/selection.py)."""
-    from isosweep.spec_changes import spec_for_resume
+    from isosweep.spec.changes import spec_for_resume
 
     saved = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False).to_dict()
     del saved["evaluation"]["bootstrap"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep.config import DatasetSpec
+from isosweep.spec import DatasetSpec
 from isosweep.data.datasets import POSITIONS, ImageFolderDataset, ShapesDataset, ShardedLoader, ShardSampler, build_dataset, render_shape
 
 

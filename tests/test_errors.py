@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from isosweep.config import SpecError
+from isosweep.spec import SpecError
 from isosweep.data.imagefiles import ImageFileError
 from isosweep.errors import deterministic_cause
 from isosweep.training.checkpoint import CorruptCheckpointError

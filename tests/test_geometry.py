@@ -1,4 +1,4 @@
-"""The chart, its metric and the isometry loss against explicit Jacobians (MATH.md sections 2-3).
+"""The chart, its metric and the isometry loss against explicit Jacobians (docs/math.md sections 2-3).
 
 Known answers come from building f = e o Pi^{-1} in the stereographic chart and differentiating it
 with torch.autograd.functional.jacobian, independently of the chart-free code under test.

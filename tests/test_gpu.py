@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
-from isosweep.config import DatasetSpec, EvaluationSpec, spec_from_dict
+from isosweep.spec import DatasetSpec, EvaluationSpec, spec_from_dict
 from isosweep.models.builtin import default_scheduler
 from isosweep.training.checkpoint import load_train_state
 from isosweep.training.loop import train_loop

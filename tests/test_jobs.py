@@ -24,7 +24,8 @@ from ray_cluster import free_port
 from isosweep import cli
 from isosweep.cli import build_parser
 from isosweep.commands import submit
-from isosweep.config import SpecError, load_spec
+from isosweep.constants import OVERRIDES_ENV
+from isosweep.spec import SpecError, load_spec
 from isosweep.sweep import jobs
 
 # Ray 2.60's own log-tailing client (job/sdk.py) passes ssl=None to aiohttp, which deprecates it.
@@ -53,7 +54,7 @@ def tmp_spec(tmp_path: Path) -> Path:
 def no_address_env(monkeypatch):
     for var in jobs.ADDRESS_ENV:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.delenv(jobs.OVERRIDES_ENV, raising=False)
+    monkeypatch.delenv(OVERRIDES_ENV, raising=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,9 +78,8 @@ def test_entrypoint_is_a_real_isosweep_command_that_joins_the_cluster_and_carrie
 def test_set_items_travel_in_the_environment_and_cli_main_applies_them(monkeypatch, capsys):
     """submit's --set goes into ISOSWEEP_OVERRIDES (quoting and '=' intact), and `isosweep validate` on the
     cluster side applies it after its own --set, so the environment's item wins for the same key."""
-    assert jobs.OVERRIDES_ENV == cli.OVERRIDES_ENV  # the writer and the reader name the same variable
     env = jobs.job_runtime_env({}, {}, ["search.num_trials=7", "tracking.experiment=a b=c"])
-    monkeypatch.setenv(cli.OVERRIDES_ENV, env["env_vars"][jobs.OVERRIDES_ENV])
+    monkeypatch.setenv(OVERRIDES_ENV, env["env_vars"][OVERRIDES_ENV])
     code = cli.main(["validate", str(DEMO), "--no-path-checks", "--set", "search.num_trials=3", "--set", "search.seed=11"])
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out)
@@ -89,7 +89,7 @@ def test_set_items_travel_in_the_environment_and_cli_main_applies_them(monkeypat
     assert resolved["tracking"]["experiment"] == "a b=c"
     assert jobs.job_runtime_env({}, {}, []) == {}  # nothing to carry: no env_vars at all
 
-    monkeypatch.setenv(cli.OVERRIDES_ENV, "search.num_trials=7")  # not JSON: refused, naming the variable
+    monkeypatch.setenv(OVERRIDES_ENV, "search.num_trials=7")  # not JSON: refused, naming the variable
     assert cli.main(["validate", str(DEMO), "--no-path-checks"]) == 2
     assert "ISOSWEEP_OVERRIDES must be a JSON list" in capsys.readouterr().err
 
@@ -143,7 +143,7 @@ def test_runtime_env_file_is_merged_and_env_wins(tmp_path, tmp_spec):
     }))
     user = jobs.job_runtime_env(jobs.load_runtime_env(file), {"LEVEL": "from-env"}, ["search.num_trials=2"])
     assert user["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "LEVEL": "from-env",
-                                jobs.OVERRIDES_ENV: json.dumps(["search.num_trials=2"])}
+                                OVERRIDES_ENV: json.dumps(["search.num_trials=2"])}
     pkg = jobs.build_package(tmp_spec, user)
     try:
         env = pkg.runtime_env
@@ -321,7 +321,7 @@ def test_joining_by_address_warns_where_an_embedded_run_fails(monkeypatch, capsy
 # joined to a cluster stays joined): isosweep's own Ray start, as `isosweep run --address ADDRESS` does it.
 JOIN_BY_ADDRESS = """
 import json, ray
-from isosweep.config import load_spec
+from isosweep.spec import load_spec
 from isosweep.sweep.driver import _start_ray
 from isosweep.sweep.resources import max_concurrent
 
@@ -419,7 +419,7 @@ def test_submitted_job_gets_env_and_overrides_from_its_runtime_env_not_its_entry
     assert info.entrypoint == f"python -m isosweep.cli validate {tmp_spec.name}"  # nothing else: no values
     env_vars = info.runtime_env["env_vars"]
     assert env_vars["SOME_SECRET"] == secret and env_vars["ISOSWEEP_TEST_FROM_SHELL"] == "shell-value"
-    assert json.loads(env_vars[jobs.OVERRIDES_ENV]) == [f"tracking.experiment={experiment}"]
+    assert json.loads(env_vars[OVERRIDES_ENV]) == [f"tracking.experiment={experiment}"]
     assert str(info.status.value) == "SUCCEEDED"
     assert f"experiment: {experiment}" in client.get_job_logs(job_id)  # `isosweep validate` applied it on the cluster
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep.config import DatasetSpec, EvaluationSpec
+from isosweep.spec import DatasetSpec, EvaluationSpec
 from isosweep.data import attributes as label_files
 from isosweep.evaluation.features import attributes as at
 from isosweep.evaluation.features import common

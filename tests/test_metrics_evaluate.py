@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep.config import DatasetSpec, EvaluationSpec
+from isosweep.spec import DatasetSpec, EvaluationSpec
 from isosweep.evaluation.features import common, domain, standard
 from isosweep.evaluation.features import resolver as bb
 from isosweep.evaluation.record import EvalResult, format_row

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep.config import RESULT_METRICS, EvaluationSpec, LsSpec
+from isosweep.spec import RESULT_METRICS, EvaluationSpec, LsSpec
 from isosweep.core.names import LS_SPACES
 from isosweep.evaluation.metrics.separability import classify_samples, heldout_split, linear_separability, ls_max, ls_name, ls_scores
 
@@ -175,7 +175,7 @@ def test_linear_svm_in_the_span_of_the_fit_samples_is_scikit_learns():
 
 
 def test_ls_names_are_result_metrics():
-    """Every value ls_scores can return is a results column (config.RESULT_METRICS), x_T keeps the old names."""
+    """Every value ls_scores can return is a results column (spec.RESULT_METRICS), x_T keeps the old names."""
     kernels = typing.get_args(typing.get_args(LsSpec.model_fields["kernels"].annotation)[0])
     names = {ls_name(sp, k) for sp, k in itertools.product(LS_SPACES, kernels)}
     assert names == {"ls", "ls_rbf", "ls_h", "ls_h_rbf"} and names <= set(RESULT_METRICS)

@@ -13,7 +13,7 @@ from test_metrics_evaluate import FAST_DOMAIN, tiny_eval_spec, tiny_unet
 def _worker(rank: int, world: int, tmp: str) -> None:
     from diffusers import DDPMScheduler
 
-    from isosweep.config import DatasetSpec
+    from isosweep.spec import DatasetSpec
     from isosweep.evaluation.features import domain
     from isosweep.evaluation.suite import evaluate_model
 
@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     from diffusers import DDPMScheduler
 
-    from isosweep.config import DatasetSpec
+    from isosweep.spec import DatasetSpec
     from isosweep.evaluation.features import domain
     from isosweep.evaluation.suite import evaluate_model
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from isosweep.config import load_spec
+from isosweep.spec import load_spec
 from isosweep.sweep.resources import autoscaler_max_resources, concurrency_from, max_concurrent, trial_concurrency
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +164,7 @@ def _node_loss_driver(address: str, spec: dict, storage: str, run: str, out: str
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from isosweep.config import spec_from_dict
+    from isosweep.spec import spec_from_dict
     from isosweep.sweep.trainer import build_trainer
 
     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
@@ -204,7 +204,7 @@ def test_a_trial_whose_worker_node_dies_resumes_from_its_checkpoint_on_another_n
     import torch
     from ray_cluster import kill_worker_node, start_local_cluster, stop_local_cluster
 
-    from isosweep.config import spec_from_dict
+    from isosweep.spec import spec_from_dict
 
     # the GCS declares a silent node dead after health_check_failure_threshold missed checks of
     # health_check_period_ms each (defaults: 5 x 3 s); 3 x 1 s keeps the test short

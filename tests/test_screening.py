@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from isosweep.config import SpecError, SweepSpec, load_spec
+from isosweep.spec import SpecError, SweepSpec, load_spec
 from isosweep.evaluation.metrics.confidence import fid_interval, fid_of_counts
 from isosweep.evaluation.metrics.fid import feature_statistics, fid_from_features, frechet_distance
 from isosweep.results.rows import make_row, summarize
@@ -154,7 +154,7 @@ def test_sequential_pairs_stops_after_the_first_round_that_is_enough_and_keeps_p
 def test_a_sequential_ppl_that_stops_early_is_the_ppl_of_its_first_pairs(tmp_path, fast_domain):
     from test_metrics_evaluate import tiny_eval_spec, tiny_unet
 
-    from isosweep.config import DatasetSpec
+    from isosweep.spec import DatasetSpec
     from isosweep.evaluation.suite import evaluate_model
     from isosweep.models.builtin import default_scheduler
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from isosweep.config import BASELINE_PARAMS, load_spec
+from isosweep.spec import BASELINE_PARAMS, load_spec
 from isosweep.sweep.search import build_search
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
@@ -138,7 +138,7 @@ def test_a_trial_without_its_evaluation_fails_instead_of_counting_as_done(tmp_pa
 
 def test_objectives_must_be_measured():
     """A spec whose selection objectives are not evaluated is refused at load time, before any trial trains."""
-    from isosweep.config import SpecError
+    from isosweep.spec import SpecError
 
     with pytest.raises(SpecError, match=r"selection.objectives \['ppl'\] are not in evaluation.metrics"):
         load_spec(DEMO, ["evaluation.metrics=[fid, mrtl]"], check_paths=False)
@@ -146,7 +146,7 @@ def test_objectives_must_be_measured():
 
 def test_resume_from_an_unreadable_state_file_is_refused(tmp_path):
     """A truncated state file must stop `resume` with the file's name, not silently start a fresh sweep."""
-    from isosweep.config import SpecError
+    from isosweep.spec import SpecError
     from isosweep.results.layout import STATE_FILE
     from isosweep.sweep.driver import _place
 
@@ -170,7 +170,7 @@ POINTS = ("search.points=[{lambda_iso: 1.0e-3, p: 0.5, iso_metric: stereographic
 def test_points_run_exactly_the_listed_trials_after_the_baseline_with_their_own_seed_and_timesteps(tmp_path):
     from ray.tune.experiment import Experiment
 
-    from isosweep.config import resolve_trial_spec, trial_params_of
+    from isosweep.spec import resolve_trial_spec, trial_params_of
     from isosweep.results.rows import make_row
     from isosweep.results.tables import markdown_table
     from isosweep.sweep.search import planned_trials
@@ -205,7 +205,7 @@ def test_points_run_exactly_the_listed_trials_after_the_baseline_with_their_own_
      "iso_timesteps"),
 ])
 def test_bad_points_are_refused_with_the_field(overrides, message):
-    from isosweep.spec_base import SpecError
+    from isosweep.spec.fields import SpecError
 
     with pytest.raises(SpecError) as err:
         load_spec(DEMO, overrides)

@@ -19,7 +19,7 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
 from isosweep import storage as st
-from isosweep.config import BaseModelSpec, spec_from_dict
+from isosweep.spec import BaseModelSpec, spec_from_dict
 from isosweep.files import write_bytes_atomic
 from isosweep.models.builtin import default_scheduler
 from isosweep.models.loading import load_unet_and_scheduler

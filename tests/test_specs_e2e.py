@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from isosweep.config import load_spec
+from isosweep.spec import load_spec
 from isosweep.sweep.search import planned_trials
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,7 +359,7 @@ def runs(request, tmp_path_factory, isosweep_cache_dir, hub_cache, standard_weig
 def expected_metrics(spec) -> list[str]:
     """Every value the spec's evaluation puts in a results row: its metrics, MCN and VoR at its further timesteps, LS
     per kernel and space (and ls_max), and the selected step's cheap FID where the checkpoint FID is on."""
-    from isosweep.config import timestep_metric
+    from isosweep.spec import timestep_metric
 
     ev = spec.evaluation
     names = list(ev.metrics)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
-from isosweep.config import BaseModelSpec, SpecError, spec_from_dict
+from isosweep.spec import BaseModelSpec, SpecError, spec_from_dict
 from isosweep.models.builtin import default_scheduler
 from isosweep.models.loading import load_unet_and_scheduler
 from test_sweep import DEMO, TINY, cache_env  # noqa: F401 -- cache_env: one cache per session (conftest.isosweep_cache_dir)

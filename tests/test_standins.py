@@ -24,7 +24,7 @@ from PIL import Image
 from support.hub import CELEBAHQ, CIFAR10, HUB_IDS, REAL_CELEBAHQ_PARAMS, REPOS, HubCache, build_hub_cache, unet_config
 from support.photos import ANNO_FILE, ATTRIBUTES
 
-from isosweep.config import load_spec
+from isosweep.spec import load_spec
 from isosweep.data.attributes import match_images, read_attributes
 from isosweep.data.datasets import ImageFolderDataset, build_dataset
 from isosweep.models.loading import load_unet_and_scheduler
@@ -114,7 +114,7 @@ def test_the_env_alone_points_a_process_at_the_cache(hub_cache):
     spec's hub id, and the stand-in of a repository that is not in the cache fails with the loader's hint."""
     script = (
         "import json, sys\n"
-        "from isosweep.config import BaseModelSpec, load_spec\n"
+        "from isosweep.spec import BaseModelSpec, load_spec\n"
         "from isosweep.models.loading import load_unet_and_scheduler\n"
         "out = {}\n"
         "for name in sys.argv[1:]:\n"

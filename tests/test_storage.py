@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from isosweep import storage as st
-from isosweep.config import SpecError, load_spec
+from isosweep.spec import SpecError, load_spec
 from isosweep.results import layout
-from isosweep.spec_changes import spec_changes, spec_for_resume
+from isosweep.spec.changes import spec_changes, spec_for_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "search_spaces" / "demo.yaml"

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
 import isosweep.core.losses as losses
-from isosweep.config import spec_from_dict
+from isosweep.spec import spec_from_dict
 from isosweep.models.loading import load_unet_and_scheduler
 from isosweep.training.checkpoint import load_train_state
 from isosweep.training.loop import NonFiniteLossError, train_loop
@@ -212,7 +212,7 @@ def test_evaluation_saved_with_final_checkpoint(tiny_model_dir, tmp_path):
 
 
 def test_load_local_pipeline_and_bare_unet(tiny_model_dir, tmp_path):
-    from isosweep.config import BaseModelSpec
+    from isosweep.spec import BaseModelSpec
 
     unet, sched = load_unet_and_scheduler(BaseModelSpec(source=str(tiny_model_dir)))
     assert sched.config.num_train_timesteps == 1000 and sched.config.beta_schedule == "linear"

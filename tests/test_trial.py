@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
-from isosweep.config import spec_from_dict
+from isosweep.spec import spec_from_dict
 from isosweep.models.builtin import default_scheduler
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from isosweep.config import DatasetSpec, EvaluationSpec
+from isosweep.spec import DatasetSpec, EvaluationSpec
 from isosweep.evaluation.features import common
 from isosweep.evaluation.features import resolver as bb
 
@@ -75,7 +75,7 @@ def test_a_file_is_hashed_once_per_path_size_and_mtime(tmp_path):
 
 
 def _outcome(tmp_path, fid_name: str, ppl_name: str):
-    from isosweep.config import load_spec
+    from isosweep.spec import load_spec
     from isosweep.results.rows import SweepOutcome, make_row, summarize
 
     spec = load_spec(str(ROOT / "search_spaces" / "demo.yaml"))

@@ -6,7 +6,8 @@ import argparse
 
 import torch
 
-from isosweep.config import BaseModelSpec, load_spec
+from isosweep.constants import EXIT_COMPLETED
+from isosweep.spec import BaseModelSpec, load_spec
 from isosweep.evaluation.record import format_row
 from isosweep.evaluation.suite import evaluate_model
 from isosweep.models.loading import load_unet_and_scheduler
@@ -22,4 +23,4 @@ def eval_command(args: argparse.Namespace) -> int:
     device = "cuda" if spec.resources.use_gpu and torch.cuda.is_available() else "cpu"
     result = evaluate_model(unet.to(device), scheduler, spec.evaluation, spec.dataset, metrics=args.metrics, device=device)
     print(format_row(result, label=args.model))
-    return 0
+    return EXIT_COMPLETED

@@ -20,7 +20,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from isosweep.config import apply_overrides, load_spec, spec_from_dict
+from isosweep.constants import EXIT_COMPLETED
+from isosweep.spec import apply_overrides, load_spec, spec_from_dict
 from isosweep.core.sampling import ddim_sample, sample_shape
 from isosweep.data.images import make_grid, make_strip, save_png, to_uint8
 from isosweep.evaluation.metrics.paths import lerp, slerp
@@ -39,7 +40,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
         spec = spec_from_dict(apply_overrides({"name": "pretrain"}, args.overrides), source="--set")
     if spec.base_model.source != BUILTIN_SHAPES:
         print(f"base_model.source is {spec.base_model.source!r}: nothing to pretrain (only builtin:shapes is trained here)")
-        return 0
+        return EXIT_COMPLETED
     target = builtin_model_dir(spec.base_model, spec.dataset)
     cached = (target / "model_index.json").is_file() and not args.force
     t0 = time.time()
@@ -56,7 +57,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
         grid = Image.fromarray(sample_grid(unet, scheduler, n=64, steps=50, seed=0))
         grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(args.out)  # 3x: visible at a glance
         print(f"wrote 64 DDIM samples (50 steps) to {args.out}")
-    return 0
+    return EXIT_COMPLETED
 
 
 def pull_command(args: argparse.Namespace) -> int:
@@ -82,7 +83,7 @@ def pull_command(args: argparse.Namespace) -> int:
     print(f"pulled {args.model_uri} -> {out}")
     print(f"diffusers pipeline: {pipe_dir}  (DDPMPipeline.from_pretrained loads it; UNet {n_params / 1e6:.2f}M params, "
           f"{'x'.join(map(str, sample_shape(unet)))} images)")
-    return 0
+    return EXIT_COMPLETED
 
 
 def _remove_partial(out: Path, created: bool) -> None:
@@ -118,7 +119,7 @@ def sample_command(args: argparse.Namespace) -> int:
         raise ValueError("--n and --steps must be at least 1")
     path = save_png(sample_grid_image(args.model, args.n, args.steps, args.seed, args.tracking_uri), args.out)
     print(f"wrote {path} ({args.n} samples, DDIM {args.steps} steps, seed {args.seed})")
-    return 0
+    return EXIT_COMPLETED
 
 
 def interpolation_frames(unet, scheduler, seeds: Sequence[int], frames: int, mode: str, steps: int) -> np.ndarray:
@@ -154,7 +155,7 @@ def interpolate_command(args: argparse.Namespace) -> int:
         {"mode": args.mode, "seeds": list(args.seeds), "steps": args.steps, "distance": "pixel_l2_rms", "values": dists.tolist()}
     ))
     print(f"wrote {out} ({args.frames} frames, {args.mode}) and {plot} (pixel L2 between adjacent frames)")
-    return 0
+    return EXIT_COMPLETED
 
 
 def _ddim(unet, scheduler, x_T: torch.Tensor, steps: int) -> np.ndarray:

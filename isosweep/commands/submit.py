@@ -6,7 +6,8 @@ import argparse
 import shlex
 import sys
 
-from isosweep.config import load_spec
+from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR, EXIT_INTERRUPTED, OVERRIDES_ENV
+from isosweep.spec import load_spec
 from isosweep.sweep import jobs
 from isosweep.tracking.redact import scrub_text
 
@@ -45,34 +46,34 @@ def submit_command(args: argparse.Namespace, command: str = "run") -> int:
         job_id = jobs.submit(client, entrypoint, package, spec)
     except jobs.JobSubmitError as exc:
         print(f"error: {scrub_text(str(exc))}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     # the resolved http:// URL; scrubbed, since an address may carry user:password@
     base = scrub_text(getattr(client, "_address", jobs.dashboard_address(address, address_source)))
     addr = shlex.quote(base)
     print(f"submitted job: {job_id}")
     print(f"entrypoint:    {scrub_text(entrypoint)}")
     # names only: values (credentials among them) stay in the job's runtime env
-    names = sorted(k for k in env_vars if k != jobs.OVERRIDES_ENV)
+    names = sorted(k for k in env_vars if k != OVERRIDES_ENV)
     if names:
         print(f"env:           {' '.join(names)} (values not shown)")
     if overrides:
         keys = [scrub_text(item.partition("=")[0]) for item in overrides]
-        print(f"--set:         {' '.join(keys)} (values not shown; they travel in {jobs.OVERRIDES_ENV})")
+        print(f"--set:         {' '.join(keys)} (values not shown; they travel in {OVERRIDES_ENV})")
     print(f"dashboard:     {base}/#/jobs/{job_id}")
     print(f"logs:          ray job logs {job_id} --address {addr} --follow")
     print(f"stop:          ray job stop {job_id} --address {addr}")
     if getattr(args, "no_wait", False):
-        return 0
+        return EXIT_COMPLETED
     try:
         status = jobs.follow(client, job_id)
     except KeyboardInterrupt:
         print(f"\nstopped following; the job keeps running. Stop it with: ray job stop {job_id} --address {addr}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     code = jobs.job_exit_code(client, job_id, status)
     print(f"job {job_id}: {status} (exit code {code})", file=sys.stderr)
     if status != "SUCCEEDED":
         message = client.get_job_info(job_id).message
         if message:
             print(f"ray: {scrub_text(message)}", file=sys.stderr)
-        return code or 1
-    return 0
+        return code or EXIT_ERROR
+    return EXIT_COMPLETED

@@ -8,15 +8,16 @@ import shlex
 from pathlib import Path
 
 from isosweep import storage as st
-from isosweep.config import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
+from isosweep.spec import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
 from isosweep.console import say
 from isosweep.commands.validate import preflight
 from isosweep.evaluation.features.common import unpublished_note
 from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
 from isosweep.results.rows import SweepOutcome
-from isosweep.results.states import COMPLETED, EXIT_COMPLETED, EXIT_NO_CHAMPION, FAILED, INTERRUPTED
+from isosweep.constants import EXIT_COMPLETED, EXIT_NO_CHAMPION
+from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED
 from isosweep.results.tables import backbones_of, change_plain, plain_table
-from isosweep.spec_changes import spec_for_resume
+from isosweep.spec.changes import spec_for_resume
 from isosweep.sweep.outcome import load_outcome
 from isosweep.tracking.redact import REDACTED, scrub_text
 
@@ -45,7 +46,7 @@ def resume_command(args: argparse.Namespace) -> int:
 
     TARGET is the sweep's folder or URI, a spec file (its newest unfinished sweep under --storage or the
     spec's storage), or a spec name or sweep id with --storage. --set and a spec file may change only
-    fields that do not change results, and only with --allow-changes (`spec_changes`).
+    fields that do not change results, and only with --allow-changes (`spec.changes`).
     """
     sweep, given = _sweep_to_resume(args)
     state = read_state(sweep)
@@ -85,7 +86,7 @@ def results_command(args: argparse.Namespace) -> int:
     if outcome.champion:
         print(f"champion: {outcome.champion.row['trial_id']}: {outcome.champion.reason}")
     _print_changes(spec, outcome)
-    return 0
+    return EXIT_COMPLETED
 
 
 def promote_command(args: argparse.Namespace) -> int:
@@ -123,7 +124,7 @@ def promote_command(args: argparse.Namespace) -> int:
     version = versions.get(row["mlflow_run_id"])
     was = f" (was version {before})" if before else ""
     print(f"models:/{spec.registry_name}@champion -> version {version}, trial {args.trial} of {outcome.sweep_id}{was}")
-    return 0
+    return EXIT_COMPLETED
 
 
 def print_summary(spec: SweepSpec, outcome: SweepOutcome) -> None:

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from isosweep import storage as st
-from isosweep.config import SpecError, SweepSpec, load_spec, spec_from_dict
+from isosweep.constants import EXIT_COMPLETED
+from isosweep.spec import SpecError, SweepSpec, load_spec, spec_from_dict
 from isosweep.results.layout import find_sweeps, is_sweep, read_state, sweep_dirs
 from isosweep.tracking.client import resolve_tracking_uri
 from isosweep.tracking.redact import REDACTED, scrub_text
@@ -45,7 +46,7 @@ def sync_command(args: argparse.Namespace) -> int:
         synced += sum(1 for *_, u in done if u)
         print(f"{st.name_of(where)}: {len(done)} trial(s) checked against {scrub_text(uri)}")
     print(f"synced {synced} of {total} trial(s)")
-    return 0
+    return EXIT_COMPLETED
 
 
 def _sweeps(args: argparse.Namespace) -> list[tuple[str, SweepSpec, str | None]]:

@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from isosweep.config import load_spec
+from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR
+from isosweep.spec import load_spec
 from isosweep.console import say
 from isosweep.sweep.ray_env import init_ray
 from isosweep.sweep.trainer import build_trainer
@@ -29,8 +30,8 @@ def train_command(args: argparse.Namespace) -> int:
         raise result.error
     if result.checkpoint is None:
         print("error: the run finished without a checkpoint", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     m = result.metrics or {}
     say(f"done in {time.time() - t0:.0f} s: step {m.get('step')} loss={m.get('loss', float('nan')):.4g}")
     say(f"final checkpoint (DDPMPipeline directory): {result.checkpoint.path}")
-    return 0
+    return EXIT_COMPLETED

@@ -29,7 +29,8 @@ from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from isosweep.config import SpecError, SweepSpec, load_spec
+from isosweep.constants import EXIT_COMPLETED
+from isosweep.spec import SpecError, SweepSpec, load_spec
 from isosweep.data.imagefiles import ImageScan, scan_image_folder
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # what UNet2DModel.from_pretrained reads
@@ -55,7 +56,7 @@ def validate_command(args: argparse.Namespace) -> int:
             print("feature networks:\n" + "\n".join(f"  {line}" for line in backbone_lines(spec, args.spec)), file=sys.stderr)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
     print(f"ok: {args.spec} is a valid sweep spec", file=sys.stderr)
-    return 0
+    return EXIT_COMPLETED
 
 
 def preflight(spec: SweepSpec, source: str, *, tracking_uri: str | None = None, deep: bool = False,

@@ -1,4 +1,4 @@
-"""The stereographic chart of the noise sphere and the isometry loss (MATH.md sections 2-3).
+"""The stereographic chart of the noise sphere and the isometry loss (docs/math.md sections 2-3).
 
 A noisy sample x (any shape (B, ...), flattened to R^n) lies near the sphere of radius r = |x|.
 The encoder e maps x to the bottleneck h. The loss asks the pull-back of the metric on H through
@@ -9,8 +9,9 @@ isometry of the sphere's metric G(z) = g(z) I, with R = J^T J G^{-1}:
 
 R has rank at most k, so with m < n - 1 (the paper's UNets: m = 32,768, n - 1 = 196,607 at 256 px)
 R = c I is out of reach: the minimum 1/m is met when each R's m non-zero eigenvalues are equal, with
-one value for every x. (For "ambient", R acts on R^n and k = min(n, m); the built-in shapes model
-has m = 4,096 > n - 1 = 3,071, so there the bound is 1/(n - 1), met by R = c I.)
+one value for every x. The built-in shapes model has m = 4,096 > n - 1 = 3,071, so there the bound of the
+sphere's metrics is 1/(n - 1) = 1/3,071, met by R = c I; for "ambient", R acts on R^n and k = min(n, m), so its
+bound there is 1/n = 1/3,072.
 The paper's Eq. 6 takes both expectations at one timestep t; the caller decides that by the batch
 it passes (`losses.IsoDiffusionLoss`, `train.iso_timesteps`).
 

@@ -1,7 +1,7 @@
 """The semantic space H of a diffusers UNet2DModel: its bottleneck, and how to reach it cheaply.
 
 The encoder e_t(x) = h is everything `UNet2DModel.forward` runs before and including `mid_block`
-(time embedding, conv_in, down blocks, mid block; MATH.md section 1). `encode` runs only that;
+(time embedding, conv_in, down blocks, mid block; docs/math.md section 1). `encode` runs only that;
 `encode_with_skips` also returns what the up blocks need, so `decode` can finish the UNet from one
 shared encoder pass. Both replicate diffusers 0.42's `UNet2DModel.forward` step by step
 (center_input_sample, class conditioning, skip down/up blocks, the Fourier time scaling).

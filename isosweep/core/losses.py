@@ -1,7 +1,7 @@
-"""The training loss of Isometric Diffusion: L = L_dsm + lambda_iso(p, t) L_iso (MATH.md sections 3-4).
+"""The training loss of Isometric Diffusion: L = L_dsm + lambda_iso(p, t) L_iso (docs/math.md sections 3-4).
 
 - `dsm_loss`: the denoising MSE of DDPM in the model's own parameterisation (`denoising_target`):
-  epsilon (MATH.md's L_dsm, the paper's and google/ddpm-* models), or v / x0 ("sample") for models
+  epsilon (docs/math.md's L_dsm, the paper's and google/ddpm-* models), or v / x0 ("sample") for models
   whose scheduler config says so (the built-in shapes model predicts x0; docs/training.md says why).
   The isometry term acts on the encoder only and does not depend on the output parameterisation.
 - `sample_timesteps`: the per-batch split. With probability p a batch's timesteps come from [0, pT)

@@ -1,4 +1,4 @@
-"""Deterministic DDIM sampling (eta = 0) from a diffusers UNet2DModel, in batches (MATH.md section 5).
+"""Deterministic DDIM sampling (eta = 0) from a diffusers UNet2DModel, in batches (docs/math.md section 5).
 
 Sampling is the inner loop of every metric, so it is batched, runs under `torch.inference_mode`, and can
 capture the bottleneck h (the output of `unet.mid_block`) at every step for mRTL. Initial noise is drawn

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from isosweep.config import IMAGE_SUFFIXES
+from isosweep.files import IMAGE_SUFFIXES
 
 __all__ = ["AttributeFileError", "AttributeTable", "read_attributes", "match_images"]
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from isosweep.config import IMAGE_SUFFIXES
+from isosweep.files import IMAGE_SUFFIXES
 from isosweep.data.imagefiles import list_images, read_rgb
 
 # shapes: the factor values, as fractions of the image side where they are lengths

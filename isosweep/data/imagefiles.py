@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from isosweep.config import iter_image_files
+from isosweep.files import iter_image_files
 from isosweep.files import read_json, write_json_atomic
 
 BACKGROUND_RGB = (255, 255, 255)  # what transparent pixels are composited onto: opaque white
@@ -58,7 +58,7 @@ class ImageFileError(OSError):
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
-    """The image files of an image folder, sorted (the dataset's index order): `config.iter_image_files`."""
+    """The image files of an image folder, sorted (the dataset's index order): `files.iter_image_files`."""
     return sorted(iter_image_files(root))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from isosweep.config import RESULT_METRICS, base_metric, is_result_metric
+from isosweep.spec import RESULT_METRICS, base_metric, is_result_metric
 from isosweep.files import read_json, write_json_atomic
 
 EVAL_DIR = "eval"

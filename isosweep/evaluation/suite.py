@@ -1,4 +1,4 @@
-"""The evaluation suite of one model (MATH.md section 5), sharded over a trial's workers.
+"""The evaluation suite of one model (docs/math.md section 5), sharded over a trial's workers.
 
 `evaluate_model` computes FID, PPL, mRTL (and the RTL(t) curve), MCN, VoR and LS with the feature
 networks `features.resolver` resolves, plus a sample grid and slerp/lerp strips. With `world_size > 1`
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from isosweep.config import EVAL_METRICS, SweepSpec, base_metric, timestep_metric
+from isosweep.spec import EVAL_METRICS, SweepSpec, base_metric, timestep_metric
 from isosweep.core.losses import add_noise
 from isosweep.core.names import CHEAP_FID
 from isosweep.core.sampling import DDIMSampler, initial_noise
@@ -278,7 +278,7 @@ def _needed(share: str, wanted: list[str]) -> bool:
 
 
 def _jacobian_inputs(lo: int, hi: int, s: _Shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_0, eps) of Jacobian samples lo..hi-1, the same at every t (MATH.md section 1: x_t = add_noise(x_0,
+    """(x_0, eps) of Jacobian samples lo..hi-1, the same at every t (docs/math.md section 1: x_t = add_noise(x_0,
     eps, t)): x_0 = dataset image perm[i] (a permutation seeded by evaluation.seed), eps from initial_noise
     stream 6."""
     steps = len(s.scheduler.alphas_cumprod)

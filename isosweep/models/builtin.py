@@ -36,7 +36,7 @@ BUILTIN_PREDICTION_TYPE = "sample"
 
 
 def default_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon") -> DDPMScheduler:
-    """DDPM, linear betas 1e-4..0.02 (MATH.md section 1); epsilon prediction unless told otherwise."""
+    """DDPM, linear betas 1e-4..0.02 (docs/math.md section 1); epsilon prediction unless told otherwise."""
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
                          beta_start=1e-4, beta_end=0.02, prediction_type=prediction_type, clip_sample=True)
 

@@ -15,7 +15,7 @@ Sources (`base_model.source`):
 `weights_sha256` names the weights a model holds, so a trial can record exactly which base it started from.
 
 The scheduler comes from the model's own scheduler config when there is one, converted to
-`DDPMScheduler`; otherwise DDPM with linear betas and T = 1000 (MATH.md section 1).
+`DDPMScheduler`; otherwise DDPM with linear betas and T = 1000 (docs/math.md section 1).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from isosweep import storage as st
-from isosweep.config import SpecError, SweepSpec
+from isosweep.spec import SpecError, SweepSpec
 
 STATE_FILE = "isosweep_sweep.json"
 SPEC_FILE = "spec.yaml"

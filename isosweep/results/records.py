@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from isosweep import storage as st
-from isosweep.config import SweepSpec
+from isosweep.spec import SweepSpec
 from isosweep.results.layout import FULL_EVAL_FILE, SCREENED_VALUES
 
 

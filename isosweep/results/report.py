@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from isosweep import storage as st
-from isosweep.config import RESULT_METRICS, SweepSpec, is_result_metric
+from isosweep.spec import RESULT_METRICS, SweepSpec, is_result_metric
 from isosweep.evaluation.features.common import unpublished_note
 from isosweep.evaluation.record import metric_text, read_record, record_images, shown_metrics
 from isosweep.redact import scrub_text, scrub_tree

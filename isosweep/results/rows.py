@@ -1,7 +1,7 @@
 """A sweep's results as rows: one flat dict per trial, the outcome of a sweep, and its roles.
 
-A row holds the trial's parameters (`config.TRIAL_KEYS`, the `config.POINT_KEYS` its point set, and `baseline`), its status, every value of
-`config.RESULT_METRICS` (NaN when missing: interval bounds and PPL quantiles are missing from sweeps older
+A row holds the trial's parameters (`spec.TRIAL_KEYS`, the `spec.POINT_KEYS` its point set, and `baseline`), its status, every value of
+`spec.RESULT_METRICS` (NaN when missing: interval bounds and PPL quantiles are missing from sweeps older
 than them), MCN/VoR at further timesteps (`mcn_t100`, `vor_t100_lo`, ... when evaluated), `backbone_<metric>` names, `selected_step` and `selected_fid_cheap`
 (NaN unless evaluation.checkpoint_fid selected the step), the checkpoint path and the MLflow run id. Every table, plot, report and registry description is made from rows.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
 
-from isosweep.config import POINT_KEYS, RESULT_METRICS, SweepSpec, is_result_metric
+from isosweep.spec import POINT_KEYS, RESULT_METRICS, SweepSpec, is_result_metric
 from isosweep.core.names import SELECTED_FID, SELECTED_STEP
 from isosweep.results.selection import Choice, choose_champion, pareto_front
 

@@ -16,16 +16,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from isosweep.constants import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED
 from isosweep.results.selection import Choice
 
 RUNNING, INTERRUPTED, FAILED, COMPLETED = "RUNNING", "INTERRUPTED", "FAILED", "COMPLETED"
 
-# `isosweep run` / `resume` exit codes (README "Exit codes")
-EXIT_COMPLETED = 0  # completed and a champion chosen (promoted when the spec registers it)
-EXIT_NO_CHAMPION = 1  # completed, but no champion could be chosen or promoted (e.g. the baseline failed)
-EXIT_SPEC_ERROR = 2  # bad spec or arguments, refused before anything ran
-EXIT_FAILED = 3  # some trials errored: `isosweep resume` runs them again
-EXIT_INTERRUPTED = 130  # stopped before the end (Ctrl-C): `isosweep resume` continues
 
 
 @dataclass(frozen=True)

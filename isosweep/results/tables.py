@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from isosweep import storage as st
-from isosweep.config import INTERVAL_METRICS, POINT_KEYS, is_result_metric
+from isosweep.spec import INTERVAL_METRICS, POINT_KEYS, is_result_metric
 from isosweep.evaluation.features.common import unpublished_note
 from isosweep.evaluation.record import metric_text
 from isosweep.redact import scrub_text

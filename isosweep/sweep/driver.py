@@ -20,7 +20,7 @@ import yaml
 from ray import tune
 
 from isosweep import storage as st
-from isosweep.config import SpecError, SweepSpec
+from isosweep.spec import SpecError, SweepSpec
 from isosweep.console import say
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks

@@ -46,7 +46,8 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 import isosweep
-from isosweep.config import SpecError, SweepSpec
+from isosweep.constants import OVERRIDES_ENV  # where a job's --set items travel; `cli.main` reads them
+from isosweep.spec import SpecError, SweepSpec
 from isosweep.storage import is_remote, machine_local_reason
 from isosweep.tracking.redact import scrub_text
 
@@ -59,11 +60,6 @@ RUNTIME_ENV_EXCLUDES = [
 ]
 
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
-
-# Where the job's --set items travel: a JSON list of "KEY=VALUE" strings that `cli.main` appends to the
-# command line's --set. cli.py reads the same name (cli.OVERRIDES_ENV; it cannot import this Ray module
-# without slowing every command down), and tests/test_jobs.py checks that the two agree.
-OVERRIDES_ENV = "ISOSWEEP_OVERRIDES"
 
 # Where the address comes from when --address is not given, in `ray job submit`'s order.
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")

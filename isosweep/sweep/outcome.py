@@ -11,7 +11,7 @@ from pathlib import Path
 from ray.tune import ExperimentAnalysis
 
 from isosweep import storage as st
-from isosweep.config import SweepSpec
+from isosweep.spec import SweepSpec
 from isosweep.results.layout import read_state, train_storage
 from isosweep.results.records import apply_stored_records
 from isosweep.results.rows import SweepOutcome, make_row, summarize

@@ -26,7 +26,7 @@ from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from isosweep import storage as st
-from isosweep.config import SweepSpec
+from isosweep.spec import SweepSpec
 from isosweep.console import say
 from isosweep.evaluation.suite import trial_evaluator
 from isosweep.models.loading import load_local

@@ -10,7 +10,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from isosweep.config import SpecError, SweepSpec
+from isosweep.spec import SpecError, SweepSpec
 from isosweep.sweep.search import planned_trials
 
 # where `ray up` puts the cluster config on the head node (the autoscaler runs with it)

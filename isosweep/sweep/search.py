@@ -1,6 +1,6 @@
 """The search: Tune's search space and algorithm for the spec, with the baseline trial always first.
 
-The baseline (lambda_iso = 0, `config.BASELINE_PARAMS`) is injected in front of any searcher: as a
+The baseline (lambda_iso = 0, `spec.BASELINE_PARAMS`) is injected in front of any searcher: as a
 `points_to_evaluate` entry for random, grid and points (where `search.points` follow it), and by `BaselineFirst` for Optuna, so the searcher's
 model never sees it (its lambda_iso = 0 lies outside a log-uniform space and would corrupt TPE).
 
@@ -27,7 +27,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from isosweep.config import BASELINE_PARAMS, POINT_KEYS, TRIAL_KEYS, SweepSpec
+from isosweep.spec import BASELINE_PARAMS, POINT_KEYS, TRIAL_KEYS, SweepSpec
 
 JOURNAL_FILE = "optuna.journal"  # beside Tune's searcher state in <sweep>/: `optuna-dashboard <sweep>/optuna.journal`
 BASELINE_ATTR = "baseline"  # the study's user attribute with the baseline trial's id, parameters and objectives

@@ -29,7 +29,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from isosweep import storage as st
-from isosweep.config import SweepSpec, resolve_trial_spec
+from isosweep.spec import SweepSpec, resolve_trial_spec
 from isosweep.console import say
 from isosweep.evaluation.suite import checkpoint_fid_scorer, trial_evaluator
 from isosweep.models.loading import Fetch, is_model_uri

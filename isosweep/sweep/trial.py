@@ -16,7 +16,7 @@ from typing import Any
 from ray import tune
 
 from isosweep import storage as st
-from isosweep.config import SweepSpec, trial_params_of
+from isosweep.spec import SweepSpec, trial_params_of
 from isosweep.errors import deterministic_cause
 from isosweep.evaluation.record import EvalResult, read_record
 from isosweep.results.rows import make_row

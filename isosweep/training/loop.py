@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from diffusers import UNet2DModel
 
-from isosweep.config import SweepSpec, TrainSpec, resolve_trial_spec
+from isosweep.spec import SweepSpec, TrainSpec, resolve_trial_spec
 from isosweep.console import say
 from isosweep.core.ema import EMA
 from isosweep.core.losses import IsoDiffusionLoss
@@ -112,7 +112,7 @@ class Run:
 
 
 def build_optimizer(params, tr: TrainSpec) -> torch.optim.Optimizer:
-    """Adam (paper, MATH.md section 4) when weight_decay is 0, else AdamW (decoupled decay)."""
+    """Adam (paper, docs/math.md section 4) when weight_decay is 0, else AdamW (decoupled decay)."""
     cls = torch.optim.Adam if tr.weight_decay == 0 else torch.optim.AdamW
     return cls(params, lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, weight_decay=tr.weight_decay)
 

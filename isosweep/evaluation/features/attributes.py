@@ -1,6 +1,6 @@
 """LS's attribute classifier for image folders: a small CNN isosweep trains from `dataset.attributes`.
 
-MATH.md section 5 labels generated images with an attribute classifier. For `dataset.kind=shapes` that is
+docs/math.md section 5 labels generated images with an attribute classifier. For `dataset.kind=shapes` that is
 the domain network (`domain.py`); for an image folder (CelebA-HQ) it is the CNN here, trained by isosweep
 on the folder's images and the per-image labels (`isosweep.data.attributes` reads them), then cached.
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics of Isometric Diffusion (MATH.md section 5) as pure functions.
+"""Evaluation metrics of Isometric Diffusion (docs/math.md section 5) as pure functions.
 
 Each family has its own module: `paths` (slerp, lerp, RTL of a path), `fid`, `ppl`, `rtl` (mRTL),
 `jacobian` (singular values of the encoder Jacobian, MCN, VoR) and `separability` (LS). The high-level

@@ -1,4 +1,4 @@
-"""Frechet distance between Gaussian fits of feature sets (FID; MATH.md section 5).
+"""Frechet distance between Gaussian fits of feature sets (FID; docs/math.md section 5).
 
 `frechet_distance` is a pure NumPy function; `fid_score` samples a model with deterministic latents,
 embeds the images with a feature extractor (clean-fid's Inception or the domain network, see

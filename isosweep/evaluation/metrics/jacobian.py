@@ -1,4 +1,4 @@
-"""Singular values of the encoder Jacobian J_e(x_t) and the MCN / VoR statistics (MATH.md section 5).
+"""Singular values of the encoder Jacobian J_e(x_t) and the MCN / VoR statistics (docs/math.md section 5).
 
 The Jacobian of every sample is built at once, never with a Python loop over outputs:
 
@@ -205,7 +205,7 @@ def jacobian_singular_values(
     """Singular values of J_e at each sample, largest first: x (B, *in) -> (B, k), k = min(m', n).
 
     encoder: x (B, *in) -> h (B, ...), samples independent. pool: average-pool kernel on a (B, C, H, W)
-    h before flattening (MATH.md: 2), None for none. The SVD runs in float64.
+    h before flattening (docs/math.md section 1), None for none. The SVD runs in float64.
     """
     fn = pooled_encoder(encoder, pool)
     J = batched_jacobian(fn, x, method=method, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb)
@@ -229,7 +229,7 @@ def vor(svals: torch.Tensor, norm: str = "global_mean") -> float:
     norm = "global_mean" (the default, evaluation.jacobian.vor_norm): c is ONE scalar, the mean of all singular
     values over the whole evaluation set (all samples, all i), so rescaling h leaves VoR unchanged and a scaled
     isometry (all sigma_i equal, at every x) gives 0. norm = "paper": c = 1, Eq. 11 on the raw singular values
-    (MATH.md section 5), which scales with |h|^2: compare it only between models whose h have one scale.
+    (docs/math.md section 5), which scales with |h|^2: compare it only between models whose h have one scale.
     Var is the population variance over samples (ddof = 0). svals (N, k), N = the whole evaluation set (gather
     shards first).
     """

@@ -1,4 +1,4 @@
-"""Interpolation paths between latents and their relative length (MATH.md section 5: PPL, mRTL)."""
+"""Interpolation paths between latents and their relative length (docs/math.md section 5: PPL, mRTL)."""
 
 from __future__ import annotations
 

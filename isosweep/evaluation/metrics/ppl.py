@@ -1,4 +1,4 @@
-"""Perceptual path length in X (MATH.md section 5; Karras et al. 2019 with slerp, as for Gaussian z)."""
+"""Perceptual path length in X (docs/math.md section 5; Karras et al. 2019 with slerp, as for Gaussian z)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Relative trajectory length in H along DDIM trajectories of slerp paths (mRTL; MATH.md section 5)."""
+"""Relative trajectory length in H along DDIM trajectories of slerp paths (mRTL; docs/math.md section 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Linear separability of attributes (LS; Karras et al. 2019, MATH.md section 5), scored on held-out samples.
+"""Linear separability of attributes (LS; Karras et al. 2019, docs/math.md section 5), scored on held-out samples.
 
 For every attribute: keep the `keep` most confident samples (by the attribute classifier's confidence),
 split them, stratified by label and seeded, into a fit part and a held-out part (`heldout` of them), fit an

@@ -1,7 +1,6 @@
 """The `evaluation:` section of a sweep spec: which metrics every trial measures, and how.
 
-Split from `config` (which re-exports every name here) to keep one module per concern and each under
-the size limit; the metric-name tuples are the one list every part of isosweep uses.
+The metric-name tuples here are the one list every part of isosweep uses.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from isosweep.core.names import LS_SPACES
-from isosweep.spec_base import Section as _Section
+from isosweep.spec.fields import Section as _Section
 
 # The evaluation metrics a spec can ask for, and the values a results row carries ("ls" gives ls, ls_max and,
 # with the rbf kernel, ls_rbf; in h, ls_h and ls_h_rbf). Every list of metric names in isosweep is one of these two.

@@ -1,5 +1,5 @@
 """The spec reference (every field, its type, default and meaning) generated from the schema, so the
-README's table cannot drift from `config.SweepSpec` (tests/test_readme.py compares them)."""
+README's table cannot drift from `SweepSpec` (tests/test_readme.py compares them)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from isosweep.config import Distribution, SweepSpec
+from isosweep.spec.sections import Distribution, SweepSpec
 
 
 def _type_name(ann: Any) -> str:

@@ -1,4 +1,5 @@
-"""The sweep spec: one typed, validated YAML file per sweep.
+"""The spec's schema: every section but `evaluation:` (`evaluation.py`) and the root `SweepSpec`, with what a trial varies
+and the baseline's parameters.
 
 Every section is a pydantic model with unknown keys forbidden, so a misspelt key fails at load time
 with the file, the field, the bad value and the fix in one message (`SpecError`). The same schema is
@@ -7,24 +8,15 @@ used by `isosweep validate`, `run`, `train` and `eval`; the resolved spec is sav
 
 from __future__ import annotations
 
-import copy
 import math
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from isosweep import spec_base
 from isosweep.core.names import ISO_METRICS, ISO_TIMESTEPS
-from isosweep.spec_base import SAFE_NAME_PATTERN, SpecError, format_errors, is_text_field
-from isosweep.spec_base import Section as _Section
-from isosweep.spec_evaluation import (  # noqa: F401 -- re-exported: the evaluation section and metric names
-    EVAL_METRICS, INTERVAL_METRICS, RESULT_METRICS, BootstrapSpec, CheckpointFidSpec, EvaluationSpec, FidSpec, JacobianSpec,
-    LsSpec, PplSpec, RtlSpec, base_metric, is_result_metric, timestep_metric,
-)
+from isosweep.spec.evaluation import EVAL_METRICS, EvaluationSpec
+from isosweep.spec.fields import SAFE_NAME_PATTERN
+from isosweep.spec.fields import Section as _Section
 
 # What a trial varies: written into `train` by `resolve_trial_spec`, searched by Tune, one column each.
 TRIAL_KEYS = ("lambda_iso", "p", "iso_metric")
@@ -36,11 +28,9 @@ BASELINE_PARAMS = {"lambda_iso": 0.0, "p": 1.0, "iso_metric": "stereographic", "
 # Fields renamed since earlier versions: old key -> new key, refused with a message naming the new one.
 RENAMED_FIELDS = {("train", "metric"): "iso_metric", ("search", "metric"): "iso_metric"}
 # Fields added since earlier versions whose default is not what those versions did: a spec saved before
-# the field existed ran with this value (read by `spec_changes.spec_for_resume`, so a resumed sweep keeps it).
+# the field existed ran with this value (read by `changes.spec_for_resume`, so a resumed sweep keeps it).
 ADDED_FIELDS = {("train", "iso_timesteps"): "pooled",
                 ("evaluation", "bootstrap"): {"resamples": 0, "level": 0.95}}  # no intervals: its rows compare by value
-# The files an image_folder dataset is made of: every file under dataset.path with one of these suffixes.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class BaseModelSpec(_Section):
@@ -86,11 +76,11 @@ class DatasetSpec(_Section):
 
 
 class TrainSpec(_Section):
-    """One trial's fine-tuning: L = L_dsm + lambda_iso * 1[t > pT] * L_iso (MATH.md sections 3-4)."""
+    """One trial's fine-tuning: L = L_dsm + lambda_iso * 1[t >= pT] * L_iso (docs/math.md sections 3-4)."""
 
     lambda_iso: float = Field(1e-4, ge=0.0, description="weight of the isometry loss; 0 is the baseline")
     p: float = Field(0.5, ge=0.0, le=1.0, description="fraction of the schedule (low-noise end) without the isometry loss; 1 is the baseline")
-    iso_metric: Literal[ISO_METRICS] = Field("stereographic", description="the metric G on the noise space of the isometry loss (MATH.md 2)")
+    iso_metric: Literal[ISO_METRICS] = Field("stereographic", description="the metric G on the noise space of the isometry loss (docs/math.md section 2)")
     iso_reduction: Literal["global", "local"] = Field("global", description="global: ratio of all-reduced means (faithful); local: per-worker ratio")
     iso_timesteps: Literal[ISO_TIMESTEPS] = Field(
         "per_timestep", description="per_timestep: every iso micro-batch shares one t, the ratio is Eq. 6 at that t (the paper); "
@@ -343,108 +333,3 @@ class SweepSpec(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply `key.path=value` overrides to a nested dict, returning a copy (`spec_base.apply_overrides`).
-
-    Values are parsed as YAML, except for fields that take text only (str, or a choice of strings): there the
-    text stays as typed, so `--set train.mixed_precision=no` is "no", not YAML's False.
-    """
-    return spec_base.apply_overrides(data, overrides, source, text_field=_is_text_path)
-
-
-def _is_text_path(parts: list[str]) -> bool:
-    """Whether `a.b.c` names a field of the schema that takes text only."""
-    model: Any = SweepSpec
-    for i, part in enumerate(parts):
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return False
-        if i == len(parts) - 1:
-            return is_text_field(field.annotation)
-        model = field.annotation
-    return False
-
-
-def spec_from_dict(data: dict, source: str = "<spec>", check_paths: bool = True) -> SweepSpec:
-    """Validate a spec dict; raise SpecError naming the source, the field, the value and the fix."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: the top level must be a mapping of sections (got {type(data).__name__})")
-    _refuse_renamed(data, source)
-    try:
-        spec = SweepSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(format_errors(source, exc, data)) from None
-    if check_paths:
-        _check_paths(spec, source)
-    return spec
-
-
-def _refuse_renamed(data: dict, source: str) -> None:
-    """An old key gets an error naming its new name, instead of pydantic's generic 'extra field'."""
-    for (section, old), new in RENAMED_FIELDS.items():
-        if isinstance(data.get(section), dict) and old in data[section]:
-            raise SpecError(f"{source}: field '{section}.{old}' was renamed to '{section}.{new}' (the metric G of the "
-                            f"isometry loss, not an evaluation metric); fix: rename the key to '{new}'")
-
-
-def resolve_trial_spec(spec: "SweepSpec | dict", trial_params: dict[str, Any] | None = None) -> "SweepSpec":
-    """The spec with one trial's lambda_iso / p / iso_metric (and a point's iso_timesteps / seed) written into `train` (validated).
-
-    Other keys of trial_params (`baseline`) are labels and are ignored; an unknown key is an error.
-    """
-    data = spec.to_dict() if isinstance(spec, SweepSpec) else copy.deepcopy(spec)
-    for key, value in (trial_params or {}).items():
-        if key == "baseline" or (key in POINT_KEYS and value is None):  # a point that leaves it to `train`
-            continue
-        if key not in TRIAL_KEYS + POINT_KEYS:
-            raise ValueError(f"unknown trial parameter {key!r}; trial parameters are {list(TRIAL_KEYS + POINT_KEYS)}")
-        data["train"][key] = value
-    return spec_from_dict(data, source="trial config", check_paths=False)
-
-
-def trial_params_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The trial keys and the baseline label of a Tune config (or a results row)."""
-    params = {k: config[k] for k in TRIAL_KEYS if k in config}
-    params.update({k: config[k] for k in POINT_KEYS if config.get(k) is not None})  # set by a point of search.points
-    if "iso_metric" not in params and "metric" in config:  # a trial of a sweep started before the rename
-        params["iso_metric"] = config["metric"]
-    params["baseline"] = bool(config.get("baseline", False))
-    return params
-
-
-def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
-    """Every file under `root` (recursively, unsorted) whose suffix is one of IMAGE_SUFFIXES: an image_folder's images."""
-    return (p for p in Path(root).expanduser().rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def _check_paths(spec: SweepSpec, source: str) -> None:
-    ds = spec.dataset
-    if ds.kind == "image_folder" and ds.path and "://" not in ds.path:
-        if not Path(os.path.expanduser(ds.path)).is_dir():
-            raise SpecError(f"{source}: field 'dataset.path': directory does not exist (got {ds.path!r}); "
-                            "fix: point it at the root of the image tree, or --set dataset.path=/data/celebahq")
-        if next(iter_image_files(ds.path), None) is None:  # stops at the first image: cheap on 30k files
-            raise SpecError(f"{source}: field 'dataset.path': no images ({', '.join(IMAGE_SUFFIXES)}) under it, at any "
-                            f"depth (got {ds.path!r}); fix: point it at the folder that holds the images")
-    if ds.attributes and not Path(os.path.expanduser(ds.attributes)).is_file():
-        raise SpecError(f"{source}: field 'dataset.attributes': file does not exist (got {ds.attributes!r}); fix: give the CSV's path or remove the field")
-    src = spec.base_model.source
-    looks_local = src.startswith(("/", "./", "../", "~"))
-    if looks_local and not Path(os.path.expanduser(src)).exists():
-        raise SpecError(f"{source}: field 'base_model.source': path does not exist (got {src!r}); fix: point it at a diffusers model directory")
-
-
-def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> SweepSpec:
-    """Read, override and validate a YAML spec file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file; fix: give the path of a YAML spec such as search_spaces/demo.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return spec_from_dict(data, source=str(path), check_paths=check_paths)

@@ -1,4 +1,4 @@
-"""What every section of the spec shares, below the schema itself (`config.py`): the strict section base,
+"""What every section of the spec shares, below the schema itself (`sections.py`): the strict section base,
 `SpecError` and its messages, and the `--set key.path=value` parser.
 
 Rules every section gets from `Section`, whatever its fields:

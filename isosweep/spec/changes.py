@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from isosweep.config import ADDED_FIELDS, SpecError, SweepSpec, spec_from_dict
 from isosweep.redact import scrub_tree
+from isosweep.spec.fields import SpecError
+from isosweep.spec.load import spec_from_dict
+from isosweep.spec.sections import ADDED_FIELDS, SweepSpec
 
 # dotted prefixes of fields that do not change any trial's result
 OPERATIONAL_FIELDS = (
@@ -61,7 +63,7 @@ def spec_changes(saved: dict, given: dict) -> list[SpecChange]:
 
 
 def _as_it_ran(saved: dict) -> dict:
-    """The saved spec with every field added since it was written (`config.ADDED_FIELDS`) set to the value
+    """The saved spec with every field added since it was written (`ADDED_FIELDS`) set to the value
     its sweep ran with, not to today's default: resuming an old sweep does not change how its trials train."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
     for (section, key), value in ADDED_FIELDS.items():

@@ -1,0 +1,15 @@
+"""What a user's scripts and a submitted job rely on, defined once: the exit codes of `isosweep` and the names of the
+environment variables isosweep itself writes (stdlib only; read by the CLI, the job submitter and the sweep states).
+The table of exit codes for users is the README's "Exit codes"."""
+
+# Exit codes of every `isosweep` command.
+EXIT_COMPLETED = 0  # done (for a sweep: completed and a champion chosen, promoted when the spec registers it)
+EXIT_NO_CHAMPION = 1  # a sweep completed, but no champion could be chosen or promoted (e.g. the baseline failed)
+EXIT_ERROR = 1  # any other command: it did not do what was asked (the error is printed, credentials scrubbed)
+EXIT_SPEC_ERROR = 2  # bad spec or arguments, refused before anything ran
+EXIT_FAILED = 3  # some trials errored: `isosweep resume` runs them again
+EXIT_INTERRUPTED = 130  # stopped before the end (Ctrl-C): `isosweep resume` continues
+
+# --set items from the environment: a JSON list of "KEY=VALUE" strings that `isosweep` appends after the command
+# line's --set. `isosweep submit` puts a job's --set items here so that their values stay out of its entrypoint.
+OVERRIDES_ENV = "ISOSWEEP_OVERRIDES"

@@ -1,0 +1,117 @@
+"""Reading a spec: YAML and `--set` overrides in, a validated `SweepSpec` out, or one `SpecError` line naming the
+file, the field, the value and the fix; and the spec of one trial (its searched keys written into `train`)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from isosweep.files import IMAGE_SUFFIXES, iter_image_files
+from isosweep.spec import fields
+from isosweep.spec.fields import SpecError, format_errors, is_text_field
+from isosweep.spec.sections import POINT_KEYS, RENAMED_FIELDS, TRIAL_KEYS, SweepSpec
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply `key.path=value` overrides to a nested dict, returning a copy (`fields.apply_overrides`).
+
+    Values are parsed as YAML, except for fields that take text only (str, or a choice of strings): there the
+    text stays as typed, so `--set train.mixed_precision=no` is "no", not YAML's False.
+    """
+    return fields.apply_overrides(data, overrides, source, text_field=_is_text_path)
+
+
+def _is_text_path(parts: list[str]) -> bool:
+    """Whether `a.b.c` names a field of the schema that takes text only."""
+    model: Any = SweepSpec
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        if i == len(parts) - 1:
+            return is_text_field(field.annotation)
+        model = field.annotation
+    return False
+
+
+def spec_from_dict(data: dict, source: str = "<spec>", check_paths: bool = True) -> SweepSpec:
+    """Validate a spec dict; raise SpecError naming the source, the field, the value and the fix."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the top level must be a mapping of sections (got {type(data).__name__})")
+    _refuse_renamed(data, source)
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_errors(source, exc, data)) from None
+    if check_paths:
+        _check_paths(spec, source)
+    return spec
+
+
+def _refuse_renamed(data: dict, source: str) -> None:
+    """An old key gets an error naming its new name, instead of pydantic's generic 'extra field'."""
+    for (section, old), new in RENAMED_FIELDS.items():
+        if isinstance(data.get(section), dict) and old in data[section]:
+            raise SpecError(f"{source}: field '{section}.{old}' was renamed to '{section}.{new}' (the metric G of the "
+                            f"isometry loss, not an evaluation metric); fix: rename the key to '{new}'")
+
+
+def resolve_trial_spec(spec: "SweepSpec | dict", trial_params: dict[str, Any] | None = None) -> "SweepSpec":
+    """The spec with one trial's lambda_iso / p / iso_metric (and a point's iso_timesteps / seed) written into `train` (validated).
+
+    Other keys of trial_params (`baseline`) are labels and are ignored; an unknown key is an error.
+    """
+    data = spec.to_dict() if isinstance(spec, SweepSpec) else copy.deepcopy(spec)
+    for key, value in (trial_params or {}).items():
+        if key == "baseline" or (key in POINT_KEYS and value is None):  # a point that leaves it to `train`
+            continue
+        if key not in TRIAL_KEYS + POINT_KEYS:
+            raise ValueError(f"unknown trial parameter {key!r}; trial parameters are {list(TRIAL_KEYS + POINT_KEYS)}")
+        data["train"][key] = value
+    return spec_from_dict(data, source="trial config", check_paths=False)
+
+
+def trial_params_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial keys and the baseline label of a Tune config (or a results row)."""
+    params = {k: config[k] for k in TRIAL_KEYS if k in config}
+    params.update({k: config[k] for k in POINT_KEYS if config.get(k) is not None})  # set by a point of search.points
+    if "iso_metric" not in params and "metric" in config:  # a trial of a sweep started before the rename
+        params["iso_metric"] = config["metric"]
+    params["baseline"] = bool(config.get("baseline", False))
+    return params
+
+
+def _check_paths(spec: SweepSpec, source: str) -> None:
+    ds = spec.dataset
+    if ds.kind == "image_folder" and ds.path and "://" not in ds.path:
+        if not Path(os.path.expanduser(ds.path)).is_dir():
+            raise SpecError(f"{source}: field 'dataset.path': directory does not exist (got {ds.path!r}); "
+                            "fix: point it at the root of the image tree, or --set dataset.path=/data/celebahq")
+        if next(iter_image_files(ds.path), None) is None:  # stops at the first image: cheap on 30k files
+            raise SpecError(f"{source}: field 'dataset.path': no images ({', '.join(IMAGE_SUFFIXES)}) under it, at any "
+                            f"depth (got {ds.path!r}); fix: point it at the folder that holds the images")
+    if ds.attributes and not Path(os.path.expanduser(ds.attributes)).is_file():
+        raise SpecError(f"{source}: field 'dataset.attributes': file does not exist (got {ds.attributes!r}); fix: give the CSV's path or remove the field")
+    src = spec.base_model.source
+    looks_local = src.startswith(("/", "./", "../", "~"))
+    if looks_local and not Path(os.path.expanduser(src)).exists():
+        raise SpecError(f"{source}: field 'base_model.source': path does not exist (got {src!r}); fix: point it at a diffusers model directory")
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> SweepSpec:
+    """Read, override and validate a YAML spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file; fix: give the path of a YAML spec such as search_spaces/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return spec_from_dict(data, source=str(path), check_paths=check_paths)
