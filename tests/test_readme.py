@@ -4,7 +4,7 @@ import shlex
 from pathlib import Path
 
 from isosweep.cli import build_parser
-from isosweep.spec_reference import spec_reference_markdown
+from isosweep.spec.reference import spec_reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -15,7 +15,7 @@ def test_spec_reference_matches_schema():
     shown = README.split(begin)[1].split(end)[0].strip()
     assert shown == spec_reference_markdown().strip(), (
         "README spec reference is stale: regenerate it with "
-        "python -c 'from isosweep.spec_reference import spec_reference_markdown as f; print(f())'"
+        "python -c 'from isosweep.spec.reference import spec_reference_markdown as f; print(f())'"
     )
 
 
@@ -32,3 +32,27 @@ def test_readme_commands_parse():
 def test_readme_opens_with_the_two_commands():
     first_block = README.split("```bash", 1)[1].split("```", 1)[0]
     assert "make demo" in first_block and "make test" in first_block
+
+
+def test_citations_of_the_math_name_sections_of_docs_math_md():
+    """Code, specs, bench scripts and docs cite the formulas as "docs/math.md section N" (or "math.md section N"
+    inside docs/): each N must be a numbered section of docs/math.md, and nothing cites a MATH.md, which is not
+    part of this repository."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    sections = set(re.findall(r"^## (\d+)\. ", (root / "docs" / "math.md").read_text(), re.M))
+    assert len(sections) >= 5, sections
+    cited, outside = [], []
+    files = [p for d in ("isosweep", "tests", "bench", "docs", "search_spaces") for p in (root / d).rglob("*")
+             if p.suffix in {".py", ".md", ".yaml"}] + [root / "README.md"]
+    for path in files:
+        text = path.read_text(errors="replace")
+        if path.name != "test_readme.py" and "MATH" + ".md" in text:
+            outside.append(str(path.relative_to(root)))
+        for first, last in re.findall(r"math\.md\)? sections? (\d+)(?:-(\d+))?", text):
+            cited += [(str(path.relative_to(root)), n) for n in range(int(first), int(last or first) + 1)]
+    assert not outside, f"cite docs/math.md, not a file outside the repository: {outside}"
+    assert cited, "no citation found: the pattern no longer matches how the code cites docs/math.md"
+    missing = sorted({(f, n) for f, n in cited if str(n) not in sections})
+    assert not missing, f"citations of sections docs/math.md does not have: {missing}"
