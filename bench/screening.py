@@ -86,7 +86,7 @@ def check(spec, rows: Sequence[dict], screens: dict[str, dict[str, float]]) -> C
     """Selection on full rows of all DONE trials against selection on full rows of the contenders of the screened
     rows (`screens`: trial id -> screening fid, fid_lo, fid_hi, ppl, ppl_lo, ppl_hi). Rows are not changed."""
     from isosweep.results.rows import summarize
-    from isosweep.results.selection import contenders, lower_beyond_noise
+    from isosweep.results.pareto import contenders, lower_beyond_noise
 
     objectives = tuple(spec.selection.objectives)
     done = [dict(r) for r in rows if r["status"] == "DONE" and r["trial_id"] in screens]
@@ -195,10 +195,10 @@ def _iv(m: dict, k: str) -> str:
 
 
 def run_sweep(sweep: Path, args) -> dict:
-    from isosweep.results.selection import lower_beyond_noise
-    from isosweep.sweep.outcome import load_outcome
+    from isosweep.results.pareto import lower_beyond_noise
+    from isosweep.sweep.readback import read_sweep
 
-    spec, outcome = load_outcome(sweep)
+    spec, outcome = read_sweep(sweep)
     sizes = screening_sizes(spec, args)
     ev, cache = spec.evaluation, Path(args.cache)
     done = [r for r in outcome.rows if r["status"] == "DONE"]

@@ -36,9 +36,9 @@ def stopped_pairs(d: np.ndarray, *, stop_width: float, round_pairs: int, level: 
 
 def replay(sweep: Path, stop_width: float, round_pairs: int) -> dict:
     from isosweep.results.rows import summarize
-    from isosweep.sweep.outcome import load_outcome
+    from isosweep.sweep.readback import read_sweep
 
-    spec, outcome = load_outcome(sweep)
+    spec, outcome = read_sweep(sweep)
     ev = spec.evaluation
     done = [dict(r) for r in outcome.rows if r["status"] == "DONE"]
     full_rows, seq_rows, used = [], [], {}

@@ -13,7 +13,7 @@ Prints two Markdown tables:
 - per configuration (p, G, lambda_iso, timesteps): each metric's mean over seeds +- its standard deviation over
   seeds, and the change of the mean against the baseline's mean, starred when the change is beyond the noise in
   *every* seed (the row's bootstrap interval lies wholly on the same side of the same seed's baseline interval:
-  `isosweep.results.selection.lower_beyond_noise`; FID, the PPL median and LS have no interval, so no star), and
+  `isosweep.results.pareto.lower_beyond_noise`; FID, the PPL median and LS have no interval, so no star), and
   the steps the best-FID rule selected per seed;
 - per trial: every row with its bootstrap intervals (`12.3 [11.1, 13.6]`).
 Then the stage-1 rule (`best_lambda`): among the stereographic p = 0.5 per-timestep configurations whose mean FID is
@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from isosweep.evaluation.record import metric_text
-from isosweep.results.selection import has_interval, lower_beyond_noise
+from isosweep.results.pareto import has_interval, lower_beyond_noise
 
 METRICS = ("fid", "ppl", "ppl_median", "mrtl", "mcn", "vor", "mcn_t100", "vor_t100", "ls", "ls_h", "ls_max", "ls_rel")  # ls_max: context, not a score; ls_rel = ls / ls_max
 FID_TOLERANCE = 0.10
@@ -188,7 +188,7 @@ def best_lambda(rows: list[dict], means: dict) -> float | None:
 
 def fid_curves(rows: list[dict], out: Path) -> None:
     """Cheap FID against the training step for every trial, from the `selection.json` of its final checkpoint
-    (`isosweep.training.selection`), a panel per seed: how much of a FID difference is the training trajectory."""
+    (`isosweep.training.best_step`), a panel per seed: how much of a FID difference is the training trajectory."""
     import json
 
     from isosweep.results.plots import figure

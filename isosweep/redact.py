@@ -6,8 +6,8 @@ Removes URI userinfo (`http://user:pass@host`), secret query parameters (`?token
 and the values of secret environment variables present now (AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN...).
 
 Standard library only and at the bottom of the layers, so every layer can scrub what it writes (the
-report, the CLI's error messages) and `isosweep --help` stays fast. `isosweep.tracking.redact`
-re-exports these names for the tracking layer.
+report, the CLI's error messages) and `isosweep --help` stays fast. It is the one door: every layer imports it
+from here.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from isosweep.spec import SpecError, load_spec, spec_from_dict
 from isosweep.training.checkpoint import load_train_state, verify_checkpoint
 from isosweep.training.loop import train_loop
 from isosweep.training.reporting import LocalReporter
-from isosweep.training.selection import BEST_WEIGHTS, SELECTION_FILE, selection_columns
+from isosweep.training.best_step import BEST_WEIGHTS, SELECTION_FILE, selection_columns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

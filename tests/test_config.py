@@ -532,7 +532,7 @@ def test_jacobian_timesteps_and_the_older_single_timestep(tmp_path):
 
 def test_a_sweep_saved_before_the_intervals_resumes_without_them():
     """A spec saved before evaluation.bootstrap existed had no intervals: resuming it keeps them off, so one sweep's
-    rows all compare by value (results/selection.py)."""
+    rows all compare by value (results/pareto.py)."""
     from isosweep.spec.changes import spec_for_resume
 
     saved = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False).to_dict()

@@ -42,13 +42,13 @@ EXPECTED = {
     "spec": ["sections", "evaluation", "fields", "load", "changes", "reference"],
     "data": ["datasets", "images", "attributes"],
     "models": ["loading", "builtin"],
-    "training": ["loop", "checkpoint", "reporting", "selection"],
+    "training": ["loop", "checkpoint", "reporting", "best_step"],
     "evaluation": ["suite", "record", "metrics/fid", "metrics/ppl", "metrics/rtl", "metrics/jacobian", "metrics/separability",
                    "metrics/paths", "metrics/confidence", "features/resolver", "features/standard", "features/domain", "features/attributes",
                    "features/common"],
-    "results": ["layout", "rows", "tables", "selection", "states", "plots", "report"],
-    "tracking": ["client", "redact", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model"],
-    "sweep": ["ray_env", "search", "callbacks", "trainer", "trial", "driver", "jobs", "resources", "monitoring", "promotion"],
+    "results": ["layout", "rows", "tables", "pareto", "states", "plots", "report", "full_eval_records"],
+    "tracking": ["client", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model"],
+    "sweep": ["ray_env", "search", "callbacks", "trainer", "trial", "driver", "jobs", "resources", "monitoring", "full_eval", "readback"],
     "commands": ["validate", "sweep", "submit", "train", "evaluate", "models", "sync"],
 }
 MAX_LINES = 450  # "about 400": a module past this is doing more than one thing
@@ -188,7 +188,7 @@ def test_the_cli_and_spec_loading_start_without_torch_ray_or_mlflow():
 def test_results_and_status_read_a_sweep_without_torch_or_mlflow():
     """`isosweep results/status/resume` load the sweep verbs and a sweep's outcome without torch, MLflow or the feature
     networks (Tune's reader only): a status poll takes seconds, and a refused resume answers before Ray starts."""
-    code = ("import sys, isosweep.commands.sweep, isosweep.sweep.outcome\n"
+    code = ("import sys, isosweep.commands.sweep, isosweep.sweep.readback\n"
             "print(' '.join(sorted({m.partition('.')[0] for m in sys.modules})))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

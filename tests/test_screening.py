@@ -12,9 +12,9 @@ from isosweep.spec import SpecError, SweepSpec, load_spec
 from isosweep.evaluation.metrics.confidence import fid_interval, fid_of_counts
 from isosweep.evaluation.metrics.fid import feature_statistics, fid_from_features, frechet_distance
 from isosweep.results.rows import make_row, summarize
-from isosweep.results.selection import contenders, pareto_front
+from isosweep.results.pareto import contenders, pareto_front
 from isosweep.results.tables import markdown_table
-from isosweep.results.records import apply_full_record
+from isosweep.results.full_eval_records import apply_full_record
 from test_metrics_evaluate import fast_domain  # noqa: F401 -- the fixture: a short recipe for the domain network
 
 

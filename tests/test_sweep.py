@@ -111,8 +111,8 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
 
     from isosweep.data.datasets import ShapesDataset
     from isosweep.evaluation.record import read_record
-    from isosweep.results.selection import lower_beyond_noise
-    from isosweep.sweep.outcome import load_outcome
+    from isosweep.results.pareto import lower_beyond_noise
+    from isosweep.sweep.readback import read_sweep
     from isosweep.training.checkpoint import load_train_state
 
     storage = tmp_path / "runs"
@@ -170,7 +170,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     assert (sweep_dir / "sweep_done.json").exists()
 
     # the rows, front and champion, rebuilt from storage
-    spec, outcome = load_outcome(sweep_dir)
+    spec, outcome = read_sweep(sweep_dir)
     rows = outcome.rows
     assert len(rows) == 3
     base = [r for r in rows if r["baseline"]]

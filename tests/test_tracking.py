@@ -23,7 +23,8 @@ from servers import LosingProxy, free_port
 from isosweep.commands import models as model_cmds
 from isosweep.commands import sync as sync_cmd
 from isosweep.spec import spec_from_dict
-from isosweep.tracking import artifacts, client, redact, registry, runs
+from isosweep import redact
+from isosweep.tracking import artifacts, client, registry, runs
 from isosweep.tracking import steps as step_metrics
 
 RES = 8  # image side of the tiny model

@@ -241,7 +241,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
 
 
 def test_a_full_evaluation_of_a_truncated_checkpoint_fails_alone_and_a_rerun_does_only_it(ray_local, tmp_path):
-    """evaluation.screening's second phase (`sweep.promotion`), on real checkpoints in storage and real Train runs:
+    """evaluation.screening's second phase (`sweep.full_eval`), on real checkpoints in storage and real Train runs:
     a contender whose final checkpoint was truncated fails its full evaluation (manifest check) and only its row
     turns ERROR, while the other gets the full numbers and a record in storage; once the file is back, running
     the phase again (what `isosweep resume` does) evaluates only the one that failed."""
@@ -250,7 +250,7 @@ def test_a_full_evaluation_of_a_truncated_checkpoint_fails_alone_and_a_rerun_doe
     from isosweep.core.ema import EMA
     from isosweep.evaluation.features.resolver import load_feature_networks
     from isosweep.results.layout import FULL_EVAL_FILE
-    from isosweep.sweep.promotion import promote_screened
+    from isosweep.sweep.full_eval import run_full_protocol
     from isosweep.training.checkpoint import save_checkpoint
 
     spec = spec_from_dict({
@@ -275,7 +275,7 @@ def test_a_full_evaluation_of_a_truncated_checkpoint_fails_alone_and_a_rerun_doe
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a cut-off upload
 
     first = [dict(r) for r in rows]
-    assert promote_screened(spec, str(storage), first, None, concurrency=2) == ["trial001"]
+    assert run_full_protocol(spec, str(storage), first, None, concurrency=2) == ["trial001"]
     assert [r["status"] for r in first] == ["DONE", "ERROR"] and [r["fidelity"] for r in first] == ["full", "screen"]
     record = json.loads((storage / "base0000" / FULL_EVAL_FILE).read_text())
     assert np.isfinite(record["metrics"]["fid"]) and np.isfinite(record["metrics"]["ppl"])
@@ -285,6 +285,6 @@ def test_a_full_evaluation_of_a_truncated_checkpoint_fails_alone_and_a_rerun_doe
 
     shutil.copy(kept, weights)  # the file is back
     again = [dict(r) for r in rows]
-    assert promote_screened(spec, str(storage), again, None, concurrency=2) == []
+    assert run_full_protocol(spec, str(storage), again, None, concurrency=2) == []
     assert [r["status"] for r in again] == ["DONE", "DONE"] and [r["fidelity"] for r in again] == ["full", "full"]
     assert json.loads((storage / "base0000" / FULL_EVAL_FILE).read_text()) == record  # not evaluated twice

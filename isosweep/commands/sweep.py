@@ -18,8 +18,8 @@ from isosweep.constants import EXIT_COMPLETED, EXIT_NO_CHAMPION
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED
 from isosweep.results.tables import backbones_of, change_plain, plain_table
 from isosweep.spec.changes import spec_for_resume
-from isosweep.sweep.outcome import load_outcome
-from isosweep.tracking.redact import REDACTED, scrub_text
+from isosweep.sweep.readback import read_sweep
+from isosweep.redact import REDACTED, scrub_text
 
 # The driver (torch, MLflow, the feature networks) and the registry are imported by the verbs that use them:
 # `isosweep results` and `status` read storage only and start in seconds.
@@ -70,7 +70,7 @@ def results_command(args: argparse.Namespace) -> int:
     TARGET: the sweep's folder or URI, a spec file (its newest sweep), or a spec name or sweep id with --storage.
     """
     sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
-    spec, outcome = load_outcome(sweep)
+    spec, outcome = read_sweep(sweep)
     recorded = read_state(sweep).get("status")
     if is_done(sweep):
         how = "finished"
@@ -100,7 +100,7 @@ def promote_command(args: argparse.Namespace) -> int:
     from isosweep.tracking.runs import find_trial_run
 
     sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
-    spec, outcome = load_outcome(sweep)
+    spec, outcome = read_sweep(sweep)
     row = next((r for r in outcome.rows if r["trial_id"] == args.trial), None)
     if row is None:
         raise SpecError(f"{args.target}: no trial {args.trial!r} in sweep {outcome.sweep_id}; its trials: "

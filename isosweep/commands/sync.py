@@ -12,7 +12,7 @@ from isosweep.constants import EXIT_COMPLETED
 from isosweep.spec import SpecError, SweepSpec, load_spec, spec_from_dict
 from isosweep.results.layout import find_sweeps, is_sweep, read_state, sweep_dirs
 from isosweep.tracking.client import resolve_tracking_uri
-from isosweep.tracking.redact import REDACTED, scrub_text
+from isosweep.redact import REDACTED, scrub_text
 from isosweep.tracking.sync import sync_sweep_dir
 
 

@@ -160,7 +160,7 @@ def trial_evaluator(spec: SweepSpec, on_progress: Progress | None = None, *, ful
 
 def checkpoint_fid_scorer(spec: SweepSpec, on_progress: Progress | None = None
                           ) -> Callable[[torch.nn.Module, Any, torch.device, int, int], tuple[float, str]]:
-    """The `training.selection.Scorer` of a trial: FID with evaluation.checkpoint_fid's sample count and DDIM
+    """The `training.best_step.Scorer` of a trial: FID with evaluation.checkpoint_fid's sample count and DDIM
     steps, otherwise exactly the final FID (backbone, reference statistics, seed, sharding over the ranks).
     Returns (FID, backbone name) on every rank; its progress goes to `on_progress` as the share `fid_cheap`."""
     cheap = spec.evaluation.checkpoint_fid

@@ -25,7 +25,7 @@ SPEC_FILE = "spec.yaml"
 DONE_MARKER = "sweep_done.json"
 TRAIN_DIR = "train"  # <sweep>/train/<trial id>/: a trial's Train run is named after its Tune trial id
 REPORT_DIR = "report"
-# <sweep>/train/<trial id>/: the full-protocol record of a screened trial (evaluation.screening; sweep.promotion)
+# <sweep>/train/<trial id>/: the full-protocol record of a screened trial (evaluation.screening; sweep.full_eval)
 FULL_EVAL_FILE = "isosweep_full_eval.json"
 # the values a full-protocol record replaces in a screened row; the screening ones stay as `screen_<name>`
 SCREENED_VALUES = ("fid", "fid_lo", "fid_hi", "ppl", "ppl_lo", "ppl_hi", "ppl_median", "ppl_p90", "ppl_p99")

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from isosweep.results.selection import Choice, has_interval, interval  # noqa: E402
+from isosweep.results.pareto import Choice, has_interval, interval  # noqa: E402
 
 
 @contextlib.contextmanager

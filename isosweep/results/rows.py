@@ -15,7 +15,7 @@ from pathlib import Path
 
 from isosweep.spec import POINT_KEYS, RESULT_METRICS, SweepSpec, is_result_metric
 from isosweep.core.names import SELECTED_FID, SELECTED_STEP
-from isosweep.results.selection import Choice, choose_champion, pareto_front
+from isosweep.results.pareto import Choice, choose_champion, pareto_front
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from isosweep.constants import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED
-from isosweep.results.selection import Choice
+from isosweep.results.pareto import Choice
 
 RUNNING, INTERRUPTED, FAILED, COMPLETED = "RUNNING", "INTERRUPTED", "FAILED", "COMPLETED"
 

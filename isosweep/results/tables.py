@@ -17,7 +17,7 @@ from isosweep.spec import INTERVAL_METRICS, POINT_KEYS, is_result_metric
 from isosweep.evaluation.features.common import unpublished_note
 from isosweep.evaluation.record import metric_text
 from isosweep.redact import scrub_text
-from isosweep.results.selection import has_interval, lower_beyond_noise
+from isosweep.results.pareto import has_interval, lower_beyond_noise
 
 
 def _fmt(v: Any) -> str:

@@ -3,7 +3,7 @@
 A sweep is one Tune experiment named `<spec name>-<timestamp>` (the sweep id) under the storage path
 (`results.layout`). Each Tune trial (`trial.py`) runs one TorchTrainer whose workers train and then
 evaluate. The baseline (lambda_iso = 0) is always the sweep's first trial (`search.py`). Selection is
-on (FID, PPL): the Pareto front and a stated champion rule (`results.selection`).
+on (FID, PPL): the Pareto front and a stated champion rule (`results.pareto`).
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, RUNNING, Swe
 from isosweep.results.tables import backbones_of, save_tables
 from isosweep.sweep.callbacks import SweepProgress
 from isosweep.sweep.monitoring import SweepMetrics
-from isosweep.sweep.promotion import promote_screened
+from isosweep.sweep.full_eval import run_full_protocol
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
 from isosweep.sweep.resources import check_cluster_fits, trial_concurrency
 from isosweep.sweep.search import build_search, planned_trials
 from isosweep.sweep.trial import make_trial_fn, rows_from_results
 from isosweep.tracking.artifacts import log_sweep_summary
 from isosweep.tracking.client import TrackingError, resolve_tracking_uri
-from isosweep.tracking.redact import REDACTED, scrub_text, scrub_tree
+from isosweep.redact import REDACTED, scrub_text, scrub_tree
 from isosweep.tracking.registry import register_sweep_models
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run
 from isosweep.tracking.sync import sync_sweep_dir
@@ -102,7 +102,7 @@ def _run(spec: SweepSpec, spec_path: str | None, place: SweepPlace, *, address: 
     try:
         results = _tuner(spec, place, tracking_uri, parent_run_id, resume=place.resuming).fit()
         rows = rows_from_results(results)
-        promote_screened(spec, place.train_storage, rows, tracking_uri, trial_concurrency(spec)[0])  # evaluation.screening
+        run_full_protocol(spec, place.train_storage, rows, tracking_uri, trial_concurrency(spec)[0])  # evaluation.screening
         outcome = _outcome(spec, place, rows, tracking_uri, parent_run_id)
         return _finish(spec, place, outcome, report_dir=report_dir, write_report=write_report)
     except BaseException as exc:  # a second Ctrl-C, a crash: the sweep is resumable and its parent run ends

@@ -25,7 +25,7 @@ from isosweep.sweep.trainer import build_trainer
 from isosweep.tracking.artifacts import log_final_metrics, log_trial_result
 from isosweep.tracking.client import TrackingError
 from isosweep.tracking.runs import end_run, open_trial_run
-from isosweep.training.selection import selection_columns
+from isosweep.training.best_step import selection_columns
 
 log = logging.getLogger(__name__)
 

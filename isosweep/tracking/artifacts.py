@@ -16,9 +16,9 @@ from isosweep.core.names import CHEAP_FID
 from isosweep.evaluation.record import EVAL_DIR, EvalResult, read_record
 from isosweep.results.plots import rtl_plot
 from isosweep.tracking.client import MAX_METRICS_PER_BATCH, chunks, client, params_of, retry_call, tags_of
-from isosweep.tracking.redact import scrub_text
+from isosweep.redact import scrub_text
 from isosweep.tracking.runs import TAG_CHAMPION
-from isosweep.training.selection import BEST_DIR, selection_columns
+from isosweep.training.best_step import BEST_DIR, selection_columns
 
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 EVAL_ARTIFACT_PATH = EVAL_DIR
@@ -103,7 +103,7 @@ def _log_record(tracking_uri: str, run: Any, record: EvalResult, only_metrics: s
 
 def log_final_metrics(tracking_uri: str, run_id: str, values: dict[str, float], tags: dict[str, str] | None = None) -> None:
     """Final metrics that replace earlier ones, and tags, on a run finished or not; used when a screened trial's full
-    evaluation replaces its screening numbers (`sweep.promotion`, `isosweep sync`). Each value is logged at step 0
+    evaluation replaces its screening numbers (`sweep.full_eval`, `isosweep sync`). Each value is logged at step 0
     (the final evaluation's step: the newest one there is the one a registered model gets) and one step after the
     run's last step of any of these keys, so that MLflow's latest value (highest step) is the new one too."""
     c, ts = client(tracking_uri), int(time.time() * 1000)

@@ -23,7 +23,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-from isosweep.tracking.redact import scrub, scrub_text
+from isosweep.redact import scrub, scrub_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

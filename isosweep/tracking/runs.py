@@ -33,7 +33,7 @@ from isosweep.tracking.client import (
     retrying,
     tags_of,
 )
-from isosweep.tracking.redact import scrub_text, scrub_tree
+from isosweep.redact import scrub_text, scrub_tree
 
 TAG_ROLE = "isosweep.role"
 TAG_SWEEP_ID = "isosweep.sweep_id"

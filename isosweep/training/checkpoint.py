@@ -41,7 +41,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from isosweep import storage
 from isosweep.core.ema import EMA
 from isosweep.files import atomic_directory
-from isosweep.training.selection import read_saved
+from isosweep.training.best_step import read_saved
 
 TRAIN_STATE = "train_state.pt"
 MANIFEST = "manifest.json"

@@ -43,7 +43,7 @@ from isosweep.models.loading import Fetch, load_unet_and_scheduler, weights_sha2
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.training.checkpoint import StoredCheckpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from isosweep.training.reporting import Reporter, StepStats
-from isosweep.training.selection import Scorer, Selection
+from isosweep.training.best_step import Scorer, Selection
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -13,11 +13,11 @@ from ray.tune import ExperimentAnalysis
 from isosweep import storage as st
 from isosweep.spec import SweepSpec
 from isosweep.results.layout import read_state, train_storage
-from isosweep.results.records import apply_stored_records
+from isosweep.results.full_eval_records import apply_stored_records
 from isosweep.results.rows import SweepOutcome, make_row, summarize
 
 
-def load_outcome(sweep: str | Path) -> tuple[SweepSpec, SweepOutcome]:
+def read_sweep(sweep: str | Path) -> tuple[SweepSpec, SweepOutcome]:
     """Rebuild a sweep's rows from its folder in storage (running or finished), from any machine."""
     sweep = st.normalize(sweep)
     state = read_state(sweep)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from isosweep.results.selection import choose_champion, pareto_front
+from isosweep.results.pareto import choose_champion, pareto_front
 
 
 def row(tid, fid, ppl, baseline=False):

@@ -1,8 +1,8 @@
 """Multi-fidelity evaluation, its second phase: the full protocol for the screened trials that can still win.
 
 With `evaluation.screening`, every trial ends with FID and PPL at screening sizes, each with a bootstrap interval
-(`trial.py`). Once Tune is done, `promote_screened` takes the rows that can still reach the Pareto front or the
-champion rule (`results.selection.contenders`: nobody beats them beyond the noise on both objectives; the
+(`trial.py`). Once Tune is done, `run_full_protocol` takes the rows that can still reach the Pareto front or the
+champion rule (`results.pareto.contenders`: nobody beats them beyond the noise on both objectives; the
 baseline always) and evaluates each at the full protocol (evaluation.fid, evaluation.ppl), sharded over the
 trial's own worker count by a TorchTrainer that only evaluates. The record goes to
 `<train storage>/<trial id>/isosweep_full_eval.json` (JSON: nothing read back can run code), so a resumed sweep
@@ -31,14 +31,14 @@ from isosweep.console import say
 from isosweep.evaluation.suite import trial_evaluator
 from isosweep.models.loading import load_local
 from isosweep.results.layout import SCREENED_VALUES
-from isosweep.results.records import apply_stored_records, full_eval_uri
-from isosweep.results.selection import contenders
+from isosweep.results.full_eval_records import apply_stored_records, full_eval_uri
+from isosweep.results.pareto import contenders
 from isosweep.tracking.artifacts import log_final_metrics
 from isosweep.tracking.client import TrackingError
 from isosweep.training.checkpoint import verify_checkpoint
 
 
-def promote_screened(spec: SweepSpec, train_storage: str, rows: list[dict], tracking_uri: str | None,
+def run_full_protocol(spec: SweepSpec, train_storage: str, rows: list[dict], tracking_uri: str | None,
                      concurrency: int) -> list[str]:
     """Evaluate the contenders among the DONE rows at the full protocol (or read their stored record) and update
     their rows in place; returns the trial ids whose full evaluation failed (their rows turn ERROR, still `screen`)."""
