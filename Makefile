@@ -41,9 +41,9 @@ test-gpu: install
 	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
 
 bench: install
-	$(PY) bench/iso_step.py
-	$(PY) bench/jacobian.py
-	$(PY) bench/sampling.py
+	$(PY) -m bench.iso_step
+	$(PY) -m bench.jacobian
+	$(PY) -m bench.sampling
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,19 +8,17 @@ create_graph, and the parameter gradient) inside one compiled function. For each
 parameter gradients equal eager's, and dynamo's own counters: frames compiled of frames seen, graph breaks and
 what it could not trace. A lever exists only where the term compiles into few graphs with no break.
 
-    python bench/compile_check.py                 # CPU, aot_eager (no C++ compiler needed): about a minute
-    python bench/compile_check.py --backend inductor --device cuda
+    python -m bench.compile_check                 # CPU, aot_eager (no C++ compiler needed): about a minute
+    python -m bench.compile_check --backend inductor --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import UNet2DModel
 
 from isosweep.core.geometry import isometry_terms

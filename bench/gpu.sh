@@ -36,16 +36,16 @@ run() {  # run NAME TIMEOUT CMD...: one check, its log in $out/NAME.log, a line 
 }
 
 if [ "${GPU_CHECKS:-all}" = profile ]; then  # where the 256 px isometry step's GPU time goes, and two cheap levers
-    run profile_iso 120 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --profile iso_levers
-    run profile_plain 90 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --profile plain
-    run scale_cudnn_benchmark 90 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --cudnn-benchmark
-    run scale_channels_last 90 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --channels-last
+    run profile_iso 120 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 2 --profile iso_levers
+    run profile_plain 90 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 2 --profile plain
+    run scale_cudnn_benchmark 90 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --cudnn-benchmark
+    run scale_channels_last 90 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --channels-last
     exit 0
 fi
 if [ "${GPU_CHECKS:-all}" = lazy ]; then  # training steps with the isometry term every n-th step (train.iso_every)
-    run scale_lazy_fp32 150 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 4 --variants plain,iso_levers --trial-steps 32 --iso-every 1,2,4,8
-    run scale_lazy_bf16 150 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 4 --variants plain,iso_levers --trial-steps 32 --iso-every 1,2,4,8 --bf16
-    run train_steps 300 $py bench/train_steps.py --device cuda --steps 40 --iso-every 1,2,4
+    run scale_lazy_fp32 150 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 4 --variants plain,iso_levers --trial-steps 32 --iso-every 1,2,4,8
+    run scale_lazy_bf16 150 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 4 --variants plain,iso_levers --trial-steps 32 --iso-every 1,2,4,8 --bf16
+    run train_steps 300 $py -m bench.train_steps --device cuda --steps 40 --iso-every 1,2,4
     exit 0
 fi
 case ${GPU_CHECKS:-all} in
@@ -53,11 +53,11 @@ all|tests)
     serving=$($py -c 'import mlflow, pandas' 2>/dev/null && echo tests/test_serving.py)  # where MLflow is there
     run tests 180 $py -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_gpu.py tests/test_metrics.py tests/test_metrics_evaluate.py $serving ;;
 esac
-run scale_fp32 75 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5
-run scale_bf16 75 $py bench/scale.py --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5 --bf16
+run scale_fp32 75 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5
+run scale_bf16 75 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 2 --repeats 5 --bf16
 # fp32 with TF32 off (what evaluation runs) is several times slower than bf16: fewer images at 256 px
-run sampling_fp32 45 $py bench/sampling.py --device cuda --dtype fp32 --sizes 32
-run sampling_fp32_256 60 $py bench/sampling.py --device cuda --dtype fp32 --sizes 256 --n 32 --batch 32
+run sampling_fp32 45 $py -m bench.sampling --device cuda --dtype fp32 --sizes 32
+run sampling_fp32_256 60 $py -m bench.sampling --device cuda --dtype fp32 --sizes 256 --n 32 --batch 32
 case ${GPU_CHECKS:-all} in
-all) run sampling_bf16 75 $py bench/sampling.py --device cuda --dtype bf16 ;;
+all) run sampling_bf16 75 $py -m bench.sampling --device cuda --dtype bf16 ;;
 esac

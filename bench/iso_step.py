@@ -15,8 +15,8 @@ size above the process's level before the variant, reset between variants throug
 expected cost of a fine-tuning epoch at p = 0.5 (half the batches plain, half with the isometry
 loss) relative to a plain epoch. Targets: b/c <= 0.40, b/a <= 3.0, epoch <= 2.0x.
 
-    python bench/iso_step.py                                   # about a minute on 2 CPU cores
-    python bench/iso_step.py --layout celebahq --resolution 256 --channels 128 --batch 8 --device cuda
+    python -m bench.iso_step                                   # about a minute on 2 CPU cores
+    python -m bench.iso_step --layout celebahq --resolution 256 --channels 128 --batch 8 --device cuda
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import torch
 from diffusers import UNet2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from isosweep.core.geometry import inverse_stereographic, isometry_loss, isometry_ratio, isometry_terms, stereographic  # noqa: E402
 from isosweep.core.hspace import decode, encoder_at  # noqa: E402
 

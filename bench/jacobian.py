@@ -1,7 +1,7 @@
 """Batched encoder Jacobian vs torch.autograd.functional.jacobian's loop: same singular values, speed ratio.
 
-    python bench/jacobian.py --size 16 --batch 2 --threads 1
-    python bench/jacobian.py --size 32 --batch 1 --methods vjp batched --device cuda
+    python -m bench.jacobian --size 16 --batch 2 --threads 1
+    python -m bench.jacobian --size 32 --batch 1 --methods vjp batched --device cuda
 
 The encoder is the built-in shapes UNet (isosweep.models.builtin_unet_config) up to its mid block, at
 t = 999, h average-pooled with kernel 2 (docs/math.md section 5). The loop is the reference the paper's

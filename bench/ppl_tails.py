@@ -1,6 +1,6 @@
 """The distribution behind PPL: per-pair path lengths of several models, not just their filtered mean.
 
-    python bench/ppl_tails.py search_spaces/shapes_study.yaml BASE_DIR TRIAL_CKPT_DIR ... [--labels a b ...]
+    python -m bench.ppl_tails search_spaces/shapes_study.yaml BASE_DIR TRIAL_CKPT_DIR ... [--labels a b ...]
 
 PPL (docs/math.md section 5) is the mean of d(G(slerp(t)), G(slerp(t + eps))) / eps^2 over pairs, after dropping
 the values outside the 1st-99th percentiles. A generator that is flat almost everywhere and jumps in a few

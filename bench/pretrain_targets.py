@@ -1,9 +1,9 @@
 """Which denoising target lets the built-in shapes model pretrain in a few hundred CPU steps.
 
-    python bench/pretrain_targets.py --target sample --steps 700 --threads 1 --out /tmp/x0.png
+    python -m bench.pretrain_targets --target sample --steps 700 --threads 1 --out /tmp/x0.png
 
 Trains the built-in UNet (`models.builtin_unet_config`) on `shapes` with the pretraining recipe of
-`models.pretrain_builtin` (Adam 2e-3, warm-up 100, cosine decay, EMA 0.995, batch 32) but a chosen
+`models.pretrain_builtin` (`models.builtin.pretrain_unet`: Adam 2e-3, warm-up 100, cosine decay, EMA 0.995, batch 32) but a chosen
 target: epsilon, v_prediction or sample (x_0), optionally with min-SNR-5 loss weighting. Then samples
 64 images with 10-step DDIM and prints one JSON line: wall time, final loss and `background`, the
 fraction of pixels within 0.15 of black in every channel (the data: about 0.94), next to the data's
@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
 import torch
+
+
+def min_snr_weight(sched, target: str):
+    """Min-SNR-5 per-sample weights (Hang et al. 2023) in the target's own units: eps and v errors are SNR and SNR + 1
+    times x_0's."""
+    abar = sched.alphas_cumprod
+
+    def weight(t: torch.Tensor) -> torch.Tensor:
+        snr = abar[t] / (1 - abar[t])
+        return torch.clamp(snr, max=5.0) / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[target]
+
+    return weight
 
 
 def main() -> None:
@@ -34,55 +45,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
-    from isosweep.core.losses import add_noise, denoising_target
+    from isosweep.core.sampling import ddim_sample
     from isosweep.data.datasets import ShapesDataset
-    from isosweep.models.builtin import builtin_unet_config, default_scheduler
+    from isosweep.models.builtin import builtin_unet_config, default_scheduler, pretrain_unet
 
     torch.manual_seed(0)
     unet = UNet2DModel(**builtin_unet_config(32))
     sched = default_scheduler(1000, args.target)
     data = ShapesDataset(4096, 32, 0)
     images = torch.stack([data[i][0] for i in range(len(data))])
-    ema = [q.detach().clone() for q in unet.parameters()]
-    opt = torch.optim.Adam(unet.parameters(), lr=args.lr)
-    lr_at = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))  # noqa: E731
-    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(0)
-    abar = sched.alphas_cumprod
-    t0, losses = time.time(), []
-    for step in range(args.steps):
-        x0 = images[torch.randint(0, len(images), (args.batch,), generator=gen)]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen)
-        per = ((unet(add_noise(x0, noise, t, abar), t).sample - denoising_target(args.target, x0, noise, t, abar)) ** 2).mean(dim=(1, 2, 3))
-        if args.min_snr:
-            snr = abar[t] / (1 - abar[t])
-            per = per * torch.clamp(snr, max=5.0) / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[args.target]
-        loss = per.mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lrs.step()
-        with torch.no_grad():
-            d = min(0.995, (1 + step) / (10 + step))
-            for e, q in zip(ema, unet.parameters()):
-                e.lerp_(q.detach(), 1 - d)
-        losses.append(loss.item())
+    weight = min_snr_weight(sched, args.target) if args.min_snr else None
+    t0 = time.time()
+    losses = pretrain_unet(unet, sched, images, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=100,
+                           ema_decay=0.995, seed=0, progress=False, weight=weight)
     wall = time.time() - t0
-    with torch.no_grad():
-        for e, q in zip(ema, unet.parameters()):
-            q.copy_(e)
-    unet.eval()
-    ddim = DDIMScheduler.from_config(sched.config)
-    ddim.set_timesteps(10)
-    x = torch.randn((64, 3, 32, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for t in ddim.timesteps:
-            x = ddim.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
-    x = x.clamp(-1, 1)
+    x = ddim_sample(unet, sched, torch.randn((64, 3, 32, 32), generator=torch.Generator().manual_seed(0)), 10,
+                    progress=False).images
 
     def black(imgs: torch.Tensor) -> float:
         return ((imgs + 1).abs() < 0.15).all(dim=1).float().mean().item()

@@ -1,6 +1,6 @@
 """How much G = identity differs from G = stereographic on a spec's data: the spread of r = |x_t| and of g.
 
-    python bench/radius_spread.py search_spaces/shapes_study.yaml [--batch 16] [--batches 200]
+    python -m bench.radius_spread search_spaces/shapes_study.yaml [--batch 16] [--batches 200]
 
 docs/math.md section 3: G = identity multiplies each sample's Tr(R) by g = (r - x[n-1])^2 and Tr(R^2) by g^2, with
 r = |x_t|. L_iso is a ratio that ignores a factor common to the samples it averages, so identity and

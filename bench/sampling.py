@@ -13,10 +13,10 @@ so wall time mostly measures waiting); on a GPU, wall time after torch.cuda.sync
 --precision-check also measures how far bf16 autocast moves 32 px samples and a PPL-style finite
 difference (eps = 1e-4), against fp32's own float noise (the same decode at another batch size).
 
-    python bench/sampling.py                                  # CPU: 32 px and a small 256 px run, ~3 min CPU time
-    python bench/sampling.py --sizes 32 --precision-check --model ~/.cache/isosweep/models/shapes-<hash>
-    python bench/sampling.py --device cuda --dtype bf16        # GPU: half-precision UNet forward
-    python bench/sampling.py --device cuda --dtype fp32 --tf32 off
+    python -m bench.sampling                                  # CPU: 32 px and a small 256 px run, ~3 min CPU time
+    python -m bench.sampling --sizes 32 --precision-check --model ~/.cache/isosweep/models/shapes-<hash>
+    python -m bench.sampling --device cuda --dtype bf16        # GPU: half-precision UNet forward
+    python -m bench.sampling --device cuda --dtype fp32 --tf32 off
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from iso_step import build_unet  # the 256 px architecture: one definition, in bench/iso_step.py
+from bench.iso_step import build_unet  # the 256 px architecture: one definition, in bench/iso_step.py
 
 from isosweep.core.sampling import GRAD_MODES, PRECISIONS, DDIMSampler, ddim_sample, initial_noise
 

@@ -29,10 +29,10 @@ the time goes: the GPU's busy time against the wall time (a step whose kernels k
 its wall time is bound by launches and the CPU, not by arithmetic), the kernel launch count, and the ops that take
 the most GPU and CPU time. `--cudnn-benchmark` lets cuDNN pick its convolution algorithms by timing them.
 
-    python bench/scale.py --batch 2 --iso-batch 1 --warmup 0 --repeats 1  # 256 px, CPU: 10 min of CPU time, 17 GiB
-    python bench/scale.py --device cuda --batch 8 --iso-batch 2 --bf16 --repeats 5
-    python bench/scale.py --estimator                                   # small UNet: about a minute
-    python bench/scale.py --device cuda --batch 8 --iso-batch 2 --profile iso_levers
+    python -m bench.scale --batch 2 --iso-batch 1 --warmup 0 --repeats 1  # 256 px, CPU: 10 min of CPU time, 17 GiB
+    python -m bench.scale --device cuda --batch 8 --iso-batch 2 --bf16 --repeats 5
+    python -m bench.scale --estimator                                   # small UNet: about a minute
+    python -m bench.scale --device cuda --batch 8 --iso-batch 2 --profile iso_levers
 """
 
 from __future__ import annotations
@@ -43,15 +43,12 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import diffusers
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from iso_step import LAMBDA_ISO, P_SPLIT, Stepper, T, build_unet, measure, print_iso_every_table, reference_isometry_loss
+from bench.iso_step import LAMBDA_ISO, P_SPLIT, Stepper, T, build_unet, measure, print_iso_every_table, reference_isometry_loss
 
 from isosweep.core.geometry import isometry_ratio, isometry_terms
 from isosweep.core.hspace import encoder_at

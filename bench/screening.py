@@ -1,7 +1,7 @@
 """Checks multi-fidelity evaluation (`evaluation.screening`, docs/metrics.md "Screening") on finished sweeps that
 were evaluated in full: would screening have kept the same Pareto front and champion, and what would it save?
 
-    nice -n 15 python bench/screening.py /work/study_runs/shapes_study_s[012]-* /work/study_runs/shapes_study_ablations-*
+    nice -n 15 python -m bench.screening /work/study_runs/shapes_study_s[012]-* /work/study_runs/shapes_study_ablations-*
 
 For every DONE trial of each sweep (each sweep on its own: selection is per sweep) the trial's final model (the
 checkpoint its row names, manifest verified) is evaluated again at the screening sizes, exactly as a screening
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default="/tmp/isosweep-screening-cache")
     ap.add_argument("--all-fid", action="store_true", help="screen every trial's FID, also where it cannot change the contenders")
     args = ap.parse_args(argv)
-    print("$ python bench/screening.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])), flush=True)
+    print("$ python -m bench.screening " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])), flush=True)
     results = []
     for s in args.sweeps:
         r = run_sweep(Path(s).expanduser().resolve(), args)

@@ -2,7 +2,7 @@
 trial's PPL stopped once its interval was tight enough, how many pairs would it have used, and would the Pareto front
 and champion be the same?
 
-    python bench/sequential_ppl.py /work/study_runs/shapes_study_s[012]-* /work/study_runs/shapes_study_ablations-* \
+    python -m bench.sequential_ppl /work/study_runs/shapes_study_s[012]-* /work/study_runs/shapes_study_ablations-* \
         --stop-width 0.25,0.5,1.0 --round-pairs 32
 
 No sampling: pair i of a PPL depends only on (seed, i), so a sequential PPL that stops after n pairs has exactly the
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from isosweep.evaluation.metrics.confidence import ppl_interval_tight, ppl_summary
 from isosweep.evaluation.metrics.ppl import sequential_pairs

@@ -1,6 +1,6 @@
 """The study's tables (docs/results.md): every configuration over its training seeds, against the baseline.
 
-    python bench/study_table.py /work/study_runs/shapes_study_s0-* /work/study_runs/shapes_study_s1-* ... \
+    python -m bench.study_table /work/study_runs/shapes_study_s0-* /work/study_runs/shapes_study_s1-* ... \
         --rtl-plot docs/img/study_rtl.png --strips docs/img/study_strips.png
 
 Takes one or more finished sweep folders (each with `results.csv`, written by `isosweep run`/`isosweep results`,

@@ -8,8 +8,8 @@ diffusers pipeline: nothing is downloaded) and the built-in shapes data at `--re
 (the same coins and data); the row's figure is the mean of the loop's own `s_per_step` over the steps after
 `--warmup`, and `iso_fraction` says how many of those steps took the isometry term.
 
-    python bench/train_steps.py --device cuda --steps 40 --iso-every 1,2,4          # H200: about 2 min
-    python bench/train_steps.py --device cpu --resolution 32 --channels 32 --steps 8  # a smoke run of the same code
+    python -m bench.train_steps --device cuda --steps 40 --iso-every 1,2,4          # H200: about 2 min
+    python -m bench.train_steps --device cpu --resolution 32 --channels 32 --steps 8  # a smoke run of the same code
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from iso_step import build_unet, print_iso_every_table
+from bench.iso_step import build_unet, print_iso_every_table
 
 from isosweep.spec import spec_from_dict
 from isosweep.models.builtin import default_scheduler

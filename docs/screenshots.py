@@ -1,13 +1,13 @@
 """Take the screenshots of README "Watching a sweep" from a real sweep: docs/img/watching/*.png.
 
-    nice -n 15 .venv/bin/python docs/screenshots.py                 # about 15 min on a busy shared 2-core CPU
-    .venv/bin/python docs/screenshots.py --keep /tmp/shots           # keep the run (sweep, MLflow db, logs) there
+    nice -n 15 .venv/bin/python -m docs.screenshots                 # about 15 min on a busy shared 2-core CPU
+    .venv/bin/python -m docs.screenshots --keep /tmp/shots           # keep the run (sweep, MLflow db, logs) there
 
 What it starts, all on 127.0.0.1 with free ports, each in its own process group, and stops at the end by
 PID (never `ray stop`, never by name):
-- a one-node Ray cluster with its dashboard, its own --temp-dir and no auth token (tests/ray_cluster.py);
+- a one-node Ray cluster with its dashboard, its own --temp-dir and no auth token (tests/support/ray_cluster.py);
 - Prometheus (Debian's `prometheus`) with clusters/monitoring/prometheus.yml pointed at that cluster's
-  service-discovery file and a 1 s scrape interval (tests/prometheus_server.py);
+  service-discovery file and a 1 s scrape interval (tests/support/prometheus_server.py);
 - `mlflow server` with a SQLite store and local artifacts;
 - the demo sweep, shortened (`--set` below), on that cluster by address and tracked in that server;
 - after the sweep, `optuna-dashboard` on the sweep's `optuna.journal`.
@@ -36,12 +36,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from tests.support.prometheus_server import prometheus_binary, start_prometheus
+from tests.support.ray_cluster import start_local_cluster, stop_local_cluster
+from tests.support.servers import free_port, start_process, stop_process, wait_http
 
-from prometheus_server import prometheus_binary, start_prometheus
-from ray_cluster import start_local_cluster, stop_local_cluster
-from servers import _start, _stop, _wait_http, free_port
+REPO = Path(__file__).resolve().parents[1]
 
 OUT = REPO / "docs" / "img" / "watching"
 BIN = Path(sys.executable).parent
@@ -162,13 +161,13 @@ def main() -> None:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
         log = work / "mlflow-server.log"
-        mlflow = _start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
+        mlflow = start_process([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
                          "--artifacts-destination", str(work / "mlartifacts"), "--host", "127.0.0.1",
                          "--port", str(port), "--workers", "1",
                          "--allowed-hosts", f"{MLFLOW_HOST}:{port},127.0.0.1:{port},localhost:{port}",
                          "--cors-allowed-origins", f"http://{MLFLOW_HOST}:{port}"], env, log)
         procs.append(mlflow)
-        _wait_http(f"{mlflow_uri}/health", mlflow, log, 180)
+        wait_http(f"{mlflow_uri}/health", mlflow, log, 180)
         print(f"MLflow: {mlflow_uri}", flush=True)
 
         sd_file = cluster.temp_dir / "prom_metrics_service_discovery.json"
@@ -227,10 +226,10 @@ def main() -> None:
         (journal,) = storage.glob("demo-*/optuna.journal")
         port = free_port()
         log = work / "optuna-dashboard.log"
-        od = _start([od_bin, str(journal), "--host", "127.0.0.1", "--port", str(port)], dict(os.environ), log)
+        od = start_process([od_bin, str(journal), "--host", "127.0.0.1", "--port", str(port)], dict(os.environ), log)
         procs.append(od)
         od_url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{od_url}/api/studies", od, log, 60)
+        wait_http(f"{od_url}/api/studies", od, log, 60)
         sid = get_json(f"{od_url}/api/studies")["study_summaries"][0]["study_id"]
         shoot(f"{od_url}/dashboard/studies/{sid}", "optuna_study", work, size=(1440, 2100), budget_ms=30000)
         print(f"done: {sorted(p.name for p in OUT.glob('*.png'))}", flush=True)
@@ -238,7 +237,7 @@ def main() -> None:
         for p in reversed(procs):
             if p.poll() is None:
                 if hasattr(p, "_isosweep_log"):
-                    _stop(p)
+                    stop_process(p)
                 else:  # the sweep: Ctrl-C first (it saves and exits), then its group
                     p.send_signal(2)
                     try:
@@ -247,7 +246,7 @@ def main() -> None:
                         os.killpg(p.pid, 9)
                         p.wait()
             elif hasattr(p, "_isosweep_log"):
-                _stop(p)
+                stop_process(p)
         if cluster is not None:
             stop_local_cluster(cluster)
         if not args.keep:

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
-from servers import free_port
+from support.servers import free_port
 from test_training import make_spec  # the tiny base model fixture, tiny_model_dir, is in conftest.py
 
 from isosweep.core.ema import EMA

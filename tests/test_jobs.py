@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_cluster import free_port
+from support.ray_cluster import free_port
 
 from isosweep import cli
 from isosweep.cli import build_parser

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_server import DASHBOARD, MONITORING, SCRAPE_CONFIG, dashboard_queries, label_values_selector
+from support.prometheus_server import DASHBOARD, MONITORING, SCRAPE_CONFIG, dashboard_queries, label_values_selector
 
 from isosweep.sweep import monitoring
 

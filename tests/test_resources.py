@@ -202,7 +202,7 @@ def test_a_trial_whose_worker_node_dies_resumes_from_its_checkpoint_on_another_n
     import multiprocessing
 
     import torch
-    from ray_cluster import kill_worker_node, start_local_cluster, stop_local_cluster
+    from support.ray_cluster import kill_worker_node, start_local_cluster, stop_local_cluster
 
     from isosweep.spec import spec_from_dict
 

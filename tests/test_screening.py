@@ -168,22 +168,10 @@ def test_a_sequential_ppl_that_stops_early_is_the_ppl_of_its_first_pairs(tmp_pat
     assert evaluate_model(unet, sched, tight, data, progress=False, images=False).metrics["ppl_n"] == 12  # never tight: all pairs
 
 
-def _bench_screening():
-    import importlib.util
-    import sys
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "screening.py"
-    mod_spec = importlib.util.spec_from_file_location("bench_screening", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    sys.modules.setdefault("bench_screening", mod)  # its dataclass looks its module up
-    mod_spec.loader.exec_module(mod)
-    return sys.modules["bench_screening"]
-
-
 def test_the_screening_check_counts_unet_evaluations_and_flags_a_dropped_front_member():
     """bench/screening.py: one UNet pass per FID image and step, two per PPL pair and step; a trial that screening
     drops but that is on the full front makes the sweep DIFFERENT, and is named."""
-    bench = _bench_screening()
+    from bench import screening as bench
     assert bench.unet_evaluations(512, 10, 192, 10) == 512 * 10 + 2 * 192 * 10
     spec = _demo()
     full = [{"trial_id": "base", "baseline": True, "status": "DONE", "fid": 50.0, "ppl": 50.0},
@@ -206,15 +194,9 @@ def test_the_screening_check_counts_unet_evaluations_and_flags_a_dropped_front_m
 def test_the_sequential_ppl_replay_stops_where_the_evaluation_would():
     """bench/sequential_ppl.py: on pairs whose values barely vary the interval is tight after the first round, on
     heavy-tailed pairs (shapes' PPL) never; what it keeps is always a prefix, in pair order."""
-    import importlib.util
-    from pathlib import Path
-
     import numpy as np
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "sequential_ppl.py"
-    mod_spec = importlib.util.spec_from_file_location("bench_sequential_ppl", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
+    from bench import sequential_ppl as mod
     rng = np.random.default_rng(0)
     steady = 50 + rng.normal(0, 0.5, 192)
     heavy = rng.pareto(0.8, 192) * 10

@@ -1,7 +1,7 @@
 """The registered champion served by `mlflow models serve`, over real HTTP, against the real tracking server.
 
 The model is registered the way a sweep does it (trial run, final metrics, `registry.log_and_register` with
-alias `champion`) on `mlflow server` with its artifacts in S3 (moto), both on loopback (tests/servers.py). The
+alias `champion`) on `mlflow server` with its artifacts in S3 (moto), both on loopback (tests/support/servers.py). The
 scoring server is `mlflow models serve -m models:/NAME@champion --env-manager local`, started as a subprocess
 in its own process group with only MLFLOW_TRACKING_URI (the tracking server proxies S3) and stopped by its
 PID. The tiny UNet (8x8) and 3 DDIM steps keep it to about a minute on 2 CPU cores.
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from servers import BIN, _start, _stop, _wait_http, free_port
+from support.servers import BIN, free_port, start_process, stop_process, wait_http
 
 from isosweep.commands.models import interpolation_frames
 from isosweep.core.sampling import ddim_sample, sample_shape
@@ -98,11 +98,11 @@ def test_the_champion_serves_pngs_over_http(tmp_path, mlflow_server, tiny_model_
     # PATH: the serve command runs `uvicorn` from the environment; PYTHONPATH: the model needs no isosweep
     env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1", PYTHONPATH="", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
     t0 = time.monotonic()
-    proc = _start([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+    proc = start_process([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
                    "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env, log_path)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base}/ping", proc, log_path, 300)  # 100 s seen on 2 cores at a load of 7
+        wait_http(f"{base}/ping", proc, log_path, 300)  # 100 s seen on 2 cores at a load of 7
         print(f"serving after {time.monotonic() - t0:.1f} s")
         url = f"{base}/invocations"
 
@@ -140,7 +140,7 @@ def test_the_champion_serves_pngs_over_http(tmp_path, mlflow_server, tiny_model_
         status, answer = _post(url, {"inputs": {"n": 2, "colour": "red"}})
         assert status == 400 and "'colour'" in answer["message"]
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.mark.gpu

@@ -338,7 +338,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory, isosweep_cache_dir, hub_cache, standard_weights, photo_datasets, mlflow_server):
     """The selected specs' sweeps (see `Runs`), on one local Ray node of 2 CPUs without a dashboard."""
-    from ray_cluster import start_local_cluster, stop_local_cluster
+    from support.ray_cluster import start_local_cluster, stop_local_cluster
 
     selected = sorted({item.callspec.params["name"] for item in request.session.items
                        if item.module is request.module and item.originalname == "test_the_spec_runs_end_to_end"})

@@ -1,13 +1,9 @@
 """bench/study_table.py, which makes docs/results.md's tables: seeds merged, repeats dropped, the stage-1 rule."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("study_table", ROOT / "bench" / "study_table.py")
-study_table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(study_table)
+from bench import study_table
 
 COLUMNS = ["trial_id", "baseline", "lambda_iso", "p", "iso_metric", "seed", "status", "fid", "ppl", "ppl_lo", "ppl_hi"]
 

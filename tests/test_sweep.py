@@ -78,7 +78,7 @@ def _kill_the_first_trials_workers(proc: subprocess.Popen, storage: Path, deadli
     """SIGKILL the Train workers of the sweep's first trial (the baseline: trials run one at a time) once Ray
     Train has registered one of its checkpoints (its snapshot file lists them); returns its trial id.
     Workers are found among the driver's descendants by the process title Ray gives them."""
-    from ray_cluster import _descendants, _proc_table
+    from support.ray_cluster import _descendants, _proc_table
 
     while time.time() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -249,7 +249,7 @@ def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path
     moves @champion to the champion the table names.
     The tracking URI carries a password (`http://user:password@host`) and the environment a token: neither
     appears in any file the sweep wrote, in its output, or in any MLflow param, tag or artifact."""
-    from servers import LosingProxy
+    from support.servers import LosingProxy
 
     proxy = LosingProxy(mlflow_server.uri)
     storage = tmp_path / "runs"
@@ -350,8 +350,8 @@ def test_sweep_by_address_puts_a_trials_ranks_on_different_nodes(tmp_path, cache
     this cluster's temp dir) scrapes the cluster: the sweep's, evaluations' and trainings' isosweep series
     arrive with the values the sweep's own results show, and every query of the shipped Grafana dashboard
     runs (tests/test_monitoring.py checks the names without a server)."""
-    from prometheus_server import prometheus_binary, start_prometheus
-    from ray_cluster import node_ids
+    from support.prometheus_server import prometheus_binary, start_prometheus
+    from support.ray_cluster import node_ids
 
     env = {**ray_cluster.env, "ISOSWEEP_CACHE": str(cache_env), "PYTHONUNBUFFERED": "1"}
     # --shared-fs: every node of this loopback cluster is this machine, so they all see the local storage
@@ -395,7 +395,7 @@ def _assert_prometheus_saw_the_sweep(prom, sweep_dir: Path, started: float) -> N
     exited by now, so each check reads the series' history ([window] ranges), as a dashboard does afterwards."""
     import csv
 
-    from prometheus_server import dashboard_queries, label_values_selector
+    from support.prometheus_server import dashboard_queries, label_values_selector
 
     assert sum(t["health"] == "up" for t in prom.targets()) >= 3, prom.targets()  # each node's metrics export port
     sweep, window = sweep_dir.name, f"{int(time.time() - started) + 60}s"
@@ -480,8 +480,8 @@ def test_cluster_sweep_survives_losing_the_whole_cluster(tmp_path, cache_env, ml
     once, and `isosweep results` from a fourth folder prints the driver's table."""
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobSubmissionClient
-    from ray_cluster import kill_worker_node, start_local_cluster, stop_local_cluster
-    from servers import DUMMY_AWS
+    from support.ray_cluster import kill_worker_node, start_local_cluster, stop_local_cluster
+    from support.servers import DUMMY_AWS
 
     s3 = mlflow_server.s3
     port = s3.endpoint_url.rsplit(":", 1)[1]

@@ -1,7 +1,7 @@
 """Tracking, registry and the pull/sample/interpolate commands against real MLflow stores.
 
 Local tests use a SQLite store in tmp_path (the server-less default); the S3 test uses the real
-moto S3 server and `mlflow server --artifacts-destination s3://...` from tests/servers.py and lists
+moto S3 server and `mlflow server --artifacts-destination s3://...` from tests/support/servers.py and lists
 the bucket with boto3. Models are tiny UNet2DModels built from config (no download).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from servers import LosingProxy, free_port
+from support.servers import LosingProxy, free_port
 
 from isosweep.commands import models as model_cmds
 from isosweep.commands import sync as sync_cmd

@@ -34,7 +34,7 @@ def ray_local():
     """An embedded Ray whose workers hold the (dummy) credentials of the loopback S3 server."""
     import ray
 
-    from servers import DUMMY_AWS
+    from support.servers import DUMMY_AWS
 
     before = {k: os.environ.get(k) for k in DUMMY_AWS}
     os.environ.update(DUMMY_AWS)  # workers inherit the environment Ray starts with
@@ -134,7 +134,7 @@ def test_s3_server_stopped_during_a_checkpoint_upload(ray_local, tmp_path, s3_se
     an infrastructure failure: the trial is retried under its budget and resumes from the last checkpoint
     that was registered, not from scratch; the partial upload is never used, and the final checkpoint
     verifies against its manifest."""
-    from servers import StoppableTcpProxy
+    from support.servers import StoppableTcpProxy
 
     from isosweep.sweep.trainer import build_trainer
     from isosweep.sweep.trial import fit_with_one_budget

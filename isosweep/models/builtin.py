@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -100,24 +100,45 @@ def pretrain_builtin(base_model_spec, dataset_spec=None, *, force: bool = False,
     ds = recipe["dataset"]
     data = ShapesDataset(ds["size"], ds["resolution"], ds["seed"])
     images = torch.stack([data[i][0] for i in range(len(data))])  # the whole set fits in memory (50 MB)
-    ema = EMA(unet, recipe["ema_decay"])
-    opt = torch.optim.Adam(unet.parameters(), lr=recipe["lr"])
-    steps, bs, warm = recipe["steps"], recipe["batch_size"], recipe["warmup"]
+    t0 = time.time()
+    losses = pretrain_unet(unet, scheduler, images, steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+                           warmup=recipe["warmup"], ema_decay=recipe["ema_decay"], seed=recipe["seed"], progress=progress)
+    with atomic_directory(target, replace=force) as tmp:  # concurrent callers never see a half-written model
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+        (tmp / "pretrain.json").write_text(json.dumps(
+            dict(recipe=recipe, wall_s=round(time.time() - t0, 1), final_loss=float(np.mean(losses[-100:]))), indent=2))
+    return target
+
+
+def pretrain_unet(unet: UNet2DModel, scheduler: DDPMScheduler, images: torch.Tensor, *, steps: int, batch_size: int,
+                  lr: float, warmup: int, ema_decay: float, seed: int, progress: bool = True,
+                  weight: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+    """Pretrain `unet` in place on `images` (N, C, H, W) in the scheduler's prediction type and leave the EMA weights
+    in it; returns the loss of every step. The recipe of `pretrain_builtin`: Adam at `lr` with a linear warm-up over
+    `warmup` steps and cosine decay, gradients clipped to norm 1, EMA with diffusers' warm-up, batches and noise from
+    one generator seeded `seed`. `weight(t)`, if given, weights each sample's squared error (a loss-weighting study,
+    e.g. min-SNR); without it the loss is the plain mean squared error."""
+    ema = EMA(unet, ema_decay)
+    opt = torch.optim.Adam(unet.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(recipe["seed"])
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(seed)
     alphas = scheduler.alphas_cumprod
+    prediction_type, timesteps = scheduler.config.prediction_type, scheduler.config.num_train_timesteps
     bar = _progress(steps, "pretrain shapes", progress)
-    t0, losses = time.time(), []
+    losses: list[float] = []
     unet.train()
     for step in range(steps):
-        idx = torch.randint(0, len(images), (bs,), generator=gen)
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, recipe["timesteps"], (bs,), generator=gen)
+        t = torch.randint(0, timesteps, (batch_size,), generator=gen)
         xt = add_noise(x0, noise, t, alphas)
-        wanted = denoising_target(recipe["prediction_type"], x0, noise, t, alphas)
-        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, wanted)
+        wanted = denoising_target(prediction_type, x0, noise, t, alphas)
+        if weight is None:
+            loss = torch.nn.functional.mse_loss(unet(xt, t).sample, wanted)
+        else:
+            loss = (((unet(xt, t).sample - wanted) ** 2).mean(dim=tuple(range(1, x0.dim()))) * weight(t)).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining diverged at step {step}: dsm loss {loss.item()}")
         opt.zero_grad(set_to_none=True)
@@ -133,11 +154,7 @@ def pretrain_builtin(base_model_spec, dataset_spec=None, *, force: bool = False,
     bar.close()
     ema.copy_to(unet)
     unet.eval()
-    with atomic_directory(target, replace=force) as tmp:  # concurrent callers never see a half-written model
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
-        (tmp / "pretrain.json").write_text(json.dumps(
-            dict(recipe=recipe, wall_s=round(time.time() - t0, 1), final_loss=float(np.mean(losses[-100:]))), indent=2))
-    return target
+    return losses
 
 
 def _progress(total: int, desc: str, enabled: bool):

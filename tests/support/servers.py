@@ -1,6 +1,6 @@
 """Real S3 and MLflow servers on loopback for tests: moto's standalone S3 server and `mlflow server`.
 
-A plain module (not conftest.py), imported like tests/ray_cluster.py:
+A plain module (not conftest.py), imported like tests/support/ray_cluster.py:
 
     # the fixtures are registered in conftest.py: a test just names them
 
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from .ray_cluster import free_port  # noqa: F401 -- one definition; tests import it from either module
+
 BIN = Path(sys.executable).parent
 BUCKET = "isosweep-test"
 DUMMY_AWS = {
@@ -40,21 +42,14 @@ DUMMY_AWS = {
 }
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in _stop
+def start_process(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in stop_process
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc._isosweep_log = log  # type: ignore[attr-defined]
     return proc
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM the process group this fixture started (pgid == its PID), SIGKILL after grace_s."""
     if proc.poll() is None:
         try:
@@ -77,7 +72,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     proc._isosweep_log.close()  # type: ignore[attr-defined]
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -135,15 +130,15 @@ def s3_server() -> Iterator[S3Server]:
     workdir = Path(tempfile.mkdtemp(prefix="isosweep-s3-"))
     env = {**os.environ, **DUMMY_AWS}
     log_path = workdir / "moto.log"
-    proc = _start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env, log_path)
+    proc = start_process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env, log_path)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{endpoint}/moto-api/", proc, log_path, 30)
+        wait_http(f"{endpoint}/moto-api/", proc, log_path, 30)
         server = S3Server(endpoint, BUCKET, proc.pid, env={**DUMMY_AWS, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint})
         server.client().create_bucket(Bucket=BUCKET)
         yield server
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")
@@ -165,13 +160,13 @@ def mlflow_server(s3_server: S3Server) -> Iterator[MlflowServer]:
         "--artifacts-destination", dest,
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
-    proc = _start(cmd, env, log_path)
+    proc = start_process(cmd, env, log_path)
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{uri}/health", proc, log_path, 120)
+        wait_http(f"{uri}/health", proc, log_path, 120)
         yield MlflowServer(uri, proc.pid, s3_server, dest, workdir)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 class LosingProxy:

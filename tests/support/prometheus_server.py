@@ -1,9 +1,9 @@
 """A real Prometheus server for tests, scraping a Ray cluster with the shipped config; and the shipped
 Grafana dashboard's queries.
 
-A plain module imported like tests/ray_cluster.py:
+A plain module imported like tests/support/ray_cluster.py:
 
-    from prometheus_server import dashboard_queries, prometheus_binary, start_prometheus
+    from support.prometheus_server import dashboard_queries, prometheus_binary, start_prometheus
 
     with start_prometheus(sd_file, tmp_path) as prom:   # clusters/monitoring/prometheus.yml, pointed at sd_file
         ...                                             # run something on the Ray cluster
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from ray_cluster import free_port
+from .ray_cluster import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "clusters" / "monitoring"
 SCRAPE_CONFIG = MONITORING / "prometheus.yml"
 DASHBOARD = MONITORING / "grafana-isosweep.json"
