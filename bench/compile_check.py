@@ -18,7 +18,6 @@ import argparse
 import sys
 
 import torch
-
 from diffusers import UNet2DModel
 
 from isosweep.core.geometry import isometry_terms

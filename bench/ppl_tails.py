@@ -26,11 +26,11 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=None, help="override evaluation.ppl.num_samples")
     args = p.parse_args()
 
-    from isosweep.spec import BaseModelSpec, load_spec
     from isosweep.core.sampling import DDIMSampler
     from isosweep.evaluation.features import resolver as bb
     from isosweep.evaluation.metrics.ppl import filtered_mean, ppl_distances
     from isosweep.models.loading import load_unet_and_scheduler
+    from isosweep.spec import BaseModelSpec, load_spec
 
     spec = load_spec(args.spec, [])
     ev = spec.evaluation

@@ -30,9 +30,9 @@ def main() -> None:
 
     from diffusers import DDPMScheduler
 
-    from isosweep.spec import load_spec
     from isosweep.core.losses import add_noise, iso_cutoff
     from isosweep.data.datasets import build_dataset
+    from isosweep.spec import load_spec
 
     spec = load_spec(args.spec, [])
     data = build_dataset(spec.dataset, train=True)

@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 from bench.iso_step import build_unet  # the 256 px architecture: one definition, in bench/iso_step.py
-
 from isosweep.core.sampling import GRAD_MODES, PRECISIONS, DDIMSampler, ddim_sample, initial_noise
 
 # per (device type, size): images, DDIM steps, batch sizes. CPU 256 px: one forward at batch 1 is ~3-4 s.

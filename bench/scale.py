@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 
 from bench.iso_step import LAMBDA_ISO, P_SPLIT, Stepper, T, build_unet, measure, print_iso_every_table, reference_isometry_loss
-
 from isosweep.core.geometry import isometry_ratio, isometry_terms
 from isosweep.core.hspace import encoder_at
 from isosweep.core.losses import IsoDiffusionLoss, add_noise, iso_cutoff

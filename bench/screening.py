@@ -85,8 +85,8 @@ class Check:
 def check(spec, rows: Sequence[dict], screens: dict[str, dict[str, float]]) -> Check:
     """Selection on full rows of all DONE trials against selection on full rows of the contenders of the screened
     rows (`screens`: trial id -> screening fid, fid_lo, fid_hi, ppl, ppl_lo, ppl_hi). Rows are not changed."""
-    from isosweep.results.rows import summarize
     from isosweep.results.pareto import contenders, lower_beyond_noise
+    from isosweep.results.rows import summarize
 
     objectives = tuple(spec.selection.objectives)
     done = [dict(r) for r in rows if r["status"] == "DONE" and r["trial_id"] in screens]
@@ -158,9 +158,9 @@ def screen_metric(spec, sweep: Path, row: dict, sizes: dict, metric: str, cache:
             return out
     import torch
 
-    from isosweep.spec import SweepSpec
     from isosweep.evaluation.suite import trial_evaluator
     from isosweep.models.loading import load_local
+    from isosweep.spec import SweepSpec
     from isosweep.training.checkpoint import verify_checkpoint
 
     verify_checkpoint(ckpt)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from isosweep.evaluation.metrics.confidence import ppl_interval_tight, ppl_summary
 from isosweep.evaluation.metrics.ppl import sequential_pairs
 

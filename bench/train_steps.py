@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from bench.iso_step import build_unet, print_iso_every_table
-
-from isosweep.spec import spec_from_dict
 from isosweep.models.builtin import default_scheduler
+from isosweep.spec import spec_from_dict
 from isosweep.training.loop import train_loop
 from isosweep.training.reporting import LocalReporter
 

@@ -64,9 +64,9 @@ def isosweep_cache_dir(tmp_path_factory):
 
 # The servers and the multi-node cluster are session fixtures registered here, once for the whole run:
 # imported into each test module instead, every module would start its own (about 10 s and 0.5 GB each).
-from support.ray_cluster import ray_cluster  # noqa: E402,F401
-from support.servers import mlflow_server, s3_server  # noqa: E402,F401
-from support.weights import standard_weights  # noqa: E402,F401
 # Stand-ins for what tests cannot download: the paper's hub models in a real HF cache (built once per session).
 from support.hub import hub_cache, hub_cache_real  # noqa: E402,F401
 from support.photos import photo_datasets  # noqa: E402,F401
+from support.ray_cluster import ray_cluster  # noqa: E402,F401
+from support.servers import mlflow_server, s3_server  # noqa: E402,F401
+from support.weights import standard_weights  # noqa: E402,F401

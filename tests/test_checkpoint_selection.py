@@ -13,10 +13,10 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from isosweep.spec import SpecError, load_spec, spec_from_dict
+from isosweep.training.best_step import BEST_WEIGHTS, SELECTION_FILE, selection_columns
 from isosweep.training.checkpoint import load_train_state, verify_checkpoint
 from isosweep.training.loop import train_loop
 from isosweep.training.reporting import LocalReporter
-from isosweep.training.best_step import BEST_WEIGHTS, SELECTION_FILE, selection_columns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,11 +215,11 @@ def test_the_spec_field(tiny_model_dir):
 def test_the_scorer_is_the_final_fid_on_fewer_samples(tmp_path, monkeypatch):
     """`checkpoint_fid_scorer`: FID with checkpoint_fid's samples and DDIM steps, the same feature network, reference
     statistics and latents as the final FID (so at the same settings it equals it), and its backbone's name."""
-    from isosweep.spec import DatasetSpec
     from isosweep.evaluation import suite
     from isosweep.evaluation.features import resolver as bb
     from isosweep.evaluation.features.resolver import FeatureNetworks
     from isosweep.evaluation.suite import checkpoint_fid_scorer, evaluate_model
+    from isosweep.spec import DatasetSpec
 
     def pixels(images):  # a stand-in feature network: 4x4 average-pooled pixels
         return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)

@@ -306,8 +306,8 @@ def test_old_metric_key_names_its_new_name(tmp_path, section, capsys):
 
 def test_trials_of_a_sweep_started_before_the_rename_keep_their_metric():
     """A stored Tune config or results row still saying `metric` is read as `iso_metric`, never the default."""
-    from isosweep.spec import resolve_trial_spec, trial_params_of
     from isosweep.results.rows import make_row
+    from isosweep.spec import resolve_trial_spec, trial_params_of
 
     old = {"lambda_iso": 1e-3, "p": 0.5, "metric": "identity", "baseline": False}
     params = trial_params_of(old)

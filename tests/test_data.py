@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep.spec import DatasetSpec
 from isosweep.data.datasets import POSITIONS, ImageFolderDataset, ShapesDataset, ShardedLoader, ShardSampler, build_dataset, render_shape
+from isosweep.spec import DatasetSpec
 
 
 def test_shapes_deterministic_per_seed():

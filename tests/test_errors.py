@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from isosweep.spec import SpecError
 from isosweep.data.imagefiles import ImageFileError
 from isosweep.errors import deterministic_cause
+from isosweep.spec import SpecError
 from isosweep.training.checkpoint import CorruptCheckpointError
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
-from isosweep.spec import DatasetSpec, EvaluationSpec, spec_from_dict
 from isosweep.models.builtin import default_scheduler
+from isosweep.spec import DatasetSpec, EvaluationSpec, spec_from_dict
 from isosweep.training.checkpoint import load_train_state
 from isosweep.training.loop import train_loop
 from isosweep.training.reporting import LocalReporter

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep.spec import DatasetSpec, EvaluationSpec
 from isosweep.data import attributes as label_files
 from isosweep.evaluation.features import attributes as at
 from isosweep.evaluation.features import common
 from isosweep.evaluation.features import resolver as bb
+from isosweep.spec import DatasetSpec, EvaluationSpec
 
 RES = 16
 NAMES = ("Bright", "Left_Red")

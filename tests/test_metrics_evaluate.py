@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep.spec import DatasetSpec, EvaluationSpec
 from isosweep.evaluation.features import common, domain, standard
 from isosweep.evaluation.features import resolver as bb
 from isosweep.evaluation.record import EvalResult, format_row
 from isosweep.evaluation.suite import evaluate_model, shard_range
+from isosweep.spec import DatasetSpec, EvaluationSpec
 
 FAST_DOMAIN = dict(steps=40, batch_size=32, train_size=512)
 

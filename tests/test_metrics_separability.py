@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from isosweep.spec import RESULT_METRICS, EvaluationSpec, LsSpec
 from isosweep.core.names import LS_SPACES
 from isosweep.evaluation.metrics.separability import classify_samples, heldout_split, linear_separability, ls_max, ls_name, ls_scores
+from isosweep.spec import RESULT_METRICS, EvaluationSpec, LsSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

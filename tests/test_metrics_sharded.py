@@ -13,9 +13,9 @@ from test_metrics_evaluate import FAST_DOMAIN, tiny_eval_spec, tiny_unet
 def _worker(rank: int, world: int, tmp: str) -> None:
     from diffusers import DDPMScheduler
 
-    from isosweep.spec import DatasetSpec
     from isosweep.evaluation.features import domain
     from isosweep.evaluation.suite import evaluate_model
+    from isosweep.spec import DatasetSpec
 
     torch.set_num_threads(1)
     domain._DOMAIN_RECIPE = {**domain._DOMAIN_RECIPE, **FAST_DOMAIN}  # same recipe as the parent, so the cache hits
@@ -35,9 +35,9 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     from diffusers import DDPMScheduler
 
-    from isosweep.spec import DatasetSpec
     from isosweep.evaluation.features import domain
     from isosweep.evaluation.suite import evaluate_model
+    from isosweep.spec import DatasetSpec
 
     monkeypatch.setattr(domain, "_DOMAIN_RECIPE", {**domain._DOMAIN_RECIPE, **FAST_DOMAIN})
     before = torch.get_num_threads()

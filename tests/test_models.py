@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
-from isosweep.spec import BaseModelSpec, DatasetSpec
 from isosweep.models.builtin import builtin_model_dir, default_scheduler, pretrain_builtin, sample_grid
 from isosweep.models.loading import find_diffusers_dir, load_unet_and_scheduler
+from isosweep.spec import BaseModelSpec, DatasetSpec
 
 
 def _tiny_unet() -> UNet2DModel:

@@ -174,11 +174,11 @@ def test_the_summary_report_and_table_say_what_the_loss_changed_beyond_the_noise
     yet the summary, the report and results.md show each trial's MCN, VoR, mRTL and PPL with intervals next to the
     baseline's and say where the loss moved them beyond the noise (the intervals do not overlap)."""
     from isosweep.commands.sweep import print_summary
-    from isosweep.spec import load_spec
     from isosweep.evaluation.record import metric_text
     from isosweep.results.report import write_report
     from isosweep.results.rows import SweepOutcome, make_row, summarize
     from isosweep.results.tables import save_tables
+    from isosweep.spec import load_spec
 
     spec = load_spec("search_spaces/demo.yaml")
     base_cfg = {"baseline": True, "lambda_iso": 0.0, "p": 1.0, "iso_metric": "stereographic"}

@@ -7,15 +7,15 @@ import math
 
 import numpy as np
 import pytest
+from test_metrics_evaluate import fast_domain  # noqa: F401 -- the fixture: a short recipe for the domain network
 
-from isosweep.spec import SpecError, SweepSpec, load_spec
 from isosweep.evaluation.metrics.confidence import fid_interval, fid_of_counts
 from isosweep.evaluation.metrics.fid import feature_statistics, fid_from_features, frechet_distance
-from isosweep.results.rows import make_row, summarize
-from isosweep.results.pareto import contenders, pareto_front
-from isosweep.results.tables import markdown_table
 from isosweep.results.full_eval_records import apply_full_record
-from test_metrics_evaluate import fast_domain  # noqa: F401 -- the fixture: a short recipe for the domain network
+from isosweep.results.pareto import contenders, pareto_front
+from isosweep.results.rows import make_row, summarize
+from isosweep.results.tables import markdown_table
+from isosweep.spec import SpecError, SweepSpec, load_spec
 
 
 def _row(tid, fid, ppl, *, spread=1.0, baseline=False, fidelity="screen"):
@@ -154,9 +154,9 @@ def test_sequential_pairs_stops_after_the_first_round_that_is_enough_and_keeps_p
 def test_a_sequential_ppl_that_stops_early_is_the_ppl_of_its_first_pairs(tmp_path, fast_domain):
     from test_metrics_evaluate import tiny_eval_spec, tiny_unet
 
-    from isosweep.spec import DatasetSpec
     from isosweep.evaluation.suite import evaluate_model
     from isosweep.models.builtin import default_scheduler
+    from isosweep.spec import DatasetSpec
 
     unet, sched, data = tiny_unet(), default_scheduler(), DatasetSpec(kind="shapes", resolution=16, size=64)
     loose = tiny_eval_spec(tmp_path, metrics=["ppl"], ppl={"num_samples": 12, "ddim_steps": 2, "stop_width": 2.0, "round_pairs": 4})

@@ -146,8 +146,8 @@ def test_objectives_must_be_measured():
 
 def test_resume_from_an_unreadable_state_file_is_refused(tmp_path):
     """A truncated state file must stop `resume` with the file's name, not silently start a fresh sweep."""
-    from isosweep.spec import SpecError
     from isosweep.results.layout import STATE_FILE
+    from isosweep.spec import SpecError
     from isosweep.sweep.driver import _place
 
     spec = load_spec(DEMO, check_paths=False)
@@ -170,9 +170,9 @@ POINTS = ("search.points=[{lambda_iso: 1.0e-3, p: 0.5, iso_metric: stereographic
 def test_points_run_exactly_the_listed_trials_after_the_baseline_with_their_own_seed_and_timesteps(tmp_path):
     from ray.tune.experiment import Experiment
 
-    from isosweep.spec import resolve_trial_spec, trial_params_of
     from isosweep.results.rows import make_row
     from isosweep.results.tables import markdown_table
+    from isosweep.spec import resolve_trial_spec, trial_params_of
     from isosweep.sweep.search import planned_trials
 
     spec = load_spec(DEMO, ["search.algorithm=points", POINTS, "train.seed=7", "train.iso_timesteps=per_timestep"])

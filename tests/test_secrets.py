@@ -19,13 +19,13 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
 from isosweep import storage as st
-from isosweep.spec import BaseModelSpec, spec_from_dict
 from isosweep.files import write_bytes_atomic
 from isosweep.models.builtin import default_scheduler
 from isosweep.models.loading import load_unet_and_scheduler
 from isosweep.redact import format_exception_scrubbed, scrub, scrub_headers, scrub_text, scrub_tree
 from isosweep.results.report import write_report
 from isosweep.results.rows import SweepOutcome, make_row, summarize
+from isosweep.spec import BaseModelSpec, spec_from_dict
 
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzz9SECRETKEY"
 JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ"

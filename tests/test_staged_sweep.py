@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
+from test_sweep import DEMO, TINY, cache_env  # noqa: F401 -- cache_env: one cache per session (conftest.isosweep_cache_dir)
 
-from isosweep.spec import BaseModelSpec, SpecError, spec_from_dict
 from isosweep.models.builtin import default_scheduler
 from isosweep.models.loading import load_unet_and_scheduler
-from test_sweep import DEMO, TINY, cache_env  # noqa: F401 -- cache_env: one cache per session (conftest.isosweep_cache_dir)
+from isosweep.spec import BaseModelSpec, SpecError, spec_from_dict
 
 NAME = "tiny-staged"
 
@@ -150,8 +150,8 @@ def test_a_resumed_run_keeps_the_base_its_checkpoint_recorded(tiny_model_dir, tm
     resumed from that checkpoint keeps the record even when the source now holds other weights."""
     import shutil
 
-    from isosweep.training.reporting import LocalReporter
     from isosweep.training.loop import train_loop
+    from isosweep.training.reporting import LocalReporter
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)

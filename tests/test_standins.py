@@ -24,10 +24,10 @@ from PIL import Image
 from support.hub import CELEBAHQ, CIFAR10, HUB_IDS, REAL_CELEBAHQ_PARAMS, REPOS, HubCache, build_hub_cache, unet_config
 from support.photos import ANNO_FILE, ATTRIBUTES
 
-from isosweep.spec import load_spec
 from isosweep.data.attributes import match_images, read_attributes
 from isosweep.data.datasets import ImageFolderDataset, build_dataset
 from isosweep.models.loading import load_unet_and_scheduler
+from isosweep.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"celebahq": CELEBAHQ, "cifar10": CIFAR10, "lsun_church": "google/ddpm-ema-church-256",

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from isosweep import storage as st
-from isosweep.spec import SpecError, load_spec
 from isosweep.results import layout
+from isosweep.spec import SpecError, load_spec
 from isosweep.spec.changes import spec_changes, spec_for_resume
 
 ROOT = Path(__file__).resolve().parents[1]

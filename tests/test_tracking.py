@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 from support.servers import LosingProxy, free_port
 
+from isosweep import redact
 from isosweep.commands import models as model_cmds
 from isosweep.commands import sync as sync_cmd
 from isosweep.spec import spec_from_dict
-from isosweep import redact
 from isosweep.tracking import artifacts, client, registry, runs
 from isosweep.tracking import steps as step_metrics
 

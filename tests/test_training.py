@@ -10,8 +10,8 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
 import isosweep.core.losses as losses
-from isosweep.spec import spec_from_dict
 from isosweep.models.loading import load_unet_and_scheduler
+from isosweep.spec import spec_from_dict
 from isosweep.training.checkpoint import load_train_state
 from isosweep.training.loop import NonFiniteLossError, train_loop
 from isosweep.training.reporting import LocalReporter

@@ -16,8 +16,8 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
-from isosweep.spec import spec_from_dict
 from isosweep.models.builtin import default_scheduler
+from isosweep.spec import spec_from_dict
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,6 @@ def _tiny_unet(seed: int = 0) -> UNet2DModel:
 def ray_local():
     """An embedded Ray whose workers hold the (dummy) credentials of the loopback S3 server."""
     import ray
-
     from support.servers import DUMMY_AWS
 
     before = {k: os.environ.get(k) for k in DUMMY_AWS}

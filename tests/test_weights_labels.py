@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from isosweep.spec import DatasetSpec, EvaluationSpec
 from isosweep.evaluation.features import common
 from isosweep.evaluation.features import resolver as bb
+from isosweep.spec import DatasetSpec, EvaluationSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTE = "Not comparable with published FID/PPL"
@@ -75,8 +75,8 @@ def test_a_file_is_hashed_once_per_path_size_and_mtime(tmp_path):
 
 
 def _outcome(tmp_path, fid_name: str, ppl_name: str):
-    from isosweep.spec import load_spec
     from isosweep.results.rows import SweepOutcome, make_row, summarize
+    from isosweep.spec import load_spec
 
     spec = load_spec(str(ROOT / "search_spaces" / "demo.yaml"))
     metrics = {"fid": 10.0, "ppl": 100.0, "evaluated": True, "backbone_fid": fid_name, "backbone_ppl": ppl_name}

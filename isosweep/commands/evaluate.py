@@ -7,10 +7,10 @@ import argparse
 import torch
 
 from isosweep.constants import EXIT_COMPLETED
-from isosweep.spec import BaseModelSpec, load_spec
 from isosweep.evaluation.record import format_row
 from isosweep.evaluation.suite import evaluate_model
 from isosweep.models.loading import load_unet_and_scheduler
+from isosweep.spec import BaseModelSpec, load_spec
 from isosweep.tracking.models import download_model
 
 

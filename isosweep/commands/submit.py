@@ -7,9 +7,9 @@ import shlex
 import sys
 
 from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR, EXIT_INTERRUPTED, OVERRIDES_ENV
+from isosweep.redact import scrub_text
 from isosweep.spec import load_spec
 from isosweep.sweep import jobs
-from isosweep.redact import scrub_text
 
 
 def submit_command(args: argparse.Namespace, command: str = "run") -> int:

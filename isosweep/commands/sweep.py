@@ -8,18 +8,18 @@ import shlex
 from pathlib import Path
 
 from isosweep import storage as st
-from isosweep.spec import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
-from isosweep.console import say
 from isosweep.commands.validate import preflight
+from isosweep.console import say
+from isosweep.constants import EXIT_COMPLETED, EXIT_NO_CHAMPION
 from isosweep.evaluation.features.common import unpublished_note
+from isosweep.redact import REDACTED, scrub_text
 from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
 from isosweep.results.rows import SweepOutcome
-from isosweep.constants import EXIT_COMPLETED, EXIT_NO_CHAMPION
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED
 from isosweep.results.tables import backbones_of, change_plain, plain_table
+from isosweep.spec import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
 from isosweep.spec.changes import spec_for_resume
 from isosweep.sweep.readback import read_sweep
-from isosweep.redact import REDACTED, scrub_text
 
 # The driver (torch, MLflow, the feature networks) and the registry are imported by the verbs that use them:
 # `isosweep results` and `status` read storage only and start in seconds.

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from isosweep import storage as st
 from isosweep.constants import EXIT_COMPLETED
-from isosweep.spec import SpecError, SweepSpec, load_spec, spec_from_dict
-from isosweep.results.layout import find_sweeps, is_sweep, read_state, sweep_dirs
-from isosweep.tracking.client import resolve_tracking_uri
 from isosweep.redact import REDACTED, scrub_text
+from isosweep.results.layout import find_sweeps, is_sweep, read_state, sweep_dirs
+from isosweep.spec import SpecError, SweepSpec, load_spec, spec_from_dict
+from isosweep.tracking.client import resolve_tracking_uri
 from isosweep.tracking.sync import sync_sweep_dir
 
 

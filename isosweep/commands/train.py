@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
+from isosweep.console import say
 from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR
 from isosweep.spec import load_spec
-from isosweep.console import say
 from isosweep.sweep.ray_env import init_ray
 from isosweep.sweep.trainer import build_trainer
 

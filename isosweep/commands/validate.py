@@ -30,8 +30,8 @@ from huggingface_hub.errors import GatedRepoError, HFValidationError, Repository
 from huggingface_hub.utils import validate_repo_id
 
 from isosweep.constants import EXIT_COMPLETED
-from isosweep.spec import SpecError, SweepSpec, load_spec
 from isosweep.data.imagefiles import ImageScan, scan_image_folder
+from isosweep.spec import SpecError, SweepSpec, load_spec
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # what UNet2DModel.from_pretrained reads
 

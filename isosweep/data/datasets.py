@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from isosweep.files import IMAGE_SUFFIXES
 from isosweep.data.imagefiles import list_images, read_rgb
+from isosweep.files import IMAGE_SUFFIXES
 
 # shapes: the factor values, as fractions of the image side where they are lengths
 SHAPE_NAMES = ("circle", "square", "triangle")

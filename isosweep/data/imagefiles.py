@@ -33,8 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from isosweep.files import iter_image_files
-from isosweep.files import read_json, write_json_atomic
+from isosweep.files import iter_image_files, read_json, write_json_atomic
 
 BACKGROUND_RGB = (255, 255, 255)  # what transparent pixels are composited onto: opaque white
 DECODE_VERSION = 1  # bump when read_rgb's rules change: cached scans (and anything keyed on them) are redone

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from isosweep.spec import RESULT_METRICS, base_metric, is_result_metric
 from isosweep.files import read_json, write_json_atomic
+from isosweep.spec import RESULT_METRICS, base_metric, is_result_metric
 
 EVAL_DIR = "eval"
 RECORD_FILE = "metrics.json"

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from isosweep.spec import EVAL_METRICS, SweepSpec, base_metric, timestep_metric
 from isosweep.core.losses import add_noise
 from isosweep.core.names import CHEAP_FID
 from isosweep.core.sampling import DDIMSampler, initial_noise
 from isosweep.data.datasets import build_dataset
 from isosweep.data.imagefiles import DECODE_VERSION
 from isosweep.data.images import make_grid, make_strip
+from isosweep.evaluation.collectives import broadcast as _broadcast
+from isosweep.evaluation.collectives import distributed as _distributed
+from isosweep.evaluation.collectives import gather as _gather
 from isosweep.evaluation.features import resolver as bb
 from isosweep.evaluation.features.common import cache_dir
 from isosweep.evaluation.metrics.confidence import fid_interval, mean_interval, ppl_interval_tight, ppl_summary, vor_interval
@@ -37,10 +39,8 @@ from isosweep.evaluation.metrics.paths import lerp, slerp
 from isosweep.evaluation.metrics.ppl import ppl_distances, sequential_pairs
 from isosweep.evaluation.metrics.rtl import pair_latents, pair_mrtl, rtl_per_pair, summarize_rtl
 from isosweep.evaluation.metrics.separability import classify_samples, ls_scores
-from isosweep.evaluation.collectives import broadcast as _broadcast
-from isosweep.evaluation.collectives import distributed as _distributed
-from isosweep.evaluation.collectives import gather as _gather
 from isosweep.evaluation.record import EvalResult
+from isosweep.spec import EVAL_METRICS, SweepSpec, base_metric, timestep_metric
 
 __all__ = ["evaluate_model", "trial_evaluator", "checkpoint_fid_scorer", "shard_range", "Progress"]
 

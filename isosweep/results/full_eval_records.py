@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from isosweep import storage as st
-from isosweep.spec import SweepSpec
 from isosweep.results.layout import FULL_EVAL_FILE, SCREENED_VALUES
+from isosweep.spec import SweepSpec
 
 
 def full_eval_uri(train_storage: str, trial_id: str) -> str:

@@ -18,13 +18,13 @@ from pathlib import Path
 import yaml
 
 from isosweep import storage as st
-from isosweep.spec import RESULT_METRICS, SweepSpec, is_result_metric
 from isosweep.evaluation.features.common import unpublished_note
 from isosweep.evaluation.record import metric_text, read_record, record_images, shown_metrics
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.results.plots import rtl_plot, strips_figure
 from isosweep.results.rows import SweepOutcome
 from isosweep.results.tables import backbones_of, change_markdown, markdown_table
+from isosweep.spec import RESULT_METRICS, SweepSpec, is_result_metric
 
 
 def load_trial_eval(row: dict) -> dict:

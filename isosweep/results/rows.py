@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-from isosweep.spec import POINT_KEYS, RESULT_METRICS, SweepSpec, is_result_metric
 from isosweep.core.names import SELECTED_FID, SELECTED_STEP
 from isosweep.results.pareto import Choice, choose_champion, pareto_front
+from isosweep.spec import POINT_KEYS, RESULT_METRICS, SweepSpec, is_result_metric
 
 
 @dataclass

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from isosweep import storage as st
-from isosweep.spec import INTERVAL_METRICS, POINT_KEYS, is_result_metric
 from isosweep.evaluation.features.common import unpublished_note
 from isosweep.evaluation.record import metric_text
 from isosweep.redact import scrub_text
 from isosweep.results.pareto import has_interval, lower_beyond_noise
+from isosweep.spec import INTERVAL_METRICS, POINT_KEYS, is_result_metric
 
 
 def _fmt(v: Any) -> str:

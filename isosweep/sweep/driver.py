@@ -20,11 +20,11 @@ import yaml
 from ray import tune
 
 from isosweep import storage as st
-from isosweep.spec import SpecError, SweepSpec
 from isosweep.console import say
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
+from isosweep.redact import REDACTED, scrub_text, scrub_tree
 from isosweep.results.layout import (
     DONE_MARKER,
     REPORT_DIR,
@@ -42,16 +42,16 @@ from isosweep.results.report import write_report as write_report_folder
 from isosweep.results.rows import SweepOutcome, summarize
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, RUNNING, SweepState, promotion_refusal, sweep_state
 from isosweep.results.tables import backbones_of, save_tables
+from isosweep.spec import SpecError, SweepSpec
 from isosweep.sweep.callbacks import SweepProgress
-from isosweep.sweep.monitoring import SweepMetrics
 from isosweep.sweep.full_eval import run_full_protocol
+from isosweep.sweep.monitoring import SweepMetrics
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
 from isosweep.sweep.resources import check_cluster_fits, trial_concurrency
 from isosweep.sweep.search import build_search, planned_trials
 from isosweep.sweep.trial import make_trial_fn, rows_from_results
 from isosweep.tracking.artifacts import log_sweep_summary
 from isosweep.tracking.client import TrackingError, resolve_tracking_uri
-from isosweep.redact import REDACTED, scrub_text, scrub_tree
 from isosweep.tracking.registry import register_sweep_models
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run
 from isosweep.tracking.sync import sync_sweep_dir

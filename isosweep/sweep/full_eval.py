@@ -26,13 +26,13 @@ from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from isosweep import storage as st
-from isosweep.spec import SweepSpec
 from isosweep.console import say
 from isosweep.evaluation.suite import trial_evaluator
 from isosweep.models.loading import load_local
-from isosweep.results.layout import SCREENED_VALUES
 from isosweep.results.full_eval_records import apply_stored_records, full_eval_uri
+from isosweep.results.layout import SCREENED_VALUES
 from isosweep.results.pareto import contenders
+from isosweep.spec import SweepSpec
 from isosweep.tracking.artifacts import log_final_metrics
 from isosweep.tracking.client import TrackingError
 from isosweep.training.checkpoint import verify_checkpoint

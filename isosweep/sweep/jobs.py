@@ -47,9 +47,9 @@ from ray.job_submission import JobSubmissionClient
 
 import isosweep
 from isosweep.constants import OVERRIDES_ENV  # where a job's --set items travel; `cli.main` reads them
+from isosweep.redact import scrub_text
 from isosweep.spec import SpecError, SweepSpec
 from isosweep.storage import is_remote, machine_local_reason
-from isosweep.redact import scrub_text
 
 # Never shipped with the job: environments, results, data, weights and caches (gitignore syntax,
 # relative to the working directory). Ray also honours the repository's .gitignore.

@@ -11,10 +11,10 @@ from pathlib import Path
 from ray.tune import ExperimentAnalysis
 
 from isosweep import storage as st
-from isosweep.spec import SweepSpec
-from isosweep.results.layout import read_state, train_storage
 from isosweep.results.full_eval_records import apply_stored_records
+from isosweep.results.layout import read_state, train_storage
 from isosweep.results.rows import SweepOutcome, make_row, summarize
+from isosweep.spec import SweepSpec
 
 
 def read_sweep(sweep: str | Path) -> tuple[SweepSpec, SweepOutcome]:

@@ -29,10 +29,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from isosweep import storage as st
-from isosweep.spec import SweepSpec, resolve_trial_spec
 from isosweep.console import say
 from isosweep.evaluation.suite import checkpoint_fid_scorer, trial_evaluator
 from isosweep.models.loading import Fetch, is_model_uri
+from isosweep.spec import SweepSpec, resolve_trial_spec
 from isosweep.sweep.monitoring import EvalProgress, TrainMetrics
 from isosweep.tracking.client import TrackingError, client, resolve_tracking_uri, retry_call, tags_of
 from isosweep.tracking.steps import StepLogger

@@ -16,10 +16,10 @@ from typing import Any
 from ray import tune
 
 from isosweep import storage as st
-from isosweep.spec import SweepSpec, trial_params_of
 from isosweep.errors import deterministic_cause
 from isosweep.evaluation.record import EvalResult, read_record
 from isosweep.results.rows import make_row
+from isosweep.spec import SweepSpec, trial_params_of
 from isosweep.sweep.callbacks import ForwardToTune
 from isosweep.sweep.trainer import build_trainer
 from isosweep.tracking.artifacts import log_final_metrics, log_trial_result

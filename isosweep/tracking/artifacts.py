@@ -14,9 +14,9 @@ from mlflow.entities import Metric
 
 from isosweep.core.names import CHEAP_FID
 from isosweep.evaluation.record import EVAL_DIR, EvalResult, read_record
+from isosweep.redact import scrub_text
 from isosweep.results.plots import rtl_plot
 from isosweep.tracking.client import MAX_METRICS_PER_BATCH, chunks, client, params_of, retry_call, tags_of
-from isosweep.redact import scrub_text
 from isosweep.tracking.runs import TAG_CHAMPION
 from isosweep.training.best_step import BEST_DIR, selection_columns
 

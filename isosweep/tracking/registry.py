@@ -30,9 +30,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from isosweep.models.loading import find_diffusers_dir
+from isosweep.redact import scrub, scrub_text
 from isosweep.tracking import client as tracking
 from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, CHECKPOINT_EXCLUDE
-from isosweep.redact import scrub, scrub_text
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 MODEL_TYPE = "diffusers-ddpm"  # the LoggedModel's model_type, to search and compare them in the MLflow UI

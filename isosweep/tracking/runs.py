@@ -21,6 +21,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 import isosweep
+from isosweep.redact import scrub_text, scrub_tree
 from isosweep.tracking.client import (
     MAX_PARAMS_TAGS_PER_BATCH,
     TrackingError,
@@ -33,7 +34,6 @@ from isosweep.tracking.client import (
     retrying,
     tags_of,
 )
-from isosweep.redact import scrub_text, scrub_tree
 
 TAG_ROLE = "isosweep.role"
 TAG_SWEEP_ID = "isosweep.sweep_id"

@@ -11,8 +11,8 @@ from mlflow.exceptions import MlflowException
 
 from isosweep.evaluation.record import EVAL_DIR, RECORD_FILE, read_record, record_path
 from isosweep.files import read_json
-from isosweep.results.layout import SCREENED_VALUES, STATE_FILE, TRAIN_DIR, trial_id_from_path
 from isosweep.results.full_eval_records import full_eval_uri
+from isosweep.results.layout import SCREENED_VALUES, STATE_FILE, TRAIN_DIR, trial_id_from_path
 from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, EVAL_ARTIFACT_PATH, log_final_metrics, log_trial_result
 from isosweep.tracking.client import client, retry_call
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run, find_trial_run, open_trial_run

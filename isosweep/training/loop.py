@@ -34,16 +34,16 @@ import torch
 import torch.distributed as dist
 from diffusers import UNet2DModel
 
-from isosweep.spec import SweepSpec, TrainSpec, resolve_trial_spec
 from isosweep.console import say
 from isosweep.core.ema import EMA
 from isosweep.core.losses import IsoDiffusionLoss
 from isosweep.data.datasets import ShardedLoader, build_dataset
 from isosweep.models.loading import Fetch, load_unet_and_scheduler, weights_sha256
 from isosweep.redact import scrub_text, scrub_tree
+from isosweep.spec import SweepSpec, TrainSpec, resolve_trial_spec
+from isosweep.training.best_step import Scorer, Selection
 from isosweep.training.checkpoint import StoredCheckpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from isosweep.training.reporting import Reporter, StepStats
-from isosweep.training.best_step import Scorer, Selection
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
 from .ray_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
