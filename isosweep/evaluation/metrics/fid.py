@@ -108,8 +108,9 @@ def fid_of_counts(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) 
     `symmetric_sqrt`) and Tr (S_b R)^{1/2} = Tr (A S_b A)^{1/2}: one d x d symmetric eigendecomposition.
     """
     x = np.asarray(feats, np.float64)
-    x = x - x.mean(axis=0)  # every statistic below is invariant to a shift of x; centring keeps G's entries small
-    mu_r, sigma_r = np.asarray(ref_mu, np.float64) - np.asarray(feats, np.float64).mean(axis=0), np.asarray(ref_sigma, np.float64)
+    mean = x.mean(axis=0)
+    x = x - mean  # every statistic below is invariant to a shift of x; centring keeps G's entries small
+    mu_r, sigma_r = np.asarray(ref_mu, np.float64) - mean, np.asarray(ref_sigma, np.float64)
     tr_r = float(np.trace(sigma_r))
     low_rank = len(x) <= x.shape[1]
     if low_rank:
