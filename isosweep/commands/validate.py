@@ -2,6 +2,7 @@
 what the spec points at that `validate` and `run` make before Ray starts.
 
 `preflight(spec, source)` raises `SpecError` (exit 2) naming the file, the field and the fix when:
+- evaluation.metrics names a metric no module of evaluation/suite_metrics registers (`check_metric_names`);
 - the base model cannot be found: a local folder without a UNet config.json; a hub id that is neither in
   the local Hugging Face cache nor (when online) on the hub, and with HF_HUB_OFFLINE=1 the cache alone
   counts; an MLflow URI (`models:/`, `runs:/`, an artifact URI) that its tracking server does not have
@@ -31,7 +32,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from isosweep.constants import EXIT_COMPLETED
 from isosweep.data.imagefiles import ImageScan, scan_image_folder
-from isosweep.spec import SpecError, SweepSpec, load_spec
+from isosweep.spec import EVAL_METRICS, SpecError, SweepSpec, load_spec
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # what UNet2DModel.from_pretrained reads
 
@@ -47,7 +48,9 @@ def validate_command(args: argparse.Namespace) -> int:
     if args.deep and args.no_path_checks:
         raise SpecError(f"{args.spec}: --deep reads the image folder and --no-path-checks skips it; fix: drop one of them")
     spec = load_spec(args.spec, args.overrides, check_paths=not args.no_path_checks)
-    if not args.no_path_checks:  # stdout is the resolved spec alone (it can be piped to a file): notes go to stderr
+    if args.no_path_checks:
+        check_metric_names(spec, args.spec)  # preflight checks them otherwise
+    else:  # stdout is the resolved spec alone (it can be piped to a file): notes go to stderr
         found = preflight(spec, args.spec, tracking_uri=args.tracking_uri, deep=args.deep)
         print(f"base model: {found.base_model}", file=sys.stderr)
         if found.scan is not None:
@@ -69,6 +72,7 @@ def preflight(spec: SweepSpec, source: str, *, tracking_uri: str | None = None, 
     dataset with `scan_image_folder` (progress bar on stderr; result cached in `cache_dir`, default
     $ISOSWEEP_CACHE/scans or ~/.cache/isosweep/scans). Raises SpecError; prints nothing itself.
     """
+    check_metric_names(spec, source)
     where = check_base_model(spec, source, tracking_uri=tracking_uri, storage=storage)
     ds = spec.dataset
     if not deep or ds.kind != "image_folder" or not ds.path or "://" in ds.path:
@@ -81,6 +85,20 @@ def preflight(spec: SweepSpec, source: str, *, tracking_uri: str | None = None, 
                         f"cannot be decoded:\n{scan.problems()}\n  fix: delete or re-encode these files, then run "
                         f"`isosweep validate --deep {source}` again (unchanged folders are not decoded twice)")
     return Preflight(where, scan)
+
+
+def check_metric_names(spec: SweepSpec, source: str) -> None:
+    """SpecError unless every name in evaluation.metrics is a metric some module of evaluation/suite_metrics registers
+    (the spec checks built-in names itself; an added metric's name needs its module, so torch, only then)."""
+    added = [m for m in spec.evaluation.metrics if m not in EVAL_METRICS]
+    if not added:
+        return
+    from isosweep.evaluation.suite_metrics import REGISTRY
+    from isosweep.evaluation.suite_metrics.base import unknown_metrics_message
+
+    unknown = [m for m in added if m not in REGISTRY]
+    if unknown:
+        raise SpecError(f"{source}: {unknown_metrics_message(unknown)}")
 
 
 def backbone_lines(spec: SweepSpec, source: str) -> list[str]:

@@ -11,7 +11,7 @@ The names below are the spec's public face: `from isosweep.spec import load_spec
 
 from isosweep.spec.evaluation import (
     EVAL_METRICS, INTERVAL_METRICS, RESULT_METRICS, BootstrapSpec, CheckpointFidSpec, EvaluationSpec, FidSpec, JacobianSpec,
-    LsSpec, PplSpec, RtlSpec, base_metric, is_result_metric, timestep_metric,
+    LsSpec, PplSpec, RtlSpec, base_metric, is_result_metric, register_result_names, timestep_metric,
 )
 from isosweep.spec.fields import SpecError
 from isosweep.spec.load import apply_overrides, load_spec, resolve_trial_spec, spec_from_dict, trial_params_of
@@ -25,5 +25,5 @@ __all__ = [
     "TRIAL_KEYS", "BaseModelSpec", "BootstrapSpec", "CheckpointFidSpec", "DatasetSpec", "Distribution", "EvaluationSpec",
     "FidSpec", "JacobianSpec", "LsSpec", "PplSpec", "ResourcesSpec", "RtlSpec", "SearchSpec", "SelectionSpec", "SpecError",
     "StorageSpec", "SweepSpec", "TrackingSpec", "TrainSpec", "TrialPoint", "apply_overrides", "base_metric",
-    "is_result_metric", "load_spec", "resolve_trial_spec", "spec_from_dict", "timestep_metric", "trial_params_of",
+    "is_result_metric", "load_spec", "register_result_names", "resolve_trial_spec", "spec_from_dict", "timestep_metric", "trial_params_of",
 ]

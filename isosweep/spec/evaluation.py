@@ -1,6 +1,7 @@
 """The `evaluation:` section of a sweep spec: which metrics every trial measures, and how.
 
-The metric-name tuples here are the one list every part of isosweep uses.
+The metric-name tuples here are the one list of the built-in metrics every part of isosweep uses; a metric added as a
+module of evaluation/suite_metrics registers its result names here when it is imported (`register_result_names`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,22 @@ def timestep_metric(name: str, t: int) -> str:
     return f"{name}_t{int(t)}"
 
 
+# Result names of metrics added beside the built-ins: the evaluation layer registers them when it registers a metric
+# (evaluation/suite_metrics), so their values reach records and rows without a list here.
+_ADDED_RESULTS: set[str] = set()
+_METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_result_names(*names: str) -> None:
+    """Let results rows and records carry these values (and their _lo/_hi): an added metric's names."""
+    _ADDED_RESULTS.update(names)
+    _ADDED_RESULTS.update(f"{n}_{b}" for n in names for b in INTERVAL_BOUNDS)
+
+
 def is_result_metric(name: str) -> bool:
-    """A value a results row may carry: one of RESULT_METRICS, or MCN/VoR at a further timestep (`vor_t100_hi`)."""
-    return name in RESULT_METRICS or bool(_TIMESTEP_NAME.match(name))
+    """A value a results row may carry: one of RESULT_METRICS, MCN/VoR at a further timestep (`vor_t100_hi`), or a
+    registered added metric's value."""
+    return name in RESULT_METRICS or bool(_TIMESTEP_NAME.match(name)) or name in _ADDED_RESULTS
 
 
 def base_metric(name: str) -> str:
@@ -143,8 +157,9 @@ class ScreeningSpec(_Section):
 class EvaluationSpec(_Section):
     """What every trial measures at the end, and with which feature networks."""
 
-    metrics: list[Literal[EVAL_METRICS]] = Field(
-        default_factory=lambda: ["fid", "ppl", "mrtl", "mcn", "vor"], description="metrics computed per trial"
+    metrics: list[str] = Field(
+        default_factory=lambda: ["fid", "ppl", "mrtl", "mcn", "vor"],
+        description=f"metrics computed per trial: {', '.join(EVAL_METRICS)}, or one added as a module of evaluation/suite_metrics (docs/metrics.md)"
     )
     backbone: Literal["auto", "standard", "domain"] = Field(
         "auto", description="standard: Inception/LPIPS-AlexNet; domain: the project's shapes network; auto: standard if weights are present"
@@ -161,6 +176,16 @@ class EvaluationSpec(_Section):
     ls: LsSpec = Field(default_factory=LsSpec)
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
     screening: ScreeningSpec | None = Field(None, description="multi-fidelity evaluation: FID/PPL of every trial at cheap sizes, the full protocol only for trials that can reach the front; null: every trial gets the full protocol")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, v: list[str]) -> list[str]:
+        """Built-in names, or names an added metric may have (the evaluation layer refuses one no module registers)."""
+        bad = [m for m in v if m not in EVAL_METRICS and not _METRIC_NAME.match(m)]
+        if bad:
+            raise ValueError(f"{bad} are not metric names: use any of {', '.join(EVAL_METRICS)} (or an added metric's name: "
+                             "lowercase letters, digits and _)")
+        return v
 
     @model_validator(mode="after")
     def _screening_is_cheaper(self) -> "EvaluationSpec":

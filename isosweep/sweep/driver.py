@@ -23,6 +23,7 @@ from isosweep import storage as st
 from isosweep.console import say
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
+from isosweep.evaluation.suite_metrics import selected
 from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
 from isosweep.redact import REDACTED, scrub_text, scrub_tree
 from isosweep.results.layout import (
@@ -255,7 +256,11 @@ def _prepare_backbones(spec: SweepSpec) -> None:
     Fails early when standard weights are asked for but missing, and keeps concurrent trials from
     each training the offline domain network.
     """
-    needs = tuple(m for m in spec.evaluation.metrics if m in ("fid", "ppl", "ls"))
+    try:
+        metrics = selected(list(spec.evaluation.metrics))
+    except ValueError as exc:
+        raise SpecError(f"{spec.name}: {exc}") from None
+    needs = tuple(dict.fromkeys(n for m in metrics for n in m.needs))  # the networks the spec's metrics use
     if not needs:
         return
     say("feature networks: resolving the evaluation backbone (the offline domain network is trained once and cached)")
