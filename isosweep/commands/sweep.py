@@ -96,8 +96,7 @@ def promote_command(args: argparse.Namespace) -> int:
     champion a person prefers. The trial must have finished and been evaluated; the message says which
     version the alias leaves.
     """
-    from isosweep.tracking.registry import current_champion, register_sweep_models
-    from isosweep.tracking.runs import find_trial_run
+    from isosweep.tracking.tracker import Tracker
 
     sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
     spec, outcome = read_sweep(sweep)
@@ -111,16 +110,16 @@ def promote_command(args: argparse.Namespace) -> int:
         if not tracking_uri:
             raise SpecError(f"{args.target}: the sweep's tracking URI carried credentials, which are never stored "
                             f"(saved as {outcome.tracking_uri}); fix: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
+    tracker = Tracker(tracking_uri)
     if row["status"] == "DONE" and not row.get("mlflow_run_id") and outcome.parent_run_id:  # recorded later by sync
-        run = find_trial_run(tracking_uri, spec.experiment_name, outcome.parent_run_id, args.trial)
+        run = tracker.find_trial_run(spec.experiment_name, outcome.parent_run_id, args.trial)
         row["mlflow_run_id"] = run.info.run_id if run is not None else ""
     if row["status"] != "DONE" or not row.get("mlflow_run_id"):
         raise SpecError(f"{args.target}: trial {args.trial} is {row['status']} and "
                         f"{'has' if row.get('mlflow_run_id') else 'has no'} MLflow run (it must have finished, been evaluated "
                         "and recorded); fix: resume the sweep, or `isosweep sync` it, or pick a finished trial")
-    before = current_champion(tracking_uri, spec.registry_name)
-    versions = register_sweep_models(tracking_uri, spec.registry_name, row, [], outcome.rows,
-                                     extra_tags={"promoted_by": "isosweep promote"})
+    before = tracker.current_champion(spec.registry_name)
+    versions = tracker.register_sweep_models(spec.registry_name, row, [], outcome.rows, extra_tags={"promoted_by": "isosweep promote"})
     version = versions.get(row["mlflow_run_id"])
     was = f" (was version {before})" if before else ""
     print(f"models:/{spec.registry_name}@champion -> version {version}, trial {args.trial} of {outcome.sweep_id}{was}")
