@@ -23,7 +23,7 @@ import yaml
 from ray import tune
 
 from isosweep import storage as st
-from isosweep.console import say
+from isosweep.console import say, warn
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
@@ -94,7 +94,7 @@ class SweepPlace:
         try:
             st.write_json(st.join(self.sweep_uri, STATE_FILE), self.state)
         except OSError as exc:  # storage down: say so, but never replace the error being handled
-            say(f"warning: could not record the sweep's state {state.state} in storage: {exc}")
+            warn(f"could not record the sweep's state {state.state} in storage: {exc}")
 
 
 def run_sweep(spec: SweepSpec, spec_path: str | None = None, *, address: str | None = None, tracking_uri: str | None = None,
@@ -309,7 +309,7 @@ class Sweep:
                         st.download_dir(st.join(place.sweep_uri, TRAIN_DIR, tid), local / TRAIN_DIR / tid)
                 synced = {tid: run_id for tid, run_id, _ in self.tracker.sync_sweep_dir(self.spec, None, local, place.sweep_uri)}
         except Exception as exc:  # noqa: BLE001 -- best effort: whatever failed, the trials stay pending and are named
-            say(f"warning: MLflow still lacks {', '.join(ids)} ({exc}); run `isosweep sync {scrub_text(place.sweep_uri)}` later")
+            warn(f"MLflow still lacks {', '.join(ids)} ({exc}); run `isosweep sync {scrub_text(place.sweep_uri)}` later")
             return ids
         for r in pending:
             if r["trial_id"] in synced:
@@ -327,7 +327,7 @@ def start_ray(spec: SweepSpec, source: str, address: str | None, *, dashboard: b
     except SpecError as exc:
         if not address:
             raise
-        say(f"warning: {exc}\n  (connected by address: trials will queue until the autoscaler adds nodes)")
+        warn(f"{exc}\n  (connected by address: trials will queue until the autoscaler adds nodes)")
     if address and not shared_fs and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
         reasons = [r for r in (st.machine_local_reason(storage, "storage"), st.machine_local_reason(tracking_uri, "tracking")) if r]
         if reasons:

@@ -7,7 +7,6 @@ final checkpoint and evaluation record to MLflow, and reports the metrics with t
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 import time
@@ -16,16 +15,16 @@ from typing import Any
 from ray import tune
 
 from isosweep import storage as st
+from isosweep.console import warn
 from isosweep.errors import deterministic_cause
 from isosweep.evaluation.record import EvalResult, read_record
+from isosweep.redact import scrub_text
 from isosweep.results.rows import make_row
 from isosweep.spec import SweepSpec, trial_params_of
 from isosweep.sweep.callbacks import ForwardToTune
 from isosweep.sweep.trainer import build_trainer
 from isosweep.tracking.tracker import Tracker
 from isosweep.training.best_step import selection_columns
-
-log = logging.getLogger(__name__)
 
 
 def make_trial_fn(spec_dict: dict, sweep: dict):
@@ -128,8 +127,8 @@ def fit_with_one_budget(make_trainer, trial_id: str, budget: int, attempts_uri: 
         record["last_error"] = f"{type(error).__name__}: {str(error)[:500]}"
         if record["starts"] - 1 + record["failures"] <= budget:
             wait = min(60.0, 2.0 ** record["failures"]) * random.uniform(0.5, 1.5)
-            log.warning("trial %s: attempt failed (%s); retrying in %.0f s from its latest checkpoint (%d of %d failures allowed)",
-                        trial_id, record["last_error"][:200], wait, record["starts"] - 1 + record["failures"], budget)
+            warn(f"trial {trial_id}: attempt failed ({record['last_error'][:200]}); retrying in {wait:.0f} s from its latest "
+                 f"checkpoint ({record['starts'] - 1 + record['failures']} of {budget} failures allowed)")
             time.sleep(wait)
 
 
@@ -147,7 +146,7 @@ def _write_attempts(uri: str, record: dict) -> None:
     try:
         st.write_json(uri, record)
     except OSError as exc:  # storage down: the budget then counts this process's attempts only
-        log.warning("could not record the trial's attempts at %s: %s", uri, exc)
+        warn(f"could not record the trial's attempts at {scrub_text(uri)}: {exc}")
 
 
 class MissingEvaluation(RuntimeError):

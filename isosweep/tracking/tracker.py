@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
-from isosweep.console import say
+from isosweep.console import say, warn
 from isosweep.redact import scrub_text
 from isosweep.tracking import artifacts, registry, runs, sync
 from isosweep.tracking.client import TrackingError, client, resolve_tracking_uri, retry_call, tags_of
@@ -48,7 +48,7 @@ class Tracker:
         try:
             out = fn(*args, **kwargs)
         except TrackingError as exc:
-            say(f"warning: {what} failed ({exc}); {safe}")
+            warn(f"{what} failed ({exc}); {safe}")
             return None
         return ok if out is None and ok is not None else out
 
