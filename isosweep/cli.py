@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from isosweep.console import note
 from isosweep.constants import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_SPEC_ERROR, OVERRIDES_ENV
 from isosweep.spec import SpecError
 
@@ -164,15 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:  # messages name files and URIs: scrubbed, since a URI may carry a key
         from isosweep.redact import scrub_text  # stdlib only: keeps `isosweep --help` fast
 
-        print(f"error: {scrub_text(str(exc))}", file=sys.stderr)
+        note(f"error: {scrub_text(str(exc))}")
         return EXIT_SPEC_ERROR
     except KeyboardInterrupt:
-        print("interrupted; `isosweep resume SWEEP_URI` (printed above) continues from the last checkpoints", file=sys.stderr)
+        note("interrupted; `isosweep resume SWEEP_URI` (printed above) continues from the last checkpoints")
         return EXIT_INTERRUPTED
     except Exception as exc:  # a cause deep in MLflow/requests may quote a URI with its credentials
         from isosweep.redact import format_exception_scrubbed  # stdlib only
 
-        print(format_exception_scrubbed(exc), end="", file=sys.stderr)
+        note(format_exception_scrubbed(exc), end="")
         return EXIT_ERROR
 
 

@@ -288,11 +288,11 @@ def test_cli_dispatches_submit_and_returns_its_status(tmp_spec, capsys):
 
 
 # The storage and tracking check of _start_ray (several nodes, by address) is not what these tests are about.
-NO_PLACE_CHECK = {"place": None, "tracking_uri": "", "shared_fs": True}
+NO_PLACE_CHECK = {"storage": None, "tracking_uri": "", "shared_fs": True}
 
 
 def test_joining_by_address_warns_where_an_embedded_run_fails(monkeypatch, capsys):
-    """`isosweep run`'s Ray start (driver._start_ray): a trial bigger than the cluster stops a local run, but by
+    """`isosweep run`'s Ray start (driver.start_ray): a trial bigger than the cluster stops a local run, but by
     address it only warns (an autoscaler may add nodes); a trial that fits passes quietly; the address is what
     init_ray joins. Ray itself is replaced by a 3-CPU stand-in; the slow test below uses a real cluster."""
     from isosweep.sweep import driver
@@ -302,13 +302,13 @@ def test_joining_by_address_warns_where_an_embedded_run_fails(monkeypatch, capsy
     monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": 3.0})
     too_big = load_spec(DEMO, ["resources.workers_per_trial=2", "resources.cpus_per_worker=2"], check_paths=False)
     with pytest.raises(SpecError, match="one trial needs 4 CPUs .* the cluster has 3"):
-        driver._start_ray(too_big, "big.yaml", None, dashboard=False, **NO_PLACE_CHECK)
-    driver._start_ray(too_big, "big.yaml", "10.0.0.1:6379", dashboard=False, **NO_PLACE_CHECK)
+        driver.start_ray(too_big, "big.yaml", None, dashboard=False, **NO_PLACE_CHECK)
+    driver.start_ray(too_big, "big.yaml", "10.0.0.1:6379", dashboard=False, **NO_PLACE_CHECK)
     out = capsys.readouterr().out
     assert "warning: big.yaml: field 'resources': one trial needs 4 CPUs" in out and "autoscaler" in out
     fits = load_spec(DEMO, ["resources.workers_per_trial=2", "resources.cpus_per_worker=1.5"], check_paths=False)
     for address in (None, "10.0.0.1:6379"):
-        driver._start_ray(fits, "fits.yaml", address, dashboard=False, **NO_PLACE_CHECK)
+        driver.start_ray(fits, "fits.yaml", address, dashboard=False, **NO_PLACE_CHECK)
     assert "warning" not in capsys.readouterr().out
     assert joined == [None, "10.0.0.1:6379", None, "10.0.0.1:6379"]
 
@@ -322,14 +322,14 @@ def test_joining_by_address_warns_where_an_embedded_run_fails(monkeypatch, capsy
 JOIN_BY_ADDRESS = """
 import json, ray
 from isosweep.spec import load_spec
-from isosweep.sweep.driver import _start_ray
+from isosweep.sweep.driver import start_ray
 from isosweep.sweep.resources import max_concurrent
 
 address, demo = {address!r}, {demo!r}
 fits = load_spec(demo, ["resources.workers_per_trial=2", "resources.cpus_per_worker=1"], check_paths=False)
-_start_ray(fits, "fits.yaml", address, dashboard=False, place=None, tracking_uri="", shared_fs=True)  # 2 CPUs: more than any one node has, what both workers have
+start_ray(fits, "fits.yaml", address, dashboard=False, storage=None, tracking_uri="", shared_fs=True)  # 2 CPUs: more than any one node has, what both workers have
 too_big = load_spec(demo, ["resources.workers_per_trial=2", "resources.cpus_per_worker=1.5"], check_paths=False)
-_start_ray(too_big, "too_big.yaml", address, dashboard=False, place=None, tracking_uri="", shared_fs=True)  # 3 CPUs: by address a warning, not an error
+start_ray(too_big, "too_big.yaml", address, dashboard=False, storage=None, tracking_uri="", shared_fs=True)  # 3 CPUs: by address a warning, not an error
 unlimited = load_spec(demo, ["search.max_concurrent_trials=null"], check_paths=False)  # 1 worker x 1 CPU
 print("RESULT", json.dumps({{
     "nodes": sum(1 for n in ray.nodes() if n["Alive"]), "gcs": ray.get_runtime_context().gcs_address,

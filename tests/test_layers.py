@@ -48,7 +48,7 @@ EXPECTED = {
                    "features/common", "suite_metrics/base", "suite_metrics/fid", "suite_metrics/ppl", "suite_metrics/mrtl",
                    "suite_metrics/jacobian", "suite_metrics/ls"],
     "results": ["layout", "rows", "tables", "pareto", "states", "plots", "report", "full_eval_records"],
-    "tracking": ["client", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model"],
+    "tracking": ["client", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model", "tracker"],
     "sweep": ["ray_env", "search", "callbacks", "trainer", "trial", "driver", "jobs", "resources", "monitoring", "full_eval", "readback"],
     "commands": ["validate", "sweep", "submit", "train", "evaluate", "models", "sync"],
 }
@@ -160,6 +160,28 @@ def test_cli_dispatches_to_existing_commands():
 def test_modules_stay_small():
     big = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def _output_calls(path: Path) -> list[str]:
+    """`print(...)` calls and isosweep's own loggers (`logging.getLogger(__name__)`, `log.warning(...)`) in one module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id == "print":
+            found.append(f"print at line {node.lineno}")
+        elif isinstance(f, ast.Attribute) and f.attr == "getLogger" and node.args and isinstance(node.args[0], ast.Name) \
+                and node.args[0].id == "__name__":
+            found.append(f"getLogger(__name__) at line {node.lineno}")
+    return found
+
+
+def test_every_line_goes_out_through_the_console():
+    """One output channel (`console`: say, warn, result, note): a bare print or a module logger elsewhere would
+    write lines that bypass its prefix, its stream and its flush."""
+    stray = {m: calls for m, p in _modules().items() if m != "console" and (calls := _output_calls(p))}
+    assert not stray, f"print or a module logger outside isosweep/console.py: {stray}"
 
 
 def test_the_math_and_data_import_neither_ray_nor_mlflow_transitively():

@@ -148,16 +148,16 @@ def test_resume_from_an_unreadable_state_file_is_refused(tmp_path):
     """A truncated state file must stop `resume` with the file's name, not silently start a fresh sweep."""
     from isosweep.results.layout import STATE_FILE
     from isosweep.spec import SpecError
-    from isosweep.sweep.driver import _place
+    from isosweep.sweep.driver import SweepPlace
 
     spec = load_spec(DEMO, check_paths=False)
     sweep_dir = tmp_path / "demo-20261125-000000"
     sweep_dir.mkdir()
     (sweep_dir / STATE_FILE).write_text('{"sweep_id": "demo-2026')  # truncated mid-write
     with pytest.raises(SpecError, match=f"{STATE_FILE}: unreadable"):
-        _place(spec, str(tmp_path), str(sweep_dir))
+        SweepPlace.open(spec, str(tmp_path), str(sweep_dir))
     (sweep_dir / STATE_FILE).write_text('{"sweep_id": "demo-20261125-000000"}')
-    place = _place(spec, None, str(sweep_dir))
+    place = SweepPlace.open(spec, None, str(sweep_dir))
     assert place.sweep_id == "demo-20261125-000000" and place.resuming
     assert place.sweep_uri == str(sweep_dir) and place.storage == str(tmp_path)
 

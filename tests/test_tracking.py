@@ -440,3 +440,42 @@ def test_a_create_whose_response_is_lost_is_not_duplicated(mlflow_server):
         assert [r.info.run_id for r in children] == [run_id], "the lost create was repeated"
     finally:
         proxy.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tracker: the one door the sweep, its trials and the commands use
+
+
+def test_tracker_best_effort_warns_once_with_where_the_data_is_and_returns_what_the_call_gave(local_uri, capsys):
+    """On a reachable store the call's value comes back (`ok` stands in for a None result); on a dead one the
+    retries run out, nothing is raised, and one warning line names the step, the (scrubbed) server and where
+    the data is safe."""
+    from isosweep.tracking.tracker import Tracker
+
+    live = Tracker(local_uri)
+    run_id = live.best_effort("opening a run", "safe", live.open_trial_run, "exp", "parent0", "trial0", {"lambda_iso": 0.1})
+    assert run_id and live.find_trial_run("exp", "parent0", "trial0").info.run_id == run_id
+    assert live.best_effort("logging", "safe", live.log_final_metrics, run_id, {"fid": 3.0}, ok=True) is True
+    assert capsys.readouterr().out == ""
+
+    dead = Tracker(f"http://user:secret@127.0.0.1:{free_port()}")
+    assert "secret" not in repr(dead)
+    assert dead.best_effort("logging the costs", "they are in storage", dead.log_final_metrics, run_id, {"fid": 1.0}, ok=True) is None
+    out = capsys.readouterr().out
+    assert out.count("warning: logging the costs failed (") == 1 and out.rstrip().endswith("; they are in storage")
+    assert "secret" not in out and "127.0.0.1" in out
+    with pytest.raises(ValueError):  # only tracking failures are best effort: a bug still raises
+        live.best_effort("ending", "safe", live.end_run, run_id, "DONE")
+
+
+def test_tracker_waits_for_the_sweep_run_then_stops_saying_nothing_was_trained(tmp_path, capsys):
+    """At a sweep's start an unreachable store is polled until the wait runs out; then the error says how
+    long it waited and that nothing was trained, so the same command can simply run again."""
+    from isosweep.tracking.client import TrackingError
+    from isosweep.tracking.tracker import Tracker
+
+    dead = Tracker(f"http://127.0.0.1:{free_port()}")
+    spec = make_spec("waiting", tmp_path)
+    with pytest.raises(TrackingError, match=r"Waited \d+ s at the sweep's start .*nothing was trained"):
+        dead.open_sweep_run(spec, None, "waiting-1", str(tmp_path), wait_s=2.5, poll_s=1.0)
+    assert "waiting for MLflow at http://127.0.0.1" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from isosweep.console import result
 from isosweep.constants import EXIT_COMPLETED
 from isosweep.evaluation.record import format_row
 from isosweep.evaluation.suite import evaluate_model
@@ -21,6 +22,6 @@ def eval_command(args: argparse.Namespace) -> int:
     # removed once loaded (models.loading)
     unet, scheduler = load_unet_and_scheduler(BaseModelSpec(source=args.model), spec.dataset, progress=True, fetch=download_model)
     device = "cuda" if spec.resources.use_gpu and torch.cuda.is_available() else "cpu"
-    result = evaluate_model(unet.to(device), scheduler, spec.evaluation, spec.dataset, metrics=args.metrics, device=device)
-    print(format_row(result, label=args.model))
+    record = evaluate_model(unet.to(device), scheduler, spec.evaluation, spec.dataset, metrics=args.metrics, device=device)
+    result(format_row(record, label=args.model))
     return EXIT_COMPLETED

@@ -20,6 +20,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from isosweep.console import result
 from isosweep.constants import EXIT_COMPLETED
 from isosweep.core.sampling import ddim_sample, sample_shape
 from isosweep.data.images import make_grid, make_strip, save_png, to_uint8
@@ -39,7 +40,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
     else:
         spec = spec_from_dict(apply_overrides({"name": "pretrain"}, args.overrides), source="--set")
     if spec.base_model.source != BUILTIN_SHAPES:
-        print(f"base_model.source is {spec.base_model.source!r}: nothing to pretrain (only builtin:shapes is trained here)")
+        result(f"base_model.source is {spec.base_model.source!r}: nothing to pretrain (only builtin:shapes is trained here)")
         return EXIT_COMPLETED
     target = builtin_model_dir(spec.base_model, spec.dataset)
     cached = (target / "model_index.json").is_file() and not args.force
@@ -48,15 +49,15 @@ def pretrain_command(args: argparse.Namespace) -> int:
     wall = time.time() - t0
     info = json.loads((path / "pretrain.json").read_text()) if (path / "pretrain.json").is_file() else {}
     if cached:
-        print(f"reused cached base model {path} (trained in {info.get('wall_s', '?')} s; --force retrains)")
+        result(f"reused cached base model {path} (trained in {info.get('wall_s', '?')} s; --force retrains)")
     else:
-        print(f"pretrained base model in {wall:.0f} s ({info.get('recipe', {}).get('steps')} steps, "
+        result(f"pretrained base model in {wall:.0f} s ({info.get('recipe', {}).get('steps')} steps, "
               f"final dsm loss {info.get('final_loss', float('nan')):.4f}): {path}")
     if args.out:
         unet, scheduler = load_local(path, None)
         grid = Image.fromarray(sample_grid(unet, scheduler, n=64, steps=50, seed=0))
         grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(args.out)  # 3x: visible at a glance
-        print(f"wrote 64 DDIM samples (50 steps) to {args.out}")
+        result(f"wrote 64 DDIM samples (50 steps) to {args.out}")
     return EXIT_COMPLETED
 
 
@@ -80,8 +81,8 @@ def pull_command(args: argparse.Namespace) -> int:
         _remove_partial(out, created)
         raise
     n_params = sum(p.numel() for p in unet.parameters())
-    print(f"pulled {args.model_uri} -> {out}")
-    print(f"diffusers pipeline: {pipe_dir}  (DDPMPipeline.from_pretrained loads it; UNet {n_params / 1e6:.2f}M params, "
+    result(f"pulled {args.model_uri} -> {out}")
+    result(f"diffusers pipeline: {pipe_dir}  (DDPMPipeline.from_pretrained loads it; UNet {n_params / 1e6:.2f}M params, "
           f"{'x'.join(map(str, sample_shape(unet)))} images)")
     return EXIT_COMPLETED
 
@@ -118,7 +119,7 @@ def sample_command(args: argparse.Namespace) -> int:
     if args.n < 1 or args.steps < 1:
         raise ValueError("--n and --steps must be at least 1")
     path = save_png(sample_grid_image(args.model, args.n, args.steps, args.seed, args.tracking_uri), args.out)
-    print(f"wrote {path} ({args.n} samples, DDIM {args.steps} steps, seed {args.seed})")
+    result(f"wrote {path} ({args.n} samples, DDIM {args.steps} steps, seed {args.seed})")
     return EXIT_COMPLETED
 
 
@@ -154,7 +155,7 @@ def interpolate_command(args: argparse.Namespace) -> int:
     out.with_name(out.stem + "_distances.json").write_text(json.dumps(
         {"mode": args.mode, "seeds": list(args.seeds), "steps": args.steps, "distance": "pixel_l2_rms", "values": dists.tolist()}
     ))
-    print(f"wrote {out} ({args.frames} frames, {args.mode}) and {plot} (pixel L2 between adjacent frames)")
+    result(f"wrote {out} ({args.frames} frames, {args.mode}) and {plot} (pixel L2 between adjacent frames)")
     return EXIT_COMPLETED
 
 

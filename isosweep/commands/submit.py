@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
+from isosweep.console import note, result
 from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR, EXIT_INTERRUPTED, OVERRIDES_ENV
 from isosweep.redact import scrub_text
 from isosweep.spec import load_spec
@@ -35,8 +35,7 @@ def submit_command(args: argparse.Namespace, command: str = "run") -> int:
     env_vars = user_env.get("env_vars", {})
     shared_fs = bool(getattr(args, "shared_fs", False))
     jobs.check_shared_places(spec, env_vars, shared_fs, scrub_text(str(args.spec)))
-    print(f"ok: {scrub_text(str(args.spec))} is a valid sweep spec ({spec.name}); paths are checked on the cluster",
-          file=sys.stderr)
+    note(f"ok: {scrub_text(str(args.spec))} is a valid sweep spec ({spec.name}); paths are checked on the cluster")
 
     token, source = jobs.resolve_token(getattr(args, "token", None))
     try:
@@ -45,35 +44,35 @@ def submit_command(args: argparse.Namespace, command: str = "run") -> int:
         entrypoint = jobs.build_entrypoint(package.spec_arg, command=command, shared_fs=shared_fs, allow_changes=bool(overrides))
         job_id = jobs.submit(client, entrypoint, package, spec)
     except jobs.JobSubmitError as exc:
-        print(f"error: {scrub_text(str(exc))}", file=sys.stderr)
+        note(f"error: {scrub_text(str(exc))}")
         return EXIT_ERROR
     # the resolved http:// URL; scrubbed, since an address may carry user:password@
     base = scrub_text(getattr(client, "_address", jobs.dashboard_address(address, address_source)))
     addr = shlex.quote(base)
-    print(f"submitted job: {job_id}")
-    print(f"entrypoint:    {scrub_text(entrypoint)}")
+    result(f"submitted job: {job_id}")
+    result(f"entrypoint:    {scrub_text(entrypoint)}")
     # names only: values (credentials among them) stay in the job's runtime env
     names = sorted(k for k in env_vars if k != OVERRIDES_ENV)
     if names:
-        print(f"env:           {' '.join(names)} (values not shown)")
+        result(f"env:           {' '.join(names)} (values not shown)")
     if overrides:
         keys = [scrub_text(item.partition("=")[0]) for item in overrides]
-        print(f"--set:         {' '.join(keys)} (values not shown; they travel in {OVERRIDES_ENV})")
-    print(f"dashboard:     {base}/#/jobs/{job_id}")
-    print(f"logs:          ray job logs {job_id} --address {addr} --follow")
-    print(f"stop:          ray job stop {job_id} --address {addr}")
+        result(f"--set:         {' '.join(keys)} (values not shown; they travel in {OVERRIDES_ENV})")
+    result(f"dashboard:     {base}/#/jobs/{job_id}")
+    result(f"logs:          ray job logs {job_id} --address {addr} --follow")
+    result(f"stop:          ray job stop {job_id} --address {addr}")
     if getattr(args, "no_wait", False):
         return EXIT_COMPLETED
     try:
         status = jobs.follow(client, job_id)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running. Stop it with: ray job stop {job_id} --address {addr}", file=sys.stderr)
+        note(f"\nstopped following; the job keeps running. Stop it with: ray job stop {job_id} --address {addr}")
         return EXIT_INTERRUPTED
     code = jobs.job_exit_code(client, job_id, status)
-    print(f"job {job_id}: {status} (exit code {code})", file=sys.stderr)
+    note(f"job {job_id}: {status} (exit code {code})")
     if status != "SUCCEEDED":
         message = client.get_job_info(job_id).message
         if message:
-            print(f"ray: {scrub_text(message)}", file=sys.stderr)
+            note(f"ray: {scrub_text(message)}")
         return code or EXIT_ERROR
     return EXIT_COMPLETED

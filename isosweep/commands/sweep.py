@@ -9,7 +9,7 @@ from pathlib import Path
 
 from isosweep import storage as st
 from isosweep.commands.validate import preflight
-from isosweep.console import say
+from isosweep.console import result, say
 from isosweep.constants import EXIT_COMPLETED, EXIT_NO_CHAMPION
 from isosweep.evaluation.features.common import unpublished_note
 from isosweep.redact import REDACTED, scrub_text
@@ -78,13 +78,13 @@ def results_command(args: argparse.Namespace) -> int:
         how = f"{recorded.lower()}: `isosweep resume {shlex.quote(scrub_text(sweep))}` continues it"
     else:  # RUNNING, or a driver killed before it could record anything else
         how = "running or interrupted"
-    print(f"sweep {outcome.sweep_id} ({how})")
-    print(f"storage: {scrub_text(sweep)}")
-    print(plain_table(outcome.rows))
+    result(f"sweep {outcome.sweep_id} ({how})")
+    result(f"storage: {scrub_text(sweep)}")
+    result(plain_table(outcome.rows))
     _print_backbones(outcome)
-    print("\nPareto front: " + ", ".join(r["trial_id"] for r in outcome.front))
+    result("\nPareto front: " + ", ".join(r["trial_id"] for r in outcome.front))
     if outcome.champion:
-        print(f"champion: {outcome.champion.row['trial_id']}: {outcome.champion.reason}")
+        result(f"champion: {outcome.champion.row['trial_id']}: {outcome.champion.reason}")
     _print_changes(spec, outcome)
     return EXIT_COMPLETED
 
@@ -96,8 +96,7 @@ def promote_command(args: argparse.Namespace) -> int:
     champion a person prefers. The trial must have finished and been evaluated; the message says which
     version the alias leaves.
     """
-    from isosweep.tracking.registry import current_champion, register_sweep_models
-    from isosweep.tracking.runs import find_trial_run
+    from isosweep.tracking.tracker import Tracker
 
     sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
     spec, outcome = read_sweep(sweep)
@@ -111,59 +110,59 @@ def promote_command(args: argparse.Namespace) -> int:
         if not tracking_uri:
             raise SpecError(f"{args.target}: the sweep's tracking URI carried credentials, which are never stored "
                             f"(saved as {outcome.tracking_uri}); fix: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
+    tracker = Tracker(tracking_uri)
     if row["status"] == "DONE" and not row.get("mlflow_run_id") and outcome.parent_run_id:  # recorded later by sync
-        run = find_trial_run(tracking_uri, spec.experiment_name, outcome.parent_run_id, args.trial)
+        run = tracker.find_trial_run(spec.experiment_name, outcome.parent_run_id, args.trial)
         row["mlflow_run_id"] = run.info.run_id if run is not None else ""
     if row["status"] != "DONE" or not row.get("mlflow_run_id"):
         raise SpecError(f"{args.target}: trial {args.trial} is {row['status']} and "
                         f"{'has' if row.get('mlflow_run_id') else 'has no'} MLflow run (it must have finished, been evaluated "
                         "and recorded); fix: resume the sweep, or `isosweep sync` it, or pick a finished trial")
-    before = current_champion(tracking_uri, spec.registry_name)
-    versions = register_sweep_models(tracking_uri, spec.registry_name, row, [], outcome.rows,
-                                     extra_tags={"promoted_by": "isosweep promote"})
+    before = tracker.current_champion(spec.registry_name)
+    versions = tracker.register_sweep_models(spec.registry_name, row, [], outcome.rows, extra_tags={"promoted_by": "isosweep promote"})
     version = versions.get(row["mlflow_run_id"])
     was = f" (was version {before})" if before else ""
-    print(f"models:/{spec.registry_name}@champion -> version {version}, trial {args.trial} of {outcome.sweep_id}{was}")
+    result(f"models:/{spec.registry_name}@champion -> version {version}, trial {args.trial} of {outcome.sweep_id}{was}")
     return EXIT_COMPLETED
 
 
 def print_summary(spec: SweepSpec, outcome: SweepOutcome) -> None:
     """The end of a run: the table and where everything is."""
-    print()
-    print(plain_table(outcome.rows))
+    result()
+    result(plain_table(outcome.rows))
     _print_backbones(outcome)
     if outcome.champion:
         c = outcome.champion.row
-        print(f"\nchampion: trial {c['trial_id']} (lambda_iso={c['lambda_iso']:.3g}, p={c['p']:g}, G={c['iso_metric']}): {outcome.champion.reason}")
+        result(f"\nchampion: trial {c['trial_id']} (lambda_iso={c['lambda_iso']:.3g}, p={c['p']:g}, G={c['iso_metric']}): {outcome.champion.reason}")
     else:
-        print("\nno champion: no trial finished with finite objectives and a finite baseline to compare with")
+        result("\nno champion: no trial finished with finite objectives and a finite baseline to compare with")
     _print_changes(spec, outcome)
     state = outcome.state
     where = scrub_text(outcome.sweep_uri or str(outcome.sweep_dir))
     if state is not None:
-        print(f"\nsweep state:  {state.describe()}")
+        result(f"\nsweep state:  {state.describe()}")
         if state.state != COMPLETED:
-            print(f"resume with:  isosweep resume {shlex.quote(where)}")
+            result(f"resume with:  isosweep resume {shlex.quote(where)}")
     if outcome.promotion and spec.tracking.register_champion:
-        print(f"registry:     promoted nothing: {outcome.promotion}")
-    print(f"\nsweep:        {where}")
+        result(f"registry:     promoted nothing: {outcome.promotion}")
+    result(f"\nsweep:        {where}")
     if outcome.report_dir:
-        print(f"report:       {outcome.report_dir / 'report.md'}")
+        result(f"report:       {outcome.report_dir / 'report.md'}")
     elif outcome.sweep_uri:
-        print(f"report:       {scrub_text(st.join(outcome.sweep_uri, 'report', 'report.md'))}")
-    print(f"status:       isosweep status {shlex.quote(scrub_text(outcome.sweep_uri or str(outcome.sweep_dir)))}")
+        result(f"report:       {scrub_text(st.join(outcome.sweep_uri, 'report', 'report.md'))}")
+    result(f"status:       isosweep status {shlex.quote(scrub_text(outcome.sweep_uri or str(outcome.sweep_dir)))}")
     if outcome.tracking_uri:
         if outcome.tracking_uri.startswith("sqlite:"):
-            print(f"MLflow UI:    mlflow ui --backend-store-uri {outcome.tracking_uri}")
+            result(f"MLflow UI:    mlflow ui --backend-store-uri {outcome.tracking_uri}")
         else:
-            print(f"MLflow UI:    {scrub_text(outcome.tracking_uri)}")
+            result(f"MLflow UI:    {scrub_text(outcome.tracking_uri)}")
     if outcome.champion and outcome.registered and not outcome.promotion:
         uri = f"models:/{spec.registry_name}@champion"
         env = f"MLFLOW_TRACKING_URI={scrub_text(outcome.tracking_uri)} " if outcome.tracking_uri else ""
-        print("\nuse the champion:")
-        print(f"  {env}isosweep pull {uri} --out champion")
-        print("  isosweep sample champion --n 16 --steps 50 --out grid.png")
-        print("  isosweep interpolate champion --seeds 1 2 --frames 9 --mode slerp --out strip.png")
+        result("\nuse the champion:")
+        result(f"  {env}isosweep pull {uri} --out champion")
+        result("  isosweep sample champion --n 16 --steps 50 --out grid.png")
+        result("  isosweep interpolate champion --seeds 1 2 --frames 9 --mode slerp --out strip.png")
 
 
 def exit_code(outcome: SweepOutcome) -> int:
@@ -177,17 +176,17 @@ def exit_code(outcome: SweepOutcome) -> int:
 def _print_backbones(outcome: SweepOutcome) -> None:
     bb = backbones_of(outcome.rows)
     if bb:
-        print("backbones: " + ", ".join(f"{k}={v}" for k, v in sorted(bb.items())))
+        result("backbones: " + ", ".join(f"{k}={v}" for k, v in sorted(bb.items())))
     note = unpublished_note(bb)
     if note:
-        print(f"WARNING: {note}")
+        result(f"WARNING: {note}")
 
 
 def _print_changes(spec: SweepSpec, outcome: SweepOutcome) -> None:
     """What the loss changed against the baseline, with intervals: shown even when the baseline stays champion."""
     changes = change_plain(outcome.rows, spec.evaluation.bootstrap.level)
     if changes:
-        print("\n" + changes)
+        result("\n" + changes)
 
 
 def _sweep_to_resume(args: argparse.Namespace) -> tuple[str, SweepSpec | None]:

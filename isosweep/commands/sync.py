@@ -8,12 +8,12 @@ import tempfile
 from pathlib import Path
 
 from isosweep import storage as st
+from isosweep.console import result
 from isosweep.constants import EXIT_COMPLETED
 from isosweep.redact import REDACTED, scrub_text
 from isosweep.results.layout import find_sweeps, is_sweep, read_state, sweep_dirs
 from isosweep.spec import SpecError, SweepSpec, load_spec, spec_from_dict
-from isosweep.tracking.client import resolve_tracking_uri
-from isosweep.tracking.sync import sync_sweep_dir
+from isosweep.tracking.tracker import Tracker
 
 
 def sync_command(args: argparse.Namespace) -> int:
@@ -32,20 +32,20 @@ def sync_command(args: argparse.Namespace) -> int:
         if explicit is None and recorded:  # scrubbed credentials: the recorded URI cannot be used
             raise SpecError(f"{scrub_text(where)}: the sweep's tracking URI carried credentials, which are never stored "
                             f"(saved as {recorded}); fix: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
-        uri = explicit or resolve_tracking_uri(None, None, st.parent_of(where))
+        tracker = Tracker(explicit) if explicit else Tracker.resolve(None, None, st.parent_of(where))
         if st.is_remote(where):
             with tempfile.TemporaryDirectory(prefix="isosweep-sync-") as tmp:
-                print(f"{st.name_of(where)}: copying {scrub_text(where)} to a temporary folder", flush=True)
+                result(f"{st.name_of(where)}: copying {scrub_text(where)} to a temporary folder")
                 local = st.download_dir(where, Path(tmp) / st.name_of(where))
-                done = sync_sweep_dir(spec, spec_path, uri, local, where)
+                done = tracker.sync_sweep_dir(spec, spec_path, local, where)
         else:
-            done = sync_sweep_dir(spec, spec_path, uri, where, st.parent_of(where))
+            done = tracker.sync_sweep_dir(spec, spec_path, where, st.parent_of(where))
         for tid, run_id, uploaded in done:
-            print(f"{st.name_of(where)}/{tid}\trun {run_id}\t" + (", ".join(uploaded) if uploaded else "up to date"))
+            result(f"{st.name_of(where)}/{tid}\trun {run_id}\t" + (", ".join(uploaded) if uploaded else "up to date"))
         total += len(done)
         synced += sum(1 for *_, u in done if u)
-        print(f"{st.name_of(where)}: {len(done)} trial(s) checked against {scrub_text(uri)}")
-    print(f"synced {synced} of {total} trial(s)")
+        result(f"{st.name_of(where)}: {len(done)} trial(s) checked against {scrub_text(tracker.uri)}")
+    result(f"synced {synced} of {total} trial(s)")
     return EXIT_COMPLETED
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from isosweep.console import say
+from isosweep.console import note, say
 from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR
 from isosweep.spec import load_spec
 from isosweep.sweep.ray_env import init_ray
@@ -29,7 +28,7 @@ def train_command(args: argparse.Namespace) -> int:
     if result.error:
         raise result.error
     if result.checkpoint is None:
-        print("error: the run finished without a checkpoint", file=sys.stderr)
+        note("error: the run finished without a checkpoint")
         return EXIT_ERROR
     m = result.metrics or {}
     say(f"done in {time.time() - t0:.0f} s: step {m.get('step')} loss={m.get('loss', float('nan')):.4g}")

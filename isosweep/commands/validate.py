@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +29,7 @@ from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
+from isosweep.console import note, result
 from isosweep.constants import EXIT_COMPLETED
 from isosweep.data.imagefiles import ImageScan, scan_image_folder
 from isosweep.spec import EVAL_METRICS, SpecError, SweepSpec, load_spec
@@ -52,13 +52,13 @@ def validate_command(args: argparse.Namespace) -> int:
         check_metric_names(spec, args.spec)  # preflight checks them otherwise
     else:  # stdout is the resolved spec alone (it can be piped to a file): notes go to stderr
         found = preflight(spec, args.spec, tracking_uri=args.tracking_uri, deep=args.deep)
-        print(f"base model: {found.base_model}", file=sys.stderr)
+        note(f"base model: {found.base_model}")
         if found.scan is not None:
-            print(found.scan.summary(), file=sys.stderr)
+            note(found.scan.summary())
         if args.deep:
-            print("feature networks:\n" + "\n".join(f"  {line}" for line in backbone_lines(spec, args.spec)), file=sys.stderr)
-    print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
-    print(f"ok: {args.spec} is a valid sweep spec", file=sys.stderr)
+            note("feature networks:\n" + "\n".join(f"  {line}" for line in backbone_lines(spec, args.spec)))
+    result(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
+    note(f"ok: {args.spec} is a valid sweep spec")
     return EXIT_COMPLETED
 
 

@@ -20,6 +20,11 @@ def full_eval_uri(train_storage: str, trial_id: str) -> str:
     return st.join(train_storage, trial_id, FULL_EVAL_FILE)
 
 
+def read_full_record(train_storage: str, trial_id: str) -> dict | None:
+    """A trial's stored full-protocol record, or None when it has none yet."""
+    return st.read_json(full_eval_uri(train_storage, trial_id))
+
+
 def apply_stored_records(spec: SweepSpec, train_storage: str, rows: list[dict]) -> list[dict]:
     """Put every stored full-protocol record into its screened row (`apply_full_record`); returns those rows.
     A sweep read back from storage (`isosweep results`, `promote`) shows exactly what its run decided."""
@@ -27,7 +32,7 @@ def apply_stored_records(spec: SweepSpec, train_storage: str, rows: list[dict]) 
         return []
     updated = []
     for r in rows:
-        record = st.read_json(full_eval_uri(train_storage, r["trial_id"])) if r["status"] == "DONE" else None
+        record = read_full_record(train_storage, r["trial_id"]) if r["status"] == "DONE" else None
         if record is not None:
             apply_full_record(r, record)
             updated.append(r)

@@ -29,16 +29,15 @@ from isosweep import storage as st
 from isosweep.console import say
 from isosweep.evaluation.suite import trial_evaluator
 from isosweep.models.loading import load_local
-from isosweep.results.full_eval_records import apply_stored_records, full_eval_uri
+from isosweep.results.full_eval_records import apply_stored_records, full_eval_uri, read_full_record
 from isosweep.results.layout import SCREENED_VALUES
 from isosweep.results.pareto import contenders
 from isosweep.spec import SweepSpec
-from isosweep.tracking.artifacts import log_final_metrics
-from isosweep.tracking.client import TrackingError
+from isosweep.tracking.tracker import Tracker
 from isosweep.training.checkpoint import verify_checkpoint
 
 
-def run_full_protocol(spec: SweepSpec, train_storage: str, rows: list[dict], tracking_uri: str | None,
+def run_full_protocol(spec: SweepSpec, train_storage: str, rows: list[dict], tracker: Tracker | None,
                      concurrency: int) -> list[str]:
     """Evaluate the contenders among the DONE rows at the full protocol (or read their stored record) and update
     their rows in place; returns the trial ids whose full evaluation failed (their rows turn ERROR, still `screen`)."""
@@ -47,7 +46,7 @@ def run_full_protocol(spec: SweepSpec, train_storage: str, rows: list[dict], tra
     done = [r for r in rows if r["status"] == "DONE"]
     objectives = tuple(spec.selection.objectives)
     chosen = contenders(done, objectives)  # rows rebuilt from Tune's results: their screening numbers
-    todo = [r for r in chosen if st.read_json(full_eval_uri(train_storage, r["trial_id"])) is None]
+    todo = [r for r in chosen if read_full_record(train_storage, r["trial_id"]) is None]
     say(f"screening: {len(chosen)} of {len(done)} trials can still reach the front or the champion rule "
         f"({', '.join(r['trial_id'] for r in chosen) or 'none'}); the full protocol runs for {len(todo)} of them, "
         f"the others keep their screening numbers")
@@ -57,7 +56,7 @@ def run_full_protocol(spec: SweepSpec, train_storage: str, rows: list[dict], tra
         futures = [_fit_remote.remote(spec, train_storage, r) for r in batch]
         failed += [r["trial_id"] for r, future in zip(batch, futures) if not _succeeded(r["trial_id"], future)]
     for r in apply_stored_records(spec, train_storage, chosen):
-        _log_full(tracking_uri, r)
+        _log_full(tracker, r)
     for r in rows:  # the sweep is not complete without them: FAILED, and `isosweep resume` evaluates them again
         if r["trial_id"] in failed:
             r["status"] = "ERROR"
@@ -134,15 +133,13 @@ def _evaluate_per_worker(config: dict[str, Any]) -> None:
         torch.distributed.barrier()
 
 
-def _log_full(tracking_uri: str | None, row: dict) -> None:
+def _log_full(tracker: Tracker | None, row: dict) -> None:
     """The full numbers on the trial's MLflow run (`fid`, `ppl`, ... replace the screening ones, which stay as
     `screen_*`); best effort: storage holds the record, and the tables are made from it."""
     run_id = row.get("mlflow_run_id")
-    if not tracking_uri or not run_id:
+    if tracker is None or not run_id:
         return
     values = {k: v for k, v in row.items() if (k in SCREENED_VALUES or k.startswith(("screen_", "cost_full_")))
               and isinstance(v, float) and math.isfinite(v)}
-    try:
-        log_final_metrics(tracking_uri, run_id, values, tags={"isosweep.fidelity": "full"})
-    except TrackingError as exc:
-        say(f"warning: MLflow did not get the full evaluation of {row['trial_id']} ({exc}); the sweep's tables have it")
+    tracker.best_effort(f"logging the full evaluation of {row['trial_id']} to MLflow", "the sweep's tables have it",
+                        tracker.log_final_metrics, run_id, values, tags={"isosweep.fidelity": "full"})

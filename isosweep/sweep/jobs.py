@@ -46,6 +46,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 import isosweep
+from isosweep.console import note
 from isosweep.constants import OVERRIDES_ENV  # where a job's --set items travel; `cli.main` reads them
 from isosweep.redact import scrub_text
 from isosweep.spec import SpecError, SweepSpec
@@ -423,7 +424,7 @@ def follow(client: Any, job_id: str, out: Any = None, poll_s: float = 1.0) -> st
     try:
         asyncio.run(_tail())
     except RuntimeError as exc:  # the log stream closed early (head restarted, proxy timeout): poll instead
-        print(f"(log stream ended: {exc}; waiting for the job to finish)", file=sys.stderr)
+        note(f"(log stream ended: {exc}; waiting for the job to finish)")
     while True:
         status = str(client.get_job_status(job_id).value)
         if status in TERMINAL_STATES:

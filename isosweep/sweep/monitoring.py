@@ -19,13 +19,12 @@ Metrics are a nicety: a gauge that cannot be created or set never fails a trial 
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 from ray.util.metrics import Gauge
 
-log = logging.getLogger(__name__)
+from isosweep.console import warn
 
 EXPORT_PREFIX = "ray_"  # what Ray's exporter puts in front of every name below
 
@@ -83,7 +82,7 @@ def _set(name: str, value: float, tags: dict[str, str]) -> bool:
     except Exception as exc:  # noqa: BLE001 -- metrics are a nicety: never fail a trial over them
         if name not in _failed:
             _failed.add(name)
-            log.warning("Ray metric %s not set: %s", name, exc)
+            warn(f"Ray metric {name} not set: {exc}")
         return False
 
 

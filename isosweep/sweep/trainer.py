@@ -34,8 +34,9 @@ from isosweep.evaluation.suite import checkpoint_fid_scorer, trial_evaluator
 from isosweep.models.loading import Fetch, is_model_uri
 from isosweep.spec import SweepSpec, resolve_trial_spec
 from isosweep.sweep.monitoring import EvalProgress, TrainMetrics
-from isosweep.tracking.client import TrackingError, client, resolve_tracking_uri, retry_call, tags_of
+from isosweep.tracking.client import resolve_tracking_uri
 from isosweep.tracking.steps import StepLogger
+from isosweep.tracking.tracker import Tracker
 from isosweep.training.loop import train_loop
 
 PRINTED = ("loss", "dsm_loss", "iso_loss", "tr_r", "images_per_s")
@@ -172,11 +173,10 @@ def _record_base(started: dict[str, Any], tracking_uri: str | None, run_id: str 
         say(f"base model: {started['source']}{pinned} (unet sha256 {started['unet_sha256'][:16]})")  # scrubbed by the loop
     if not (tracking_uri and run_id):
         return
-    tags = tags_of({f"isosweep.base_model.{k}": v for k, v in started.items()})
-    try:
-        retry_call("log the base model's tags", tracking_uri, client(tracking_uri).log_batch, run_id, tags=tags)
-    except TrackingError as exc:
-        say(f"warning: the base model's tags were not logged to MLflow ({exc}); each checkpoint's spec.json records it")
+    tracker = Tracker(tracking_uri)
+    tracker.best_effort("logging the base model's tags to MLflow", "each checkpoint's spec.json records it",
+                        tracker.log_tags, "log the base model's tags", run_id,
+                        {f"isosweep.base_model.{k}": v for k, v in started.items()})
 
 
 def worker_placement(rank: int, world_size: int) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ final checkpoint and evaluation record to MLflow, and reports the metrics with t
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 import time
@@ -16,18 +15,16 @@ from typing import Any
 from ray import tune
 
 from isosweep import storage as st
+from isosweep.console import warn
 from isosweep.errors import deterministic_cause
 from isosweep.evaluation.record import EvalResult, read_record
+from isosweep.redact import scrub_text
 from isosweep.results.rows import make_row
 from isosweep.spec import SweepSpec, trial_params_of
 from isosweep.sweep.callbacks import ForwardToTune
 from isosweep.sweep.trainer import build_trainer
-from isosweep.tracking.artifacts import log_final_metrics, log_trial_result
-from isosweep.tracking.client import TrackingError
-from isosweep.tracking.runs import end_run, open_trial_run
+from isosweep.tracking.tracker import Tracker
 from isosweep.training.best_step import selection_columns
-
-log = logging.getLogger(__name__)
 
 
 def make_trial_fn(spec_dict: dict, sweep: dict):
@@ -38,11 +35,13 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
         trial_id = tune.get_context().get_trial_id()
         params = trial_params_of(config)
         uri = sweep.get("tracking_uri")
+        tracker = Tracker(uri) if uri else None
         # tracking is off the critical path: a tracking outage leaves the run to `isosweep sync` (the
         # driver runs it at the end), it never turns a trained and evaluated trial into an error
-        run_id = _best_effort(trial_id, "open its MLflow run", open_trial_run, uri, spec.experiment_name,
-                              sweep["parent_run_id"], trial_id, params) if uri else None
-        pending = bool(uri) and run_id is None
+        safe = "its results are safe in storage and `isosweep sync` records them"
+        run_id = tracker.best_effort(f"trial {trial_id}: opening its MLflow run", safe, tracker.open_trial_run,
+                                     spec.experiment_name, sweep["parent_run_id"], trial_id, params) if tracker else None
+        pending = tracker is not None and run_id is None
         def make_trainer():  # the same run name: each attempt resumes the run from its latest checkpoint
             return build_trainer(spec, run_name=trial_id, storage_path=sweep["train_storage"], trial_params=params,
                                  evaluate=True, mlflow={"tracking_uri": uri, "run_id": run_id} if run_id else None,
@@ -60,19 +59,20 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
             with checkpoint.as_directory() as ckpt_dir:
                 record = evaluated_record(spec, ckpt_dir, trial_id)
                 selected = selection_columns(ckpt_dir)  # the step whose weights these are (evaluation.checkpoint_fid)
-                if run_id and _best_effort(trial_id, "log its results", log_trial_result, uri, run_id, ckpt_dir, ok=True) is None:
+                if run_id and tracker.best_effort(f"trial {trial_id}: logging its results", safe, tracker.log_trial_result,
+                                                  run_id, ckpt_dir, ok=True) is None:
                     pending = True
         except BaseException:
             if run_id:
-                end_run(uri, run_id, "FAILED", quiet=True)
+                tracker.end_run(run_id, "FAILED", quiet=True)
             raise
         if run_id and not pending:
-            end_run(uri, run_id, "FINISHED", quiet=True)
+            tracker.end_run(run_id, "FINISHED", quiet=True)
         report = final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id, selected,
                               seconds=time.time() - started)
         costs = {k: v for k, v in report.items() if k.startswith("cost_")}  # seconds per phase, on the run too (best effort)
         if run_id and not pending and costs:
-            _best_effort(trial_id, "log its costs", log_final_metrics, uri, run_id, costs)
+            tracker.best_effort(f"trial {trial_id}: logging its costs", safe, tracker.log_final_metrics, run_id, costs)
         tune.report({**report, "tracking_pending": pending})
 
     return isosweep_trial
@@ -127,8 +127,8 @@ def fit_with_one_budget(make_trainer, trial_id: str, budget: int, attempts_uri: 
         record["last_error"] = f"{type(error).__name__}: {str(error)[:500]}"
         if record["starts"] - 1 + record["failures"] <= budget:
             wait = min(60.0, 2.0 ** record["failures"]) * random.uniform(0.5, 1.5)
-            log.warning("trial %s: attempt failed (%s); retrying in %.0f s from its latest checkpoint (%d of %d failures allowed)",
-                        trial_id, record["last_error"][:200], wait, record["starts"] - 1 + record["failures"], budget)
+            warn(f"trial {trial_id}: attempt failed ({record['last_error'][:200]}); retrying in {wait:.0f} s from its latest "
+                 f"checkpoint ({record['starts'] - 1 + record['failures']} of {budget} failures allowed)")
             time.sleep(wait)
 
 
@@ -146,17 +146,7 @@ def _write_attempts(uri: str, record: dict) -> None:
     try:
         st.write_json(uri, record)
     except OSError as exc:  # storage down: the budget then counts this process's attempts only
-        log.warning("could not record the trial's attempts at %s: %s", uri, exc)
-
-
-def _best_effort(trial_id: str, what: str, fn, *args, ok: Any = None):
-    """fn(*args), or None after a TrackingError (warned, not raised); `ok` is returned for a None result."""
-    try:
-        out = fn(*args)
-    except TrackingError as exc:
-        log.warning("trial %s could not %s (%s); its results are safe in storage and `isosweep sync` records them", trial_id, what, exc)
-        return None
-    return ok if out is None and ok is not None else out
+        warn(f"could not record the trial's attempts at {scrub_text(uri)}: {exc}")
 
 
 class MissingEvaluation(RuntimeError):

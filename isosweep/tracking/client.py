@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import os
 import random
 import time
@@ -23,9 +22,9 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
+from isosweep.console import warn
 from isosweep.redact import scrub, scrub_text
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # MLflow 3.17's limits (mlflow.utils.validation): values longer than these are rejected.
@@ -109,7 +108,7 @@ def retry_call(
             last = exc
             if i + 1 < attempts:
                 wait = backoff_s * (2**i) * random.uniform(0.5, 1.5)
-                log.warning("%s failed at %s (%s); retry %d/%d in %.1fs", what, scrub_text(uri), _short(exc), i + 1, attempts - 1, wait)
+                warn(f"{what} failed at {scrub_text(uri)} ({_short(exc)}); retry {i + 1}/{attempts - 1} in {wait:.1f}s")
                 time.sleep(wait)
     raise TrackingError(
         f"{what}: MLflow tracking at {scrub_text(uri)} is unreachable or failing after {attempts} attempt(s): {_short(last)}. "

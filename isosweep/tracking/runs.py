@@ -21,6 +21,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 import isosweep
+from isosweep.console import warn
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.tracking.client import (
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -28,7 +29,6 @@ from isosweep.tracking.client import (
     chunks,
     client,
     local_artifact_location,
-    log,
     params_of,
     retry_call,
     retrying,
@@ -208,7 +208,7 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", *, quiet: 
     except TrackingError as exc:
         if not quiet:
             raise
-        log.warning("could not mark run %s %s: %s", run_id, status, exc)
+        warn(f"could not mark run {run_id} {status}: {exc}")
 
 
 @contextlib.contextmanager

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+from isosweep.console import warn
 from isosweep.evaluation.record import EVAL_DIR, RECORD_FILE, read_record, record_path
 from isosweep.files import read_json
 from isosweep.results.full_eval_records import full_eval_uri
@@ -16,8 +16,6 @@ from isosweep.results.layout import SCREENED_VALUES, STATE_FILE, TRAIN_DIR, tria
 from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, EVAL_ARTIFACT_PATH, log_final_metrics, log_trial_result
 from isosweep.tracking.client import client, retry_call
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run, find_trial_run, open_trial_run
-
-log = logging.getLogger(__name__)
 
 
 def _trial_info(ckpt: Path, sweep_dir: Path | None = None) -> tuple[str | None, dict]:
@@ -45,7 +43,7 @@ def find_trial_results(sweep_dir: str | os.PathLike) -> dict[str, Path]:
         ckpt = metrics_file.parent.parent
         tid, _ = _trial_info(ckpt, sweep_dir)
         if not tid:
-            log.warning("sync: %s has results but no trial id (trial_params.json, spec.json or train/<id>/); skipped", ckpt)
+            warn(f"sync: {ckpt} has results but no trial id (trial_params.json, spec.json or train/<id>/); skipped")
             continue
         if tid not in found or metrics_file.stat().st_mtime > record_path(found[tid]).stat().st_mtime:
             found[tid] = ckpt
