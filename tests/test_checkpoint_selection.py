@@ -53,6 +53,23 @@ class FakeEvaluator:
         return EvalResult(metrics={"fid": 7.0, "ppl": 3.0}, backbones={"fid": "fake-net-v1", "ppl": "fake-net-v1"})
 
 
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingReporter(LocalReporter):
+    """A `LocalReporter` whose report of step `at_step` raises: the loop crashes there, through its own interface."""
+
+    def __init__(self, root, at_step: int) -> None:
+        super().__init__(root)
+        self.at_step = at_step
+
+    def report(self, metrics, checkpoint_dir=None) -> None:
+        if metrics["step"] == self.at_step:
+            raise Crash(f"crashed at step {self.at_step}")
+        super().report(metrics, checkpoint_dir)
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -137,23 +154,17 @@ def test_the_row_and_mlflow_say_which_step(selected_run, tmp_path):
 
 @pytest.mark.parametrize("last", [math.nan, 1.0])
 def test_a_crash_and_resume_keep_the_choice(tiny_model_dir, tmp_path, last):
-    """Killed after step 7, the run resumes from the step-6 checkpoint after the step-4 checkpoint (the best) is
-    deleted, as Ray deletes old ones: the best weights come from best/ of step 6, and the outcome equals an
-    uninterrupted run's: step 4 selected (or step 8, when its score is lower)."""
+    """Crashed at step 7 (its report raises), the run resumes from the step-6 checkpoint
+    after the step-4 checkpoint (the best) is deleted, as Ray deletes old ones: the best weights come from best/
+    of step 6, and the outcome equals an uninterrupted run's: step 4 selected (or step 8, when its score is lower)."""
     values = [5.0, 2.0, 3.0, last]
     whole_scorer, whole = FakeScorer(values), LocalReporter(tmp_path / "whole")
     train_loop(make_spec(tiny_model_dir), whole, evaluator=FakeEvaluator(), scorer=whole_scorer)
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash(step):
-        if step == 7:
-            raise Crash
-
-    first = LocalReporter(tmp_path / "first")
+    first = CrashingReporter(tmp_path / "first", at_step=7)
     with pytest.raises(Crash):
-        train_loop(make_spec(tiny_model_dir), first, evaluator=FakeEvaluator(), scorer=FakeScorer(values), on_step=crash)
+        train_loop(make_spec(tiny_model_dir), first, evaluator=FakeEvaluator(), scorer=FakeScorer(values))
+    assert [r["step"] for r in first.reports] == [1, 2, 3, 4, 5, 6]
     for c in first.checkpoints[:-1]:
         shutil.rmtree(c)  # only step 6 is left: the step-4 checkpoint is gone
     scorer, evaluator = FakeScorer([last]), FakeEvaluator()  # after the resume, only step 8 is scored

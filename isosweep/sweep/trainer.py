@@ -89,24 +89,6 @@ class RayReporter:
         return ckpt if ckpt is not None else self.resume_from
 
 
-def _fault_hook(fault: dict | None, rank: int) -> Callable[[int], None] | None:
-    """Test-only: `{"rank": r, "step": k, "marker": path}` kills rank r once right after step k.
-
-    It first waits until Ray Train has registered every reported checkpoint: the controller processes
-    reports asynchronously, and a crash resumes from the latest checkpoint it had registered."""
-    if not fault or fault.get("rank") != rank:
-        return None
-
-    def on_step(step: int) -> None:
-        marker = Path(fault["marker"])
-        if step == fault["step"] and not marker.exists():
-            ray.train.get_all_reported_checkpoints(timeout_s=120)
-            marker.write_text(f"killed rank {rank} at step {step}\n")
-            os._exit(1)
-
-    return on_step
-
-
 def _quiet_train_reports() -> None:
     """Ray Train logs every report in full at INFO through a logger named by its file path (outside
     `ray.train`, so LoggingConfig misses it); our one-line progress already says the same."""
@@ -120,8 +102,8 @@ def _quiet_train_reports() -> None:
 def train_loop_per_worker(config: dict[str, Any], tracking_uri: str | None = None) -> None:
     """What every Train worker runs. config keys: spec (dict), trial_params, evaluate, mlflow ({run_id}: rank 0
     logs step metrics and the base model it started from into that run), resume_from, sweep_id (the `sweep` tag of
-    the Ray metrics; "" outside a sweep), _fail_once (tests). tracking_uri: where the run is and where a `models:/`
-    base model is looked up (`build_trainer` binds it)."""
+    the Ray metrics; "" outside a sweep). tracking_uri: where the run is and where a `models:/` base model is looked
+    up (`build_trainer` binds it)."""
     _quiet_train_reports()
     spec = resolve_trial_spec(config["spec"], config.get("trial_params"))
     rank = ray.train.get_context().get_world_rank()
@@ -136,8 +118,7 @@ def train_loop_per_worker(config: dict[str, Any], tracking_uri: str | None = Non
                    provenance={"workers": worker_placement(reporter.rank, reporter.world_size), "base_model": base},
                    evaluator=trial_evaluator(spec, progress) if config.get("evaluate") else None,
                    scorer=checkpoint_fid_scorer(spec, progress) if config.get("evaluate") else None,  # evaluation.checkpoint_fid
-                   on_step=_fault_hook(config.get("_fail_once"), rank), fetch_base=fetch,
-                   on_base=lambda started: _record_base(started, tracking_uri, run_id, config.get("verbose", True)))
+                   fetch_base=fetch, on_base=lambda started: _record_base(started, tracking_uri, run_id, config.get("verbose", True)))
     except BaseException:
         if step_logger is not None:
             step_logger.close(raise_errors=False)  # a tracking error must not hide the training error

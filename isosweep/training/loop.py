@@ -151,8 +151,7 @@ def check_finite(flags: torch.Tensor, values: torch.Tensor, step: int, world_siz
 
 
 def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict[str, Any] | None = None,
-               evaluator: Evaluator | None = None, resume_from: str | StoredCheckpoint | None = None,
-               on_step: Callable[[int], None] | None = None, fetch_base: Fetch | None = None,
+               evaluator: Evaluator | None = None, resume_from: str | StoredCheckpoint | None = None, fetch_base: Fetch | None = None,
                provenance: dict[str, Any] | None = None, scorer: Scorer | None = None,
                on_base: Callable[[dict[str, str]], None] | None = None) -> TrainResult:
     """Fine-tune one trial on this worker's shard; every DDP rank calls it with the same arguments.
@@ -160,7 +159,6 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
     resume_from: a checkpoint (local folder, storage URI, or a `pyarrow.fs` checkpoint such as Ray's) used
     when the reporter has none (a restarted Ray run's own checkpoint wins); a corrupt one is passed over
     for the newest older one of its run that verifies (`checkpoint.resume_state`).
-    on_step(step): called after each optimizer step (tests inject faults here).
     fetch_base(uri, dst): downloads an MLflow base model (a `models.loading.Fetch`).
     provenance: where the run ran (e.g. each rank's node), saved in every checkpoint's spec.json; its `base_model`
     ({resolved, version}: what the caller's `fetch_base` pinned the source to) joins the loop's own record of it.
@@ -185,8 +183,6 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
         while pos.step_in_epoch < run.steps_per_epoch and pos.step < run.max_steps:
             _optimizer_step(run, micro_batches, pos.step, stats)
             pos.step, pos.step_in_epoch = pos.step + 1, pos.step_in_epoch + 1
-            if on_step is not None:
-                on_step(pos.step)
             final = pos.step >= run.max_steps
             due_checkpoint = final or pos.step % tr.checkpoint_every == 0
             due_score = selection is not None and selection.due(pos.step, final)
