@@ -11,7 +11,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 
 import isosweep.core.losses as losses
 from isosweep.models.loading import load_unet_and_scheduler
-from isosweep.spec import spec_from_dict
+from isosweep.spec import resolve_trial_spec, spec_from_dict
 from isosweep.training.checkpoint import load_train_state
 from isosweep.training.loop import NonFiniteLossError, train_loop
 from isosweep.training.reporting import LocalReporter
@@ -153,7 +153,9 @@ def test_baseline_costs_nothing_extra(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(geometry, "isometry_terms", lambda *a, **k: pytest.fail("baseline computed L_iso"))
     rep = LocalReporter(tmp_path)
-    train_loop(make_spec(tiny_model_dir, max_steps=3), rep, trial_params={"lambda_iso": 0.0})
+    with pytest.raises(ValueError, match="not in the spec's train section"):  # parameters are resolved once, by the caller
+        train_loop(make_spec(tiny_model_dir, max_steps=3), rep, trial_params={"lambda_iso": 0.0})
+    train_loop(resolve_trial_spec(make_spec(tiny_model_dir, max_steps=3), {"lambda_iso": 0.0}), rep, trial_params={"lambda_iso": 0.0})
     assert all(r["iso_fraction"] == 0 and "iso_loss" not in r for r in rep.reports)
     assert json.loads((rep.checkpoints[-1] / "spec.json").read_text())["spec"]["train"]["lambda_iso"] == 0.0
 

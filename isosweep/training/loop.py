@@ -40,7 +40,7 @@ from isosweep.core.losses import IsoDiffusionLoss
 from isosweep.data.datasets import ShardedLoader, build_dataset
 from isosweep.models.loading import Fetch, load_unet_and_scheduler, weights_sha256
 from isosweep.redact import scrub_text, scrub_tree
-from isosweep.spec import SweepSpec, TrainSpec, resolve_trial_spec
+from isosweep.spec import POINT_KEYS, TRIAL_KEYS, SweepSpec, TrainSpec
 from isosweep.training.best_step import Scorer, Selection
 from isosweep.training.checkpoint import StoredCheckpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from isosweep.training.reporting import Reporter, StepStats
@@ -150,11 +150,24 @@ def check_finite(flags: torch.Tensor, values: torch.Tensor, step: int, world_siz
         )
 
 
-def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict[str, Any] | None = None,
+def _check_applied(spec: SweepSpec, trial_params: dict[str, Any] | None) -> None:
+    """Refuse trial parameters that the spec does not carry (the caller resolves them into the spec once)."""
+    differ = {k: v for k, v in (trial_params or {}).items()
+              if k in TRIAL_KEYS + POINT_KEYS and v is not None and getattr(spec.train, k) != v}
+    if differ:
+        raise ValueError(f"train_loop: trial parameters {differ} are not in the spec's train section; "
+                         "pass spec.resolve_trial_spec(spec, trial_params) as the spec")
+
+
+def train_loop(spec: SweepSpec, reporter: Reporter, *, trial_params: dict[str, Any] | None = None,
                evaluator: Evaluator | None = None, resume_from: str | StoredCheckpoint | None = None, fetch_base: Fetch | None = None,
                provenance: dict[str, Any] | None = None, scorer: Scorer | None = None,
                on_base: Callable[[dict[str, str]], None] | None = None) -> TrainResult:
     """Fine-tune one trial on this worker's shard; every DDP rank calls it with the same arguments.
+
+    spec: the trial's spec, its parameters already written into `train` (`spec.resolve_trial_spec`, once, by the
+    caller); trial_params: those parameters as the search gave them, recorded in every checkpoint's spec.json (a
+    value that differs from the spec's is refused: a trial must never train with other values than it records).
 
     resume_from: a checkpoint (local folder, storage URI, or a `pyarrow.fs` checkpoint such as Ray's) used
     when the reporter has none (a restarted Ray run's own checkpoint wins); a corrupt one is passed over
@@ -166,7 +179,7 @@ def train_loop(spec: SweepSpec | dict, reporter: Reporter, *, trial_params: dict
     scorer: the cheap FID of `evaluation.checkpoint_fid` (ignored when its `every` is 0 or null); the step with the
     lowest score is the trial's model: evaluated, and saved as the final checkpoint's pipeline.
     """
-    spec = resolve_trial_spec(spec, trial_params)
+    _check_applied(spec, trial_params)
     tr = spec.train
     run = _build_run(spec, reporter, fetch_base)
     selection = Selection.of(spec) if scorer is not None else None
