@@ -17,25 +17,14 @@ from pathlib import Path
 import pytest
 
 import isosweep
+from bench.data_path import layer_map
 
 PACKAGE = Path(isosweep.__file__).parent
 
 ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 
 
-def _layer_map() -> dict[str, int]:
-    """unit (a top-level module or folder of isosweep) -> layer, read from docs/architecture.md's layer table (the one
-    place the map is written): rows `| N | `unit/`, `unit.py` | what |` after its `| layer | units |` header."""
-    layers: dict[str, int] = {}
-    rows = ARCHITECTURE.read_text().split("| layer | units |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
-    for row in rows:
-        layer, units = (c.strip() for c in row.strip().strip("|").split("|")[:2])
-        for unit in units.split(","):
-            layers[unit.strip().strip("`").removesuffix("/").removesuffix(".py")] = int(layer)
-    return layers
-
-
-LAYERS = _layer_map()
+LAYERS = layer_map(ARCHITECTURE)  # docs/architecture.md's layer table, the one place the map is written
 ALLOWED_THIRD_PARTY = {"ray": {"sweep"}, "mlflow": {"tracking", "commands"}}
 EXPECTED = {
     "core": ["geometry", "hspace", "losses", "sampling", "ema", "names"],
@@ -47,7 +36,7 @@ EXPECTED = {
                    "metrics/paths", "metrics/confidence", "features/resolver", "features/standard", "features/domain", "features/attributes",
                    "features/common", "suite_metrics/base", "suite_metrics/fid", "suite_metrics/ppl", "suite_metrics/mrtl",
                    "suite_metrics/jacobian", "suite_metrics/ls"],
-    "results": ["layout", "rows", "tables", "pareto", "states", "plots", "report", "full_eval_records"],
+    "results": ["layout", "rows", "tables", "pareto", "states", "plots", "report", "full_eval_records", "place", "publish"],
     "tracking": ["client", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model", "tracker"],
     "sweep": ["ray_env", "search", "callbacks", "trainer", "trial", "driver", "jobs", "resources", "monitoring", "full_eval", "readback"],
     "commands": ["validate", "sweep", "submit", "train", "evaluate", "models", "sync"],

@@ -148,7 +148,7 @@ def test_resume_from_an_unreadable_state_file_is_refused(tmp_path):
     """A truncated state file must stop `resume` with the file's name, not silently start a fresh sweep."""
     from isosweep.results.layout import STATE_FILE
     from isosweep.spec import SpecError
-    from isosweep.sweep.driver import SweepPlace
+    from isosweep.results.place import SweepPlace
 
     spec = load_spec(DEMO, check_paths=False)
     sweep_dir = tmp_path / "demo-20261125-000000"

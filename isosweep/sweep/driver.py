@@ -14,12 +14,9 @@ from __future__ import annotations
 import os
 import shlex
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-import yaml
 from ray import tune
 
 from isosweep import storage as st
@@ -28,24 +25,12 @@ from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.evaluation.suite_metrics import selected
 from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
-from isosweep.redact import REDACTED, scrub_text, scrub_tree
-from isosweep.results.layout import (
-    DONE_MARKER,
-    REPORT_DIR,
-    SPEC_FILE,
-    STATE_FILE,
-    TRAIN_DIR,
-    new_sweep_id,
-    read_state,
-    resolve_storage,
-    sweep_uri,
-    train_storage,
-)
-from isosweep.results.plots import pareto_plot
-from isosweep.results.report import write_report as write_report_folder
+from isosweep.redact import REDACTED, scrub_text
+from isosweep.results.layout import REPORT_DIR, STATE_FILE, TRAIN_DIR
+from isosweep.results.place import SweepPlace
+from isosweep.results.publish import write_results
 from isosweep.results.rows import SweepOutcome, summarize
-from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, RUNNING, SweepState, promotion_refusal, sweep_state
-from isosweep.results.tables import backbones_of, save_tables
+from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, SweepState, promotion_refusal, sweep_state
 from isosweep.spec import SpecError, SweepSpec
 from isosweep.sweep.callbacks import SweepProgress
 from isosweep.sweep.full_eval import run_full_protocol
@@ -56,46 +41,6 @@ from isosweep.sweep.search import build_search, planned_trials
 from isosweep.sweep.trial import make_trial_fn, rows_from_results
 from isosweep.tracking.client import TrackingError
 from isosweep.tracking.tracker import Tracker
-
-
-@dataclass
-class SweepPlace:
-    """Where one sweep lives: its id, the storage it is under, its folder (the Tune experiment), the Train
-    runs, and a local staging folder for the files written here and then uploaded (the sweep folder itself
-    for local storage)."""
-
-    sweep_id: str
-    storage: str
-    sweep_uri: str
-    train_storage: str
-    staging: Path
-    staging_is_temporary: bool
-    state: dict
-    resuming: bool = False
-
-    @classmethod
-    def open(cls, spec: SweepSpec, storage: str | None, resume_sweep: str | None) -> SweepPlace:
-        """A new sweep's place, or the one of the sweep being resumed (found where its state file is)."""
-        if resume_sweep is not None:
-            sweep = st.normalize(resume_sweep)
-            state = read_state(sweep)
-            sweep_id, root = state["sweep_id"], st.parent_of(sweep)
-        else:
-            state, root = {}, resolve_storage(spec, storage)
-            sweep_id = new_sweep_id(spec)
-        uri = sweep_uri(root, sweep_id)
-        staging, temporary = st.staging_dir(uri, prefix=f"isosweep-{sweep_id}-")
-        return cls(sweep_id, root, uri, train_storage(root, sweep_id), staging, temporary, state, resuming=resume_sweep is not None)
-
-    def record_state(self, state: SweepState, reason: str = "", tracking_pending: list[str] | None = None) -> None:
-        """The sweep's state into its state file in storage (status, what is unfinished, when)."""
-        self.state.update({"status": state.state, "unfinished": state.unfinished, "errored": state.errored,
-                           "not_started": state.not_started, "status_reason": reason, "status_time": time.time(),
-                           "tracking_pending": tracking_pending or []})
-        try:
-            st.write_json(st.join(self.sweep_uri, STATE_FILE), self.state)
-        except OSError as exc:  # storage down: say so, but never replace the error being handled
-            warn(f"could not record the sweep's state {state.state} in storage: {exc}")
 
 
 def run_sweep(spec: SweepSpec, spec_path: str | None = None, *, address: str | None = None, tracking_uri: str | None = None,
@@ -200,16 +145,7 @@ class Sweep:
             spec, self.spec_path, place.sweep_id, place.sweep_uri,
             wait_s=float(os.environ.get("ISOSWEEP_TRACKING_START_WAIT_S", "300")),
             poll_s=max(1.0, 5 * float(os.environ.get("ISOSWEEP_TRACKING_BACKOFF_S", "1.0"))))
-        # no credential is ever stored (storage may be a bucket others read): URIs and the spec are scrubbed, and a
-        # resume takes the credentials from its own arguments and environment (`_tracking_uri`)
-        place.state.update({"sweep_id": place.sweep_id, "spec": scrub_tree(spec.to_dict()), "spec_path": self.spec_path,
-                            "storage": scrub_text(place.storage), "experiment_path": scrub_text(place.sweep_uri),
-                            "tracking_uri": scrub_text(self.tracker.uri), "parent_run_id": self.parent_run_id,
-                            "started": place.state.get("started") or time.time(), "status": RUNNING})
-        if place.resuming:
-            place.state["resumed"] = [*place.state.get("resumed", []), time.time()]
-        st.write_json(st.join(place.sweep_uri, STATE_FILE), place.state)
-        st.write_bytes(st.join(place.sweep_uri, SPEC_FILE), yaml.safe_dump(scrub_tree(spec.to_dict()), sort_keys=False).encode())
+        place.record_start(spec, self.spec_path, self.tracker.uri, self.parent_run_id)
         say(f"MLflow: {scrub_text(self.tracker.uri)} (experiment '{spec.experiment_name}', parent run {self.parent_run_id})")
 
     def tuner(self) -> tune.Tuner:
@@ -255,17 +191,13 @@ class Sweep:
             refusal = (f"MLflow lacks the records of {', '.join(unrecorded)}; once the server is back run "
                        f"`isosweep sync {scrub_text(place.sweep_uri)}`, then `isosweep promote`")
         outcome.promotion = refusal or ""
-        csv_path, md_path = save_tables(outcome.rows, place.staging, spec.evaluation.bootstrap.level)
-        plot = pareto_plot(outcome.rows, outcome.front, outcome.champion, place.staging / "pareto.png",
-                           tuple(spec.selection.objectives), backbones_of(outcome.rows))
-        if write_report and state.state != INTERRUPTED:
-            folder = Path(report_dir) if report_dir else place.staging / REPORT_DIR
-            outcome.report_dir = write_report_folder(spec, outcome, folder)
-            if report_dir:
-                st.upload_dir(folder, st.join(place.sweep_uri, REPORT_DIR))
+        report = write_report and state.state != INTERRUPTED
+        files = write_results(spec, outcome, place.staging, report=report, report_dir=Path(report_dir) if report_dir else None)
+        if report and report_dir:
+            st.upload_dir(Path(report_dir), st.join(place.sweep_uri, REPORT_DIR))
         st.upload_dir(place.staging, place.sweep_uri)  # tables, plot and report: a no-op for local storage
         self.unrecorded = unrecorded
-        return {"csv_path": csv_path, "md_path": md_path, "pareto_png": plot}
+        return files
 
     def promote(self, outcome: SweepOutcome) -> None:
         """The champion (alias `champion`) and the Pareto trials into the registry, when the sweep allows it."""
@@ -291,8 +223,7 @@ class Sweep:
                                  champion_run_id=champion.row.get("mlflow_run_id") if champion and not outcome.promotion else None)
         self.place.record_state(state, tracking_pending=self.unrecorded)
         if state.state == COMPLETED:
-            st.write_json(st.join(self.place.sweep_uri, DONE_MARKER),
-                          {"finished": time.time(), "champion": champion.row["trial_id"] if champion else None})
+            self.place.record_done(champion.row["trial_id"] if champion else None)
         self.tracker.end_run(self.parent_run_id, {COMPLETED: "FINISHED", INTERRUPTED: "KILLED"}.get(state.state, "FAILED"), quiet=True)
 
     def _sync_pending(self, outcome: SweepOutcome) -> list[str]:
