@@ -22,7 +22,8 @@ def full_eval_uri(train_storage: str, trial_id: str) -> str:
 
 def read_full_record(train_storage: str, trial_id: str) -> dict | None:
     """A trial's stored full-protocol record, or None when it has none yet."""
-    return st.read_json(full_eval_uri(train_storage, trial_id))
+    uri = full_eval_uri(train_storage, trial_id)
+    return st.read_json(uri)
 
 
 def apply_stored_records(spec: SweepSpec, train_storage: str, rows: list[dict]) -> list[dict]:

@@ -75,11 +75,13 @@ class SweepPlace:
         self.state.update({"status": state.state, "unfinished": state.unfinished, "errored": state.errored,
                            "not_started": state.not_started, "status_reason": reason, "status_time": time.time(),
                            "tracking_pending": tracking_pending or []})
+        uri = st.join(self.sweep_uri, STATE_FILE)
         try:
-            st.write_json(st.join(self.sweep_uri, STATE_FILE), self.state)
+            st.write_json(uri, self.state)
         except OSError as exc:  # storage down: say so, but never replace the error being handled
             warn(f"could not record the sweep's state {state.state} in storage: {exc}")
 
     def record_done(self, champion_trial: str | None) -> None:
         """The done marker of a completed sweep (`isosweep status` and `resume` read it)."""
-        st.write_json(st.join(self.sweep_uri, DONE_MARKER), {"finished": time.time(), "champion": champion_trial})
+        uri = st.join(self.sweep_uri, DONE_MARKER)
+        st.write_json(uri, {"finished": time.time(), "champion": champion_trial})

@@ -184,7 +184,8 @@ class Sweep:
         and whether the champion may be promoted is decided (`outcome.promotion`). Returns the files the
         parent run's summary logs."""
         spec, place = self.spec, self.place
-        outcome.state = state = sweep_state(outcome.rows, planned_trials(spec))
+        planned = planned_trials(spec)
+        outcome.state = state = sweep_state(outcome.rows, planned)
         unrecorded = self._sync_pending(outcome)
         refusal = promotion_refusal(state, outcome.rows, outcome.champion, tuple(spec.selection.objectives))
         if refusal is None and unrecorded:
@@ -240,9 +241,9 @@ class Sweep:
                 local = Path(place.sweep_uri)
                 if st.is_remote(place.sweep_uri):  # only what the pending trials need, not every checkpoint
                     local = Path(tmp) / place.sweep_id
-                    st.write_json(str(local / STATE_FILE), place.state)
                     for tid in ids:
                         st.download_dir(st.join(place.sweep_uri, TRAIN_DIR, tid), local / TRAIN_DIR / tid)
+                    st.write_json(str(local / STATE_FILE), place.state)
                 synced = {tid: run_id for tid, run_id, _ in self.tracker.sync_sweep_dir(self.spec, None, local, place.sweep_uri)}
         except Exception as exc:  # noqa: BLE001 -- best effort: whatever failed, the trials stay pending and are named
             warn(f"MLflow still lacks {', '.join(ids)} ({exc}); run `isosweep sync {scrub_text(place.sweep_uri)}` later")
