@@ -3,7 +3,9 @@ by a results row; an unknown name is refused naming the field and the fix."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,10 +15,11 @@ from isosweep.evaluation import suite_metrics
 from isosweep.evaluation.record import read_record
 from isosweep.evaluation.suite import evaluate_model
 from isosweep.results.rows import make_row
-from isosweep.spec import DatasetSpec, EvaluationSpec, SpecError, is_result_metric
+from isosweep.spec import DatasetSpec, EvaluationSpec, SpecError
 from isosweep.spec import evaluation as spec_evaluation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 # The whole of an added metric, as docs/metrics.md ("Adding a metric") shows it.
 TOY = '''
@@ -93,13 +96,13 @@ def test_an_added_metric_lands_in_the_record_and_the_row(toy_file, tmp_path):
     assert row["toy"] == result.metrics["toy"] and row["toy_hi"] == result.metrics["toy_hi"]
 
 
-def test_unknown_metric_names_are_refused_with_the_fix(tmp_path):
+def test_unknown_metric_names_are_refused_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(spec_evaluation, "_ADDED_RESULTS", set())
     with pytest.raises(ValueError, match="not metric names"):
         EvaluationSpec(metrics=["fid", "Toy Metric"])
     ev = EvaluationSpec(metrics=["fid", "nope"])  # a name an added module could have: the evaluation layer decides
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['nope'\].*suite_metrics/<name>\.py"):
         evaluate_model(tiny_unet(), None, ev, DatasetSpec(kind="shapes", resolution=16), device="cpu", progress=False)
-    assert not is_result_metric("nope")
 
     from isosweep.commands.validate import check_metric_names
 
@@ -117,3 +120,18 @@ def test_an_added_metric_cannot_take_a_built_in_name(name):
         register(type("Clash", (Metric,), {"names": (name,)}))
     assert type(suite_metrics.REGISTRY["fid"]).__name__ == "Fid"
     assert "ls_x" not in suite_metrics.REGISTRY and "ppl_y" not in suite_metrics.REGISTRY
+
+
+def test_a_sweep_read_back_keeps_an_added_metrics_values_without_importing_the_suite():
+    """`isosweep results`, `status` and `sync` load the sweep's spec but not the evaluation suite: the spec's metric
+    names are enough for rows and records to keep an added metric's values."""
+    code = """
+import sys
+from isosweep.spec import EvaluationSpec
+from isosweep.results.rows import make_row
+EvaluationSpec(metrics=["fid", "toy"])
+row = make_row("t0", {"lambda_iso": 0.1}, {"toy": 0.5, "toy_hi": 0.7, "junk": 1.0, "evaluated": True}, "TERMINATED")
+assert "isosweep.evaluation.suite_metrics" not in sys.modules, "the suite was imported"
+assert row["toy"] == 0.5 and row["toy_hi"] == 0.7 and "junk" not in row, row
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)

@@ -180,11 +180,14 @@ class EvaluationSpec(_Section):
     @field_validator("metrics")
     @classmethod
     def _metric_names(cls, v: list[str]) -> list[str]:
-        """Built-in names, or names an added metric may have (the evaluation layer refuses one no module registers)."""
+        """Built-in names, or names an added metric may have (the evaluation layer refuses one no module registers).
+        An added name is registered as a result name here too, so that a process that reads a sweep back (results,
+        status, sync) keeps its values in rows and records without importing the evaluation suite."""
         bad = [m for m in v if m not in EVAL_METRICS and not _METRIC_NAME.match(m)]
         if bad:
             raise ValueError(f"{bad} are not metric names: use any of {', '.join(EVAL_METRICS)} (or an added metric's name: "
                              "lowercase letters, digits and _)")
+        register_result_names(*(m for m in v if m not in EVAL_METRICS))
         return v
 
     @model_validator(mode="after")
