@@ -30,6 +30,8 @@ from isosweep.sweep.search import planned_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "search_spaces"
+REPORT_DIR_SPEC = "cifar10_paper"  # its run also writes the report into a user's folder (--report-dir)
+PLANTED_SECRET = "planted-secret-in-the-report-dir"
 
 # The built-in problem, as small as a run of every phase gets (the base model's pretraining recipe is test_sweep.py's
 # TINY one, so the session's cache holds it once).
@@ -280,6 +282,12 @@ class Runs:
                "--tracking-uri", self.tracking_uri, "--address", self.cluster.address]
         for o in self.overrides(name):
             cmd += ["--set", o]
+        if name == REPORT_DIR_SPEC:  # a user's folder with more in it than the report: none of that may be published
+            mine = self.root / name / "my-folder"
+            (mine / "old").mkdir(parents=True)
+            (mine / ".env").write_text(f"AWS_SECRET_ACCESS_KEY={PLANTED_SECRET}\n")
+            (mine / "old" / "notes.md").write_text("not the report\n")
+            cmd += ["--report-dir", str(mine)]
         sweep = Sweep(name, cmd, storage, self.root / name / "run.log")
         sweep.log.parent.mkdir(parents=True, exist_ok=True)
         with open(sweep.log, "wb") as fh:
@@ -316,6 +324,16 @@ class Runs:
         self.queue.clear()
         for s in self._running():
             _stop(s.proc)
+
+
+def _only_the_report_is_published(mine: Path, sweep_dir: Path, client, champion: dict) -> None:
+    """--report-dir: the report is copied into the user's folder; storage and the parent run get the report's own files."""
+    assert (mine / "report.md").is_file() and (mine / ".env").is_file()
+    stored = {p.relative_to(sweep_dir / "report").as_posix() for p in (sweep_dir / "report").rglob("*") if p.is_file()}
+    assert "report.md" in stored and not {".env", "old/notes.md"} & stored, stored
+    parent = client.get_run(champion["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert "report/report.md" in logged and not {"report/.env", "report/old"} & logged, logged
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -425,6 +443,8 @@ def test_the_spec_runs_end_to_end(name, runs, mlflow_server, tmp_path):
     (champion,) = [r for r in rows if "champion" in r["role"]]
     version = MlflowClient(mlflow_server.uri).get_model_version_by_alias(spec.registry_name, "champion")
     assert version.run_id == champion["mlflow_run_id"]
+    if name == REPORT_DIR_SPEC:
+        _only_the_report_is_published(runs.root / name / "my-folder", sweep_dir, MlflowClient(mlflow_server.uri), champion)
 
     pulled = tmp_path / "pulled"
     got = subprocess.run([sys.executable, "-m", "isosweep", "pull", f"models:/{spec.registry_name}@champion", "--out", str(pulled)],

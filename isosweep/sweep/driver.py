@@ -26,7 +26,7 @@ from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.evaluation.suite_metrics import selected
 from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
 from isosweep.redact import REDACTED, scrub_text
-from isosweep.results.layout import REPORT_DIR, STATE_FILE, TRAIN_DIR
+from isosweep.results.layout import STATE_FILE, TRAIN_DIR
 from isosweep.results.place import SweepPlace
 from isosweep.results.publish import write_results
 from isosweep.results.rows import SweepOutcome, summarize
@@ -194,8 +194,6 @@ class Sweep:
         outcome.promotion = refusal or ""
         report = write_report and state.state != INTERRUPTED
         files = write_results(spec, outcome, place.staging, report=report, report_dir=Path(report_dir) if report_dir else None)
-        if report and report_dir:
-            st.upload_dir(Path(report_dir), st.join(place.sweep_uri, REPORT_DIR))
         st.upload_dir(place.staging, place.sweep_uri)  # tables, plot and report: a no-op for local storage
         self.unrecorded = unrecorded
         return files
@@ -220,7 +218,7 @@ class Sweep:
         marker of a completed sweep, and the parent run ended."""
         state, champion = outcome.state, outcome.champion
         self.tracker.best_effort("logging the sweep's summary to MLflow", "the tables and report are in storage",
-                                 self.tracker.log_sweep_summary, self.parent_run_id, **files, report_dir=outcome.report_dir,
+                                 self.tracker.log_sweep_summary, self.parent_run_id, **files,
                                  champion_run_id=champion.row.get("mlflow_run_id") if champion and not outcome.promotion else None)
         self.place.record_state(state, tracking_pending=self.unrecorded)
         if state.state == COMPLETED:
