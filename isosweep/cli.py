@@ -11,10 +11,12 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 
 from isosweep.console import note
-from isosweep.constants import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_SPEC_ERROR, OVERRIDES_ENV
+from isosweep.constants import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_SPEC_ERROR, EXIT_TERMINATED, OVERRIDES_ENV
 from isosweep.spec import SpecError
 
 
@@ -43,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: spec, MLFLOW_TRACKING_URI, or local sqlite)")
     p.add_argument("--storage", default=None,
                    help="where the sweep lives: a directory, or s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http]")
-    p.add_argument("--report-dir", default=None, help="also write the report folder here (it always goes to <storage>/<sweep>/report)")
+    p.add_argument("--report-dir", default=None,
+                   help="also copy the report's files here (the report always goes to <storage>/<sweep>/report; only its own "
+                   "files are published, never the rest of this folder)")
     p.add_argument("--shared-fs", action="store_true",
                    help="with --address on a multi-node cluster: every node mounts the local storage path and SQLite file")
 
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow changes to fields that do not change results (concurrency, tracking, caches, dataset.path)")
     p.add_argument("--address", default=None)
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--report-dir", default=None)
+    p.add_argument("--report-dir", default=None, help="as for run")
     p.add_argument("--shared-fs", action="store_true")
 
     for verb, text in (("results", "print the results table and Pareto front of a sweep, from its storage"),
@@ -156,12 +160,39 @@ def _env_overrides() -> list[str]:
     return items
 
 
+_terminated = threading.Event()  # a SIGTERM arrived: an interrupted command exits 143, not 130
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    """SIGTERM stops a command as Ctrl-C does: it goes to whatever handles SIGINT now (Ray Tune's graceful stop while
+    a sweep's trials run, so the sweep records INTERRUPTED, ends its runs KILLED and stays resumable; a
+    KeyboardInterrupt elsewhere). A second SIGTERM then acts as a second Ctrl-C."""
+    _terminated.set()
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a background job of a script) or default: stop all the same
+        raise KeyboardInterrupt
+
+
+def _stop_on_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _interrupted() -> int:
+    return EXIT_TERMINATED if _terminated.is_set() else EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _terminated.clear()
+    _stop_on_sigterm()
     try:
         if hasattr(args, "overrides"):
             args.overrides = [*(args.overrides or []), *_env_overrides()]
-        return int(_dispatch(args) or 0)
+        code = int(_dispatch(args) or 0)
+        return _interrupted() if code == EXIT_INTERRUPTED else code
     except SpecError as exc:  # messages name files and URIs: scrubbed, since a URI may carry a key
         from isosweep.redact import scrub_text  # stdlib only: keeps `isosweep --help` fast
 
@@ -169,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SPEC_ERROR
     except KeyboardInterrupt:
         note("interrupted; `isosweep resume SWEEP_URI` (printed above) continues from the last checkpoints")
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except Exception as exc:  # a cause deep in MLflow/requests may quote a URI with its credentials
         from isosweep.redact import format_exception_scrubbed  # stdlib only
 

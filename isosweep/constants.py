@@ -9,6 +9,7 @@ EXIT_ERROR = 1  # any other command: it did not do what was asked (the error is 
 EXIT_SPEC_ERROR = 2  # bad spec or arguments, refused before anything ran
 EXIT_FAILED = 3  # some trials errored: `isosweep resume` runs them again
 EXIT_INTERRUPTED = 130  # stopped before the end (Ctrl-C): `isosweep resume` continues
+EXIT_TERMINATED = 143  # the same, stopped by SIGTERM (`ray job stop`, Kubernetes, Slurm): 128 + 15, as a shell reports it
 
 # --set items from the environment: a JSON list of "KEY=VALUE" strings that `isosweep` appends after the command
 # line's --set. `isosweep submit` puts a job's --set items here so that their values stay out of its entrypoint.

@@ -143,7 +143,9 @@ def test_runtime_env_file_is_merged_and_env_wins(tmp_path, tmp_spec):
     }))
     user = jobs.job_runtime_env(jobs.load_runtime_env(file), {"LEVEL": "from-env"}, ["search.num_trials=2"])
     assert user["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "LEVEL": "from-env",
-                                OVERRIDES_ENV: json.dumps(["search.num_trials=2"])}
+                                OVERRIDES_ENV: json.dumps(["search.num_trials=2"]), jobs.JOB_STOP_WAIT_ENV: str(jobs.JOB_STOP_WAIT_S)}
+    # `ray job stop` leaves a sweep time to stop at a safe point, unless the user says otherwise
+    assert jobs.job_runtime_env({"env_vars": {jobs.JOB_STOP_WAIT_ENV: "30"}}, {}, [])["env_vars"] == {jobs.JOB_STOP_WAIT_ENV: "30"}
     pkg = jobs.build_package(tmp_spec, user)
     try:
         env = pkg.runtime_env

@@ -240,6 +240,37 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_exits_143(tmp_path, cache_env):
+    """SIGTERM to the driver alone (as Kubernetes, Slurm or `ray job stop` send it) while the sweep waits for its tracking
+    server: the command stops, says how to continue, and exits 143 (Ray's own handler would exit 15, FAILED). The
+    graceful stop of running trials by `ray job stop` is test_cluster_sweep_survives_losing_the_whole_cluster's."""
+    from support.ray_cluster import free_port
+
+    env = {**os.environ, "ISOSWEEP_CACHE": str(cache_env), "PYTHONUNBUFFERED": "1", "ISOSWEEP_RAY_DASHBOARD": "0",
+           "ISOSWEEP_TRACKING_BACKOFF_S": "0.2", "ISOSWEEP_TRACKING_RETRIES": "1"}
+    args = [str(DEMO), "--storage", str(tmp_path / "runs"), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]
+    for o in TINY:
+        args += ["--set", o]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "isosweep", "run", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while "waiting for MLflow" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # the driver only, not its process group
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 143, log.read_text()[-3000:]
+    assert "interrupted; `isosweep resume SWEEP_URI`" in log.read_text()
+
+
+@pytest.mark.slow
 def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path, cache_env, mlflow_server):
     """The tracking server is unreachable (503 from a proxy in front of the real `mlflow server`) when the
     sweep starts: the sweep waits for it instead of failing, and starts once it is back. It goes away again
@@ -530,10 +561,19 @@ def test_cluster_sweep_survives_losing_the_whole_cluster(tmp_path, cache_env, ml
         finished_keys = {k for k in s3.keys(f"cluster-native/{sweep_id}/train/") if k.endswith("eval/metrics.json")}
         assert finished_keys
 
-        # 3. lose a worker node, stop the job, stop every node, delete the submitting folder
+        # 3. lose a worker node, stop the job (`ray job stop`: SIGTERM to the driver, which stops as on Ctrl-C: the sweep
+        # records INTERRUPTED and ends its parent run KILLED), stop every node, delete the submitting folder
         kill_worker_node(cluster, 0)
         jobs.stop_job(job_id)
-        time.sleep(2)
+        state_key = f"cluster-native/{sweep_id}/isosweep_sweep.json"
+        deadline, state = time.time() + 150, {}
+        while time.time() < deadline and state.get("status") != "INTERRUPTED":
+            time.sleep(2)
+            state = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=state_key)["Body"].read())
+        logs = jobs.get_job_logs(job_id)
+        assert state.get("status") == "INTERRUPTED", f"{state}\n{logs[-4000:]}"
+        assert MlflowClient(mlflow_server.uri).get_run(state["parent_run_id"]).info.status == "KILLED"
+        assert "isosweep resume" in logs and "promoted nothing" in logs, logs[-4000:]
     finally:
         stop_local_cluster(cluster)
     shutil.rmtree(submitting)

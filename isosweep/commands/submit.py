@@ -51,8 +51,8 @@ def submit_command(args: argparse.Namespace, command: str = "run") -> int:
     addr = shlex.quote(base)
     result(f"submitted job: {job_id}")
     result(f"entrypoint:    {scrub_text(entrypoint)}")
-    # names only: values (credentials among them) stay in the job's runtime env
-    names = sorted(k for k in env_vars if k != OVERRIDES_ENV)
+    # names only: values (credentials among them) stay in the job's runtime env; isosweep's own are not the user's
+    names = sorted(k for k in env_vars if k not in (OVERRIDES_ENV, jobs.JOB_STOP_WAIT_ENV) or k in env_items)
     if names:
         result(f"env:           {' '.join(names)} (values not shown)")
     if overrides:

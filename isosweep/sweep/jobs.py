@@ -316,11 +316,19 @@ def load_runtime_env(path: str | os.PathLike) -> dict[str, Any]:
     return env
 
 
+JOB_STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"  # read by Ray's job supervisor from the job's runtime env
+JOB_STOP_WAIT_S = 120  # seconds between `ray job stop`'s SIGTERM and its SIGKILL
+
+
 def job_runtime_env(file_env: dict[str, Any] | None, env_items: dict[str, str], overrides: list[str]) -> dict[str, Any]:
     """The user's part of the job's runtime env: the `--runtime-env` file, its env_vars updated by `--env`
-    (which wins), and the `--set` items as OVERRIDES_ENV. `build_package` adds the code and the spec."""
+    (which wins), and the `--set` items as OVERRIDES_ENV. `build_package` adds the code and the spec.
+
+    `ray job stop` sends the driver SIGTERM and, by default, SIGKILL 3 s later: too soon for a sweep to stop its trials
+    at a safe point and record INTERRUPTED. Unless the user sets it, the job's RAY_JOB_STOP_WAIT_TIME_S gives it
+    JOB_STOP_WAIT_S."""
     env = dict(file_env or {})
-    env_vars = {**(env.get("env_vars") or {}), **env_items}
+    env_vars = {JOB_STOP_WAIT_ENV: str(JOB_STOP_WAIT_S), **(env.get("env_vars") or {}), **env_items}
     if OVERRIDES_ENV in env_vars:
         raise SpecError(f"{OVERRIDES_ENV} is isosweep's own variable for --set items; fix: pass them with --set KEY=VALUE")
     if overrides:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import warnings
 
 import ray
@@ -21,6 +23,7 @@ def init_ray(address: str | None, dashboard: bool = True) -> dict:
     worker_env = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "15"), "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
                   "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
     quiet = {"logging_level": "WARNING", "log_to_driver": True}
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit: the sweep would end FAILED, not resumable
     if ray.is_initialized():
         ctx = None
     elif address:  # the same worker environment: without it every step line printed twice per worker
@@ -29,6 +32,8 @@ def init_ray(address: str | None, dashboard: bool = True) -> dict:
         dashboard = dashboard and os.environ.get("ISOSWEEP_RAY_DASHBOARD", "1") != "0"
         ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
                        runtime_env={"env_vars": worker_env}, **quiet)
+    if threading.current_thread() is threading.main_thread() and sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)  # the CLI's: SIGTERM stops a sweep as Ctrl-C does
     url = getattr(ctx, "dashboard_url", None) if ctx is not None else None  # `if ctx` warns (len)
     return {"dashboard_url": f"http://{url}" if url and not url.startswith("http") else url}
 
