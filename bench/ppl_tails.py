@@ -29,6 +29,7 @@ def main() -> None:
     from isosweep.core.sampling import DDIMSampler
     from isosweep.evaluation.features import resolver as bb
     from isosweep.evaluation.metrics.ppl import filtered_mean, ppl_distances
+    from isosweep.evaluation.metrics.samples import SampleRange
     from isosweep.models.loading import load_unet_and_scheduler
     from isosweep.spec import BaseModelSpec, load_spec
 
@@ -42,8 +43,9 @@ def main() -> None:
     for label, model in zip(labels, args.models):
         unet, scheduler = load_unet_and_scheduler(BaseModelSpec(source=model), spec.dataset, progress=False)
         sampler = DDIMSampler(unet, scheduler, batch_size=ev.batch_size, progress=False)
-        d = ppl_distances(sampler, nets.distance, num_samples=n, ddim_steps=ev.ppl.ddim_steps, eps=ev.ppl.eps,
-                          seed=ev.seed, shape=sampler.sample_shape, batch_size=max(1, ev.batch_size // 2))
+        samples = SampleRange(sampler=sampler, shape=sampler.sample_shape, seed=ev.seed, ddim_steps=ev.ppl.ddim_steps, total=n,
+                              batch_size=max(1, ev.batch_size // 2))
+        d = ppl_distances(samples, nets.distance, eps=ev.ppl.eps)
         q = np.percentile(d, [50, 90, 99])
         print(f"{label:<28} {filtered_mean(d):>10.4g} {q[0]:>10.4g} {q[1]:>10.4g} {q[2]:>10.4g} {d.max():>12.4g} {d.mean():>12.4g}")
 

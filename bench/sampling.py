@@ -144,6 +144,7 @@ def precision_check(args, device: torch.device) -> None:
     from diffusers import DDPMScheduler, UNet2DModel
 
     from isosweep.evaluation.metrics.ppl import ppl_distances
+    from isosweep.evaluation.metrics.samples import SampleRange
 
     if args.model:
         unet = UNet2DModel.from_pretrained(Path(args.model).expanduser() / "unet")
@@ -180,8 +181,8 @@ def precision_check(args, device: torch.device) -> None:
     ppl = {}
     for name, bs, prec in (("fp32", 2 * pairs, "fp32"), ("fp32_rebatched", 1, "fp32"), (half, 2 * pairs, half)):
         sampler = DDIMSampler(unet, sched, batch_size=bs, progress=False, device=device, precision=prec)
-        ppl[name] = torch.from_numpy(ppl_distances(sampler, mse, num_samples=pairs, ddim_steps=steps, eps=eps, seed=0,
-                                                   shape=(3, size, size), batch_size=pairs))
+        samples = SampleRange(sampler=sampler, shape=(3, size, size), seed=0, ddim_steps=steps, total=pairs, batch_size=pairs)
+        ppl[name] = torch.from_numpy(ppl_distances(samples, mse, eps=eps))
     rel = {k: ((v - ppl["fp32"]).abs() / ppl["fp32"]).median().item() for k, v in ppl.items() if k != "fp32"}
     print(f"| PPL finite difference (pixel MSE / eps^2, eps = {eps:g}, {pairs} pairs): median relative change | "
           f"{rel['fp32_rebatched']:.2e} | {rel[half]:.2e} |")

@@ -158,11 +158,13 @@ def test_ppl_equals_stylegans_definition(standard_weights, reference_lpips):
 
     from isosweep.core.sampling import DDIMSampler
     from isosweep.evaluation.metrics.ppl import perceptual_path_length, ppl_pairs
+    from isosweep.evaluation.metrics.samples import SampleRange
 
     n, eps, steps, seed, shape = 120, 1e-4, 2, 5, (3, 32, 32)  # > 100 pairs, so the percentile filter drops some
     unet, sched = _tiny_unet(), DDPMScheduler(num_train_timesteps=1000)
-    ours = perceptual_path_length(DDIMSampler(unet, sched, batch_size=2 * n, progress=False), LpipsDistance(standard_weights.alexnet),
-                                  num_samples=n, ddim_steps=steps, eps=eps, seed=seed, shape=shape, batch_size=n)
+    samples = SampleRange(sampler=DDIMSampler(unet, sched, batch_size=2 * n, progress=False), shape=shape, seed=seed, ddim_steps=steps,
+                          total=n, batch_size=n)
+    ours = perceptual_path_length(samples, LpipsDistance(standard_weights.alexnet), eps=eps)
 
     z0, z1, s = (v.double().numpy() for v in ppl_pairs(n, shape, seed))
     ends = np.concatenate([_stylegan_slerp(z0, z1, s), _stylegan_slerp(z0, z1, s + eps)])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from isosweep.core.names import LS_SPACES
+from isosweep.evaluation.metrics.samples import SampleRange
 from isosweep.evaluation.metrics.separability import classify_samples, heldout_split, linear_separability, ls_max, ls_name, ls_scores
 from isosweep.spec import RESULT_METRICS, EvaluationSpec, LsSpec
 
@@ -209,11 +210,11 @@ def test_classify_samples_captures_h_of_x_T_at_the_first_ddim_step():
     def classifier(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (images.mean((1, 2, 3)) > 0).long()[:, None], torch.ones(len(images), 1)
 
-    labels, conf, h = classify_samples(sampler, classifier, num_samples=5, ddim_steps=4, seed=3, shape=(3, 8, 8), batch_size=3,
-                                       capture_h=True)
+    samples = SampleRange(sampler=sampler, shape=(3, 8, 8), seed=3, ddim_steps=4, total=5, batch_size=3)
+    labels, conf, h = classify_samples(samples, classifier, capture_h=True)
     assert labels.shape == conf.shape == (5, 1) and h.shape == (5, 16 * 4 * 4)
     t_first = sampler(initial_noise(1, (3, 8, 8), 3), 4).timesteps[0]
     with torch.no_grad():
         ref = encode(unet, initial_noise(5, (3, 8, 8), 3), t_first).flatten(1).numpy()
     np.testing.assert_allclose(h, ref, rtol=1e-4, atol=1e-5)
-    assert classify_samples(sampler, classifier, num_samples=5, ddim_steps=4, seed=3, shape=(3, 8, 8))[2] is None
+    assert classify_samples(samples, classifier)[2] is None

@@ -1,27 +1,39 @@
 """Evaluation metrics of Isometric Diffusion (docs/math.md section 5) as pure functions.
 
 Each family has its own module: `paths` (slerp, lerp, RTL of a path), `fid`, `ppl`, `rtl` (mRTL),
-`jacobian` (singular values of the encoder Jacobian, MCN, VoR) and `separability` (LS). The high-level
-functions take a sampler (`isosweep.core.sampling.Sampler`), a feature network or distance, counts and a seed.
+`jacobian` (singular values of the encoder Jacobian, MCN, VoR) and `separability` (LS). The sampled ones take a
+`SampleRange` (`samples`: the sampler, latents' seed, DDIM steps, range and batches) and a feature network,
+distance or classifier.
 """
 
-from isosweep.evaluation.metrics.fid import feature_statistics, fid_score, frechet_distance, reference_statistics
+from isosweep.evaluation.metrics.fid import (
+    feature_statistics,
+    fid_from_features,
+    frechet_distance,
+    generated_features,
+    reference_statistics,
+)
 from isosweep.evaluation.metrics.jacobian import batched_jacobian, jacobian_singular_values, looped_jacobian, mcn, vor
 from isosweep.evaluation.metrics.paths import lerp, relative_trajectory_length, slerp
-from isosweep.evaluation.metrics.ppl import perceptual_path_length
-from isosweep.evaluation.metrics.rtl import mean_rtl
-from isosweep.evaluation.metrics.separability import conditional_entropy, linear_separability
+from isosweep.evaluation.metrics.ppl import perceptual_path_length, ppl_distances
+from isosweep.evaluation.metrics.rtl import rtl_per_pair, summarize_rtl
+from isosweep.evaluation.metrics.samples import SampleRange
+from isosweep.evaluation.metrics.separability import classify_samples, conditional_entropy, linear_separability
 
 __all__ = [
+    "SampleRange",
     "slerp",
     "lerp",
     "relative_trajectory_length",
     "frechet_distance",
     "feature_statistics",
     "reference_statistics",
-    "fid_score",
+    "generated_features",
+    "fid_from_features",
+    "ppl_distances",
     "perceptual_path_length",
-    "mean_rtl",
+    "rtl_per_pair",
+    "summarize_rtl",
     "jacobian_singular_values",
     "batched_jacobian",
     "looped_jacobian",
@@ -29,4 +41,5 @@ __all__ = [
     "vor",
     "linear_separability",
     "conditional_entropy",
+    "classify_samples",
 ]

@@ -1,9 +1,9 @@
 """Frechet distance between Gaussian fits of feature sets (FID; docs/math.md section 5).
 
-`frechet_distance` is a pure NumPy function; `fid_score` samples a model with deterministic latents,
-embeds the images with a feature extractor (clean-fid's Inception or the domain network, see
-`isosweep.evaluation.features.resolver`) and compares with reference statistics that the caller computed and cached
-(`reference_statistics`). No image files are written.
+`frechet_distance` is a pure NumPy function; `generated_features` samples a model with deterministic latents
+(a `SampleRange`) and embeds the images with a feature extractor (clean-fid's Inception or the domain network, see
+`isosweep.evaluation.features.resolver`); `fid_from_features` compares them with reference statistics that the
+caller computed and cached (`reference_statistics`). No image files are written.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from isosweep.core.sampling import Sampler, initial_noise
+from isosweep.core.sampling import initial_noise
+from isosweep.evaluation.metrics.samples import SampleRange
 from isosweep.files import write_bytes_atomic
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "low_rank_trace_sqrt",
     "fid_of_counts",
     "reference_statistics",
-    "fid_score",
 ]
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # images (B, C, H, W) in [-1, 1] -> features (B, d)
@@ -143,36 +143,18 @@ def fid_of_counts(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) 
 
 
 @torch.inference_mode()
-def generated_features(
-    sampler: Sampler,
-    features: FeatureFn,
-    *,
-    num_samples: int,
-    ddim_steps: int,
-    seed: int,
-    shape: tuple[int, ...],
-    start: int = 0,
-    stop: int | None = None,
-    batch_size: int = 64,
-    keep_images: int = 0,
-    on_batch: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Features (n, d) of generated samples start..stop-1 (default: all num_samples), batch by batch.
+def generated_features(samples: SampleRange, features: FeatureFn, *, keep_images: int = 0) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Features (n, d) of the generated samples of `samples` (latents: stream 0), batch by batch.
 
-    Latents come from `initial_noise(.., seed, start=i)`, so shards over index ranges concatenate to the
-    unsharded result. The first `keep_images` images (of this range) are returned too, for a grid.
-    `on_batch(done)` is called after each batch with the samples of this range done so far (progress).
+    Shards over index ranges concatenate to the unsharded result. The first `keep_images` images (of this range)
+    are returned too, for a grid.
     """
-    stop = num_samples if stop is None else min(stop, num_samples)
     out, kept = [], []
-    for lo in range(start, stop, batch_size):
-        n = min(batch_size, stop - lo)
-        imgs = sampler(initial_noise(n, shape, seed, start=lo), ddim_steps).images
+    for lo, n in samples.batches():
+        imgs = samples.sampler(initial_noise(n, samples.shape, samples.seed, start=lo), samples.ddim_steps).images
         out.append(features(imgs).float().cpu().numpy())
         if sum(k.shape[0] for k in kept) < keep_images:
             kept.append(imgs)
-        if on_batch is not None:
-            on_batch(lo + n - start)
     feats = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
     images = torch.cat(kept)[:keep_images] if kept else None
     return feats, images
@@ -211,20 +193,3 @@ def reference_statistics(
     write_bytes_atomic(path, buffer.getvalue())  # concurrent trials never read a half-written file
     return mu, sigma
 
-
-def fid_score(
-    sampler: Sampler,
-    features: FeatureFn,
-    ref_mu: np.ndarray,
-    ref_sigma: np.ndarray,
-    *,
-    num_samples: int,
-    ddim_steps: int,
-    seed: int,
-    shape: tuple[int, ...],
-    batch_size: int = 64,
-) -> float:
-    """FID of num_samples DDIM samples (latents from `seed`) against reference statistics."""
-    feats, _ = generated_features(sampler, features, num_samples=num_samples, ddim_steps=ddim_steps, seed=seed,
-                                  shape=shape, batch_size=batch_size)
-    return fid_from_features(feats, ref_mu, ref_sigma)

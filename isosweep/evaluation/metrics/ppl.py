@@ -7,8 +7,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from isosweep.core.sampling import Sampler, index_generator, initial_noise
+from isosweep.core.sampling import index_generator, initial_noise
 from isosweep.evaluation.metrics.paths import slerp
+from isosweep.evaluation.metrics.samples import SampleRange
 
 __all__ = ["ppl_pairs", "ppl_distances", "sequential_pairs", "filtered_mean", "perceptual_path_length"]
 
@@ -29,35 +30,17 @@ def ppl_pairs(n: int, shape: tuple[int, ...], seed: int, *, start: int = 0) -> t
 
 
 @torch.inference_mode()
-def ppl_distances(
-    sampler: Sampler,
-    distance: Distance,
-    *,
-    num_samples: int,
-    ddim_steps: int,
-    eps: float,
-    seed: int,
-    shape: tuple[int, ...],
-    start: int = 0,
-    stop: int | None = None,
-    batch_size: int = 32,
-    on_batch: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """d_i = distance(G(slerp(z0, z1; s)), G(slerp(z0, z1; s + eps))) / eps^2 for pairs start..stop-1: (n,) float64.
+def ppl_distances(samples: SampleRange, distance: Distance, *, eps: float) -> np.ndarray:
+    """d_i = distance(G(slerp(z0, z1; s)), G(slerp(z0, z1; s + eps))) / eps^2 for the pairs of `samples`: (n,) float64.
 
-    Both ends of a pair are decoded in the same batch with deterministic DDIM (eta = 0). `on_batch(done)` is
-    called after each batch with the pairs of this range done so far (progress)."""
-    stop = num_samples if stop is None else min(stop, num_samples)
+    Both ends of a pair are decoded in the same batch with deterministic DDIM (eta = 0)."""
     out = []
-    for lo in range(start, stop, batch_size):
-        n = min(batch_size, stop - lo)
-        z0, z1, s = ppl_pairs(n, shape, seed, start=lo)
+    for lo, n in samples.batches():
+        z0, z1, s = ppl_pairs(n, samples.shape, samples.seed, start=lo)
         xa, xb = slerp(z0, z1, s), slerp(z0, z1, s + eps)
-        imgs = sampler(torch.cat([xa, xb]), ddim_steps).images
+        imgs = samples.sampler(torch.cat([xa, xb]), samples.ddim_steps).images
         d = distance(imgs[:n], imgs[n:]).double().cpu().reshape(-1) / eps**2
         out.append(d.numpy())
-        if on_batch is not None:
-            on_batch(lo + n - start)
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -93,18 +76,6 @@ def filtered_mean(values: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> floa
     return float(values[(values >= a) & (values <= b)].mean())
 
 
-def perceptual_path_length(
-    sampler: Sampler,
-    distance: Distance,
-    *,
-    num_samples: int,
-    ddim_steps: int,
-    eps: float = 1e-4,
-    seed: int,
-    shape: tuple[int, ...],
-    batch_size: int = 32,
-) -> float:
+def perceptual_path_length(samples: SampleRange, distance: Distance, *, eps: float = 1e-4) -> float:
     """PPL = mean over pairs (1st-99th percentile) of distance / eps^2 between slerp(s) and slerp(s + eps)."""
-    d = ppl_distances(sampler, distance, num_samples=num_samples, ddim_steps=ddim_steps, eps=eps, seed=seed,
-                      shape=shape, batch_size=batch_size)
-    return filtered_mean(d)
+    return filtered_mean(ppl_distances(samples, distance, eps=eps))

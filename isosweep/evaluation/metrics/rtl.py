@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from isosweep.core.sampling import Sampler, initial_noise
+from isosweep.core.sampling import initial_noise
 from isosweep.evaluation.metrics.paths import relative_trajectory_length, slerp
+from isosweep.evaluation.metrics.samples import SampleRange
 
-__all__ = ["pair_latents", "rtl_per_pair", "mean_rtl", "summarize_rtl", "pair_mrtl"]
+__all__ = ["pair_latents", "rtl_per_pair", "summarize_rtl", "pair_mrtl"]
 
 
 def pair_latents(n: int, shape: tuple[int, ...], seed: int, *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,62 +18,29 @@ def pair_latents(n: int, shape: tuple[int, ...], seed: int, *, start: int = 0) -
 
 
 @torch.inference_mode()
-def rtl_per_pair(
-    sampler: Sampler,
-    *,
-    num_pairs: int,
-    num_points: int,
-    ddim_steps: int,
-    seed: int,
-    shape: tuple[int, ...],
-    start: int = 0,
-    stop: int | None = None,
-    pairs_per_batch: int = 4,
-    on_batch: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """RTL(t) of each pair start..stop-1: (n_pairs, ddim_steps), float64. `on_batch(done)` is called after
-    each batch with the pairs of this range done so far (progress).
+def rtl_per_pair(samples: SampleRange, *, num_points: int) -> torch.Tensor:
+    """RTL(t) of each pair of `samples`: (n_pairs, ddim_steps), float64.
 
     Pair i has K+1 = num_points+1 points slerp(x_i, x'_i; k/K); every point runs its own DDIM trajectory and
     at each step the bottleneck h_t of all points gives relative_trajectory_length over k.
     """
-    stop = num_pairs if stop is None else min(stop, num_pairs)
     K = num_points
     s = torch.linspace(0.0, 1.0, K + 1, dtype=torch.float64)
     rows = []
-    for lo in range(start, stop, pairs_per_batch):
-        n = min(pairs_per_batch, stop - lo)
-        a, b = pair_latents(n, shape, seed, start=lo)
+    for lo, n in samples.batches():
+        a, b = pair_latents(n, samples.shape, samples.seed, start=lo)
         # points ordered (pair, k): (n*(K+1), *shape)
         pts = torch.stack([slerp(a, b, s[k].expand(n)) for k in range(K + 1)], dim=1).flatten(0, 1)
-        h = sampler(pts, ddim_steps, capture_h=True).h  # (steps, n*(K+1), ...)
+        h = samples.sampler(pts, samples.ddim_steps, capture_h=True).h  # (steps, n*(K+1), ...)
         steps = h.shape[0]
         h = h.reshape(steps, n, K + 1, -1).permute(0, 2, 1, 3)  # (steps, K+1, n, m)
         rows.append(torch.stack([relative_trajectory_length(h[t]) for t in range(steps)], dim=1))
-        if on_batch is not None:
-            on_batch(lo + n - start)
-    return torch.cat(rows) if rows else torch.zeros((0, ddim_steps), dtype=torch.float64)
-
-
-def mean_rtl(
-    sampler: Sampler,
-    *,
-    num_pairs: int,
-    num_points: int,
-    ddim_steps: int,
-    seed: int,
-    shape: tuple[int, ...],
-    pairs_per_batch: int = 4,
-) -> tuple[float, list[float]]:
-    """mRTL and the RTL(t) curve: RTL(t) = mean over pairs of the RTL of h_t along the path (one value per
-    DDIM step, high noise first); mRTL = mean_t RTL(t)."""
-    per_pair = rtl_per_pair(sampler, num_pairs=num_pairs, num_points=num_points, ddim_steps=ddim_steps, seed=seed,
-                            shape=shape, pairs_per_batch=pairs_per_batch)
-    return summarize_rtl(per_pair)
+    return torch.cat(rows) if rows else torch.zeros((0, samples.ddim_steps), dtype=torch.float64)
 
 
 def summarize_rtl(per_pair: torch.Tensor) -> tuple[float, list[float]]:
-    """(n_pairs, steps) per-pair RTL -> (mRTL, RTL(t) curve)."""
+    """(n_pairs, steps) per-pair RTL -> (mRTL, RTL(t) curve): RTL(t) is the mean over pairs (one value per DDIM step,
+    high noise first), mRTL = mean_t RTL(t)."""
     curve = per_pair.mean(dim=0)
     return float(curve.mean()), [float(v) for v in curve]
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from isosweep.core.names import LS_SPACES
-from isosweep.core.sampling import Sampler, initial_noise
+from isosweep.core.sampling import initial_noise
+from isosweep.evaluation.metrics.samples import SampleRange
 
 __all__ = ["conditional_entropy", "heldout_split", "linear_separability", "ls_max", "classify_samples", "ls_name", "ls_scores"]
 
@@ -176,36 +177,19 @@ def ls_max(
 
 
 @torch.inference_mode()
-def classify_samples(
-    sampler: Sampler,
-    classifier: Classifier,
-    *,
-    num_samples: int,
-    ddim_steps: int,
-    seed: int,
-    shape: tuple[int, ...],
-    start: int = 0,
-    stop: int | None = None,
-    batch_size: int = 64,
-    capture_h: bool = False,
-    on_batch: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def classify_samples(samples: SampleRange, classifier: Classifier, *, capture_h: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Classifier labels (n, A), confidences (n, A) and, with `capture_h`, the bottleneck h (n, m) float32 at
-    the first DDIM step (h = e_t(x_T), t the first of `ddim_steps` timesteps) of generated samples
-    start..stop-1 (latents: stream 0 of `seed`, the same latents as the FID samples); h is None otherwise.
-    `on_batch(done)` is called after each batch with the samples of this range done so far (progress)."""
-    stop = num_samples if stop is None else min(stop, num_samples)
+    the first DDIM step (h = e_t(x_T), t the first of `ddim_steps` timesteps) of the generated samples of
+    `samples` (latents: stream 0 of `seed`, the same latents as the FID samples); h is None otherwise."""
     labs, confs, hs = [], [], []
-    for lo in range(start, stop, batch_size):
-        n = min(batch_size, stop - lo)
-        out = sampler(initial_noise(n, shape, seed, start=lo), ddim_steps, capture_h=capture_h)
+    for lo, n in samples.batches():
+        out = samples.sampler(initial_noise(n, samples.shape, samples.seed, start=lo), samples.ddim_steps, capture_h=capture_h)
         lab, conf = classifier(out.images)
         labs.append(lab.cpu().numpy())
         confs.append(conf.float().cpu().numpy())
         if capture_h:
             hs.append(out.h[0].flatten(1).float().numpy())
-        if on_batch is not None:
-            on_batch(lo + n - start)
     if not labs:  # an empty shard
         empty = np.zeros((0, 0), np.float32)
         return empty.astype(np.int64), empty, (empty if capture_h else None)
