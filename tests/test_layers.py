@@ -234,4 +234,4 @@ def test_the_served_model_imports_no_isosweep():
     pillow, not isosweep (tests/test_tracking.py loads it where isosweep cannot be imported)."""
     path = PACKAGE / "tracking" / "pyfunc_model.py"
     top = {n.split(".")[0] for n in _imports(path, "tracking.pyfunc_model")}
-    assert top <= {"__future__", "copy", "io", "threading", "typing", "mlflow", "numpy", "torch", "diffusers", "PIL"}, sorted(top)
+    assert top <= {"__future__", "copy", "io", "os", "threading", "time", "typing", "mlflow", "numpy", "torch", "diffusers", "PIL"}, sorted(top)

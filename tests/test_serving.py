@@ -139,6 +139,10 @@ def test_the_champion_serves_pngs_over_http(tmp_path, mlflow_server, tiny_model_
             assert named in answer["message"], (params, answer["message"][-500:])
         status, answer = _post(url, {"inputs": {"n": 2, "colour": "red"}})
         assert status == 400 and "'colour'" in answer["message"]
+        # over the budget of UNet evaluations per request (default 64 x 50): refused before sampling, not hours later
+        status, answer = _post(url, {"inputs": {}, "params": {"n": 64, "steps": 1000}})
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", (status, answer)
+        assert "n=64 x steps=1000 = 64000 UNet evaluations, over this server's budget of 3200" in answer["message"], answer["message"][-500:]
     finally:
         stop_process(proc)
 

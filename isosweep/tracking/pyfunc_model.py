@@ -26,19 +26,32 @@ request carries nothing; the same names given there (``{"inputs": {"n": 2}}``, o
 ``predict({"n": 2})`` in Python) are accepted too and win over params. Output: one PNG (bytes) per
 image, in order; the scoring server sends each as a base64 string. A bad request raises an
 ``MlflowException`` with INVALID_PARAMETER_VALUE naming the parameter (HTTP 400 from ``mlflow models serve``).
+
+What one request may cost is bounded by three settings of the serving process, read when the model loads:
+
+    ISOSWEEP_SERVE_MAX_UNET_EVALS   images x steps per request (every frame counts), default 3200 (64 x 50);
+                                    a request over it is refused before sampling (INVALID_PARAMETER_VALUE, 400)
+    ISOSWEEP_SERVE_TIMEOUT_S        seconds a request may take, waiting for a slot included; default the scoring
+                                    server's own MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (60); past it sampling stops
+                                    between steps and the request fails (DEADLINE_EXCEEDED, 504), no images returned
+    ISOSWEEP_SERVE_MAX_CONCURRENT   requests sampling at once, default 1; the others wait their turn within their
+                                    time limit, then are refused as busy (TEMPORARILY_UNAVAILABLE, 503)
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import os
 import threading
+import time
 from typing import Any
 
 import mlflow
 import numpy as np
-from mlflow.environment_variables import MLFLOW_DEFAULT_PREDICTION_DEVICE
+from mlflow.environment_variables import MLFLOW_DEFAULT_PREDICTION_DEVICE, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, TEMPORARILY_UNAVAILABLE
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -49,6 +62,11 @@ MODES = ("none", "slerp", "lerp")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULTS: dict[str, Any] = {"n": 4, "seed": 0, "seeds": [0, 1], "steps": 50, "mode": "none", "frames": 9, "device": "auto"}
 INTS = ("n", "seed", "steps", "frames")
+BUDGET_ENV = "ISOSWEEP_SERVE_MAX_UNET_EVALS"  # images x steps one request may cost
+TIMEOUT_ENV = "ISOSWEEP_SERVE_TIMEOUT_S"  # seconds one request may take
+CONCURRENT_ENV = "ISOSWEEP_SERVE_MAX_CONCURRENT"  # requests sampling at once in one process
+DEFAULT_BUDGET = 64 * 50  # the most images at the default steps
+DEFAULT_CONCURRENT = 1  # one request has the whole device
 
 SIGNATURE = ModelSignature(
     inputs=None,  # an unconditional model: everything a request says is a param
@@ -133,6 +151,46 @@ def parse_request(model_input: Any, params: dict[str, Any] | None) -> dict[str, 
     return req
 
 
+def request_cost(req: dict[str, Any]) -> tuple[str, int]:
+    """What a checked request costs in UNet evaluations (one image through one DDIM step): ("n=4 x steps=50", 200)."""
+    images = "n" if req["mode"] == "none" else "frames"
+    return f"{images}={req[images]} x steps={req['steps']}", req[images] * req["steps"]
+
+
+def check_budget(req: dict[str, Any], budget: int) -> None:
+    """Refuse a request that costs more than `budget` UNet evaluations, before anything is sampled."""
+    what, cost = request_cost(req)
+    if cost > budget:
+        images = cost // req["steps"]
+        fits = f"at most {budget // images} steps for {images} images" if budget >= images else f"at most {budget} images"
+        raise _bad(f"this request costs {what} = {cost} UNet evaluations, over this server's budget of {budget} per request "
+                   f"({BUDGET_ENV}); ask for fewer images or steps ({fits}), or raise {BUDGET_ENV} where the server starts")
+
+
+def _setting(name: str, default: Any, kind: type, least: float) -> Any:
+    """A positive number from the environment (`kind` int or float, at least `least`); a bad value stops the model's load."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value >= least or value == float("inf"):
+        raise MlflowException(f"{name}={text!r} is not a {'whole ' if kind is int else ''}number >= {least}; "
+                              f"set it to one, or unset it for the default {default}")
+    return value
+
+
+def serving_limits() -> dict[str, Any]:
+    """The bounds on one request this process serves under (see the module docstring)."""
+    return {
+        "budget": _setting(BUDGET_ENV, DEFAULT_BUDGET, int, 1),
+        "timeout_s": _setting(TIMEOUT_ENV, float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()), float, 1e-3),
+        "concurrent": _setting(CONCURRENT_ENV, DEFAULT_CONCURRENT, int, 1),
+    }
+
+
 def slerp(a: Any, b: Any, s: Any) -> Any:
     """Spherical interpolation per pair, as isosweep.evaluation.metrics.paths.slerp: a, b (B, ...), s (B,) -> (B, ...).
 
@@ -180,6 +238,9 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
         self.device = MLFLOW_DEFAULT_PREDICTION_DEVICE.get() or ("cuda" if torch.cuda.is_available() else "cpu")
         self._unets = {self.device: pipe.unet.to(self.device).eval()}
         self._lock = threading.Lock()
+        self.limits = serving_limits()
+        self._slots = threading.BoundedSemaphore(self.limits["concurrent"])
+        self.sampling = 0  # requests holding a slot now
 
     def _unet(self, wanted: str) -> Any:
         """The UNet on the device a request asks for; a copy is made once per other device."""
@@ -193,8 +254,26 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
                 self._unets[device] = copy.deepcopy(next(iter(self._unets.values()))).to(device).eval()
             return self._unets[device]
 
-    def _ddim(self, unet: Any, x_T: Any, steps: int) -> np.ndarray:
-        """DDIM (eta = 0) from x_T (B, C, H, W) -> uint8 images (B, H, W, C), as isosweep.core.sampling.ddim_sample."""
+    def _acquire_slot(self, started: float) -> None:
+        """Wait for one of the sampling slots until the request's time limit; refuse it as busy after that."""
+        timeout_s = self.limits["timeout_s"]
+        if not self._slots.acquire(timeout=max(0.0, started + timeout_s - time.monotonic())):
+            raise MlflowException(f"the server is busy: {self.limits['concurrent']} request(s) were sampling ({CONCURRENT_ENV}) "
+                                  f"for all of this request's time limit of {timeout_s:g} s ({TIMEOUT_ENV}); retry later, "
+                                  f"or raise {CONCURRENT_ENV} where the server starts", error_code=TEMPORARILY_UNAVAILABLE)
+        with self._lock:
+            self.sampling += 1
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self.sampling -= 1
+        self._slots.release()
+
+    def _ddim(self, unet: Any, x_T: Any, steps: int, started: float) -> np.ndarray:
+        """DDIM (eta = 0) from x_T (B, C, H, W) -> uint8 images (B, H, W, C), as isosweep.core.sampling.ddim_sample.
+
+        Stops between UNet calls once the request is past its time limit (counted from `started`, a monotonic time).
+        """
         import torch
         from diffusers import DDIMScheduler
 
@@ -205,17 +284,27 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
         with torch.inference_mode():
             for lo in range(0, x_T.shape[0], BATCH):
                 x = x_T[lo : lo + BATCH].to(device=param.device, dtype=param.dtype)
-                for t in [int(t) for t in ddim.timesteps]:
+                for done, t in enumerate(int(t) for t in ddim.timesteps):
+                    self._check_deadline(started, f"{done} of {steps} DDIM steps on images {lo + 1}-{lo + len(x)} of {len(x_T)}")
                     x = ddim.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
                 out.append(x.float().clamp(-1, 1).cpu())
         x = torch.cat(out).numpy().astype(np.float64)
         return ((x + 1.0) / 2.0 * 255.0).round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
+    def _check_deadline(self, started: float, progress: str) -> None:
+        timeout_s = self.limits["timeout_s"]
+        if time.monotonic() - started > timeout_s:
+            raise MlflowException(f"the request ran past this server's time limit of {timeout_s:g} s ({TIMEOUT_ENV}) and was stopped "
+                                  f"after {progress}; no images are returned; ask for fewer images or steps, or raise {TIMEOUT_ENV} "
+                                  f"(and `mlflow models serve --timeout`) where the server starts", error_code=DEADLINE_EXCEEDED)
+
     # no type hints here: MLflow would infer a signature from them instead of using SIGNATURE
     def predict(self, context, model_input, params=None):
         import torch
 
+        started = time.monotonic()
         req = parse_request(model_input, params)
+        check_budget(req, self.limits["budget"])
         unet = self._unet(req["device"])
         size = unet.config.sample_size  # an int or (H, W)
         shape = (int(unet.config.in_channels), *((size, size) if isinstance(size, int) else map(int, size)))
@@ -229,7 +318,12 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
             frames = req["frames"]
             a, b = (noise(s).expand(frames, *shape) for s in req["seeds"])
             x_T = (slerp if req["mode"] == "slerp" else lerp)(a, b, torch.linspace(0.0, 1.0, frames))
-        return [to_png(img) for img in self._ddim(unet, x_T, req["steps"])]
+        self._acquire_slot(started)
+        try:
+            images = self._ddim(unet, x_T, req["steps"], started)
+        finally:
+            self._release_slot()
+        return [to_png(img) for img in images]
 
 
 mlflow.models.set_model(DiffusersPipelineModel())
