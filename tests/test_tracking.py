@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from isosweep.commands import sync as sync_cmd
 from isosweep.spec import spec_from_dict
 from isosweep.tracking import artifacts, client, registry, runs
 from isosweep.tracking import steps as step_metrics
+from isosweep.training.checkpoint import write_manifest
 
 RES = 8  # image side of the tiny model
 
@@ -60,6 +62,7 @@ def trial_checkpoint(root: Path, trial_id: str, fid: float = 12.5) -> Path:
     Image.new("RGB", (20, 20), (255, 0, 0)).save(ev / "grid.png")
     Image.new("RGB", (40, 10), (0, 255, 0)).save(ev / "strip_slerp.png")
     (ckpt / "trial_params.json").write_text(json.dumps({"trial_id": trial_id, "params": {"lambda_iso": 1e-4, "p": 0.5, "iso_metric": "stereographic"}}))
+    write_manifest(ckpt, step=2)  # written last, as save_checkpoint does
     return ckpt
 
 
@@ -262,6 +265,88 @@ def test_sync_uploads_what_storage_has(tmp_path, local_uri, capsys):
     assert children["t2"].data.params["lambda_iso"] == "0.001"
     assert sync_cmd.sync_command(args) == 0
     assert "synced 0 of 2" in capsys.readouterr().out
+
+
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def checkpoint_artifact_on_disk(uri: str, run_id: str) -> Path:
+    """Where the local store keeps a run's `checkpoint/` artifact: the files a cut-off upload leaves behind."""
+    artifact_uri = client.client(uri).get_run(run_id).info.artifact_uri
+    root = Path(urllib.parse.urlparse(artifact_uri).path if artifact_uri.startswith("file:") else artifact_uri)
+    return root / artifacts.CHECKPOINT_ARTIFACT_PATH
+
+
+def test_sync_uploads_a_cut_off_checkpoint_again(tmp_path, local_uri, capsys):
+    """The run's checkpoint/ lost a file and another was cut off mid-way: sync sees it by names and sizes and
+    uploads it again; the model then registers from the artifact alone."""
+    storage = tmp_path / "runs"
+    sweep_dir = storage / "repair-20261125-101010"
+    trial_checkpoint(sweep_dir / "train" / "t1" / "checkpoint_000002", "t1", 11.0)
+    spec = make_spec("repair", storage)
+    sf = spec_file(tmp_path / "spec.yaml", "repair", storage)
+    parent = runs.find_or_create_sweep_run(spec, sf, local_uri, sweep_dir.name)
+    (sweep_dir / "isosweep_sweep.json").write_text(json.dumps({"sweep_id": sweep_dir.name, "parent_run_id": parent, "tracking_uri": local_uri}))
+    args = argparse.Namespace(target=str(sf), overrides=[], tracking_uri=None, storage=str(storage))
+    assert sync_cmd.sync_command(args) == 0
+    c = client.client(local_uri)
+    exp = c.get_experiment_by_name("repair").experiment_id
+    (run,) = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    root = checkpoint_artifact_on_disk(local_uri, run.info.run_id)
+    weights, scheduler = root / WEIGHTS, root / "scheduler" / "scheduler_config.json"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)  # the upload was cut off in the middle of the weights
+    scheduler.unlink()  # and never reached the scheduler
+    capsys.readouterr()
+
+    assert sync_cmd.sync_command(args) == 0
+    out = capsys.readouterr().out
+    assert "synced 1 of 1" in out and "checkpoint" in out, out
+    assert weights.stat().st_size == size and scheduler.is_file()
+    row = {"trial_id": "t1", "mlflow_run_id": run.info.run_id, "fid": 11.0, "checkpoint_path": "s3://elsewhere/t1/checkpoint_000002"}
+    registry.register_sweep_models(local_uri, "isodiff-repair", row, [row], [row])
+    assert c.get_model_version_by_alias("isodiff-repair", "champion").run_id == run.info.run_id
+    assert sync_cmd.sync_command(args) == 0
+    assert "synced 0 of 1" in capsys.readouterr().out
+
+
+def test_a_cut_off_checkpoint_is_never_registered_and_the_alias_stays(tmp_path, local_uri):
+    """Registering a trial whose checkpoint/ artifact is partial is refused in one line naming the trial, the run,
+    the file and the fix, and @champion stays on the version it was: checked by sizes when the checkpoint is on
+    this machine, by sizes and sha256 of the download when it is not."""
+    spec = make_spec("partial", tmp_path / "runs")
+    parent = runs.find_or_create_sweep_run(spec, None, local_uri, "partial-1")
+    rows = []
+    for i in (0, 1):
+        rid = runs.open_trial_run(local_uri, spec.experiment_name, parent, f"t{i}", {"p": 0.5})
+        ckpt = trial_checkpoint(tmp_path / f"ckpt{i}", f"t{i}", 10.0 + i)
+        artifacts.log_trial_result(local_uri, rid, ckpt)
+        runs.end_run(local_uri, rid)
+        rows.append({"trial_id": f"t{i}", "mlflow_run_id": rid, "fid": 10.0 + i, "checkpoint_path": str(ckpt)})
+    c = client.client(local_uri)
+    registry.register_sweep_models(local_uri, "isodiff-partial", rows[0], [], rows)
+    before = c.get_model_version_by_alias("isodiff-partial", "champion").version
+    t1 = rows[1]["mlflow_run_id"]
+    weights = checkpoint_artifact_on_disk(local_uri, t1) / WEIGHTS
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # the upload was cut off
+
+    def refused(row: dict) -> str:
+        with pytest.raises(artifacts.CheckpointArtifactError) as err:
+            registry.register_sweep_models(local_uri, "isodiff-partial", row, [row], [rows[0], row], sweep="runs/partial-1")
+        assert c.get_model_version_by_alias("isodiff-partial", "champion").version == before
+        assert not c.search_model_versions(f"name='isodiff-partial' and run_id='{t1}'")
+        line = err.value.line("runs/partial-1")
+        assert "\n" not in line and "trial t1" in line and t1 in line
+        assert "`isosweep sync runs/partial-1` then `isosweep promote runs/partial-1 --trial t1`" in line
+        return line
+
+    assert f"{WEIGHTS} has {len(data) // 2} bytes, the manifest says {len(data)}" in refused(rows[1])
+    elsewhere = {**rows[1], "checkpoint_path": "s3://elsewhere/t1/checkpoint_000002"}  # only the artifact to go by
+    assert f"{WEIGHTS} has {len(data) // 2} bytes" in refused(elsewhere)
+    weights.write_bytes(bytes(len(data)))  # the right size, other bytes
+    assert f"the sha256 of {WEIGHTS} differs from the manifest's" in refused(elsewhere)
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from isosweep import storage as st
 from isosweep.commands.validate import preflight
-from isosweep.console import result, say
-from isosweep.constants import EXIT_COMPLETED, EXIT_NO_CHAMPION
+from isosweep.console import note, result, say
+from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR, EXIT_NO_CHAMPION
 from isosweep.evaluation.features.common import unpublished_note
 from isosweep.redact import REDACTED, scrub_text
 from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
@@ -96,6 +96,7 @@ def promote_command(args: argparse.Namespace) -> int:
     champion a person prefers. The trial must have finished and been evaluated; the message says which
     version the alias leaves.
     """
+    from isosweep.tracking.artifacts import CheckpointArtifactError
     from isosweep.tracking.tracker import Tracker
 
     sweep = _find_sweep(args.target, args.storage, args.overrides, unfinished=False)
@@ -119,7 +120,12 @@ def promote_command(args: argparse.Namespace) -> int:
                         f"{'has' if row.get('mlflow_run_id') else 'has no'} MLflow run (it must have finished, been evaluated "
                         "and recorded); fix: resume the sweep, or `isosweep sync` it, or pick a finished trial")
     before = tracker.current_champion(spec.registry_name)
-    versions = tracker.register_sweep_models(spec.registry_name, row, [], outcome.rows, extra_tags={"promoted_by": "isosweep promote"})
+    try:
+        versions = tracker.register_sweep_models(spec.registry_name, row, [], outcome.rows, sweep=scrub_text(args.target),
+                                                 extra_tags={"promoted_by": "isosweep promote"})
+    except CheckpointArtifactError as exc:  # a cut-off upload: refused, the alias stays where it was
+        note(f"error: {exc.line(scrub_text(args.target))}" + (f"; @champion stays at version {before}" if before else ""))
+        return EXIT_ERROR
     version = versions.get(row["mlflow_run_id"])
     was = f" (was version {before})" if before else ""
     result(f"models:/{spec.registry_name}@champion -> version {version}, trial {args.trial} of {outcome.sweep_id}{was}")

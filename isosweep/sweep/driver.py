@@ -39,6 +39,7 @@ from isosweep.sweep.ray_env import init_ray, quiet_libraries
 from isosweep.sweep.resources import check_cluster_fits, trial_concurrency
 from isosweep.sweep.search import build_search, planned_trials
 from isosweep.sweep.trial import make_trial_fn, rows_from_results
+from isosweep.tracking.artifacts import CheckpointArtifactError
 from isosweep.tracking.client import TrackingError
 from isosweep.tracking.tracker import Tracker
 
@@ -206,11 +207,15 @@ class Sweep:
             say(f"registry: promoted nothing: {outcome.promotion}")
             return
         say("registry: registering the champion and the Pareto trials")
+        sweep = scrub_text(self.place.sweep_uri)
         try:
             outcome.registered = self.tracker.register_sweep_models(self.spec.registry_name, outcome.champion.row,
-                                                                    outcome.front, outcome.rows)
+                                                                    outcome.front, outcome.rows, sweep=sweep)
         except TrackingError as exc:
             outcome.promotion = f"the registry could not be reached ({exc}); run `isosweep promote` when it is back"
+            say(f"registry: promoted nothing: {outcome.promotion}")
+        except CheckpointArtifactError as exc:  # a cut-off upload: never the champion
+            outcome.promotion = exc.line(sweep)
             say(f"registry: promoted nothing: {outcome.promotion}")
 
     def close(self, outcome: SweepOutcome, files: dict[str, Path]) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import math
 import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import mlflow
 from mlflow.entities import Metric
 
 from isosweep.core.names import CHEAP_FID
@@ -19,6 +22,7 @@ from isosweep.results.plots import rtl_plot
 from isosweep.tracking.client import MAX_METRICS_PER_BATCH, chunks, client, params_of, retry_call, tags_of
 from isosweep.tracking.runs import TAG_CHAMPION
 from isosweep.training.best_step import BEST_DIR, selection_columns
+from isosweep.training.checkpoint import MANIFEST, CorruptCheckpointError, file_sha256, read_manifest
 
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 EVAL_ARTIFACT_PATH = EVAL_DIR
@@ -26,6 +30,26 @@ EVAL_ARTIFACT_PATH = EVAL_DIR
 # in the final checkpoint they are the pipeline's own unet/).
 CHECKPOINT_EXCLUDE = ("train_state.pt", "eval", BEST_DIR, "__pycache__", "*.lock")
 TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".csv")  # scrubbed of credentials before upload
+_PROBLEMS_SHOWN = 4  # problems named in one line; the rest are counted
+
+
+class CheckpointArtifactError(RuntimeError):
+    """A trial's `checkpoint/` artifact in MLflow that does not match its checkpoint (a partial or damaged upload):
+    no model is registered from it and no alias moves; `isosweep sync` uploads it again."""
+
+    deterministic = True  # the stored files stay as they are until sync repairs them (isosweep.errors)
+
+    def __init__(self, trial_id: str, run_id: str, problems: list[str]) -> None:
+        self.trial_id, self.run_id, self.problems = trial_id, run_id, problems
+        super().__init__(self.line("SWEEP_URI"))
+
+    def line(self, sweep: str) -> str:
+        """The one line a user reads, with the sweep named as they gave it."""
+        shown = self.problems[:_PROBLEMS_SHOWN] + ([f"{len(self.problems) - _PROBLEMS_SHOWN} more"]
+                                                   if len(self.problems) > _PROBLEMS_SHOWN else [])
+        return (f"trial {self.trial_id} (run {self.run_id}): its {CHECKPOINT_ARTIFACT_PATH}/ artifact in MLflow is incomplete "
+                f"({'; '.join(shown)}), so it is not registered and no alias moves; fix: `isosweep sync {sweep}` then "
+                f"`isosweep promote {sweep} --trial {self.trial_id}`")
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -39,6 +63,110 @@ def _copy_checkpoint(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*CHECKPOINT_EXCLUDE), copy_function=link_or_copy)
     return dst
+
+
+def stage_checkpoint(src: Path, dst: Path) -> Path:
+    """The checkpoint folder exactly as it is uploaded to `checkpoint/`: no training state, JSON scrubbed of credentials;
+    the manifest's entries of files the scrubbing rewrote describe the bytes uploaded, so the artifact verifies."""
+    staged = _copy_checkpoint(src, dst)
+    rewritten = {}
+    for f in staged.rglob("*.json"):
+        text = f.read_text(errors="replace")
+        clean = scrub_text(text)
+        if clean != text:
+            f.unlink()  # a hard link: never rewrite the original
+            f.write_text(clean)
+            rewritten[f.relative_to(staged).as_posix()] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    manifest = staged / MANIFEST
+    if rewritten and manifest.is_file():
+        data = json.loads(manifest.read_text())
+        data["files"].update({rel: entry for rel, entry in rewritten.items() if rel in data["files"]})
+        manifest.unlink()
+        manifest.write_text(json.dumps(data, indent=1, sort_keys=True))
+    return staged
+
+
+def is_uploaded(rel: str) -> bool:
+    """Whether the checkpoint file at `rel` (relative to the checkpoint) goes into `checkpoint/` (not training state)."""
+    return not any(fnmatch.fnmatch(part, pattern) for part in PurePosixPath(rel).parts for pattern in CHECKPOINT_EXCLUDE)
+
+
+def artifact_sizes(tracking_uri: str, run_id: str, path: str = CHECKPOINT_ARTIFACT_PATH) -> dict[str, int]:
+    """{path relative to `path`: size in bytes} of every file under a run's artifact folder (empty when there is none)."""
+    c, out, folders = client(tracking_uri), {}, [path]
+    while folders:
+        for info in retry_call("list artifacts", tracking_uri, c.list_artifacts, run_id, folders.pop()):
+            if info.is_dir:
+                folders.append(info.path)
+            else:
+                out[PurePosixPath(info.path).relative_to(path).as_posix()] = int(info.file_size or 0)
+    return out
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _differences(expected: dict[str, int], found: dict[str, int], source: str) -> list[str]:
+    """What of `expected` ({file: size}) `found` lacks or holds with another size, one phrase per file."""
+    out = []
+    for rel, size in sorted(expected.items()):
+        if rel not in found:
+            out.append(f"{rel} is missing")
+        elif found[rel] != size:
+            out.append(f"{rel} has {found[rel]} bytes, {source} says {size}")
+    return out
+
+
+def checkpoint_gaps(tracking_uri: str, run_id: str, checkpoint_dir: str | os.PathLike) -> list[str]:
+    """What the run's `checkpoint/` artifact lacks of the local checkpoint (by file name and size); empty when complete."""
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = stage_checkpoint(Path(checkpoint_dir), Path(tmp) / CHECKPOINT_ARTIFACT_PATH)
+        return _differences(_file_sizes(staged), artifact_sizes(tracking_uri, run_id), "the local checkpoint")
+
+
+def verify_checkpoint_artifact(tracking_uri: str, run_id: str, trial_id: str, *, local: Path | None = None,
+                               downloaded: Path | None = None) -> None:
+    """Check the run's `checkpoint/` artifact against the checkpoint's manifest before a model is registered from it:
+    every file the manifest lists (training state aside) present with its size, and with its sha256 when the artifact
+    was downloaded to `downloaded`. The manifest is the local checkpoint's (`local`) when it is on this machine, else
+    the artifact's own; without one, the local checkpoint's files. CheckpointArtifactError names what is wrong."""
+    found = artifact_sizes(tracking_uri, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = stage_checkpoint(local, Path(tmp) / CHECKPOINT_ARTIFACT_PATH) if local is not None else None
+        manifest, problems = None, []
+        try:
+            if staged is not None and (staged / MANIFEST).is_file():
+                manifest = read_manifest(str(local), (staged / MANIFEST).read_bytes())
+            elif MANIFEST in found:
+                manifest = read_manifest(f"run {run_id} {CHECKPOINT_ARTIFACT_PATH}/", _artifact_bytes(tracking_uri, run_id, downloaded, tmp))
+        except CorruptCheckpointError as exc:
+            problems.append(exc.problem)
+        if manifest is not None:
+            expected = {rel: e["size"] for rel, e in manifest["files"].items() if is_uploaded(rel)}
+            if staged is not None:
+                expected[MANIFEST] = (staged / MANIFEST).stat().st_size
+            problems += _differences(expected, found, "the manifest")
+            if downloaded is not None:
+                problems += [f"the sha256 of {rel} differs from the manifest's" for rel in sorted(expected)
+                             if rel in manifest["files"] and (downloaded / rel).is_file()
+                             and (downloaded / rel).stat().st_size == expected[rel]
+                             and file_sha256(downloaded / rel) != manifest["files"][rel]["sha256"]]
+        elif staged is not None:
+            problems += _differences(_file_sizes(staged), found, "the local checkpoint")
+        elif not problems:
+            problems.append(f"it has no {MANIFEST}" if found else "it is empty or absent")
+    if problems:
+        raise CheckpointArtifactError(trial_id, run_id, problems)
+
+
+def _artifact_bytes(tracking_uri: str, run_id: str, downloaded: Path | None, tmp: str) -> bytes:
+    """The artifact's manifest.json: from the downloaded copy, else downloaded alone."""
+    if downloaded is not None and (downloaded / MANIFEST).is_file():
+        return (downloaded / MANIFEST).read_bytes()
+    path = retry_call("download manifest", tracking_uri, mlflow.artifacts.download_artifacts, run_id=run_id,
+                      artifact_path=f"{CHECKPOINT_ARTIFACT_PATH}/{MANIFEST}", dst_path=str(Path(tmp) / "artifact"), tracking_uri=tracking_uri)
+    return Path(path).read_bytes()
 
 
 def log_trial_result(tracking_uri: str, run_id: str, checkpoint_dir: str | os.PathLike, *,
@@ -76,13 +204,7 @@ def log_trial_result(tracking_uri: str, run_id: str, checkpoint_dir: str | os.Pa
                 retry_call("log eval artifacts", tracking_uri, c.log_artifacts, run_id, str(ev), EVAL_ARTIFACT_PATH)
     if log_checkpoint:
         with tempfile.TemporaryDirectory() as tmp:
-            staged = _copy_checkpoint(ckpt, Path(tmp) / CHECKPOINT_ARTIFACT_PATH)
-            for f in staged.rglob("*.json"):
-                text = f.read_text(errors="replace")
-                clean = scrub_text(text)
-                if clean != text:
-                    f.unlink()  # a hard link: never rewrite the original
-                    f.write_text(clean)
+            staged = stage_checkpoint(ckpt, Path(tmp) / CHECKPOINT_ARTIFACT_PATH)
             retry_call("log checkpoint", tracking_uri, c.log_artifacts, run_id, str(staged), CHECKPOINT_ARTIFACT_PATH)
 
 

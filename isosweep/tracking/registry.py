@@ -29,10 +29,11 @@ from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, M
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
+from isosweep.console import warn
 from isosweep.models.loading import find_diffusers_dir
 from isosweep.redact import scrub, scrub_text
 from isosweep.tracking import client as tracking
-from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, CHECKPOINT_EXCLUDE
+from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, CHECKPOINT_EXCLUDE, CheckpointArtifactError, verify_checkpoint_artifact
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 MODEL_TYPE = "diffusers-ddpm"  # the LoggedModel's model_type, to search and compare them in the MLflow UI
@@ -204,20 +205,26 @@ def _description(row: Mapping[str, Any]) -> str:
     return head + "\n\n" + json.dumps(shown, default=str, sort_keys=True)
 
 
-def _pipeline_for(tracking_uri: str, run_id: str, row: Mapping[str, Any], tmp: Path) -> Path:
-    """The run's pipeline dir: the row's local checkpoint_path if it is here, else the run's `checkpoint/` artifacts."""
+def _verified_pipeline(tracking_uri: str, run_id: str, row: Mapping[str, Any], tmp: Path) -> Path:
+    """The run's pipeline dir, once its `checkpoint/` artifact verifies against the checkpoint's manifest
+    (`artifacts.verify_checkpoint_artifact`): the row's local checkpoint_path if it is here (the artifact checked by
+    file sizes), else the artifact downloaded (checked by sizes and sha256). CheckpointArtifactError otherwise."""
     local = row.get("checkpoint_path") or ""
+    trial_id = str(row.get("trial_id") or run_id)
     if local and "://" not in local and (Path(local) / "model_index.json").is_file():
+        verify_checkpoint_artifact(tracking_uri, run_id, trial_id, local=Path(local))
         return Path(local)
     c = tracking.client(tracking_uri)
-    if tracking.retry_call("list artifacts", tracking_uri, c.list_artifacts, run_id, CHECKPOINT_ARTIFACT_PATH):
-        dst = tmp / run_id
-        dst.mkdir(parents=True, exist_ok=True)
-        return Path(tracking.retry_call(
-            "download checkpoint", tracking_uri, mlflow.artifacts.download_artifacts,
-            run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT_PATH, dst_path=str(dst), tracking_uri=tracking_uri,
-        ))
-    raise FileNotFoundError(f"run {run_id} has no '{CHECKPOINT_ARTIFACT_PATH}/' artifacts and no local checkpoint_path ({local!r})")
+    if not tracking.retry_call("list artifacts", tracking_uri, c.list_artifacts, run_id, CHECKPOINT_ARTIFACT_PATH):
+        raise CheckpointArtifactError(trial_id, run_id, [f"the run has none, and the checkpoint ({local or 'no path'}) is not on this machine"])
+    dst = tmp / run_id
+    dst.mkdir(parents=True, exist_ok=True)
+    path = Path(tracking.retry_call(
+        "download checkpoint", tracking_uri, mlflow.artifacts.download_artifacts,
+        run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT_PATH, dst_path=str(dst), tracking_uri=tracking_uri,
+    ))
+    verify_checkpoint_artifact(tracking_uri, run_id, trial_id, downloaded=path)
+    return path
 
 
 def current_champion(tracking_uri: str, name: str) -> str | None:
@@ -236,6 +243,7 @@ def register_sweep_models(
     rows: Sequence[Mapping[str, Any]] = (),
     *,
     extra_tags: Mapping[str, Any] | None = None,
+    sweep: str = "SWEEP_URI",
 ) -> dict[str, str]:
     """Register the champion (alias `champion`) and every Pareto trial (tag `pareto=true`).
 
@@ -244,6 +252,11 @@ def register_sweep_models(
     to find a run's metrics row for the version description. The pipeline comes from the row's
     local checkpoint_path when it exists on this machine, else from the run's `checkpoint/` artifacts.
     Returns {run_id: version}. Rows without a run id are skipped.
+
+    Every run's `checkpoint/` artifact is verified against the checkpoint's manifest before anything is registered
+    (`_verified_pipeline`): when the champion's fails, CheckpointArtifactError and nothing is registered (the alias
+    stays); a Pareto trial's that fails is not registered, with a warning naming the trial and the fix (`sweep`: the
+    sweep as the fix names it).
     """
     by_run = {_run_id_of(r): _row_of(r) for r in rows if _run_id_of(r)}
     champ_id = _run_id_of(champion)
@@ -256,15 +269,24 @@ def register_sweep_models(
     order = ([champ_id] if champ_id else []) + [r for r in pareto_ids if r != champ_id]
     out: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        pipes, refused = {}, []
         for rid in order:
+            try:
+                pipes[rid] = _verified_pipeline(tracking_uri, rid, by_run.get(rid, {}), Path(tmp))
+            except CheckpointArtifactError as exc:
+                if rid == champ_id:
+                    raise
+                refused.append(exc)
+        for exc in refused:
+            warn(exc.line(sweep))
+        for rid in (r for r in order if r in pipes):
             row = by_run.get(rid, {})
             tags = {"pareto": str(rid in pareto_ids).lower(), "champion": str(rid == champ_id).lower()}
             if row.get("trial_id"):
                 tags["trial_id"] = row["trial_id"]
             tags.update(extra_tags or {})
-            pipe = _pipeline_for(tracking_uri, rid, row, Path(tmp))
             out[rid] = log_and_register(
-                tracking_uri, rid, pipe, registry_name,
+                tracking_uri, rid, pipes[rid], registry_name,
                 alias=CHAMPION_ALIAS if rid == champ_id else None, tags=tags, description=_description(row) if row else None,
             )
     return out

@@ -13,7 +13,13 @@ from isosweep.evaluation.record import EVAL_DIR, RECORD_FILE, read_record, recor
 from isosweep.files import read_json
 from isosweep.results.full_eval_records import full_eval_uri
 from isosweep.results.layout import SCREENED_VALUES, STATE_FILE, TRAIN_DIR, trial_id_from_path
-from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, EVAL_ARTIFACT_PATH, log_final_metrics, log_trial_result
+from isosweep.tracking.artifacts import (
+    EVAL_ARTIFACT_PATH,
+    CheckpointArtifactError,
+    checkpoint_gaps,
+    log_final_metrics,
+    log_trial_result,
+)
 from isosweep.tracking.client import client, retry_call
 from isosweep.tracking.runs import end_run, find_or_create_sweep_run, find_trial_run, open_trial_run
 
@@ -70,8 +76,9 @@ def sync_sweep_dir(
     """Upload what one sweep folder holds but its MLflow runs lack; returns [(trial_id, run_id, uploaded)].
 
     For each trial checkpoint found (`find_trial_results`): create the child run if missing; log
-    metrics from `eval/metrics.json` that the run lacks; log `checkpoint/` and `eval/` artifacts if
-    the run has none; end the run FINISHED if anything was uploaded. Complete runs are left alone.
+    metrics from `eval/metrics.json` that the run lacks; upload `checkpoint/` again when the run's copy lacks a
+    file of the local checkpoint or holds one with another size (a cut-off upload), and check it after; log `eval/`
+    if the run has none; end the run FINISHED if anything was uploaded. Complete runs are left alone.
     """
     sweep_dir = Path(sweep_dir)
     parent = _sweep_parent(spec, spec_path, tracking_uri, sweep_dir, storage_path or str(sweep_dir.parent))
@@ -91,10 +98,12 @@ def sync_sweep_dir(
         else:
             run_id, have_metrics = run.info.run_id, set(run.data.metrics)
         metrics = {k: v for k, v in file_metrics.items() if k not in have_metrics}
-        need_ckpt = not retry_call("list artifacts", tracking_uri, c.list_artifacts, run_id, CHECKPOINT_ARTIFACT_PATH)
+        need_ckpt = bool(checkpoint_gaps(tracking_uri, run_id, ckpt))
         need_eval = not retry_call("list artifacts", tracking_uri, c.list_artifacts, run_id, EVAL_ARTIFACT_PATH)
         if metrics or need_ckpt or need_eval or uploaded:
             log_trial_result(tracking_uri, run_id, ckpt, only_metrics=set(metrics), log_eval=need_eval, log_checkpoint=need_ckpt)
+            if need_ckpt and (gaps := checkpoint_gaps(tracking_uri, run_id, ckpt)):  # counts as uploaded once it is all there
+                raise CheckpointArtifactError(tid, run_id, gaps)
             uploaded += (["metrics:" + ",".join(sorted(metrics))] if metrics else []) + (["checkpoint"] if need_ckpt else []) + (["eval"] if need_eval else [])
             end_run(tracking_uri, run_id, "FINISHED")
         if _sync_full_record(tracking_uri, run_id, Path(full_eval_uri(str(sweep_dir / TRAIN_DIR), tid)), file_metrics, run):

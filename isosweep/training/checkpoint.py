@@ -110,7 +110,7 @@ def write_manifest(directory: str | Path, step: int | None = None) -> Path:
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
         if rel != MANIFEST:
-            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     out = directory / MANIFEST
     out.write_text(json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1, sort_keys=True))
     return out
@@ -122,7 +122,7 @@ def verify_checkpoint(directory: str | Path, name: str | None = None) -> dict[st
     has another size or sha256. Files the manifest does not list are ignored (never read by resume)."""
     directory = Path(directory)
     name = name or str(directory)
-    manifest = _read_manifest(name, (directory / MANIFEST).read_bytes() if (directory / MANIFEST).is_file() else None)
+    manifest = read_manifest(name, (directory / MANIFEST).read_bytes() if (directory / MANIFEST).is_file() else None)
     problems = []
     for rel, entry in manifest["files"].items():
         path = directory / rel
@@ -130,7 +130,7 @@ def verify_checkpoint(directory: str | Path, name: str | None = None) -> dict[st
             problems.append(f"{rel} is missing")
         elif path.stat().st_size != entry["size"]:
             problems.append(f"{rel} has {path.stat().st_size} bytes, the manifest says {entry['size']} (truncated or overwritten)")
-        elif _sha256(path) != entry["sha256"]:
+        elif file_sha256(path) != entry["sha256"]:
             problems.append(f"the sha256 of {rel} differs from the manifest's (the file changed after it was written)")
     if problems:
         raise CorruptCheckpointError(name, "; ".join(problems))
@@ -293,7 +293,9 @@ def _display(loc: Location) -> str:
     return f"{loc.filesystem.type_name}://{loc.path}"
 
 
-def _read_manifest(name: str, data: bytes | None) -> dict[str, Any]:
+def read_manifest(name: str, data: bytes | None) -> dict[str, Any]:
+    """The manifest in `data` (the bytes of a manifest.json, None when there is none); CorruptCheckpointError naming
+    `name` when it is missing, unreadable or names a file outside the checkpoint."""
     if data is None:
         raise CorruptCheckpointError(name, f"no {MANIFEST} (it is written last: the checkpoint was cut off while "
                                            "being written or copied, or was written before isosweep kept manifests)")
@@ -312,7 +314,8 @@ def _read_manifest(name: str, data: bytes | None) -> dict[str, Any]:
     return manifest
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file as its manifest records it, read a chunk at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
