@@ -564,3 +564,56 @@ def test_tracker_waits_for_the_sweep_run_then_stops_saying_nothing_was_trained(t
     with pytest.raises(TrackingError, match=r"Waited \d+ s at the sweep's start .*nothing was trained"):
         dead.open_sweep_run(spec, None, "waiting-1", str(tmp_path), wait_s=2.5, poll_s=1.0)
     assert "waiting for MLflow at http://127.0.0.1" in capsys.readouterr().out
+
+
+def test_refusals_are_told_apart_from_outages_on_real_mlflow_errors(local_uri, monkeypatch, capsys):
+    """`client.failure_kind` on what MLflow really raises: a gateway's 401 and 403 (plain text, as an expired token
+    gets) are AUTH; a JSON RESOURCE_DOES_NOT_EXIST 404, a bare 404, and a run deleted in a real store are MISSING;
+    503 and 429 are TRANSIENT. A refusal is asked once (never retried); a StepLogger that meets one drops its
+    buffer, says so in one line naming the scrubbed URI and the fix, and sends nothing more, its final flush included."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("ISOSWEEP_TRACKING_RETRIES", "3")
+    monkeypatch.setenv("ISOSWEEP_TRACKING_BACKOFF_S", "0.01")
+    proxy = LosingProxy("http://127.0.0.1:9")  # answers every request itself: nothing behind it
+    uri = proxy.uri.replace("://", "://isosweep:pw-SECRET-0x5eed@")
+    try:
+        cases = [(401, b"Unauthorized", client.AUTH), (403, b"Forbidden", client.AUTH),
+                 (404, json.dumps({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "Run 'x' not found"}).encode(), client.MISSING),
+                 (404, b"Not Found", client.MISSING), (503, b"", client.TRANSIENT), (429, b"Too Many Requests", client.TRANSIENT)]
+        for status, body, kind in cases:
+            proxy.status, proxy.body, proxy.after = status, body, []
+            proxy.trigger = (lambda *_: True, lambda _: None)
+            with pytest.raises((MlflowException, client.TrackingError)) as err:
+                client.retry_call("get run", uri, client.client(uri).get_run, "0123abcd")
+            cause = err.value.__cause__ if isinstance(err.value, client.TrackingError) else err.value
+            assert isinstance(cause, MlflowException) and client.failure_kind(cause) == kind, (status, cause)
+            assert len(proxy.after) == (3 if kind == client.TRANSIENT else 1), (status, proxy.after)  # refusals: not retried
+            assert client.refusal(err.value) == (None if kind == client.TRANSIENT else kind)
+
+        proxy.status, proxy.after = 401, []
+        proxy.trigger = (lambda *_: True, lambda _: None)
+        logger = step_metrics.StepLogger(uri, "0123abcd", flush_every=2)
+        for step in range(6):
+            logger.log({"loss": 0.5}, step)
+        logger.close()  # no raise: the refusal stopped tracking for this run
+        assert logger.stop.kind == client.AUTH and len(proxy.after) == 1, proxy.after
+        out = capsys.readouterr().out
+        assert out.count("tracking stops for run 0123abcd") == 1 and "renew the token" in out and "isosweep sync" in out, out
+        assert "pw-SECRET" not in out and proxy.uri.split("//")[1] in out
+    finally:
+        proxy.close()
+
+    c = MlflowClient(local_uri)  # a run deleted in a real store: MLflow answers INVALID_PARAMETER_VALUE, "deleted"
+    run = c.create_run(c.create_experiment("deleted"))
+    c.delete_run(run.info.run_id)
+    with pytest.raises(MlflowException) as err:
+        client.retry_call("log step metrics", local_uri, c.log_param, run.info.run_id, "p", 1)
+    assert client.failure_kind(err.value) == client.MISSING
+    with pytest.raises(MlflowException) as err:
+        c.log_param("not-a-run", "p", 1)
+    assert client.failure_kind(err.value) == client.MISSING
+    with pytest.raises(MlflowException) as err:
+        c.log_param(c.create_run(c.get_experiment_by_name("deleted").experiment_id).info.run_id, "p" * 300, 1)
+    assert client.failure_kind(err.value) == client.INVALID  # a bad request stays an error, not a refusal

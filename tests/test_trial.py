@@ -358,3 +358,75 @@ def test_a_full_evaluation_of_a_truncated_checkpoint_fails_alone_and_a_rerun_doe
     assert run_full_protocol(spec, str(storage), again, None, concurrency=2) == []
     assert [r["status"] for r in again] == ["DONE", "DONE"] and [r["fidelity"] for r in again] == ["full", "full"]
     assert json.loads((storage / "base0000" / FULL_EVAL_FILE).read_text()) == record  # not evaluated twice
+
+
+def _first_step_metrics(method: str, path: str, body: bytes) -> bool:
+    """The first flush of the trial's step metrics (step 50 of 60): mid-training."""
+    return path.split("?")[0].endswith("/runs/log-batch") and re.search(rb'"metrics":\s*\[\s*\{', body) is not None
+
+
+@pytest.mark.parametrize("fault", ["token_expired", "run_deleted"])
+def test_a_trial_whose_tracking_mlflow_refuses_mid_training_finishes_done(ray_local, tmp_path, mlflow_server, fault):
+    """A sweep's trial (its Tune function and Train worker) tracking to a real `mlflow server` through a proxy: at
+    the first step-metric flush, mid-training, the proxy starts answering 401 (an expired token), or the trial's run
+    is deleted through the MLflow client. The trial still trains to the end, is evaluated and reports DONE with its
+    checkpoint and `tracking_pending` (which the sweep's sync recovers); after the refused request no other
+    request reaches MLflow for it, and one warning line names the scrubbed server, the refusal and the fix."""
+    from mlflow import MlflowClient
+    from ray import tune
+    from support.servers import LosingProxy
+
+    from isosweep.evaluation.features.resolver import load_feature_networks
+    from isosweep.sweep.trial import make_trial_fn
+    from isosweep.tracking import runs
+
+    base = tmp_path / "base"
+    DDPMPipeline(unet=_tiny_unet(), scheduler=default_scheduler()).save_pretrained(base)
+    spec = spec_from_dict({
+        "name": "refused", "base_model": {"source": str(base)}, "dataset": {"kind": "shapes", "size": 64, "resolution": 8},
+        "train": {"global_batch_size": 4, "max_steps": 60, "checkpoint_every": 30, "report_every": 1, "learning_rate": 1e-3},
+        "evaluation": {"metrics": ["fid", "ppl"], "batch_size": 8, "backbone": "domain", "cache_dir": str(tmp_path / "cache"),
+                       "fid": {"num_samples": 8, "ddim_steps": 1, "reference_samples": 32}, "ppl": {"num_samples": 4, "ddim_steps": 1},
+                       "bootstrap": {"resamples": 200}},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}, "search": {"max_failures": 0},
+        "tracking": {"experiment": f"refused-{fault}"},
+    })
+    load_feature_networks(spec.evaluation, spec.dataset, needs=("fid", "ppl"), progress=False)  # cached, as the driver does
+    password = "pw-SECRET-0x5eed"
+    proxy = LosingProxy(mlflow_server.uri)
+    uri = proxy.uri.replace("://", f"://isosweep:{password}@")
+    if fault == "token_expired":
+        proxy.trigger = (_first_step_metrics, lambda body: setattr(proxy, "status", 401))
+    else:
+        proxy.trigger = (_first_step_metrics, lambda body: MlflowClient(mlflow_server.uri).delete_run(json.loads(body)["run_id"]))
+    parent = runs.find_or_create_sweep_run(spec, None, mlflow_server.uri, f"sweep-{fault}", storage_path=str(tmp_path))
+    sweep = {"tracking_uri": uri, "parent_run_id": parent, "train_storage": str(tmp_path / "train"), "session": 0,
+             "sweep_id": f"sweep-{fault}", "sweep_uri": str(tmp_path / "sweep")}
+    try:
+        tuner = tune.Tuner(tune.with_resources(make_trial_fn(spec.to_dict(), sweep), {"CPU": 0, "memory": 2**20}),
+                           param_space={"lambda_iso": 0.1, "baseline": False},
+                           tune_config=tune.TuneConfig(num_samples=1),
+                           run_config=tune.RunConfig(name=fault, storage_path=str(tmp_path / "tune"), verbose=0))
+        result = tuner.fit()[0]
+    finally:
+        proxy.close()
+    assert result.error is None, result.error
+    m = result.metrics
+    assert m["tracking_pending"] is True and m["evaluated"] is True and m["step"] == 60, m
+    assert np.isfinite(m["fid"]) and np.isfinite(m["ppl"]) and "tracking_stopped" not in m
+    assert (Path(m["checkpoint_path"]) / "eval" / "metrics.json").is_file()
+    assert len(proxy.after) == 1 and proxy.after[0].startswith("POST ") and "log-batch" in proxy.after[0], proxy.after
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    said = [line for f in logs.glob("worker-*") for line in f.read_text(errors="replace").splitlines()
+            if "tracking stops for trial" in line and m["trial_id"] in line]
+    # Ray may keep a worker's line in more than one log file: one distinct line, the worker's (the trial function said nothing)
+    assert len(set(said)) == 1 and "while logging step metrics" in said[0], said
+    assert password not in said[0] and proxy.uri.split("//")[1] in said[0] and f"isosweep sync {tmp_path / 'sweep'}" in said[0]
+    assert ("renew the token" in said[0]) == (fault == "token_expired"), said[0]
+    trial_run = runs.find_trial_run(mlflow_server.uri, spec.experiment_name, parent, m["trial_id"])
+    if fault == "token_expired":  # the run holds what came before the refusal, and stays open for `isosweep sync`
+        assert trial_run is not None and trial_run.info.status == "RUNNING"
+    else:
+        assert trial_run is None  # deleted: `isosweep sync` records the trial again in a new run

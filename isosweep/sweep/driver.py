@@ -154,7 +154,8 @@ class Sweep:
         spec, place = self.spec, self.place
         sweep = {"tracking_uri": self.tracker.uri, "parent_run_id": self.parent_run_id, "train_storage": place.train_storage,
                  "session": len(place.state.get("resumed", [])),  # a resume gives errored trials a fresh failure budget
-                 "sweep_id": place.sweep_id}  # the `sweep` tag of the trials' Ray metrics
+                 "sweep_id": place.sweep_id,  # the `sweep` tag of the trials' Ray metrics
+                 "sweep_uri": place.sweep_uri}  # what a trial whose tracking MLflow refused tells the user to `isosweep sync`
         # the trial function only waits on its TorchTrainer: it holds no CPU (1 MB so the bundle is not empty)
         trainable = tune.with_resources(make_trial_fn(spec.to_dict(), sweep), {"CPU": 0, "memory": 2**20})
         if place.resuming and tune.Tuner.can_restore(place.sweep_uri):

@@ -56,7 +56,7 @@ class RayReporter:
 
     def __init__(self, *, max_steps: int | None = None, step_logger=None, verbose: bool = True,
                  resume_from: str | None = None, sweep: str = "") -> None:
-        ctx = ray.train.get_context()
+        ctx = ray.train.get_context()  # step_logger: a StepLogger (rank 0 of a trial with an MLflow run)
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.max_steps, self.step_logger, self.verbose, self.resume_from = max_steps, step_logger, verbose, resume_from
@@ -65,7 +65,11 @@ class RayReporter:
         self._first: tuple[int, float] | None = None  # (step, time) of this run's first report, for the ETA
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        """To Ray Train (with `tracking_stopped`, the refusal's kind, once MLflow refused the trial's run: the trial
+        function then makes no MLflow call of its own), then rank 0's step metrics, gauges and progress line."""
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        if self.step_logger is not None and self.step_logger.stop.kind is not None:
+            metrics = {**metrics, "tracking_stopped": self.step_logger.stop.kind}
         ray.train.report(metrics, checkpoint=checkpoint)
         if self.rank != 0:
             return
@@ -106,9 +110,12 @@ def train_loop_per_worker(config: dict[str, Any], tracking_uri: str | None = Non
     up (`build_trainer` binds it)."""
     _quiet_train_reports()
     spec = resolve_trial_spec(config["spec"], config.get("trial_params"))
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
     run_id = (config.get("mlflow") or {}).get("run_id") if tracking_uri else None
-    step_logger = StepLogger(tracking_uri, run_id) if run_id and rank == 0 else None
+    # one tracker for the step metrics and the base model's tags: a refusal of either stops both (said once)
+    tracker = Tracker(tracking_uri, f"trial {ctx.get_experiment_name()}", config.get("sweep_uri")) if run_id else None
+    step_logger = StepLogger(tracking_uri, run_id, stop=tracker.stop) if tracker and rank == 0 else None
     reporter = RayReporter(max_steps=spec.train.max_steps, step_logger=step_logger, verbose=config.get("verbose", True),
                            resume_from=config.get("resume_from"), sweep=config.get("sweep_id", ""))
     progress = EvalProgress(reporter.sweep, reporter.trial, rank)
@@ -118,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any], tracking_uri: str | None = Non
                    provenance={"workers": worker_placement(reporter.rank, reporter.world_size), "base_model": base},
                    evaluator=trial_evaluator(spec, progress) if config.get("evaluate") else None,
                    scorer=checkpoint_fid_scorer(spec, progress) if config.get("evaluate") else None,  # evaluation.checkpoint_fid
-                   fetch_base=fetch, on_base=lambda started: _record_base(started, tracking_uri, run_id, config.get("verbose", True)))
+                   fetch_base=fetch, on_base=lambda started: _record_base(started, tracker, run_id, config.get("verbose", True)))
     except BaseException:
         if step_logger is not None:
             step_logger.close(raise_errors=False)  # a tracking error must not hide the training error
@@ -146,15 +153,14 @@ def base_model_fetch(source: str, tracking_uri: str | None, world_size: int = 1)
     return fetcher(tracking_uri, {source: uri}), {"resolved": uri, **({"version": version} if version else {})}
 
 
-def _record_base(started: dict[str, Any], tracking_uri: str | None, run_id: str | None, verbose: bool) -> None:
+def _record_base(started: dict[str, Any], tracker: Tracker | None, run_id: str | None, verbose: bool) -> None:
     """Rank 0, once the loop knows which weights the trial started from: a progress line, and tags on the trial's
     run (tags, not params: a restart before the first checkpoint may start from a moved alias). Best effort."""
     if verbose:
         pinned = f" = {started['resolved']}" if started.get("resolved", started["source"]) != started["source"] else ""
         say(f"base model: {started['source']}{pinned} (unet sha256 {started['unet_sha256'][:16]})")  # scrubbed by the loop
-    if not (tracking_uri and run_id):
+    if not (tracker and run_id):
         return
-    tracker = Tracker(tracking_uri)
     tracker.best_effort("logging the base model's tags to MLflow", "each checkpoint's spec.json records it",
                         tracker.log_tags, "log the base model's tags", run_id,
                         {f"isosweep.base_model.{k}": v for k, v in started.items()})

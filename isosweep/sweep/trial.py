@@ -28,14 +28,18 @@ from isosweep.training.best_step import selection_columns
 
 
 def make_trial_fn(spec_dict: dict, sweep: dict):
-    """The Tune function trainable. sweep: {tracking_uri, parent_run_id, train_storage, session, sweep_id}."""
+    """The Tune function trainable. sweep: {tracking_uri, parent_run_id, train_storage, session, sweep_id, sweep_uri}.
+
+    Tracking never fails the trial: an outage or a refusal (an expired token, a deleted run; said once, after which
+    neither this function nor the trial's Train workers call MLflow again) leaves `tracking_pending` set, and the
+    sweep's end (or `isosweep sync`) records the trial from storage."""
 
     def isosweep_trial(config: dict) -> None:
         spec = SweepSpec.model_validate(spec_dict)
         trial_id = tune.get_context().get_trial_id()
         params = trial_params_of(config)
         uri = sweep.get("tracking_uri")
-        tracker = Tracker(uri) if uri else None
+        tracker = Tracker(uri, f"trial {trial_id}", sweep.get("sweep_uri")) if uri else None
         # tracking is off the critical path: a tracking outage leaves the run to `isosweep sync` (the
         # driver runs it at the end), it never turns a trained and evaluated trial into an error
         safe = "its results are safe in storage and `isosweep sync` records them"
@@ -47,13 +51,18 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
                                  evaluate=True, mlflow={"tracking_uri": uri, "run_id": run_id} if run_id else None,
                                  tracking_uri=uri,  # also without a run: a models:/ base model is looked up there
                                  callbacks=[ForwardToTune(list(spec.selection.objectives))], max_failures=0,
-                                 extra_config={"sweep_id": sweep.get("sweep_id", "")})  # tags its Ray metrics
+                                 extra_config={"sweep_id": sweep.get("sweep_id", ""),  # tags its Ray metrics
+                                               "sweep_uri": scrub_text(sweep.get("sweep_uri") or "")})  # for `isosweep sync`
 
         started = time.time()
         try:
             result = fit_with_one_budget(make_trainer, trial_id, spec.search.max_failures,
                                          st.join(sweep["train_storage"], trial_id, ATTEMPTS_FILE), sweep.get("session", 0))
             checkpoint = result.checkpoint
+            train_metrics = dict(result.metrics or {})
+            stopped = train_metrics.pop("tracking_stopped", None)
+            if stopped and tracker:  # MLflow refused the run in a worker, which said so: no call from here either
+                tracker.stop.stop(stopped, "training", quiet=True)
             if checkpoint is None:
                 raise RuntimeError(f"trial {trial_id} finished without a checkpoint")
             with checkpoint.as_directory() as ckpt_dir:
@@ -62,13 +71,14 @@ def make_trial_fn(spec_dict: dict, sweep: dict):
                 if run_id and tracker.best_effort(f"trial {trial_id}: logging its results", safe, tracker.log_trial_result,
                                                   run_id, ckpt_dir, ok=True) is None:
                     pending = True
+            pending = pending or bool(tracker and tracker.stopped)
         except BaseException:
             if run_id:
                 tracker.end_run(run_id, "FAILED", quiet=True)
             raise
         if run_id and not pending:
             tracker.end_run(run_id, "FINISHED", quiet=True)
-        report = final_report(spec, dict(result.metrics or {}), record, params, checkpoint.path, run_id, selected,
+        report = final_report(spec, train_metrics, record, params, checkpoint.path, run_id, selected,
                               seconds=time.time() - started)
         costs = {k: v for k, v in report.items() if k.startswith("cost_")}  # seconds per phase, on the run too (best effort)
         if run_id and not pending and costs:

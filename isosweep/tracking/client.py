@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
@@ -27,7 +28,6 @@ from isosweep.redact import scrub, scrub_text
 
 T = TypeVar("T")
 
-# MLflow 3.17's limits (mlflow.utils.validation): values longer than these are rejected.
 # MLflow 3.17's limits (mlflow.utils.validation): values longer than these are rejected.
 MAX_PARAM_VAL = 6000
 MAX_TAG_VAL = 8000
@@ -55,20 +55,72 @@ def _bound_mlflow_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")  # MLflow's 120 s would hold a trial per call
 
 
-def _is_permanent(exc: BaseException) -> bool:
-    """Errors a retry cannot fix: bad requests, missing resources, validation."""
+# What a failed MLflow call is: TRANSIENT (no answer, 5xx, 429) is retried; AUTH (401/403: an expired token, no rights)
+# and MISSING (404: the run or experiment is gone) are refusals no retry changes; INVALID is a bad request (a bug) and raises.
+TRANSIENT, AUTH, MISSING, INVALID = "transient", "auth", "missing", "invalid"
+_AUTH_CODES = {"UNAUTHENTICATED", "PERMISSION_DENIED", "CUSTOMER_UNAUTHORIZED"}
+_MISSING_CODES = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "ENDPOINT_NOT_FOUND"}
+_INVALID_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE", "BAD_REQUEST"}
+# a deleted (not yet garbage-collected) run or experiment: MLflow answers 400 INVALID_PARAMETER_VALUE with this text
+_DELETED = re.compile(r"must be in the 'active' state\. Current state is deleted")
+
+
+def failure_kind(exc: BaseException) -> str:
+    """TRANSIENT, AUTH, MISSING or INVALID: the one classification of a failed tracking call (MLflow's error code, or
+    the HTTP status of an artifact request that failed outside MLflow's REST client)."""
     if isinstance(exc, MlflowException):
-        code = getattr(exc, "error_code", "")
-        return code in {
-            "INVALID_PARAMETER_VALUE",
-            "RESOURCE_DOES_NOT_EXIST",
-            "RESOURCE_ALREADY_EXISTS",
-            "INVALID_STATE",
-            "BAD_REQUEST",
-            "PERMISSION_DENIED",
-            "UNAUTHENTICATED",
-        }
-    return isinstance(exc, (TypeError, ValueError, KeyError, FileNotFoundError, NotADirectoryError))
+        code = exc.error_code
+        if code in _AUTH_CODES:
+            return AUTH
+        if code in _MISSING_CODES or (code == "INVALID_PARAMETER_VALUE" and _DELETED.search(str(exc.message))):
+            return MISSING
+        return INVALID if code in _INVALID_CODES else TRANSIENT
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return AUTH
+    if isinstance(exc, (TypeError, ValueError, KeyError, FileNotFoundError, NotADirectoryError)):
+        return INVALID
+    return TRANSIENT
+
+
+def refusal(exc: BaseException) -> str | None:
+    """AUTH or MISSING when `exc` (or what it was raised from) is a refusal of the tracking server, else None."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # a wrapped error: TrackingError from ..., a step of a helper
+        if seen is None:
+            return None
+        kind = failure_kind(seen)
+        if kind in (AUTH, MISSING):
+            return kind
+        seen = seen.__cause__
+    return None
+
+
+class TrackingStop:
+    """Tracking stopped for good by a refusal (AUTH or MISSING): every holder skips its MLflow calls from then on,
+    and one warning line says why and what to do. scope: whose tracking stops ("trial 3f2a"); sync_target: what
+    `isosweep sync` is given to record it later (the sweep's storage URI)."""
+
+    def __init__(self, uri: str, scope: str = "the sweep", sync_target: str | None = None) -> None:
+        self.uri, self.scope, self.sync_target = uri, scope, sync_target
+        self.kind: str | None = None
+
+    def stop(self, kind: str, what: str, exc: BaseException | None = None, *, quiet: bool = False) -> None:
+        """Record the refusal; the first one is said (unless `quiet`: another process said it)."""
+        if self.kind is not None:
+            return
+        self.kind = kind
+        if quiet:
+            return
+        sync = f"`isosweep sync {scrub_text(self.sync_target)}`" if self.sync_target else "`isosweep sync` on the sweep"
+        if kind == AUTH:
+            why = "refused as unauthenticated or forbidden (HTTP 401/403: the token expired or lacks the rights)"
+            fix = f"renew the token (MLFLOW_TRACKING_TOKEN, or the credentials in the tracking URI), then run {sync}"
+        else:
+            why = "found its run or experiment gone (deleted, or HTTP 404)"
+            fix = f"run {sync}: it records the trial again, in a new run"
+        warn(f"{self.scope}: MLflow at {scrub_text(self.uri)} {why} while {what} ({_short(exc)}); tracking stops for "
+             f"{self.scope}, which goes on and keeps its results in storage; fix: {fix}")
 
 
 def retry_call(
@@ -81,7 +133,8 @@ def retry_call(
     already_done: Callable[[], T | None] | None = None,
     **kwargs: Any,
 ) -> T:
-    """Call `fn(*args, **kwargs)`, retrying transient failures with exponential backoff and jitter.
+    """Call `fn(*args, **kwargs)`, retrying transient failures (`failure_kind`) with exponential backoff and jitter;
+    any other failure raises at once, as it came (a refusal: `refusal(exc)` says which).
 
     Waits about backoff_s, 2*backoff_s, 4*backoff_s, ... (each x0.5-1.5 at random, so many trials
     hitting one recovering server do not retry in step) between `attempts` tries, then raises
@@ -103,8 +156,8 @@ def retry_call(
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - classified below
-            if _is_permanent(exc):
-                raise
+            if failure_kind(exc) != TRANSIENT:
+                raise  # a retry gets the same answer
             last = exc
             if i + 1 < attempts:
                 wait = backoff_s * (2**i) * random.uniform(0.5, 1.5)

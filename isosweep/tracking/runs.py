@@ -30,6 +30,7 @@ from isosweep.tracking.client import (
     client,
     local_artifact_location,
     params_of,
+    refusal,
     retry_call,
     retrying,
     tags_of,
@@ -197,7 +198,7 @@ def open_trial_run(
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", *, quiet: bool = False) -> None:
     """Terminate a run: FINISHED, FAILED or KILLED (a crashed trial's run must end FAILED).
 
-    quiet=True logs a warning instead of raising when the server stays unreachable (use it in an
+    quiet=True logs a warning instead of raising when the server stays unreachable or refuses (use it in an
     `except` block so the tracking error does not replace the trial's own error).
     """
     status = status.upper()
@@ -205,10 +206,10 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", *, quiet: 
         raise ValueError(f"end_run status must be FINISHED, FAILED or KILLED (got {status!r})")
     try:
         retry_call("end run", tracking_uri, client(tracking_uri).set_terminated, run_id, status=status)
-    except TrackingError as exc:
-        if not quiet:
+    except Exception as exc:  # noqa: BLE001 -- quiet: an outage or a refusal (401/403, a deleted run) is a warning
+        if not quiet or not (isinstance(exc, TrackingError) or refusal(exc)):
             raise
-        warn(f"could not mark run {run_id} {status}: {exc}")
+        warn(f"could not mark run {run_id} {status}: {scrub_text(str(exc))[:400]}")
 
 
 @contextlib.contextmanager

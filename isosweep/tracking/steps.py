@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from mlflow.entities import Metric
 
-from isosweep.tracking.client import MAX_KEY, MAX_METRICS_PER_BATCH, TrackingError, client, clip, retry_call
+from isosweep.tracking.client import MAX_KEY, MAX_METRICS_PER_BATCH, TrackingError, TrackingStop, client, clip, refusal, retry_call
 
 
 class StepLogger:
@@ -20,9 +20,12 @@ class StepLogger:
     A failed periodic flush never stops training: it is tried once, the metrics stay buffered (up to
     `max_buffer`, oldest dropped after that) and one warning is printed. `close()` (the final flush)
     retries with backoff and raises `TrackingError` naming the URI if the server is still down.
+    A refusal (401/403: an expired token; a deleted run) is final: `stop` records it (one warning), the buffer is
+    dropped and no further request goes out, from this logger or any other holder of the same `stop`.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 50, max_buffer: int = 200_000) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 50, max_buffer: int = 200_000,
+                 stop: TrackingStop | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.flush_every = max(1, int(flush_every))
@@ -33,9 +36,12 @@ class StepLogger:
         self._warned = False
         self._closed = False
         self._client = client(tracking_uri)
+        self.stop = stop or TrackingStop(tracking_uri, f"run {run_id}")
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Buffer finite scalar metrics (floats, ints, 0-d tensors) at `step`."""
+        """Buffer finite scalar metrics (floats, ints, 0-d tensors) at `step`; nothing once tracking has stopped."""
+        if self.stop.kind is not None:
+            return
         ts = int(time.time() * 1000)
         for key, value in metrics.items():
             try:
@@ -53,8 +59,11 @@ class StepLogger:
             self.flush()
 
     def flush(self, *, final: bool = False) -> bool:
-        """Send the buffer; True when it is empty afterwards. Non-final flushes never raise."""
+        """Send the buffer; True when it is empty afterwards. Non-final flushes never raise, nor does a refusal."""
         self._steps_since_flush = 0
+        if self.stop.kind is not None:
+            self._buffer.clear()
+            return False
         while self._buffer:
             chunk = self._buffer[:MAX_METRICS_PER_BATCH]
             try:
@@ -62,7 +71,14 @@ class StepLogger:
                     retry_call("log step metrics", self.tracking_uri, self._client.log_batch, self.run_id, metrics=chunk)
                 else:
                     retry_call("log step metrics", self.tracking_uri, self._client.log_batch, self.run_id, metrics=chunk, attempts=1)
-            except TrackingError as exc:
+            except Exception as exc:  # noqa: BLE001 -- a refusal stops tracking; an outage is TrackingError; else a bug
+                kind = refusal(exc)
+                if kind is not None:
+                    self.stop.stop(kind, f"logging step metrics of run {self.run_id}", exc)
+                    self._buffer.clear()
+                    return False
+                if not isinstance(exc, TrackingError):
+                    raise
                 if final:
                     raise TrackingError(f"final flush of {len(self._buffer)} buffered step metrics failed: {exc}") from exc
                 if not self._warned:

@@ -17,17 +17,24 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 from isosweep.console import say, warn
 from isosweep.redact import scrub_text
 from isosweep.tracking import artifacts, registry, runs, sync
-from isosweep.tracking.client import TrackingError, client, resolve_tracking_uri, retry_call, tags_of
+from isosweep.tracking.client import TrackingError, TrackingStop, client, refusal, resolve_tracking_uri, retry_call, tags_of
 
 T = TypeVar("T")
 
 
 class Tracker:
     """The tracking store at `uri` (an MLflow tracking URI; it may carry credentials, so it is never logged
-    unscrubbed and never stored with a sweep)."""
+    unscrubbed and never stored with a sweep). A refusal met by `best_effort` (an expired token, a deleted run)
+    stops it for good (`stop`): its later best-effort calls and `end_run` do nothing. scope and sync_target: whose
+    tracking that stops and what `isosweep sync` records it from, for the warning (`client.TrackingStop`)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, scope: str = "the sweep", sync_target: str | None = None) -> None:
         self.uri = uri
+        self.stop = TrackingStop(uri, scope, sync_target)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop.kind is not None
 
     @classmethod
     def resolve(cls, cli_uri: str | None, spec_uri: str | None, storage: str | os.PathLike | None) -> Tracker:
@@ -44,10 +51,19 @@ class Tracker:
 
     def best_effort(self, what: str, safe: str, fn: Callable[..., T], *args: Any, ok: Any = None, **kwargs: Any) -> T | None:
         """fn(*args, **kwargs), or None after a `TrackingError`, said as one warning line: `what` failed, and
-        `safe` says where the data is meanwhile. `ok` is returned for a None result (to tell success apart)."""
+        `safe` says where the data is meanwhile. `ok` is returned for a None result (to tell success apart).
+        A refusal (401/403, a deleted run) stops the tracker: said once, and None without a call from then on."""
+        if self.stopped:
+            return None
         try:
             out = fn(*args, **kwargs)
-        except TrackingError as exc:
+        except Exception as exc:  # noqa: BLE001 -- a refusal or an outage becomes a warning; anything else raises
+            kind = refusal(exc)
+            if kind is not None:
+                self.stop.stop(kind, what, exc)
+                return None
+            if not isinstance(exc, TrackingError):
+                raise
             warn(f"{what} failed ({exc}); {safe}")
             return None
         return ok if out is None and ok is not None else out
@@ -61,7 +77,7 @@ class Tracker:
         while True:
             try:
                 return runs.find_or_create_sweep_run(spec, spec_path, self.uri, sweep_id, storage_path=storage_path)
-            except TrackingError as exc:
+            except TrackingError as exc:  # an outage; a refusal (401/403) raises at once: waiting does not change it
                 waited = time.monotonic() - start
                 if waited + poll_s > wait_s:
                     raise TrackingError(f"{exc} Waited {waited:.0f} s at the sweep's start (ISOSWEEP_TRACKING_START_WAIT_S="
@@ -76,7 +92,9 @@ class Tracker:
         return runs.find_trial_run(self.uri, experiment, parent_run_id, trial_id)
 
     def end_run(self, run_id: str, status: str = "FINISHED", *, quiet: bool = False) -> None:
-        """FINISHED, FAILED or KILLED; quiet=True (inside an `except`) warns instead of raising."""
+        """FINISHED, FAILED or KILLED; quiet=True (inside an `except`) warns instead of raising. Nothing once stopped."""
+        if self.stopped:
+            return
         runs.end_run(self.uri, run_id, status, quiet=quiet)
 
     # artifacts and metrics ---------------------------------------------------------------------------------

@@ -174,7 +174,10 @@ class LosingProxy:
 
     It forwards every request but: for the first `lose` requests whose path ends with one of `paths`,
     drops the connection instead of returning the server's answer (the request took effect, its
-    response was lost); and while `down` is set, answers 503 without forwarding (an outage)."""
+    response was lost); while `down` is set, answers 503 without forwarding (an outage); while `status` is set,
+    answers that status with `body` without forwarding (a gateway refusing an expired token: 401). `trigger`:
+    (when(method, path, body) -> bool, then(body)), fired once, on the first request `when` matches, before that
+    request is answered; `after` lists every request from then on ("METHOD path")."""
 
     def __init__(self, target: str, paths: tuple[str, ...] = (), lose: int = 0):
         import http.server
@@ -185,10 +188,28 @@ class LosingProxy:
         self.lost: list[str] = []
         self.down = threading.Event()
         self.refused = 0
+        self.status: int | None = None
+        self.body = b"Unauthorized: the token has expired"
+        self.trigger = None
+        self.after: list[str] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                trigger = proxy.trigger
+                if trigger is not None and trigger[0](self.command, self.path, body):
+                    proxy.trigger = None
+                    trigger[1](body)
+                    proxy.after.append(f"{self.command} {self.path}")
+                elif proxy.after:
+                    proxy.after.append(f"{self.command} {self.path}")
+                if proxy.status is not None:
+                    self.send_response(proxy.status)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(proxy.body)))
+                    self.end_headers()
+                    self.wfile.write(proxy.body)
+                    return
                 if proxy.down.is_set():
                     proxy.refused += 1
                     self.send_response(503)
