@@ -87,7 +87,8 @@ def test_set_items_travel_in_the_environment_and_cli_main_applies_them(monkeypat
     assert resolved["search"]["num_trials"] == 7  # after the command line's 3
     assert resolved["search"]["seed"] == 11  # the command line's own items still count
     assert resolved["tracking"]["experiment"] == "a b=c"
-    assert jobs.job_runtime_env({}, {}, []) == {}  # nothing to carry: no env_vars at all
+    # nothing of the user's to carry: only the stop wait
+    assert jobs.job_runtime_env({}, {}, []) == {"env_vars": {jobs.JOB_STOP_WAIT_ENV: str(jobs.JOB_STOP_WAIT_S)}}
 
     monkeypatch.setenv(OVERRIDES_ENV, "search.num_trials=7")  # not JSON: refused, naming the variable
     assert cli.main(["validate", str(DEMO), "--no-path-checks"]) == 2

@@ -316,27 +316,21 @@ def load_runtime_env(path: str | os.PathLike) -> dict[str, Any]:
     return env
 
 
-JOB_STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"  # read by Ray's job supervisor from the job's runtime env
-JOB_STOP_WAIT_S = 120  # seconds between `ray job stop`'s SIGTERM and its SIGKILL
+JOB_STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"  # Ray's job supervisor: seconds from `ray job stop`'s SIGTERM to SIGKILL
+JOB_STOP_WAIT_S = 120  # Ray's default 3 s is too short for a sweep to stop its trials and record INTERRUPTED
 
 
 def job_runtime_env(file_env: dict[str, Any] | None, env_items: dict[str, str], overrides: list[str]) -> dict[str, Any]:
     """The user's part of the job's runtime env: the `--runtime-env` file, its env_vars updated by `--env`
-    (which wins), and the `--set` items as OVERRIDES_ENV. `build_package` adds the code and the spec.
-
-    `ray job stop` sends the driver SIGTERM and, by default, SIGKILL 3 s later: too soon for a sweep to stop its trials
-    at a safe point and record INTERRUPTED. Unless the user sets it, the job's RAY_JOB_STOP_WAIT_TIME_S gives it
-    JOB_STOP_WAIT_S."""
+    (which wins), the `--set` items as OVERRIDES_ENV, and JOB_STOP_WAIT_ENV unless the user sets it. `build_package`
+    adds the code and the spec."""
     env = dict(file_env or {})
     env_vars = {JOB_STOP_WAIT_ENV: str(JOB_STOP_WAIT_S), **(env.get("env_vars") or {}), **env_items}
     if OVERRIDES_ENV in env_vars:
         raise SpecError(f"{OVERRIDES_ENV} is isosweep's own variable for --set items; fix: pass them with --set KEY=VALUE")
     if overrides:
         env_vars[OVERRIDES_ENV] = json.dumps(list(overrides))
-    if env_vars:
-        env["env_vars"] = env_vars
-    else:
-        env.pop("env_vars", None)
+    env["env_vars"] = env_vars  # never empty: it holds the stop wait
     return env
 
 
