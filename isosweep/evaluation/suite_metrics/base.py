@@ -16,6 +16,7 @@ from isosweep.core.sampling import DDIMSampler
 from isosweep.evaluation.collectives import distributed as _distributed
 from isosweep.evaluation.collectives import gather as _gather
 from isosweep.evaluation.features.common import NO_BACKBONE
+from isosweep.evaluation.metrics.samples import SampleRange
 from isosweep.spec import EVAL_METRICS, base_metric, register_result_names
 
 # Progress(share, done, total): how far this rank is with one share, at its start (done = 0), after every batch
@@ -61,6 +62,12 @@ class Shard:
 
     def range(self, n: int) -> tuple[int, int]:
         return shard_range(n, self.rank, self.world_size)
+
+    def samples(self, total: int, ddim_steps: int, start: int, stop: int, batch_size: int,
+                on_batch: Callable[[int], None] | None = None) -> SampleRange:
+        """Samples (or pairs) start..stop-1 of `total` from this model, latents of evaluation.seed."""
+        return SampleRange(sampler=self.sampler, shape=self.shape, seed=self.eval_spec.seed, ddim_steps=ddim_steps, total=total,
+                           start=start, stop=stop, batch_size=batch_size, on_batch=on_batch)
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's value in rank order (a collective: every rank must call it; [value] on one process)."""

@@ -14,7 +14,6 @@ from isosweep.data.imagefiles import DECODE_VERSION
 from isosweep.evaluation.features.common import cache_dir
 from isosweep.evaluation.metrics.confidence import fid_interval
 from isosweep.evaluation.metrics.fid import fid_from_features, generated_features, reference_statistics
-from isosweep.evaluation.metrics.samples import SampleRange
 from isosweep.evaluation.suite_metrics.base import Metric, Shard, register
 
 
@@ -27,8 +26,7 @@ class Fid(Metric):
         t0, spec = time.time(), s.eval_spec
         lo, hi = s.range(spec.fid.num_samples)
         on_batch = s.started("fid", hi - lo)
-        samples = SampleRange(sampler=s.sampler, shape=s.shape, seed=spec.seed, ddim_steps=spec.fid.ddim_steps, total=spec.fid.num_samples,
-                              start=lo, stop=hi, batch_size=spec.batch_size, on_batch=on_batch)
+        samples = s.samples(spec.fid.num_samples, spec.fid.ddim_steps, lo, hi, spec.batch_size, on_batch)
         feats, grid = generated_features(samples, nets.fid_features, keep_images=16 if s.rank == 0 else 0)
         on_batch(hi - lo)
         s.timings["fid"] = time.time() - t0

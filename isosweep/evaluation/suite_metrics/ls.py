@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from isosweep.core.sampling import initial_noise
-from isosweep.evaluation.metrics.samples import SampleRange
 from isosweep.evaluation.metrics.separability import classify_samples, ls_scores
 from isosweep.evaluation.suite_metrics.base import Metric, Shard, register
 
@@ -23,8 +22,7 @@ class Ls(Metric):
         t0, spec = time.time(), s.eval_spec
         lo, hi = s.range(spec.ls.num_samples)
         on_batch = s.started("ls", hi - lo)
-        samples = SampleRange(sampler=s.sampler, shape=s.shape, seed=spec.seed, ddim_steps=spec.ls.ddim_steps, total=spec.ls.num_samples,
-                              start=lo, stop=hi, batch_size=spec.batch_size, on_batch=on_batch)
+        samples = s.samples(spec.ls.num_samples, spec.ls.ddim_steps, lo, hi, spec.batch_size, on_batch)
         out = classify_samples(samples, nets.classifier, capture_h="h" in spec.ls.spaces)
         on_batch(hi - lo)
         s.timings["ls_sampling"] = time.time() - t0

@@ -10,7 +10,6 @@ import torch
 
 from isosweep.evaluation.metrics.confidence import mean_interval
 from isosweep.evaluation.metrics.rtl import pair_mrtl, rtl_per_pair, summarize_rtl
-from isosweep.evaluation.metrics.samples import SampleRange
 from isosweep.evaluation.suite_metrics.base import Metric, Shard, register
 
 
@@ -22,8 +21,7 @@ class Mrtl(Metric):
         t0, spec = time.time(), s.eval_spec.mrtl
         lo, hi = s.range(spec.num_pairs)
         on_batch = s.started("mrtl", hi - lo)
-        samples = SampleRange(sampler=s.sampler, shape=s.shape, seed=s.eval_spec.seed, ddim_steps=spec.ddim_steps, total=spec.num_pairs,
-                              start=lo, stop=hi, batch_size=max(1, s.eval_spec.batch_size // (spec.num_points + 1)), on_batch=on_batch)
+        samples = s.samples(spec.num_pairs, spec.ddim_steps, lo, hi, max(1, s.eval_spec.batch_size // (spec.num_points + 1)), on_batch)
         out = rtl_per_pair(samples, num_points=spec.num_points)
         on_batch(hi - lo)
         s.timings["mrtl"] = time.time() - t0

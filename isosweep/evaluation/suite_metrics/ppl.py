@@ -10,7 +10,6 @@ import numpy as np
 
 from isosweep.evaluation.metrics.confidence import ppl_interval_tight, ppl_summary
 from isosweep.evaluation.metrics.ppl import ppl_distances, sequential_pairs
-from isosweep.evaluation.metrics.samples import SampleRange
 from isosweep.evaluation.suite_metrics.base import Metric, Shard, register
 
 
@@ -26,9 +25,8 @@ class Ppl(Metric):
         on_batch = s.started("ppl", hi - lo)
 
         def compute(a: int, b: int) -> np.ndarray:
-            samples = SampleRange(sampler=s.sampler, shape=s.shape, seed=spec.seed, ddim_steps=spec.ppl.ddim_steps,
-                                  total=spec.ppl.num_samples, start=a, stop=b, batch_size=max(1, spec.batch_size // 2),
-                                  on_batch=on_batch if spec.ppl.stop_width is None else None)
+            samples = s.samples(spec.ppl.num_samples, spec.ppl.ddim_steps, a, b, max(1, spec.batch_size // 2),
+                                on_batch if spec.ppl.stop_width is None else None)
             return ppl_distances(samples, nets.distance, eps=spec.ppl.eps)
 
         if spec.ppl.stop_width is None:
