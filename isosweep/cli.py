@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         from isosweep.redact import scrub_text  # stdlib only: keeps `isosweep --help` fast
 
         note(f"error: {scrub_text(str(exc))}")
-        return EXIT_SPEC_ERROR
+        return getattr(exc, "exit_code", EXIT_SPEC_ERROR)  # a refusal with its own code (a busy sweep) says so
     except KeyboardInterrupt:
         note("interrupted; `isosweep resume SWEEP_URI` (printed above) continues from the last checkpoints")
         return _interrupted()

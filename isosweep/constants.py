@@ -8,6 +8,7 @@ EXIT_NO_CHAMPION = 1  # a sweep completed, but no champion could be chosen or pr
 EXIT_ERROR = 1  # any other command: it did not do what was asked (the error is printed, credentials scrubbed)
 EXIT_SPEC_ERROR = 2  # bad spec or arguments, refused before anything ran
 EXIT_FAILED = 3  # some trials errored: `isosweep resume` runs them again
+EXIT_SWEEP_BUSY = 4  # `isosweep resume` refused: another driver is running that sweep (its lease is live)
 EXIT_INTERRUPTED = 130  # stopped before the end (Ctrl-C): `isosweep resume` continues
 EXIT_TERMINATED = 143  # the same, stopped by SIGTERM (`ray job stop`, Kubernetes, Slurm): 128 + 15, as a shell reports it
 

@@ -12,13 +12,15 @@ read them). Object stores keep their own access control.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
@@ -103,6 +105,93 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def claim_file(uri: str, data: bytes, may_replace: Callable[[bytes | None], bool], settle_s: float = 2.0) -> bytes | None:
+    """Put `data` at `uri` unless another file is there that `may_replace(its bytes or None when unreadable)` keeps:
+    None when `data` is the file now, else the bytes of the file that stays.
+
+    On a local or shared disk this is atomic (a complete temporary file hard-linked into place; a replaced file is
+    first renamed aside, which one process only can do): of processes racing, one gets None. On an object store
+    (no conditional write through pyarrow) it is a look then a PUT, read back after `settle_s`: of two racing
+    writers the one whose write stayed gets None."""
+    for _ in range(3):
+        if _create_exclusive(uri, data):
+            break
+        held = read_bytes(uri)
+        if held is None:  # removed between our two looks
+            continue
+        if not may_replace(held):
+            return held
+        if _move_aside(uri) and _create_exclusive(uri, data):
+            break
+    else:
+        return read_bytes(uri) or b""
+    if is_remote(uri):
+        time.sleep(settle_s)
+        now = read_bytes(uri)
+        if now != data:
+            return now or b""
+    return None
+
+
+def replace_if_same(uri: str, old: bytes, new: bytes) -> bool:
+    """Write `new` where the file still holds `old`; False (nothing written) when it holds something else or is gone."""
+    if read_bytes(uri) != old:
+        return False
+    write_bytes(uri, new)
+    return True
+
+
+def remove_if_same(uri: str, data: bytes) -> bool:
+    """Delete the file if it still holds `data`; False when it holds something else or is gone."""
+    if read_bytes(uri) != data:
+        return False
+    fs, path = filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+    return True
+
+
+def _create_exclusive(uri: str, data: bytes) -> bool:
+    """Write a whole file only where none is: True when this call created it (atomic on a local disk only)."""
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            return False
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return True
+    target = Path(path)
+    make_private_dirs(target.parent)
+    tmp = target.with_name(f".{target.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb") as f:
+            f.write(data)  # complete before it is linked into place
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _move_aside(uri: str) -> bool:
+    """Take a file away: on a local disk renamed to a unique name and removed, True only for the one caller whose
+    rename took it; on an object store deleted."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(path)
+        return True
+    path = Path(normalize(uri))
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    aside.unlink(missing_ok=True)
+    return True
 
 
 def read_json(uri: str) -> dict | None:

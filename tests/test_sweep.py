@@ -109,8 +109,10 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     One sweep serves these checks: each demo sweep costs about three minutes on two cores."""
     from mlflow.exceptions import MlflowException
 
+    from isosweep.constants import EXIT_SWEEP_BUSY
     from isosweep.data.datasets import ShapesDataset
     from isosweep.evaluation.record import read_record
+    from isosweep.results.layout import LEASE_FILE
     from isosweep.results.pareto import lower_beyond_noise
     from isosweep.sweep.readback import read_sweep
     from isosweep.training.checkpoint import load_train_state
@@ -136,6 +138,9 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
         else:
             pytest.fail("no trial finished within 10 minutes")
         time.sleep(3)  # let Tune write its experiment state
+        second = subprocess.run([sys.executable, "-m", "isosweep", "resume", *args], capture_output=True, text=True,
+                                env=env, timeout=300)  # a second driver while this one runs: refused, nothing written
+        assert second.returncode == EXIT_SWEEP_BUSY and f"pid {proc.pid} on host" in second.stderr + second.stdout, second
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group gets it
         code = proc.wait(timeout=180)
     finally:
@@ -150,7 +155,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     assert state["status"] == "INTERRUPTED" and (state["unfinished"] or state["not_started"]), state
     assert state["errored"] == [baseline_id], state
     assert "failure budget spent" in first and "promoted nothing" in first, first[-3000:]
-    assert not (sweep_dir / "sweep_done.json").exists()
+    assert not (sweep_dir / "sweep_done.json").exists() and not (sweep_dir / LEASE_FILE).exists()  # lease given back
     client, _ = _runs(mlflow_server.uri, "demo")
     assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
     with pytest.raises(MlflowException):  # nothing promoted from a partial sweep
@@ -167,7 +172,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     for name in finished:
         assert after[name] == 1, f"finished trial {name} was rerun"
     assert all(v == 1 for v in after.values()), after
-    assert (sweep_dir / "sweep_done.json").exists()
+    assert (sweep_dir / "sweep_done.json").exists() and not (sweep_dir / LEASE_FILE).exists()
 
     # the rows, front and champion, rebuilt from storage
     spec, outcome = read_sweep(sweep_dir)

@@ -1,6 +1,7 @@
 """Where a sweep's records live, all under its storage URI (a local folder, a shared file system or S3):
 
-    <storage>/<sweep id>/              the Tune experiment (sweep id = <spec name>-<YYYYmmdd-HHMMSS>)
+    <storage>/<sweep id>/              the Tune experiment (sweep id = <spec name>-<YYYYmmdd-HHMMSS>-<6 hex>)
+        isosweep_driver.json           the lease of the driver running the sweep (results.lease), while one runs
         isosweep_sweep.json            the sweep's state: the spec as it ran, storage, tracking URI, parent run id
         spec.yaml                      the spec as it ran, for people
         sweep_done.json                written once the sweep has finished
@@ -14,6 +15,7 @@ URIs are built with `isosweep.storage.join`, which keeps S3 query strings (`?end
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from isosweep import storage as st
 from isosweep.spec import SpecError, SweepSpec
 
 STATE_FILE = "isosweep_sweep.json"
+LEASE_FILE = "isosweep_driver.json"
 SPEC_FILE = "spec.yaml"
 DONE_MARKER = "sweep_done.json"
 TRAIN_DIR = "train"  # <sweep>/train/<trial id>/: a trial's Train run is named after its Tune trial id
@@ -37,12 +40,18 @@ def resolve_storage(spec: SweepSpec, cli_storage: str | None) -> str:
 
 
 def new_sweep_id(spec: SweepSpec) -> str:
-    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """`<name>-<YYYYmmdd-HHMMSS>-<6 hex>`: two runs of one spec in the same second get different sweeps."""
+    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def sweep_uri(storage: str, sweep_id: str) -> str:
     """The sweep's folder, which is also its Tune experiment: <storage>/<sweep id>."""
     return st.join(storage, sweep_id)
+
+
+def lease_uri(storage: str, sweep_id: str) -> str:
+    """The sweep's driver lease: <storage>/<sweep id>/isosweep_driver.json (`results.lease`)."""
+    return st.join(storage, sweep_id, LEASE_FILE)
 
 
 def train_storage(storage: str, sweep_id: str) -> str:

@@ -20,6 +20,7 @@ from isosweep.results.layout import (
     DONE_MARKER,
     SPEC_FILE,
     STATE_FILE,
+    lease_uri,
     new_sweep_id,
     read_state,
     resolve_storage,
@@ -27,7 +28,7 @@ from isosweep.results.layout import (
     train_storage,
 )
 from isosweep.results.states import RUNNING, SweepState
-from isosweep.spec import SweepSpec
+from isosweep.spec import SpecError, SweepSpec
 
 
 @dataclass
@@ -43,6 +44,7 @@ class SweepPlace:
     staging: Path
     staging_is_temporary: bool
     state: dict
+    lease_uri: str = ""  # the driver's lease (results.lease), taken before anything of the sweep is written
     resuming: bool = False
 
     @classmethod
@@ -52,12 +54,16 @@ class SweepPlace:
             sweep = st.normalize(resume_sweep)
             state = read_state(sweep)
             sweep_id, root = state["sweep_id"], st.parent_of(sweep)
+            if sweep_id != st.name_of(sweep):  # a state file copied or planted from another sweep
+                raise SpecError(f"{scrub_text(st.join(sweep, STATE_FILE))}: it names sweep {sweep_id!r}, not this folder's "
+                                f"{st.name_of(sweep)!r}; fix: resume the sweep's own folder (a sweep cannot be renamed)")
         else:
             state, root = {}, resolve_storage(spec, storage)
             sweep_id = new_sweep_id(spec)
         uri = sweep_uri(root, sweep_id)
         staging, temporary = st.staging_dir(uri, prefix=f"isosweep-{sweep_id}-")
-        return cls(sweep_id, root, uri, train_storage(root, sweep_id), staging, temporary, state, resuming=resume_sweep is not None)
+        return cls(sweep_id, root, uri, train_storage(root, sweep_id), staging, temporary, state, lease_uri(root, sweep_id),
+                   resuming=resume_sweep is not None)
 
     def record_start(self, spec: SweepSpec, spec_path: str | None, tracking_uri: str, parent_run_id: str) -> None:
         """The state file and the spec as it ran, in storage before any trial starts (a resume reads both back)."""

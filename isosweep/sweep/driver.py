@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from isosweep.evaluation.suite_metrics import selected
 from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
 from isosweep.redact import REDACTED, scrub_text
 from isosweep.results.layout import STATE_FILE, TRAIN_DIR
+from isosweep.results.lease import DriverLease
 from isosweep.results.place import SweepPlace
 from isosweep.results.publish import write_results
 from isosweep.results.rows import SweepOutcome, summarize
@@ -50,11 +52,20 @@ def run_sweep(spec: SweepSpec, spec_path: str | None = None, *, address: str | N
     """Run (or resume, given the sweep's URI) a sweep to completion and return its rows, front and champion."""
     quiet_libraries()
     place = SweepPlace.open(spec, storage, resume_sweep)
+    lease = DriverLease.acquire(place.lease_uri, "resume" if resume_sweep else "run")  # one driver per sweep
     try:
+        lease.keep_fresh(on_lost=_stop_this_driver)
         sweep = Sweep(spec, spec_path, place, tracking_uri)
         return sweep.run(address, dashboard=dashboard, shared_fs=shared_fs, report_dir=report_dir, write_report=write_report)
     finally:
+        lease.release()
         st.remove_staging(place.staging, place.staging_is_temporary)
+
+
+def _stop_this_driver(message: str) -> None:
+    """Another driver took the sweep's lease: stop this one as Ctrl-C would (its trials end resumable)."""
+    warn(message)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 class Sweep:
