@@ -135,14 +135,6 @@ def claim_file(uri: str, data: bytes, may_replace: Callable[[bytes | None], bool
     return None
 
 
-def replace_if_same(uri: str, old: bytes, new: bytes) -> bool:
-    """Write `new` where the file still holds `old`; False (nothing written) when it holds something else or is gone."""
-    if read_bytes(uri) != old:
-        return False
-    write_bytes(uri, new)
-    return True
-
-
 def remove_if_same(uri: str, data: bytes) -> bool:
     """Delete the file if it still holds `data`; False when it holds something else or is gone."""
     if read_bytes(uri) != data:

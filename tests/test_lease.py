@@ -23,7 +23,7 @@ DEMO = ROOT / "search_spaces" / "demo.yaml"
 HOLD = """
 import sys, time
 from isosweep.results.lease import DriverLease
-lease = DriverLease.acquire(sys.argv[1] + "/isosweep_driver.json", "run")
+lease = DriverLease.acquire(sys.argv[1] + "/isosweep_driver.lease", "run")
 lease.keep_fresh(on_lost=print)
 print("held", flush=True)
 time.sleep(600)
@@ -170,7 +170,7 @@ def test_a_lease_on_s3(s3_server, monkeypatch):
              f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
     uri = st.join(sweep, LEASE_FILE)
     lease = DriverLease.acquire(uri, "run")
-    assert "lease-test/demo-20261204-101010-abcdef/isosweep_driver.json" in s3_server.keys("lease-test/")
+    assert "lease-test/demo-20261204-101010-abcdef/isosweep_driver.lease" in s3_server.keys("lease-test/")
     with pytest.raises(SweepBusy, match="another driver is running this sweep"):
         DriverLease.acquire(uri, "resume")
     lease.release()

@@ -164,9 +164,11 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     finished = [k for k, v in before.items() if v]
     assert finished
 
-    out = subprocess.run([sys.executable, "-m", "isosweep", "resume", *args], capture_output=True, text=True,
-                         env=env, timeout=900)
+    # resumed with an operational change: Tune keeps the concurrency the sweep started with, and says so
+    out = subprocess.run([sys.executable, "-m", "isosweep", "resume", *args, "--set", "search.max_concurrent_trials=2",
+                          "--allow-changes"], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "trials run at most 1 at once, as when this sweep started" in out.stdout + out.stderr
     after = _evaluated_results(sweep_dir)
     assert len(after) == 3
     for name in finished:

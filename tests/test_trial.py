@@ -314,7 +314,8 @@ def test_a_full_evaluation_of_a_truncated_checkpoint_fails_alone_and_a_rerun_doe
     """evaluation.screening's second phase (`sweep.full_eval`), on real checkpoints in storage and real Train runs:
     a contender whose final checkpoint was truncated fails its full evaluation (manifest check) and only its row
     turns ERROR, while the other gets the full numbers and a record in storage; once the file is back, running
-    the phase again (what `isosweep resume` does) evaluates only the one that failed."""
+    the phase again (what `isosweep resume` does) evaluates only the one that failed. A sweep stopped while a trial
+    still ran (or before all were started) starts no full evaluation: that waits for the resume."""
     import shutil
 
     from isosweep.core.ema import EMA
@@ -344,8 +345,15 @@ def test_a_full_evaluation_of_a_truncated_checkpoint_fails_alone_and_a_rerun_doe
     shutil.copy(weights, kept)
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a cut-off upload
 
+    # stopped (Ctrl-C, SIGTERM) while a trial still ran, or before one started: no full evaluation starts
+    stopped = [dict(r) for r in rows]
+    stopped[1]["status"] = "RUNNING"
+    for partial, planned in ((stopped, 2), ([dict(r) for r in rows], 3)):
+        assert run_full_protocol(spec, str(storage), partial, None, concurrency=2, planned=planned) == []
+        assert [r["fidelity"] for r in partial] == ["screen", "screen"] and not list(storage.glob(f"*/{FULL_EVAL_FILE}"))
+
     first = [dict(r) for r in rows]
-    assert run_full_protocol(spec, str(storage), first, None, concurrency=2) == ["trial001"]
+    assert run_full_protocol(spec, str(storage), first, None, concurrency=2, planned=2) == ["trial001"]
     assert [r["status"] for r in first] == ["DONE", "ERROR"] and [r["fidelity"] for r in first] == ["full", "screen"]
     record = json.loads((storage / "base0000" / FULL_EVAL_FILE).read_text())
     assert np.isfinite(record["metrics"]["fid"]) and np.isfinite(record["metrics"]["ppl"])
@@ -355,7 +363,7 @@ def test_a_full_evaluation_of_a_truncated_checkpoint_fails_alone_and_a_rerun_doe
 
     shutil.copy(kept, weights)  # the file is back
     again = [dict(r) for r in rows]
-    assert run_full_protocol(spec, str(storage), again, None, concurrency=2) == []
+    assert run_full_protocol(spec, str(storage), again, None, concurrency=2, planned=2) == []
     assert [r["status"] for r in again] == ["DONE", "DONE"] and [r["fidelity"] for r in again] == ["full", "full"]
     assert json.loads((storage / "base0000" / FULL_EVAL_FILE).read_text()) == record  # not evaluated twice
 

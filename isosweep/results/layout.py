@@ -1,7 +1,7 @@
 """Where a sweep's records live, all under its storage URI (a local folder, a shared file system or S3):
 
     <storage>/<sweep id>/              the Tune experiment (sweep id = <spec name>-<YYYYmmdd-HHMMSS>-<6 hex>)
-        isosweep_driver.json           the lease of the driver running the sweep (results.lease), while one runs
+        isosweep_driver.lease          the lease of the driver running the sweep (results.lease), while one runs
         isosweep_sweep.json            the sweep's state: the spec as it ran, storage, tracking URI, parent run id
         spec.yaml                      the spec as it ran, for people
         sweep_done.json                written once the sweep has finished
@@ -23,7 +23,7 @@ from isosweep import storage as st
 from isosweep.spec import SpecError, SweepSpec
 
 STATE_FILE = "isosweep_sweep.json"
-LEASE_FILE = "isosweep_driver.json"
+LEASE_FILE = "isosweep_driver.lease"  # JSON; not named *.json: Tune copies those back into the folder when it restores
 SPEC_FILE = "spec.yaml"
 DONE_MARKER = "sweep_done.json"
 TRAIN_DIR = "train"  # <sweep>/train/<trial id>/: a trial's Train run is named after its Tune trial id
@@ -50,7 +50,7 @@ def sweep_uri(storage: str, sweep_id: str) -> str:
 
 
 def lease_uri(storage: str, sweep_id: str) -> str:
-    """The sweep's driver lease: <storage>/<sweep id>/isosweep_driver.json (`results.lease`)."""
+    """The sweep's driver lease: <storage>/<sweep id>/isosweep_driver.lease (`results.lease`)."""
     return st.join(storage, sweep_id, LEASE_FILE)
 
 

@@ -105,11 +105,11 @@ class DriverLease:
 
     def renew(self) -> bool:
         """Refresh the heartbeat; False when the lease is no longer this process's (another driver took it)."""
-        record = {**json.loads(self.data), "heartbeat": time.time()}
-        data = json.dumps(record, indent=2).encode()
-        if not st.replace_if_same(self.uri, self.data, data):
+        held = _parse(st.read_bytes(self.uri))
+        if held is not None and held.get("token") != self.token:
             return False
-        self.data = data
+        self.data = json.dumps({**json.loads(self.data), "heartbeat": time.time()}, indent=2).encode()
+        st.write_bytes(self.uri, self.data)
         return True
 
     def keep_fresh(self, on_lost: Callable[[str], None]) -> None:

@@ -76,6 +76,12 @@ class SweepPlace:
         st.write_json(st.join(self.sweep_uri, STATE_FILE), self.state)
         st.write_bytes(st.join(self.sweep_uri, SPEC_FILE), yaml.safe_dump(scrub_tree(spec.to_dict()), sort_keys=False).encode())
 
+    def record_concurrency(self, trials_at_once: int) -> None:
+        """How many trials the sweep's Tune experiment runs at once, fixed when it starts (a resume warns when its
+        spec or cluster would now say otherwise)."""
+        self.state["trial_concurrency"] = trials_at_once
+        st.write_json(st.join(self.sweep_uri, STATE_FILE), self.state)
+
     def record_state(self, state: SweepState, reason: str = "", tracking_pending: list[str] | None = None) -> None:
         """The sweep's state into its state file in storage (status, what is unfinished, when)."""
         self.state.update({"status": state.state, "unfinished": state.unfinished, "errored": state.errored,

@@ -92,7 +92,8 @@ class Sweep:
         self.open()
         try:
             rows = rows_from_results(self.tuner().fit())
-            run_full_protocol(self.spec, place.train_storage, rows, self.tracker, trial_concurrency(self.spec)[0])
+            run_full_protocol(self.spec, place.train_storage, rows, self.tracker, trial_concurrency(self.spec)[0],
+                              planned_trials(self.spec))
             front, champion = summarize(self.spec, rows)
             outcome = SweepOutcome(place.sweep_id, place.staging, rows, front, champion, tracking_uri=self.tracker.uri,
                                    parent_run_id=self.parent_run_id, sweep_uri=place.sweep_uri)
@@ -169,12 +170,19 @@ class Sweep:
                  "sweep_uri": place.sweep_uri}  # what a trial whose tracking MLflow refused tells the user to `isosweep sync`
         # the trial function only waits on its TorchTrainer: it holds no CPU (1 MB so the bundle is not empty)
         trainable = tune.with_resources(make_trial_fn(spec.to_dict(), sweep), {"CPU": 0, "memory": 2**20})
+        concurrency, why = trial_concurrency(spec)  # what the cluster can grow to, not what is up now
         if place.resuming and tune.Tuner.can_restore(place.sweep_uri):
             say(f"resuming {place.sweep_id}: finished trials are kept, unfinished ones continue from their checkpoints")
+            started = place.state.get("trial_concurrency")
+            if started and started != concurrency:  # a restored Tune experiment keeps the TuneConfig it started with
+                warn(f"trials run at most {started} at once, as when this sweep started: a resumed Tune experiment keeps "
+                     f"its concurrency, whatever search.max_concurrent_trials or the cluster now says ({concurrency}); "
+                     f"the full evaluations of screened trials do run {concurrency} at once. For {concurrency} trials at "
+                     "once, start a new sweep")
             return tune.Tuner.restore(place.sweep_uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
         if place.resuming:
             say(f"resuming {place.sweep_id}: no Tune experiment was saved yet, so the search starts from its first trial")
-        concurrency, why = trial_concurrency(spec)  # what the cluster can grow to, not what is up now
+        place.record_concurrency(concurrency)
         space, alg, num_samples = build_search(spec, place.sweep_id, concurrency)
         planned = planned_trials(spec)
         say(f"search: {spec.search.algorithm}, {planned} trials (baseline included), up to {concurrency} at once ({why})")

@@ -38,10 +38,17 @@ from isosweep.training.checkpoint import verify_checkpoint
 
 
 def run_full_protocol(spec: SweepSpec, train_storage: str, rows: list[dict], tracker: Tracker | None,
-                     concurrency: int) -> list[str]:
+                     concurrency: int, planned: int) -> list[str]:
     """Evaluate the contenders among the DONE rows at the full protocol (or read their stored record) and update
-    their rows in place; returns the trial ids whose full evaluation failed (their rows turn ERROR, still `screen`)."""
+    their rows in place; returns the trial ids whose full evaluation failed (their rows turn ERROR, still `screen`).
+
+    Only once all `planned` trials have ended: after a Ctrl-C or SIGTERM the screened trials wait for the resume,
+    where the contenders are chosen among every trial (a full evaluation started now would hold the stop up for
+    hours and might evaluate a trial that more trials would have dropped)."""
     if spec.evaluation.screening is None:
+        return []
+    if len(rows) < planned or any(r["status"] not in ("DONE", "ERROR") for r in rows):
+        say("screening: the sweep stopped before all its trials ended; the full protocol runs when it is resumed")
         return []
     done = [r for r in rows if r["status"] == "DONE"]
     objectives = tuple(spec.selection.objectives)
