@@ -108,6 +108,44 @@ def test_authorization_values_in_text_and_header_dicts():
         assert scrub_text(once) == once  # idempotent: text is scrubbed again at every layer it crosses
 
 
+def test_userinfo_with_a_raw_at_sign_goes_whole():
+    """urlsplit reads the userinfo up to the authority's last '@' (`p@ss` is the password): all of it goes."""
+    from urllib.parse import urlsplit
+
+    assert urlsplit("http://u:p@ss@host/x").password == "p@ss"
+    assert scrub_text("http://u:p@ss@host/x") == "http://***@host/x"
+    assert scrub_text("s3://k:se@cret@bucket/p") == "s3://***@bucket/p"
+    assert scrub_text("GET https://a:b@c@d:5000?x=1#f@g failed") == "GET https://***@d:5000?x=1#f@g failed"
+    assert scrub_text("http://u:p#w@h/x") == "http://***@h/x"  # a raw '#' in the password: still a credential
+    for kept in ("http://h/a@b", "mail a@b http://h x@y", "models:/name@champion"):  # no userinfo: unchanged
+        assert scrub_text(kept) == kept
+    for text in ("http://u:p@ss@host/x", "s3://k:se@cret@bucket/p", "http://u:p#w@h/x"):
+        assert scrub_text(scrub_text(text)) == scrub_text(text)
+
+
+def test_azure_keys_and_sas_tokens():
+    """Account keys and SAS tokens in connection strings, assignments and JSON; the other parts stay readable."""
+    from isosweep.redact import is_secret_key
+
+    conn = "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=abc+/==;EndpointSuffix=core.windows.net"
+    assert scrub_text(conn) == "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=***;EndpointSuffix=core.windows.net"
+    sas = "BlobEndpoint=https://a.blob.core.windows.net/;SharedAccessSignature=sv=2021-06-08&sp=rl&sig=Zm9v%2B%3D;QueueEndpoint=q"
+    assert scrub_text(sas) == "BlobEndpoint=https://a.blob.core.windows.net/;SharedAccessSignature=***;QueueEndpoint=q"
+    bus = "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=zzz9="
+    assert scrub_text(bus) == "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=***"
+    assert scrub_text("account_key=abc+/== and sas_token=sv=2021&sig=xyz end") == "account_key=*** and sas_token=*** end"
+    assert scrub_text('{"accountKey": "abc+/==", "p": 1}') == '{"accountKey": "***", "p": 1}'
+    assert scrub_text("AZURE_STORAGE_KEY=k3y+/== next") == "AZURE_STORAGE_KEY=*** next"
+    for text in (conn, sas, bus, "sas_token=sv=2021&sig=xyz end"):
+        assert scrub_text(scrub_text(text)) == scrub_text(text)
+    for key in ("AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING", "account_key", "accountKey", "AccountKey",
+                "SharedAccessSignature", "sas_token"):
+        assert is_secret_key(key), key
+        assert scrub_tree({key: "value1"}) == {key: "***"}
+    for key in ("AZURE_STORAGE_ACCOUNT", "AccountName", "SharedAccessKeyName", "EndpointSuffix"):  # who and where
+        assert not is_secret_key(key), key
+
+
 def test_chained_exceptions_format_scrubbed(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mlflow-token-value-123")
     try:
