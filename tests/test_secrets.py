@@ -8,6 +8,7 @@ after a successful and a failing load.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import stat
@@ -173,6 +174,32 @@ def test_chained_exceptions_format_scrubbed(monkeypatch):
             raise ValueError("second")
     except ValueError as exc:
         assert format_exception_scrubbed(exc, with_traceback=False) == "ValueError: second\nwhile handling: KeyError: 'http://***@h'\n"
+
+
+def test_the_attempts_file_and_its_warning_hold_no_secret(tmp_path, capsys):
+    """A trial's failures are recorded in its attempts file (read by every restart) and said in a warning; the
+    errors' messages quote a tracking URI with its password and an AWS key id: neither is written nor printed."""
+    from isosweep.sweep.trial import ATTEMPTS_FILE, DeterministicTrialError, fit_with_one_budget
+
+    class BadSpec(ValueError):
+        deterministic = True
+
+    errors = [ConnectionError("POST http://u:SECRETPW@h:5000/api refused for AKIAABCDEFGHIJKLMNOP"),
+              BadSpec("bad input at s3://k:se@cret@bucket/p, key AKIAABCDEFGHIJKLMNOP")]
+
+    class Failing:  # a trainer whose fit fails: first as infrastructure (retried), then deterministically
+        def fit(self):
+            raise errors.pop(0)
+
+    path = tmp_path / "t1" / ATTEMPTS_FILE
+    with pytest.raises(DeterministicTrialError) as err:
+        fit_with_one_budget(Failing, "t1", budget=1, attempts_uri=str(path))
+    text, out = path.read_text(), capsys.readouterr().out
+    for secret in ("SECRETPW", "AKIAABCDEFGHIJKLMNOP", "se@cret", "cret@"):
+        assert secret not in text and secret not in out and secret not in str(err.value), secret
+    record = json.loads(text)
+    assert record["failures"] == 1 and "ConnectionError: POST http://***@h:5000/api refused for ***" == record["last_error"]
+    assert "BadSpec: bad input at s3://***@bucket/p" in record["deterministic"] and "http://***@h:5000" in out
 
 
 def test_storage_writes_are_private(tmp_path):
