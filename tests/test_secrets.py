@@ -202,6 +202,36 @@ def test_the_attempts_file_and_its_warning_hold_no_secret(tmp_path, capsys):
     assert "BadSpec: bad input at s3://***@bucket/p" in record["deterministic"] and "http://***@h:5000" in out
 
 
+def test_validate_and_train_print_uris_scrubbed(tmp_path, capsys):
+    """`isosweep validate` prints the resolved spec (tracking URI, storage, base model) and `isosweep train` its
+    base model, storage and checkpoint: all scrubbed, the YAML still a spec that parses."""
+    import yaml
+
+    from isosweep.cli import main
+    from isosweep.commands.train import finish_lines, start_line
+
+    root = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((root / "search_spaces" / "demo.yaml").read_text())
+    data["tracking"] = {"uri": "http://user:SECRETPW@mlflow.internal:5000"}
+    data["storage"] = {"path": "s3://k:SECRETPW@bucket/sweeps?endpoint_override=h:9000"}
+    path = tmp_path / "leaky.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "SECRETPW" not in out + err and "base model: built in" in err
+    shown = yaml.safe_load(out)
+    assert shown["tracking"]["uri"] == "http://***@mlflow.internal:5000"
+    assert shown["storage"]["path"] == "s3://***@bucket/sweeps?endpoint_override=h:9000"
+
+    data["base_model"] = {"source": "https://alice:SECRETPW@models.internal/unet"}
+    spec = spec_from_dict(data, check_paths=False)
+    line = start_line(spec, "demo-train-1", "s3://k:SECRETPW@bucket/p")
+    assert "SECRETPW" not in line and "base=https://***@models.internal/unet" in line and "storage=s3://***@bucket/p" in line
+    done = finish_lines({"step": 40, "loss": 0.5}, 12.0, "s3://k:SECRETPW@bucket/p/demo-train-1/checkpoint_000001")
+    assert done == ["done in 12 s: step 40 loss=0.5",
+                    "final checkpoint (DDPMPipeline directory): s3://***@bucket/p/demo-train-1/checkpoint_000001"]
+
+
 def test_storage_writes_are_private(tmp_path):
     old = os.umask(0o022)
     try:
