@@ -1,8 +1,9 @@
 """Credentials never leave the process: scrubbing of every param, tag, logged text, message and report.
 
-Removes URI userinfo (`http://user:pass@host`), secret query parameters (`?token=`, `X-Amz-Signature=`),
-`key: value` assignments whose key names a secret, HTTP `Authorization` values (`Bearer ...`,
-`Basic ...`; the scheme is kept), token-looking strings (AWS, Hugging Face, GitHub, Databricks, JWT...)
+Removes URI userinfo (`http://user:pass@host`, a raw '@' in the password included), secret query parameters
+(`?token=`, `X-Amz-Signature=`), `key: value` assignments whose key names a secret, Azure account keys and SAS
+tokens (`AccountKey=...;` of a connection string), HTTP `Authorization` values (`Bearer ...`, `Basic ...`; the
+scheme is kept), token-looking strings (AWS, Hugging Face, GitHub, Databricks, JWT...)
 and the values of secret environment variables present now (AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN...).
 
 Standard library only and at the bottom of the layers, so every layer can scrub what it writes (the
@@ -22,17 +23,30 @@ REDACTED = "***"
 
 _SECRET_KEY_PATTERNS = ("*secret*", "*token*", "*password*", "*passwd*", "*credential*", "*api_key*", "*apikey*",
                         "*access_key*", "*private_key*", "*session_key*", "aws_*", "*authorization*", "*auth_token*",
-                        "*cookie*")
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s:]*(?::[^/@\s]*)?)@")
+                        "*cookie*", "*account_key*", "*accountkey*", "*storage_key*", "*connection_string*",
+                        "*shared_access_key", "*sharedaccesskey", "*shared_access_signature*",
+                        "*sharedaccesssignature*")
+# userinfo as urlsplit reads it: up to the last '@' of the authority (`http://u:p@ss@host`: the password is `p@ss`);
+# a `user:pass@` whose password holds a raw '?' or '#' (which end the authority) goes too: it is a credential all the same
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#\s]*|[^/?#@\s:]*:[^/\s]*)@")
+# a value already scrubbed (`***` then a separator): an assignment or query pattern must not swallow what follows it
+_DONE = r"(?!\*\*\*(?:[;&,}#\"'\s]|$))"
 _SECRET_QUERY = re.compile(
     r"(?i)(?P<k>[?&;](?:[^=&\s]*(?:secret|token|password|passwd|signature|credential|access[_\-]?key|api[_\-]?key|sig))=)"
-    r"(?P<v>[^&\s#]+)"
+    r"(?P<v>" + _DONE + r"[^&\s#]+)"
 )
 # `hub_token: abc`, `"aws_secret_access_key": "abc"`, `password=abc` inside YAML, JSON or free text
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)(?P<k>[\"']?\b[\w.\-]*(?:secret|token|password|passwd|credential|access_key|api_key|apikey|private_key|signature)"
     r"[\w.\-]*[\"']?\s*[:=]\s*)"
-    r"(?P<v>\"[^\"\n]*\"|'[^'\n]*'|[^\s,}&#]+)"
+    r"(?P<v>\"[^\"\n]*\"|'[^'\n]*'|" + _DONE + r"[^\s,}&#]+)"
+)
+# Azure: `AccountKey=...;` of a connection string, `SharedAccessSignature=sv=...&sig=...`, `account_key: ...`,
+# `AZURE_STORAGE_KEY=...`: the value ends at the connection string's ';' so its other parts stay readable
+_AZURE_KEY = re.compile(
+    r"(?i)(?P<k>[\"']?\b[\w.\-]*(?:account_?key|storage_?key|shared_?access_?(?:key(?!_?name)|signature)|sas_?token)"
+    r"[\w.\-]*[\"']?\s*[:=]\s*)"
+    r"(?P<v>\"[^\"\n]*\"|'[^'\n]*'|[^;\s,}\"']+)"
 )
 # HTTP authorization: token schemes carry one token68 value; the others (Digest, AWS SigV4) a parameter list
 _TOKEN_SCHEMES = ("bearer", "basic", "token", "negotiate", "ntlm", "apikey")
@@ -62,7 +76,8 @@ _TOKEN_LIKE = re.compile(
 
 
 def is_secret_key(key: str) -> bool:
-    """True for names such as AWS_SECRET_ACCESS_KEY, hub_token, db.password, X-Api-Key, Authorization."""
+    """True for names such as AWS_SECRET_ACCESS_KEY, hub_token, db.password, X-Api-Key, Authorization,
+    AZURE_STORAGE_KEY, AZURE_STORAGE_CONNECTION_STRING, accountKey."""
     k = key.lower().replace("-", "_")
     return any(fnmatch.fnmatch(k, p) for p in _SECRET_KEY_PATTERNS)
 
@@ -117,6 +132,7 @@ def scrub_text(text: str) -> str:
     for value in _secret_env_values():
         text = text.replace(value, REDACTED)
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    text = _AZURE_KEY.sub(_redact_assignment, text)  # before the query: `;SharedAccessSignature=` ends at ';'
     text = _SECRET_QUERY.sub(lambda m: f"{m.group('k')}{REDACTED}", text)
     text = _AUTH_HEADER.sub(_redact_auth_header, text)  # before assignments: `authorization: Bearer x` keeps its scheme
     text = _BARE_SCHEME.sub(_redact_bare_scheme, text)

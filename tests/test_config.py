@@ -211,6 +211,21 @@ def test_negative_lambda(tmp_path):
     assert "search.lambda_iso" in msg
 
 
+@pytest.mark.parametrize("field", ["train.seed", "search.points.0.seed", "search.seed", "dataset.seed", "evaluation.seed"])
+def test_negative_seeds_are_refused(tmp_path, field):
+    """torch and numpy generators refuse a negative seed: the spec does, before a trial starts and crashes."""
+    data = demo_data()
+    data["search"].update(algorithm="points", points=[{"lambda_iso": 1e-4, "p": 0.5, "iso_metric": "identity", "seed": 1}])
+    load_spec(write(tmp_path, data))  # the point's own seed is fine
+    if field.startswith("search.points"):
+        data["search"]["points"][0]["seed"] = -1
+    else:
+        section, key = field.split(".")
+        data[section][key] = -1
+    msg = _error(tmp_path, data)
+    assert f"field '{field}'" in msg and "greater than or equal to 0" in msg and "(got -1)" in msg
+
+
 def test_unknown_metric_name(tmp_path):
     data = demo_data()
     data["search"]["iso_metric"] = {"type": "choice", "values": ["stereographic", "riemann"]}

@@ -8,6 +8,7 @@ after a successful and a failing load.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import stat
@@ -108,6 +109,44 @@ def test_authorization_values_in_text_and_header_dicts():
         assert scrub_text(once) == once  # idempotent: text is scrubbed again at every layer it crosses
 
 
+def test_userinfo_with_a_raw_at_sign_goes_whole():
+    """urlsplit reads the userinfo up to the authority's last '@' (`p@ss` is the password): all of it goes."""
+    from urllib.parse import urlsplit
+
+    assert urlsplit("http://u:p@ss@host/x").password == "p@ss"
+    assert scrub_text("http://u:p@ss@host/x") == "http://***@host/x"
+    assert scrub_text("s3://k:se@cret@bucket/p") == "s3://***@bucket/p"
+    assert scrub_text("GET https://a:b@c@d:5000?x=1#f@g failed") == "GET https://***@d:5000?x=1#f@g failed"
+    assert scrub_text("http://u:p#w@h/x") == "http://***@h/x"  # a raw '#' in the password: still a credential
+    for kept in ("http://h/a@b", "mail a@b http://h x@y", "models:/name@champion"):  # no userinfo: unchanged
+        assert scrub_text(kept) == kept
+    for text in ("http://u:p@ss@host/x", "s3://k:se@cret@bucket/p", "http://u:p#w@h/x"):
+        assert scrub_text(scrub_text(text)) == scrub_text(text)
+
+
+def test_azure_keys_and_sas_tokens():
+    """Account keys and SAS tokens in connection strings, assignments and JSON; the other parts stay readable."""
+    from isosweep.redact import is_secret_key
+
+    conn = "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=abc+/==;EndpointSuffix=core.windows.net"
+    assert scrub_text(conn) == "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=***;EndpointSuffix=core.windows.net"
+    sas = "BlobEndpoint=https://a.blob.core.windows.net/;SharedAccessSignature=sv=2021-06-08&sp=rl&sig=Zm9v%2B%3D;QueueEndpoint=q"
+    assert scrub_text(sas) == "BlobEndpoint=https://a.blob.core.windows.net/;SharedAccessSignature=***;QueueEndpoint=q"
+    bus = "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=zzz9="
+    assert scrub_text(bus) == "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=***"
+    assert scrub_text("account_key=abc+/== and sas_token=sv=2021&sig=xyz end") == "account_key=*** and sas_token=*** end"
+    assert scrub_text('{"accountKey": "abc+/==", "p": 1}') == '{"accountKey": "***", "p": 1}'
+    assert scrub_text("AZURE_STORAGE_KEY=k3y+/== next") == "AZURE_STORAGE_KEY=*** next"
+    for text in (conn, sas, bus, "sas_token=sv=2021&sig=xyz end"):
+        assert scrub_text(scrub_text(text)) == scrub_text(text)
+    for key in ("AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING", "account_key", "accountKey", "AccountKey",
+                "SharedAccessSignature", "sas_token"):
+        assert is_secret_key(key), key
+        assert scrub_tree({key: "value1"}) == {key: "***"}
+    for key in ("AZURE_STORAGE_ACCOUNT", "AccountName", "SharedAccessKeyName", "EndpointSuffix"):  # who and where
+        assert not is_secret_key(key), key
+
+
 def test_chained_exceptions_format_scrubbed(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mlflow-token-value-123")
     try:
@@ -135,6 +174,62 @@ def test_chained_exceptions_format_scrubbed(monkeypatch):
             raise ValueError("second")
     except ValueError as exc:
         assert format_exception_scrubbed(exc, with_traceback=False) == "ValueError: second\nwhile handling: KeyError: 'http://***@h'\n"
+
+
+def test_the_attempts_file_and_its_warning_hold_no_secret(tmp_path, capsys):
+    """A trial's failures are recorded in its attempts file (read by every restart) and said in a warning; the
+    errors' messages quote a tracking URI with its password and an AWS key id: neither is written nor printed."""
+    from isosweep.sweep.trial import ATTEMPTS_FILE, DeterministicTrialError, fit_with_one_budget
+
+    class BadSpec(ValueError):
+        deterministic = True
+
+    errors = [ConnectionError("POST http://u:SECRETPW@h:5000/api refused for AKIAABCDEFGHIJKLMNOP"),
+              BadSpec("bad input at s3://k:se@cret@bucket/p, key AKIAABCDEFGHIJKLMNOP")]
+
+    class Failing:  # a trainer whose fit fails: first as infrastructure (retried), then deterministically
+        def fit(self):
+            raise errors.pop(0)
+
+    path = tmp_path / "t1" / ATTEMPTS_FILE
+    with pytest.raises(DeterministicTrialError) as err:
+        fit_with_one_budget(Failing, "t1", budget=1, attempts_uri=str(path))
+    text, out = path.read_text(), capsys.readouterr().out
+    for secret in ("SECRETPW", "AKIAABCDEFGHIJKLMNOP", "se@cret", "cret@"):
+        assert secret not in text and secret not in out and secret not in str(err.value), secret
+    record = json.loads(text)
+    assert record["failures"] == 1 and "ConnectionError: POST http://***@h:5000/api refused for ***" == record["last_error"]
+    assert "BadSpec: bad input at s3://***@bucket/p" in record["deterministic"] and "http://***@h:5000" in out
+
+
+def test_validate_and_train_print_uris_scrubbed(tmp_path, capsys):
+    """`isosweep validate` prints the resolved spec (tracking URI, storage, base model) and `isosweep train` its
+    base model, storage and checkpoint: all scrubbed, the YAML still a spec that parses."""
+    import yaml
+
+    from isosweep.cli import main
+    from isosweep.commands.train import finish_lines, start_line
+
+    root = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((root / "search_spaces" / "demo.yaml").read_text())
+    data["tracking"] = {"uri": "http://user:SECRETPW@mlflow.internal:5000"}
+    data["storage"] = {"path": "s3://k:SECRETPW@bucket/sweeps?endpoint_override=h:9000"}
+    path = tmp_path / "leaky.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "SECRETPW" not in out + err and "base model: built in" in err
+    shown = yaml.safe_load(out)
+    assert shown["tracking"]["uri"] == "http://***@mlflow.internal:5000"
+    assert shown["storage"]["path"] == "s3://***@bucket/sweeps?endpoint_override=h:9000"
+
+    data["base_model"] = {"source": "https://alice:SECRETPW@models.internal/unet"}
+    spec = spec_from_dict(data, check_paths=False)
+    line = start_line(spec, "demo-train-1", "s3://k:SECRETPW@bucket/p")
+    assert "SECRETPW" not in line and "base=https://***@models.internal/unet" in line and "storage=s3://***@bucket/p" in line
+    done = finish_lines({"step": 40, "loss": 0.5}, 12.0, "s3://k:SECRETPW@bucket/p/demo-train-1/checkpoint_000001")
+    assert done == ["done in 12 s: step 40 loss=0.5",
+                    "final checkpoint (DDPMPipeline directory): s3://***@bucket/p/demo-train-1/checkpoint_000001"]
 
 
 def test_storage_writes_are_private(tmp_path):

@@ -527,6 +527,43 @@ def test_a_create_whose_response_is_lost_is_not_duplicated(mlflow_server):
         proxy.close()
 
 
+@pytest.mark.slow
+def test_no_password_reaches_stdout_from_a_real_server(mlflow_server, tmp_path, monkeypatch, capfd):
+    """MLflow prints "View run NAME at: URL" when a run ends, the URL built from the tracking URI: through a URI
+    with `user:password@` (which the server, without auth, ignores) the link is not printed, through a plain URI
+    it is. `isosweep validate` of a `runs:/` base model at that URI names the server scrubbed."""
+    from isosweep.cli import main
+    from isosweep.tracking.tracker import Tracker
+
+    var = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    monkeypatch.setenv(var, "false")
+    monkeypatch.delenv(var)  # unset now, and unset again after the test
+    plain = mlflow_server.uri
+    secret = plain.replace("http://", "http://user:SECRETPW@")
+    parent = runs.find_or_create_sweep_run(make_spec("run-links", tmp_path), None, plain, "links-1")
+    exp = client.client(plain).get_experiment_by_name("run-links").experiment_id
+    first = runs.open_trial_run(plain, exp, parent, "t1")
+    capfd.readouterr()
+    Tracker(plain).end_run(first)
+    assert f"View run t1 at: {plain}/#/experiments/{exp}/runs/{first}" in capfd.readouterr().out  # the link stays
+    assert var not in os.environ
+
+    second = runs.open_trial_run(secret, exp, parent, "t2")
+    Tracker(secret).end_run(second)
+    out, err = capfd.readouterr()
+    assert "SECRETPW" not in out + err and "View run" not in out
+    assert client.client(plain).get_run(second).info.status == "FINISHED"
+
+    (tmp_path / "model" / "unet").mkdir(parents=True)
+    (tmp_path / "model" / "unet" / "config.json").write_text("{}")
+    client.client(plain).log_artifacts(second, str(tmp_path / "model"), "model")
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"name: links\nbase_model:\n  source: runs:/{second}/model\nstorage:\n  path: {tmp_path / 'runs'}\n")
+    assert main(["validate", str(path), "--tracking-uri", secret]) == 0
+    out, err = capfd.readouterr()
+    assert "SECRETPW" not in out + err and f"at {plain.replace('http://', 'http://***@')}" in err
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tracker: the one door the sweep, its trials and the commands use
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from isosweep.console import note, say
 from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR
-from isosweep.spec import load_spec
+from isosweep.redact import scrub_text
+from isosweep.spec import SweepSpec, load_spec
 from isosweep.sweep.ray_env import init_ray
 from isosweep.sweep.trainer import build_trainer
 
@@ -18,10 +20,7 @@ def train_command(args: argparse.Namespace) -> int:
     storage = args.storage or spec.storage.path
     run_name = f"{spec.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(args.address, dashboard=False)
-    tr = spec.train
-    say(f"train {spec.name}: lambda_iso={tr.lambda_iso:g} p={tr.p:g} iso_metric={tr.iso_metric} iso_timesteps={tr.iso_timesteps} "
-          f"workers={spec.resources.workers_per_trial} global_batch={tr.global_batch_size} "
-          f"base={spec.base_model.source} run={run_name} storage={storage}")
+    say(start_line(spec, run_name, storage))
     t0 = time.time()
     trainer = build_trainer(spec, run_name=run_name, storage_path=storage, resume_from=args.resume_from)
     result = trainer.fit()
@@ -30,7 +29,20 @@ def train_command(args: argparse.Namespace) -> int:
     if result.checkpoint is None:
         note("error: the run finished without a checkpoint")
         return EXIT_ERROR
-    m = result.metrics or {}
-    say(f"done in {time.time() - t0:.0f} s: step {m.get('step')} loss={m.get('loss', float('nan')):.4g}")
-    say(f"final checkpoint (DDPMPipeline directory): {result.checkpoint.path}")
+    for line in finish_lines(result.metrics or {}, time.time() - t0, result.checkpoint.path):
+        say(line)
     return EXIT_COMPLETED
+
+
+def start_line(spec: SweepSpec, run_name: str, storage: str) -> str:
+    """What `train` says as it starts, scrubbed: the base model and the storage may be URIs with credentials."""
+    tr = spec.train
+    return scrub_text(f"train {spec.name}: lambda_iso={tr.lambda_iso:g} p={tr.p:g} iso_metric={tr.iso_metric} "
+                      f"iso_timesteps={tr.iso_timesteps} workers={spec.resources.workers_per_trial} "
+                      f"global_batch={tr.global_batch_size} base={spec.base_model.source} run={run_name} storage={storage}")
+
+
+def finish_lines(metrics: dict[str, Any], seconds: float, checkpoint_path: str) -> list[str]:
+    """What `train` says when it is done: its last step and loss, and where the final checkpoint is (scrubbed)."""
+    return [f"done in {seconds:.0f} s: step {metrics.get('step')} loss={metrics.get('loss', float('nan')):.4g}",
+            scrub_text(f"final checkpoint (DDPMPipeline directory): {checkpoint_path}")]

@@ -32,6 +32,7 @@ from huggingface_hub.utils import validate_repo_id
 from isosweep.console import note, result
 from isosweep.constants import EXIT_COMPLETED
 from isosweep.data.imagefiles import ImageScan, scan_image_folder
+from isosweep.redact import scrub_text, scrub_tree
 from isosweep.spec import EVAL_METRICS, SpecError, SweepSpec, load_spec
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # what UNet2DModel.from_pretrained reads
@@ -52,13 +53,14 @@ def validate_command(args: argparse.Namespace) -> int:
         check_metric_names(spec, args.spec)  # preflight checks them otherwise
     else:  # stdout is the resolved spec alone (it can be piped to a file): notes go to stderr
         found = preflight(spec, args.spec, tracking_uri=args.tracking_uri, deep=args.deep)
-        note(f"base model: {found.base_model}")
+        note(scrub_text(f"base model: {found.base_model}"))
         if found.scan is not None:
-            note(found.scan.summary())
+            note(scrub_text(found.scan.summary()))
         if args.deep:
-            note("feature networks:\n" + "\n".join(f"  {line}" for line in backbone_lines(spec, args.spec)))
-    result(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
-    note(f"ok: {args.spec} is a valid sweep spec")
+            note(scrub_text("feature networks:\n" + "\n".join(f"  {line}" for line in backbone_lines(spec, args.spec))))
+    # every URI printed scrubbed (a terminal and a CI log keep them): the tracking URI, storage, base model
+    result(yaml.safe_dump(scrub_tree(spec.to_dict()), sort_keys=False), end="")
+    note(scrub_text(f"ok: {args.spec} is a valid sweep spec"))
     return EXIT_COMPLETED
 
 
@@ -228,4 +230,4 @@ def _check_mlflow_model(uri: str, source: str, tracking_uri: str | None) -> str:
     if not found:
         raise SpecError(f"{field}: {uri!r} exists at {tracking_uri} but holds no files; fix: point it at a model with a "
                         "diffusers pipeline (e.g. models:/NAME@champion registered by a sweep)")
-    return f"MLflow model {uri} at {tracking_uri}"
+    return scrub_text(f"MLflow model {uri} at {tracking_uri}")

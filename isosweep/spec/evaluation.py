@@ -167,7 +167,7 @@ class EvaluationSpec(_Section):
     weights_dir: str | None = Field(None, description="directory with pre-staged Inception/AlexNet weights (air-gapped clusters)")
     cache_dir: str | None = Field(None, description="where reference statistics and domain networks are cached")
     batch_size: int = Field(64, ge=1, description="images per sampling/feature batch")
-    seed: int = Field(1234, description="seed for evaluation latents, identical for every trial")
+    seed: int = Field(1234, ge=0, description="seed for evaluation latents, identical for every trial")
     fid: FidSpec = Field(default_factory=FidSpec)
     checkpoint_fid: CheckpointFidSpec = Field(default_factory=CheckpointFidSpec)
     ppl: PplSpec = Field(default_factory=PplSpec)

@@ -63,7 +63,7 @@ class DatasetSpec(_Section):
     path: str | None = Field(None, description="root of the image tree (image_folder only)")
     resolution: int = Field(32, ge=8, description="side length in pixels after resize and center crop")
     size: int = Field(4096, ge=1, description="number of images for shapes (ignored for image_folder)")
-    seed: int = Field(0, description="seed that generates shapes")
+    seed: int = Field(0, ge=0, description="seed that generates shapes")
     center_crop: bool = Field(True, description="center crop to a square before resizing")
     random_flip: bool = Field(True, description="random horizontal flip during training")
     attributes: str | None = Field(None, description="CSV of per-image attribute labels for LS (image_folder only)")
@@ -106,7 +106,7 @@ class TrainSpec(_Section):
     ema_decay: float = Field(0.9999, ge=0.0, le=1.0, description="EMA decay per optimizer step")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast dtype on GPU; forced to 'no' on CPU")
     grad_clip: float | None = Field(1.0, gt=0.0, description="max gradient norm; null disables clipping")
-    seed: int = Field(0, description="seed for data order, timesteps, noise and probes")
+    seed: int = Field(0, ge=0, description="seed for data order, timesteps, noise and probes")
     report_every: int = Field(1, ge=1, description="report metrics to Ray every k optimizer steps")
     checkpoint_every: int = Field(200, ge=1, description="checkpoint every N optimizer steps (and at the end)")
     timesteps: int = Field(1000, ge=2, description="T of the DDPM schedule (must match the model's scheduler)")
@@ -159,7 +159,7 @@ class TrialPoint(_Section):
     p: float = Field(..., ge=0, le=1, allow_inf_nan=False, description="the schedule's fraction of timesteps")
     iso_metric: Literal[ISO_METRICS] = Field(..., description="G: " + ", ".join(ISO_METRICS))
     iso_timesteps: Literal[ISO_TIMESTEPS] | None = Field(None, description="per_timestep or pooled; default train.iso_timesteps")
-    seed: int | None = Field(None, description="training seed; default train.seed")
+    seed: int | None = Field(None, ge=0, description="training seed; default train.seed")
 
     def as_config(self) -> dict[str, Any]:
         """The Tune config of the point: every TRIAL_KEYS value, the POINT_KEYS it sets, baseline False."""
@@ -193,7 +193,7 @@ class SearchSpec(_Section):
     scheduler: Literal["none"] = Field(
         "none", description="early stopping: none (FID and PPL exist only after evaluation; never prune on the denoising loss)"
     )
-    seed: int = Field(0, description="seed of the search algorithm")
+    seed: int = Field(0, ge=0, description="seed of the search algorithm")
     max_failures: int = Field(2, ge=0, description="retries of a failed trial (Tune) and of its workers (Train)")
 
     @field_validator("lambda_iso", "p")

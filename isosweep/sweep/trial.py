@@ -18,7 +18,7 @@ from isosweep import storage as st
 from isosweep.console import warn
 from isosweep.errors import deterministic_cause
 from isosweep.evaluation.record import EvalResult, read_record
-from isosweep.redact import scrub_text
+from isosweep.redact import scrub_text, scrub_tree
 from isosweep.results.rows import make_row
 from isosweep.spec import SweepSpec, trial_params_of
 from isosweep.sweep.callbacks import ForwardToTune
@@ -129,12 +129,13 @@ def fit_with_one_budget(make_trainer, trial_id: str, budget: int, attempts_uri: 
             error = result.error
         cause = deterministic_cause(error)
         if cause is not None:
-            record["deterministic"] = (f"trial {trial_id} failed with {type(cause).__name__}: {cause}. A retry with the same "
-                                       "inputs fails the same way, so it was not retried; fix the cause, then `isosweep resume`")
+            record["deterministic"] = scrub_text(f"trial {trial_id} failed with {type(cause).__name__}: {cause}. A retry with "
+                                                 "the same inputs fails the same way, so it was not retried; fix the cause, "
+                                                 "then `isosweep resume`")
             _write_attempts(attempts_uri, record)
             raise DeterministicTrialError(record["deterministic"]) from error
         record["failures"] += 1
-        record["last_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+        record["last_error"] = scrub_text(f"{type(error).__name__}: {error}")[:500]  # scrubbed whole, then cut
         if record["starts"] - 1 + record["failures"] <= budget:
             wait = min(60.0, 2.0 ** record["failures"]) * random.uniform(0.5, 1.5)
             warn(f"trial {trial_id}: attempt failed ({record['last_error'][:200]}); retrying in {wait:.0f} s from its latest "
@@ -153,10 +154,11 @@ def _read_attempts(uri: str, session: int) -> dict:
 
 
 def _write_attempts(uri: str, record: dict) -> None:
+    """The attempts file, every text in it scrubbed: an error's message may quote a URI with its password."""
     try:
-        st.write_json(uri, record)
+        st.write_json(uri, scrub_tree(record))
     except OSError as exc:  # storage down: the budget then counts this process's attempts only
-        warn(f"could not record the trial's attempts at {scrub_text(uri)}: {exc}")
+        warn(f"could not record the trial's attempts at {scrub_text(uri)}: {scrub_text(str(exc))}")
 
 
 class MissingEvaluation(RuntimeError):

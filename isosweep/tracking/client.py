@@ -4,6 +4,7 @@ Every network call goes through `retry_call`: exponential backoff (`ISOSWEEP_TRA
 attempts, first wait `ISOSWEEP_TRACKING_BACKOFF_S` seconds), then `TrackingError` naming the URI.
 MLflow's own HTTP retries and timeout are capped (`MLFLOW_HTTP_REQUEST_MAX_RETRIES` 0,
 `MLFLOW_HTTP_REQUEST_TIMEOUT` 20 s, unless the user set them) so the total wait stays bounded.
+A client of a URI with credentials keeps MLflow from printing the run's URL (password included) when a run ends.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
@@ -246,8 +248,22 @@ def local_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def _has_userinfo(uri: str) -> bool:
+    """True for a URI with `user:password@` (or `token@`) in its authority."""
+    try:
+        return "@" in urlsplit(uri).netloc
+    except ValueError:  # a malformed authority (an unclosed '[')
+        return "@" in uri
+
+
 def client(tracking_uri: str) -> MlflowClient:
-    """A client bound to this URI (the registry follows the tracking URI unless MLFLOW_REGISTRY_URI is set)."""
+    """A client bound to this URI (the registry follows the tracking URI unless MLFLOW_REGISTRY_URI is set).
+
+    For a URI with credentials in it, MLflow's "View run NAME at: URL" line (printed to stdout when a run ends,
+    the URL built from the tracking URI, password included) is turned off, unless the user set
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT; a URI without credentials keeps the link."""
+    if _has_userinfo(tracking_uri):
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
 
 
