@@ -105,7 +105,7 @@ def test_sweep_eta_from_finished_trials():
 
 
 def test_training_eta():
-    from isosweep.sweep.trainer import training_eta
+    from isosweep.sweep.train_worker import training_eta
 
     assert training_eta((5, 100.0), (15, 120.0), 40) == "0:50"  # 2 s a step, 25 steps left
     assert training_eta((5, 100.0), (5, 100.0), 40) == ""  # no pace yet

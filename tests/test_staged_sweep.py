@@ -1,6 +1,6 @@
 """A registered champion as the next sweep's base model (`base_model.source: models:/NAME@champion`).
 
-Fast: the Train workers' downloader (`sweep.trainer.base_model_fetch`) and `models.loading.load_unet_and_scheduler`
+Fast: the Train workers' downloader (`sweep.train_worker.base_model_fetch`) and `models.loading.load_unet_and_scheduler`
 called together for real against a local SQLite registry: the alias is pinned to one version, a missing alias fails
 as a deterministic error and in the preflight. Slow: two demo sweeps on the real tracking server (S3 artifacts on
 moto), the second fine-tuning from the first's champion, each of its trials recording exactly those weights.
@@ -71,7 +71,7 @@ def test_the_trainers_fetcher_loads_the_pinned_champion(registry, tmp_path, monk
     """What each Train worker does for `models:/NAME@champion`: pin the alias to its version, then load that version
     through `load_unet_and_scheduler` with the same downloader; moving the alias afterwards changes nothing."""
     from isosweep.models.loading import weights_sha256
-    from isosweep.sweep.trainer import base_model_fetch
+    from isosweep.sweep.train_worker import base_model_fetch
     from isosweep.tracking.client import client
 
     uri, hashes = registry
@@ -103,7 +103,7 @@ def test_a_missing_alias_fails_the_preflight_in_one_line_and_a_trial_at_once(reg
 
     from isosweep.commands.validate import check_base_model
     from isosweep.errors import deterministic_cause
-    from isosweep.sweep.trainer import base_model_fetch
+    from isosweep.sweep.train_worker import base_model_fetch
 
     uri, _ = registry
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

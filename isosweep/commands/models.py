@@ -26,7 +26,8 @@ from isosweep.core.sampling import ddim_sample, sample_shape
 from isosweep.data.images import make_grid, make_strip, save_png, to_uint8
 from isosweep.evaluation.metrics.paths import lerp, slerp
 from isosweep.models.builtin import BUILTIN_SHAPES, builtin_model_dir, pretrain_builtin, sample_grid
-from isosweep.models.loading import is_model_uri, load_local
+from isosweep.models.loading import load_local
+from isosweep.models.sources import is_model_uri
 from isosweep.results.plots import distance_plot
 from isosweep.spec import apply_overrides, load_spec, spec_from_dict
 from isosweep.tracking.models import resolve_model

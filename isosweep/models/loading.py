@@ -31,9 +31,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from isosweep.models.builtin import BUILTIN_SHAPES, default_scheduler, pretrain_builtin
+from isosweep.models.sources import find_diffusers_dir, is_model_uri
 
 # MLflow model and artifact URIs; any other `scheme://` URI (s3://, gs://...) is an artifact location too
-MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 # fetch(uri, dst): download the MLflow URI `uri` into the existing local folder `dst`, return the folder holding its
 # files. The one signature of every downloader given to `load_unet_and_scheduler` (eval, pull, the Train workers).
@@ -129,21 +129,6 @@ def _ddpm_from_config(cfg: dict | None) -> DDPMScheduler:
         return default_scheduler()
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     return DDPMScheduler.from_config(cfg)
-
-
-def is_model_uri(text: str) -> bool:
-    """An MLflow model or artifact URI (models:/, runs:/, mlflow-artifacts:/, s3://...), not a folder or hub id."""
-    return str(text).startswith(MLFLOW_PREFIXES) or "://" in str(text)
-
-
-def find_diffusers_dir(root: Path) -> Path | None:
-    """The shallowest directory under `root` with model_index.json (a pipeline), else with a UNet config."""
-    root = Path(root)
-    for marker in ("model_index.json", "config.json"):
-        hits = sorted(root.rglob(marker), key=lambda p: len(p.parts))
-        if hits:
-            return hits[0].parent
-    return None
 
 
 def weights_sha256(module: torch.nn.Module) -> str:

@@ -21,7 +21,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from isosweep.models.loading import Fetch, find_diffusers_dir, is_model_uri
+from isosweep.models.loading import Fetch
+from isosweep.models.sources import find_diffusers_dir, is_model_uri
 from isosweep.redact import scrub_text
 from isosweep.tracking.client import artifact_location, client, retry_call
 from isosweep.tracking.registry import PIPELINE_SUBPATH

@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from isosweep.console import warn
-from isosweep.models.loading import find_diffusers_dir
+from isosweep.models.sources import find_diffusers_dir
 from isosweep.redact import scrub, scrub_text
 from isosweep.tracking import client as tracking
 from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, CHECKPOINT_EXCLUDE, CheckpointArtifactError, verify_checkpoint_artifact

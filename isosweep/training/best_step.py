@@ -20,10 +20,9 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from diffusers import UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -31,13 +30,16 @@ from isosweep.console import say
 from isosweep.core.names import CHEAP_FID, SELECTED_FID, SELECTED_STEP
 from isosweep.files import read_json
 
+if TYPE_CHECKING:  # a type only: the trial process reads a checkpoint's selection without loading diffusers
+    from diffusers import UNet2DModel
+
 SELECTION_FILE = "selection.json"
 BEST_DIR = "best"
 BEST_WEIGHTS = f"{BEST_DIR}/diffusion_pytorch_model.safetensors"  # diffusers' name: best/ loads with from_pretrained
 FORMAT = "isosweep-selection/1"
 
 # scorer(ema_unet, scheduler, device, rank, world_size) -> (cheap FID, backbone name); every rank calls it
-Scorer = Callable[[UNet2DModel, Any, torch.device, int, int], tuple[float, str]]
+Scorer = Callable[["UNet2DModel", Any, torch.device, int, int], tuple[float, str]]
 
 
 @dataclass

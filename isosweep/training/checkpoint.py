@@ -30,18 +30,20 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
-from diffusers import DDPMPipeline, UNet2DModel
 
 from isosweep import storage
 from isosweep.core.ema import EMA
 from isosweep.files import atomic_directory
 from isosweep.training.best_step import read_saved
+
+if TYPE_CHECKING:  # types only: reading a manifest (the trial process, registration) needs no diffusers
+    from diffusers import UNet2DModel
 
 TRAIN_STATE = "train_state.pt"
 MANIFEST = "manifest.json"
@@ -94,6 +96,8 @@ def save_checkpoint(directory: Path, unet: UNet2DModel, ema: EMA, scheduler, sta
     """
     with atomic_directory(directory) as tmp:
         ema_unet = (copy.deepcopy(model) if model is not None else ema.copy_to(copy.deepcopy(unet))).to("cpu").eval()
+        from diffusers import DDPMPipeline  # the writer only
+
         DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(tmp)
         torch.save(state, tmp / TRAIN_STATE)
         (tmp / "spec.json").write_text(json.dumps(spec_json, indent=2, sort_keys=True))

@@ -3,7 +3,7 @@
 `train_loop(spec, reporter)` fine-tunes the base UNet with L = L_dsm + lambda_iso(p, t) L_iso
 (`core.losses.IsoDiffusionLoss`), keeps an EMA of the weights, reports every `train.report_every`
 optimizer steps and checkpoints (`checkpoint.py`) every `train.checkpoint_every` steps and at the end.
-Ray lives in `sweep/trainer.py`, which hands the loop a `Reporter`; tests use `LocalReporter`.
+Ray lives in `sweep/train_worker.py`, which hands the loop a `Reporter`; tests use `LocalReporter`.
 Evaluation is not imported here: the caller passes an `evaluator`, run once at the end on the trial's model,
 and optionally a `scorer` (a cheap FID every `evaluation.checkpoint_fid.every` steps): the trial's model is
 then the EMA weights of the step with the lowest score (`selection.py`), else the final EMA weights.

@@ -1,6 +1,6 @@
 """How the training loop reports: the `Reporter` its runner provides, and the statistics of a report window.
 
-Ray Train's adapter (`sweep/trainer.py`) implements `Reporter`; tests use `LocalReporter` in-process.
+Ray Train's adapter (`sweep/train_worker.py`) implements `Reporter`; tests use `LocalReporter` in-process.
 """
 
 from __future__ import annotations
