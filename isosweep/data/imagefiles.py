@@ -178,7 +178,10 @@ def scan_cache_dir() -> Path:
     return (Path(os.path.expanduser(root)) if root else Path.home() / ".cache" / "isosweep") / "scans"
 
 
-def _fingerprint(root: Path, files: list[Path]) -> str:
+def files_fingerprint(root: Path, files: list[Path]) -> str:
+    """A hash of what decoding `files` (under the folder `root`) gives, without reading them: DECODE_VERSION, the
+    folder, and each file's relative path, size and modification time in ns. The scan cache and FID's reference
+    statistics are keyed by it, so replacing an image under the same name gives a new key."""
     entries = []
     for p in files:
         st = p.stat()
@@ -211,7 +214,7 @@ def scan_image_folder(root: str | os.PathLike, *, cache_dir: str | os.PathLike |
     start = time.monotonic()
     files = list_images(root)
     cache = Path(cache_dir).expanduser() if cache_dir else scan_cache_dir()
-    entry = cache / f"{_fingerprint(root, files)}.json"
+    entry = cache / f"{files_fingerprint(root, files)}.json"
     stored = read_json(entry)
     if stored.get("root") == str(root) and set(stored) == _STORED:
         return ImageScan(**{**stored, "cached": True, "seconds": time.monotonic() - start})
