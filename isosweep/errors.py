@@ -1,10 +1,11 @@
 """Which errors a retry can fix: deterministic errors fail a trial at once, the others are retried.
 
 An exception class is deterministic when it says so with a class attribute `deterministic = True`
-(bad spec, non-finite loss, unreadable image or label file, corrupt or unsafe checkpoint): run again
-with the same inputs and seed, it fails the same way, so retrying only burns GPU hours. Everything
-else (a lost worker or node, a timeout) is treated as infrastructure and retried under the trial's
-one failure budget (`search.max_failures`). A marker attribute rather than a base class, so each
+(bad spec, non-finite loss, an image file that cannot be decoded or is missing, unreadable label file,
+corrupt or unsafe checkpoint): run again with the same inputs and seed, it fails the same way, so retrying
+only burns GPU hours. Everything else (a lost worker or node, a timeout, an I/O error of the storage while a
+file is read) is treated as infrastructure and retried under the trial's one failure budget
+(`search.max_failures`). A marker attribute rather than a base class, so each
 layer keeps its own exception types without importing this module. Python's own errors of a wrong program
 (`TypeError`, `NameError`: a call with the wrong arguments, a misspelt name) are deterministic too: the same
 code fails the same way on any node.

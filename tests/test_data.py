@@ -187,6 +187,73 @@ def test_truncated_png_raises_naming_the_file(tmp_path):
     assert isinstance(again, ImageFileError) and again.path == str(bad) and str(again) == str(exc.value)
 
 
+def _open_failing_at(monkeypatch, target, offset):
+    """`builtins.open` (what Pillow opens a path with) gives `target` a real file whose reads fail with EIO from
+    byte `offset` on, as a file on NFS or FUSE does when the server goes away; every other path opens as usual."""
+    import builtins
+    import errno
+    import io
+
+    class FailingReader(io.BufferedReader):
+        def read(self, size=-1):
+            if self.tell() + (size if size is not None and size >= 0 else 1) > offset:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().read(size)
+
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if str(file) == str(target) and mode == "rb":
+            return FailingReader(io.FileIO(file, "rb"))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def test_a_broken_or_missing_image_is_deterministic_an_io_error_is_not(tmp_path, monkeypatch):
+    """Decode errors and a missing file fail the trial at once (retrying finds the same file); an I/O error of the
+    storage while reading a good file (EIO) is retried under the failure budget, at the open or mid-decode."""
+    import pickle
+
+    from PIL import Image
+
+    from isosweep.data.imagefiles import ImageFileError, ImageReadError, read_rgb, scan_image_folder
+    from isosweep.errors import deterministic_cause
+
+    good = _png(tmp_path / "good.png", np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    (tmp_path / "text.png").write_bytes(b"not an image at all")
+    Image.fromarray(np.zeros((8, 8), np.float32), mode="F").save(tmp_path / "float.tiff")
+    for broken in (_truncated_png(tmp_path / "cut.png"), tmp_path / "text.png", tmp_path / "float.tiff", tmp_path / "gone.png"):
+        with pytest.raises(ImageFileError) as exc:
+            read_rgb(broken)
+        wrapped = RuntimeError("Training failed due to worker errors")
+        wrapped.__cause__ = exc.value
+        assert deterministic_cause(wrapped) is exc.value, broken
+
+    ds = ImageFolderDataset(tmp_path, 16, random_flip=False)
+    index = [p.name for p in ds.files].index("good.png")
+    size = good.stat().st_size
+    for offset in (0, size // 2):  # fails in Image.open's first read, then inside load()'s decoding
+        with monkeypatch.context() as m:
+            _open_failing_at(m, good, offset)
+            with pytest.raises(ImageReadError) as exc:
+                ds[index]
+        assert "good.png" in str(exc.value) and "EIO" in str(exc.value) and exc.value.errno == 5
+        assert not isinstance(exc.value, ImageFileError) and deterministic_cause(exc.value) is None, offset
+        again = pickle.loads(pickle.dumps(exc.value))  # as a DataLoader worker or Ray sends it
+        assert type(again) is ImageReadError and str(again) == str(exc.value) and deterministic_cause(again) is None
+    assert ds[index][0].shape == (3, 16, 16)  # the storage is back: the same file reads
+
+    # `validate --deep` names the file, and does not cache a scan that met an I/O error
+    cache = tmp_path / "scans"
+    with monkeypatch.context() as m:
+        _open_failing_at(m, good, size // 2)
+        flaky = scan_image_folder(tmp_path, cache_dir=cache, progress=False, workers=1)
+    assert any(name == "good.png" and "I/O error" in why for name, why in flaky.unreadable)
+    later = scan_image_folder(tmp_path, cache_dir=cache, progress=False, workers=1)
+    assert not later.cached and "good.png" not in [name for name, _ in later.unreadable]
+
+
 def test_16_bit_png_is_scaled_not_saturated(tmp_path):
     """A 16-bit greyscale PNG of value v loads as round(v * 255 / 65535) in every channel, not 255."""
     from PIL import Image

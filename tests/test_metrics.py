@@ -112,6 +112,51 @@ def test_frechet_one_dimensional_closed_form():
     assert frechet_distance(np.array([0.0]), np.array([[1.0]]), np.array([3.0]), np.array([[4.0]])) == pytest.approx(10.0)
 
 
+# ---------------------------------------------------------------- FID reference statistics
+
+
+def test_reference_statistics_are_recomputed_when_an_image_is_replaced_under_the_same_path(tmp_path):
+    """The cache key holds the image files' fingerprint (paths, sizes, mtimes), not only the folder's path: an
+    unchanged folder is a cache hit, one image replaced in place gives a new cache file and new statistics."""
+    import os
+
+    from PIL import Image
+
+    from isosweep.evaluation.suite_metrics.fid import _reference_stats
+    from isosweep.spec import DatasetSpec, EvaluationSpec
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    ev = EvaluationSpec(cache_dir=str(tmp_path / "cache"), batch_size=4)
+    ds = DatasetSpec(kind="image_folder", path=str(folder), resolution=8, random_flip=False)
+    embedded = []
+
+    def features(images):  # a stand-in network: each image's 4x4 average-pooled pixels
+        embedded.append(images.shape[0])
+        return torch.nn.functional.avg_pool2d(images, 2).flatten(1)
+
+    def stats():
+        embedded.clear()
+        mu, sigma = _reference_stats(ev, ds, features, "pool4", progress=False)
+        return mu, sigma, sum(embedded), sorted(p.name for p in (tmp_path / "cache" / "fid_stats").iterdir())
+
+    mu1, sigma1, n1, files1 = stats()
+    assert n1 == 6 and len(files1) == 1
+    mu2, sigma2, n2, files2 = stats()
+    assert n2 == 0 and files2 == files1 and np.array_equal(mu1, mu2) and np.array_equal(sigma1, sigma2)  # a hit
+
+    replaced = folder / "3.png"
+    before = replaced.stat()
+    Image.fromarray(255 - np.asarray(Image.open(replaced))).save(replaced)  # same path, new bytes
+    os.utime(replaced, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))  # and a later mtime, always
+    mu3, sigma3, n3, files3 = stats()
+    assert n3 == 6 and len(files3) == 2 and not np.allclose(mu3, mu1)
+    assert stats()[2] == 0  # the new statistics are cached in turn
+
+
 # ---------------------------------------------------------------- slerp / lerp / RTL
 
 

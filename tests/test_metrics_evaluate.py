@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,21 +58,24 @@ def test_shard_range_covers_everything_once():
 
 @pytest.fixture
 def no_default_weights(tmp_path, monkeypatch):
-    """Move the places the standard weights are looked up besides evaluation.weights_dir (clean-fid's /tmp for
-    Inception, torch.hub's checkpoints for AlexNet) into empty folders, so no test sees this machine's downloads.
+    """Move the places the standard weights are looked up besides evaluation.weights_dir (isosweep's private weights
+    folder under ISOSWEEP_CACHE for Inception, torch.hub's checkpoints for AlexNet) and clean-fid's download place
+    (named in messages, never looked in) into empty folders, so no test sees this machine's downloads.
 
     The fixture then checks that every place the lookup names lies under tmp_path."""
-    inception_default = tmp_path / "defaults" / "cleanfid"
+    cache = tmp_path / "defaults" / "cache"
+    shared_tmp = tmp_path / "defaults" / "shared-tmp"
     hub = tmp_path / "defaults" / "torch" / "hub"
-    inception_default.mkdir(parents=True)
+    shared_tmp.mkdir(parents=True)
     (hub / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv("ISOSWEEP_CACHE", str(cache))
     monkeypatch.setenv("TORCH_HOME", str(hub.parent))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    monkeypatch.setattr(standard, "CLEANFID_DIR", inception_default)
+    monkeypatch.setattr(standard, "CLEANFID_DIR", shared_tmp)
     looked_in = standard.missing_weights_message(None, {"inception": None, "alexnet": None})
     places = [Path(p) for line in looked_in.splitlines() if "looked in: " in line for p in line.split("looked in: ")[1].split(", ")]
     assert len(places) == 2 and all(p.is_relative_to(tmp_path) for p in places), looked_in
-    return SimpleNamespace(inception=inception_default, alexnet=hub / "checkpoints")
+    return SimpleNamespace(inception=cache / "eval" / "weights", alexnet=hub / "checkpoints", shared_tmp=shared_tmp)
 
 
 def test_resolve_backbone(tmp_path, no_default_weights):
@@ -108,7 +113,7 @@ def test_standard_weights_found_in_weights_dir(tmp_path, no_default_weights):
     assert f"{common.INCEPTION_FILE} (from" not in str(err.value)  # the file that was found is not listed as missing
     assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=str(weights)), DatasetSpec()) == common.DOMAIN_SHAPES
 
-    (no_default_weights.inception / common.INCEPTION_FILE).write_bytes(b"x")  # clean-fid's download place
+    (no_default_weights.inception / common.INCEPTION_FILE).write_bytes(b"x")  # isosweep's private weights folder
     assert standard.find_standard_weights(None)["inception"] == no_default_weights.inception / common.INCEPTION_FILE
     (no_default_weights.alexnet / common.ALEXNET_FILE).write_bytes(b"x")  # torchvision's download place
     assert standard.find_standard_weights(str(weights))["alexnet"] == no_default_weights.alexnet / common.ALEXNET_FILE
@@ -117,6 +122,53 @@ def test_standard_weights_found_in_weights_dir(tmp_path, no_default_weights):
     assert found == {"inception": weights / common.INCEPTION_FILE, "alexnet": weights / common.ALEXNET_FILE}
     assert bb.resolve_backbone(EvaluationSpec(backbone="auto", weights_dir=str(weights)), DatasetSpec()) == "standard"
     assert bb.resolve_backbone(EvaluationSpec(backbone="standard", weights_dir=str(weights)), DatasetSpec()) == "standard"
+
+
+def test_inception_in_clean_fids_download_place_is_never_loaded(tmp_path, no_default_weights):
+    """A TorchScript file is code: one planted where clean-fid downloads (/tmp, writable by every user) is not
+    loaded, and the error says where to put it instead; the private folder it names is created 0700."""
+    planted = no_default_weights.shared_tmp / common.INCEPTION_FILE
+    planted.write_bytes(b"x")
+    (no_default_weights.alexnet / common.ALEXNET_FILE).write_bytes(b"x")
+    assert standard.find_standard_weights(None)["inception"] is None
+    with pytest.raises(common.BackboneUnavailable, match="clean-fid's download place") as err:
+        bb.resolve_backbone(EvaluationSpec(backbone="standard"), DatasetSpec())
+    private = no_default_weights.inception
+    assert f"{planted} (clean-fid's download place) is not loaded" in str(err.value) and f"move it to {private}/" in str(err.value)
+    assert private.is_dir() and stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert bb.resolve_backbone(EvaluationSpec(backbone="auto"), DatasetSpec(kind="shapes")) == common.DOMAIN_SHAPES
+    planted.rename(private / common.INCEPTION_FILE)  # where the message says it goes
+    assert bb.resolve_backbone(EvaluationSpec(backbone="standard"), DatasetSpec()) == "standard"
+
+
+def test_inception_in_the_private_folder_is_refused_when_others_can_write_it(tmp_path, no_default_weights):
+    """The private folder's Inception file is loaded only when it and its folder are this user's and writable by no
+    one else; otherwise the error names the file and why. evaluation.cache_dir moves the folder with the cache."""
+    (no_default_weights.alexnet / common.ALEXNET_FILE).write_bytes(b"x")
+    ev = EvaluationSpec(backbone="standard", cache_dir=str(tmp_path / "spec-cache"))
+    private = common.private_weights_dir(ev)
+    assert private == tmp_path / "spec-cache" / "weights"
+    with pytest.raises(common.BackboneUnavailable, match=str(private / common.INCEPTION_FILE)):
+        bb.resolve_backbone(ev, DatasetSpec())  # creates the folder (0700) and names it
+    weights = private / common.INCEPTION_FILE
+    weights.write_bytes(b"x")
+    os.chmod(weights, 0o664)
+    with pytest.raises(common.BackboneUnavailable, match="is writable by other users") as err:
+        bb.resolve_backbone(ev, DatasetSpec())
+    assert f"{weights} is not loaded: it is writable by other users (mode 0664)" in str(err.value)
+    assert standard.find_standard_weights(None, private)["inception"] is None
+    os.chmod(weights, 0o600)
+    assert standard.find_standard_weights(None, private)["inception"] == weights
+    os.chmod(private, 0o770)
+    assert f"its folder {private} is writable by other users (mode 0770)" in standard.untrusted_reason(weights)
+    assert standard.find_standard_weights(None, private)["inception"] is None
+    os.chmod(private, 0o700)
+    if os.getuid() == 0:  # only root can give a file away: one that another user owns is refused too
+        os.chown(weights, 65534, -1)
+        assert standard.untrusted_reason(weights).startswith("it belongs to uid 65534")
+        assert standard.find_standard_weights(None, private)["inception"] is None
+        os.chown(weights, 0, -1)
+    assert bb.resolve_backbone(ev, DatasetSpec()) == "standard"
 
 
 def test_lpips_loads_alexnet_from_a_file(tmp_path):

@@ -4,7 +4,9 @@
 same pixels. Its rules (README "Image folders"):
 
 - the whole file is decoded (`Image.load()`): a truncated or corrupt file raises `ImageFileError`, which
-  names the file, never a blank or half image (Pillow's LOAD_TRUNCATED_IMAGES is left off);
+  names the file, never a blank or half image (Pillow's LOAD_TRUNCATED_IMAGES is left off). So does a missing
+  file. An I/O error of the storage while reading (EIO, ESTALE, ETIMEDOUT, ENOTCONN, EAGAIN...: an NFS or FUSE
+  glitch) raises `ImageReadError` instead, which the sweep retries (`isosweep.errors`): the file may be fine;
 - 16-bit greyscale (`I;16`, `I`) is scaled, not clipped: v -> round(v * 255 / 65535). 16-bit colour PNGs
   are decoded by Pillow to 8 bits per channel already (the high byte);
 - transparency (RGBA, LA, PA, a palette or greyscale/RGB PNG with a transparent colour) is composited
@@ -15,11 +17,13 @@ same pixels. Its rules (README "Image folders"):
 `scan_image_folder(root)` decodes every file once, in threads (Pillow's decoders release the GIL), with a
 progress bar, and returns an `ImageScan` naming every unreadable file. The result is cached under
 `<cache>/scans/`, keyed by the folder, its file list, sizes and modification times and DECODE_VERSION, so a
-second scan of an unchanged folder only lists and stats the files.
+second scan of an unchanged folder only lists and stats the files. A scan that met a storage I/O error names
+those files too and is not cached: the next scan reads them again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,6 +60,32 @@ class ImageFileError(OSError):
         return type(self), (self.path, self.reason)
 
 
+class ImageReadError(OSError):
+    """The storage failed while an image file was read (an OSError with an errno other than a missing file's): not
+    the file's fault, so not deterministic; the trial is retried under its failure budget. Names the file."""
+
+    def __init__(self, path: str | os.PathLike, code: int, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        name = errno.errorcode.get(code, str(code))
+        super().__init__(code, f"{path}: I/O error while reading the image ({name}: {reason}); the storage failed, not "
+                               "necessarily the file: retried under search.max_failures")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # pickled by DataLoader workers and Ray: rebuilt from (path, errno, reason)
+        return type(self), (self.path, self.errno, self.reason)
+
+
+_MISSING = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)  # no such file (or a folder in its place): the same on every try
+
+
+def _storage_failure(exc: OSError) -> bool:
+    """An OSError of the operating system (it has an errno) other than a missing file. Pillow's own errors of a
+    broken file (UnidentifiedImageError, "image file is truncated", decoder errors) carry no errno."""
+    return exc.errno is not None and exc.errno not in _MISSING
+
+
 def list_images(root: str | os.PathLike) -> list[Path]:
     """The image files of an image folder, sorted (the dataset's index order): `files.iter_image_files`."""
     return sorted(iter_image_files(root))
@@ -88,7 +118,8 @@ def to_rgb8(image: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode the whole file and return it as 8-bit RGB; `ImageFileError` naming the file when it cannot be."""
+    """Decode the whole file and return it as 8-bit RGB; `ImageFileError` naming the file when it cannot be, or
+    `ImageReadError` when the storage failed while reading it."""
     return _read(path)[0]
 
 
@@ -98,7 +129,11 @@ def _read(path: str | os.PathLike) -> tuple[Image.Image, str]:
         with Image.open(path) as image:
             image.load()  # decodes everything: a truncated file fails here, not as a blank batch later
             return to_rgb8(image), conversion_of(image)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except OSError as exc:
+        if _storage_failure(exc):
+            raise ImageReadError(path, exc.errno, exc.strerror or str(exc)) from exc
+        raise ImageFileError(path, f"{type(exc).__name__}: {exc}") from None
+    except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ImageFileError(path, f"{type(exc).__name__}: {exc}") from None
 
 
@@ -143,7 +178,10 @@ def scan_cache_dir() -> Path:
     return (Path(os.path.expanduser(root)) if root else Path.home() / ".cache" / "isosweep") / "scans"
 
 
-def _fingerprint(root: Path, files: list[Path]) -> str:
+def files_fingerprint(root: Path, files: list[Path]) -> str:
+    """A hash of what decoding `files` (under the folder `root`) gives, without reading them: DECODE_VERSION, the
+    folder, and each file's relative path, size and modification time in ns. The scan cache and FID's reference
+    statistics are keyed by it, so replacing an image under the same name gives a new key."""
     entries = []
     for p in files:
         st = p.stat()
@@ -152,12 +190,14 @@ def _fingerprint(root: Path, files: list[Path]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _check_one(path: Path) -> tuple[str, str | None]:
-    """(conversion kind, None) for a readable file, ('', reason) for an unreadable one."""
+def _check_one(path: Path) -> tuple[str, str | None, bool]:
+    """(conversion kind, None, False) for a readable file, ('', reason, whether the storage failed) for an unreadable one."""
     try:
-        return _read(path)[1], None
+        return _read(path)[1], None, False
     except ImageFileError as exc:
-        return "", exc.reason
+        return "", exc.reason, False
+    except ImageReadError as exc:
+        return "", str(exc), True
 
 
 def scan_image_folder(root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
@@ -165,8 +205,8 @@ def scan_image_folder(root: str | os.PathLike, *, cache_dir: str | os.PathLike |
     """Decode every image under `root` once with `read_rgb`; the files that fail are named in the result.
 
     The result is cached in `cache_dir` (default `scan_cache_dir()`) under a key of (DECODE_VERSION, the
-    folder, its file list, sizes and mtimes): a second scan of an unchanged folder decodes nothing.
-    `workers`: decoding threads (default min(8, CPUs)). Raises FileNotFoundError when `root` is no folder.
+    folder, its file list, sizes and mtimes): a second scan of an unchanged folder decodes nothing. Not cached when
+    the storage failed while reading a file (`ImageReadError`). `workers`: decoding threads (default min(8, CPUs)). Raises FileNotFoundError when `root` is no folder.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -174,22 +214,26 @@ def scan_image_folder(root: str | os.PathLike, *, cache_dir: str | os.PathLike |
     start = time.monotonic()
     files = list_images(root)
     cache = Path(cache_dir).expanduser() if cache_dir else scan_cache_dir()
-    entry = cache / f"{_fingerprint(root, files)}.json"
+    entry = cache / f"{files_fingerprint(root, files)}.json"
     stored = read_json(entry)
     if stored.get("root") == str(root) and set(stored) == _STORED:
         return ImageScan(**{**stored, "cached": True, "seconds": time.monotonic() - start})
     kinds: Counter[str] = Counter()
     bad: list[list[str]] = []
+    storage_failed = False
     threads = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads) as pool, \
             tqdm(total=len(files), desc=f"scan {root.name or root}", unit="img", disable=not progress) as bar:
-        for path, (kind, reason) in zip(files, pool.map(_check_one, files)):
+        for path, (kind, reason, failed) in zip(files, pool.map(_check_one, files)):
+            storage_failed |= failed
             if reason is not None:
                 bad.append([path.relative_to(root).as_posix(), reason])
             elif kind:
                 kinds[kind] += 1
             bar.update(1)
     scan = ImageScan(str(root), len(files), bad, dict(kinds), time.monotonic() - start)
+    if storage_failed:  # an I/O error says nothing lasting about the files: the next scan reads them again
+        return scan
     try:
         write_json_atomic(entry, {k: v for k, v in asdict(scan).items() if k in _STORED})
     except OSError:  # a read-only cache only costs the next scan its time

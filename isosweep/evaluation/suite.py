@@ -28,6 +28,7 @@ from isosweep.evaluation.collectives import broadcast as _broadcast
 from isosweep.evaluation.collectives import distributed as _distributed
 from isosweep.evaluation.collectives import gather as _gather
 from isosweep.evaluation.features import resolver as bb
+from isosweep.evaluation.features.common import private_weights_dir
 from isosweep.evaluation.metrics.paths import lerp, slerp
 from isosweep.evaluation.metrics.rtl import pair_latents
 from isosweep.evaluation.record import EvalResult
@@ -148,7 +149,8 @@ def _combine(result: EvalResult, gathered: list[dict], metrics: list[Metric], s:
     """Rank 0: turn every rank's share into the final numbers, and name the network behind each metric."""
     for metric in metrics:
         metric.combine(result, [g[metric.key] for g in gathered], s, nets)
-    names = nets.names if nets else bb.metric_backbone_names("standard", s.dataset_spec.kind)
+    names = nets.names if nets else bb.metric_backbone_names("standard", s.dataset_spec.kind, s.eval_spec.weights_dir,
+                                                              private_weights_dir(s.eval_spec))
     owner = {n: m for m in metrics for n in m.names}
     for name in result.metrics:
         base = base_metric(name)

@@ -129,6 +129,12 @@ def cache_dir(eval_spec=None) -> Path:
     return Path.home() / ".cache" / "isosweep" / "eval"
 
 
+def private_weights_dir(eval_spec=None) -> Path:
+    """`cache_dir(eval_spec)/weights`: the folder, private to its user (0700), where the Inception file may be put
+    instead of `evaluation.weights_dir` (`standard.find_standard_weights` checks who may write it)."""
+    return cache_dir(eval_spec) / "weights"
+
+
 def match_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
     """(B, C, H, W) resized to resolution x resolution (antialiased bilinear) unless it already is."""
     import torch.nn.functional as F

@@ -8,6 +8,7 @@ classifier trained from `dataset.attributes` (`attributes.py`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,7 @@ from isosweep.evaluation.features.common import (
     BackboneUnavailable,
     cache_dir,
     check_weights,
+    private_weights_dir,
 )
 from isosweep.evaluation.features.domain import DomainClassifier, DomainDistance, DomainFeatures, load_shapes_net
 from isosweep.evaluation.features.standard import InceptionFeatures, LpipsDistance, find_standard_weights, missing_weights_message
@@ -36,11 +38,11 @@ def resolve_backbone(eval_spec, dataset_spec) -> str:
     for `shapes`.
     """
     choice = eval_spec.backbone
-    found = find_standard_weights(eval_spec.weights_dir)
+    found = find_standard_weights(eval_spec.weights_dir, private_weights_dir(eval_spec))
     have_standard = all(v is not None for v in found.values())
     if choice == "standard" or (choice == "auto" and dataset_spec.kind != "shapes"):
         if not have_standard:
-            raise BackboneUnavailable(missing_weights_message(eval_spec.weights_dir, found))
+            raise BackboneUnavailable(missing_weights_message(eval_spec.weights_dir, found, private_weights_dir(eval_spec)))
         return "standard"
     if choice == "domain":
         if dataset_spec.kind != "shapes":
@@ -52,13 +54,14 @@ def resolve_backbone(eval_spec, dataset_spec) -> str:
     return "standard" if have_standard else DOMAIN_SHAPES
 
 
-def metric_backbone_names(family: str, dataset_kind: str, weights_dir: str | None = None) -> dict[str, str]:
+def metric_backbone_names(family: str, dataset_kind: str, weights_dir: str | None = None,
+                          private_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """The network behind each metric, as recorded in results: {'fid', 'ppl', 'ls', 'mrtl', 'mcn', 'vor'}.
 
     Standard names carry `-unpublished-` or `-unverified-<sha256 prefix>` unless the weight file found (through
-    `weights_dir`) is the published one (`common.check_weights`); a file that is not found keeps the plain name (no metric uses it)."""
+    `weights_dir` or the private weights folder `private_dir`) is the published one (`common.check_weights`); a file that is not found keeps the plain name (no metric uses it)."""
     if family == "standard":
-        found = find_standard_weights(weights_dir)
+        found = find_standard_weights(weights_dir, private_dir)
         names = {"fid": check_weights("inception", found["inception"]).name if found["inception"] else INCEPTION_NAME,
                  "ppl": check_weights("alexnet", found["alexnet"]).name if found["alexnet"] else LPIPS_NAME}
     elif family == DOMAIN_SHAPES:
@@ -91,7 +94,8 @@ def load_feature_networks(eval_spec, dataset_spec, *, needs: tuple[str, ...] = (
     """
     folder_ls_only = dataset_spec.kind != "shapes" and not any(m in needs for m in ("fid", "ppl"))
     family = "standard" if folder_ls_only else resolve_backbone(eval_spec, dataset_spec)
-    nets = FeatureNetworks(family=family, names=metric_backbone_names(family, dataset_spec.kind, eval_spec.weights_dir))
+    names = metric_backbone_names(family, dataset_spec.kind, eval_spec.weights_dir, private_weights_dir(eval_spec))
+    nets = FeatureNetworks(family=family, names=names)
     res = dataset_spec.resolution
     root = cache_dir(eval_spec)
     domain = None
@@ -107,7 +111,7 @@ def load_feature_networks(eval_spec, dataset_spec, *, needs: tuple[str, ...] = (
                 raise BackboneUnavailable(str(exc)) from exc
             nets.names["ls"] = nets.classifier.name
     if family == "standard":
-        found = find_standard_weights(eval_spec.weights_dir)
+        found = find_standard_weights(eval_spec.weights_dir, private_weights_dir(eval_spec))
         if "fid" in needs:
             nets.fid_features = InceptionFeatures(found["inception"], device)
         if "ppl" in needs:
@@ -123,7 +127,7 @@ def describe_backbones(eval_spec, dataset_spec, metrics: list[str]) -> list[str]
     its sha256 and whether it is the published file. Loads no network; raises BackboneUnavailable as a run would."""
     needs_standard = any(m in metrics for m in ("fid", "ppl"))
     family = resolve_backbone(eval_spec, dataset_spec) if needs_standard else None
-    found = find_standard_weights(eval_spec.weights_dir) if family == "standard" else {}
+    found = find_standard_weights(eval_spec.weights_dir, private_weights_dir(eval_spec)) if family == "standard" else {}
     lines = []
     for metric in metrics:
         if metric in ("fid", "ppl") and family == "standard":

@@ -1,25 +1,57 @@
 """The standard feature networks: clean-fid's Inception-v3 for FID and LPIPS v0.1 with AlexNet for PPL.
 
-Nothing here downloads: the weight files are looked up in `evaluation.weights_dir`, then where
-clean-fid (`/tmp`) and torchvision (`$TORCH_HOME/hub/checkpoints`) keep them.
+Nothing here downloads: the weight files are looked up in `evaluation.weights_dir`, then in isosweep's private
+weights folder (`common.private_weights_dir`, Inception only) and torchvision's `$TORCH_HOME/hub/checkpoints`
+(AlexNet only). Never in `/tmp`, where clean-fid downloads Inception: that TorchScript file is code FID runs, and
+any user of the machine can put a file there.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from isosweep.data.images import to_uint8_tensor
-from isosweep.evaluation.features.common import ALEXNET_FILE, INCEPTION_FILE, check_weights
+from isosweep.evaluation.features.common import ALEXNET_FILE, INCEPTION_FILE, check_weights, private_weights_dir
+from isosweep.storage import make_private_dirs
 
-CLEANFID_DIR = Path("/tmp")  # where clean-fid downloads (and so finds) the Inception weights
+CLEANFID_DIR = Path("/tmp")  # where clean-fid downloads Inception: never looked in, only named when a file there is ignored
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
 
 def _torch_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _private_folder(private_dir: str | os.PathLike | None) -> Path:
+    """The private weights folder (default `common.private_weights_dir()`), created 0700 when missing."""
+    folder = Path(private_dir) if private_dir is not None else private_weights_dir()
+    try:
+        make_private_dirs(folder)
+    except OSError:  # a read-only cache: nothing can be found there, and the message still names it
+        pass
+    return folder
+
+
+def untrusted_reason(path: Path) -> str | None:
+    """Why a weight file in the private folder is not loaded, or None when it may be: the file and the folder it
+    really lies in must belong to this user and be writable by nobody else (a TorchScript file is code)."""
+    me, folder = os.getuid(), Path(os.path.realpath(path)).parent
+    for what, target in (("it", path), (f"its folder {folder}", folder)):
+        try:
+            st = target.stat()
+        except OSError as exc:
+            return f"{what} cannot be checked ({exc})"
+        if st.st_uid != me:
+            return f"{what} belongs to uid {st.st_uid}, not to this user (uid {me})"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{what} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
 
 
 def _candidates(weights_dir: str | None, filename: str, default_dir: Path) -> list[Path]:
@@ -30,23 +62,43 @@ def _candidates(weights_dir: str | None, filename: str, default_dir: Path) -> li
     return out
 
 
-def find_standard_weights(weights_dir: str | None = None) -> dict[str, Path | None]:
-    """{'inception': path or None, 'alexnet': path or None}: the first existing candidate of each
-    (weights_dir, then /tmp for Inception as clean-fid uses, $TORCH_HOME/hub/checkpoints for AlexNet)."""
+def _usable(path: Path, private: bool) -> bool:
+    return path.is_file() and not (private and untrusted_reason(path))
+
+
+def find_standard_weights(weights_dir: str | None = None, private_dir: str | os.PathLike | None = None) -> dict[str, Path | None]:
+    """{'inception': path or None, 'alexnet': path or None}: the first usable candidate of each (weights_dir, then
+    the private weights folder for Inception, where a file counts only if `untrusted_reason` finds nothing, or
+    $TORCH_HOME/hub/checkpoints for AlexNet)."""
+    private = _private_folder(private_dir)
     found: dict[str, Path | None] = {}
-    for key, filename, default in (("inception", INCEPTION_FILE, CLEANFID_DIR), ("alexnet", ALEXNET_FILE, _torch_checkpoints())):
-        found[key] = next((p for p in _candidates(weights_dir, filename, default) if p.is_file()), None)
+    for key, filename, default in (("inception", INCEPTION_FILE, private), ("alexnet", ALEXNET_FILE, _torch_checkpoints())):
+        found[key] = next((p for p in _candidates(weights_dir, filename, default)
+                           if _usable(p, key == "inception" and p.parent == default)), None)
     return found
 
 
-def missing_weights_message(weights_dir: str | None, found: dict[str, Path | None]) -> str:
+def missing_weights_message(weights_dir: str | None, found: dict[str, Path | None],
+                            private_dir: str | os.PathLike | None = None) -> str:
+    """What is missing, every place looked in, why a file there was refused, and where to put the files."""
+    private = _private_folder(private_dir)
     lines = ["the standard backbones (Inception for FID, LPIPS-AlexNet for PPL) need weight files that are not here:"]
-    where = {"inception": (INCEPTION_FILE, CLEANFID_DIR, "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
-             "alexnet": (ALEXNET_FILE, _torch_checkpoints(), "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth")}
+    where = {"inception": (INCEPTION_FILE, private, INCEPTION_URL), "alexnet": (ALEXNET_FILE, _torch_checkpoints(), ALEXNET_URL)}
     for key, (filename, default, url) in where.items():
-        if found.get(key) is None:
-            places = [str(p) for p in _candidates(weights_dir, filename, default)]
-            lines.append(f"  - {filename} (from {url}); looked in: {', '.join(places)}")
+        if found.get(key) is not None:
+            continue
+        places = _candidates(weights_dir, filename, default)
+        lines.append(f"  - {filename} (from {url}); looked in: {', '.join(map(str, places))}")
+        if key != "inception":
+            continue
+        if places[-1].is_file() and (why := untrusted_reason(places[-1])):
+            lines.append(f"    {places[-1]} is not loaded: {why}; a TorchScript file is code that FID runs. "
+                         f"fix: put your own copy there, with `chmod 700 {private}` and `chmod 600` on the file, or use evaluation.weights_dir")
+        ignored = CLEANFID_DIR / filename
+        if ignored not in places and ignored.is_file():
+            lines.append(f"    {ignored} (clean-fid's download place) is not loaded: every user of this machine can write "
+                         f"{CLEANFID_DIR}, and a TorchScript file is code that FID runs. fix: move it to {private}/ "
+                         "(private to you) or to evaluation.weights_dir")
     lines.append("fix: download them on a connected machine and copy both into one directory, then set "
                  "evaluation.weights_dir=/that/dir (or use evaluation.backbone=domain for the built-in shapes problem)")
     return "\n".join(lines)

@@ -179,7 +179,8 @@ def reference_statistics(
 
     images: an iterable of (B, C, H, W) batches in [-1, 1] (only consumed on a cache miss).
     The cache file is keyed by the dataset description `dataset_key` (kind, path or seed, resolution,
-    count, ...) and the backbone name, so statistics of different feature networks never mix.
+    count, for an image folder the files' fingerprint, ...) and the backbone name, so statistics of different
+    feature networks, or of images replaced under the same path, never mix.
     """
     folder = Path(cache_dir).expanduser() / "fid_stats"
     path = folder / f"{backbone}-{_stats_key(dataset_key, backbone)}.npz"

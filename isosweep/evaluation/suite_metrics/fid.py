@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from isosweep.data.datasets import build_dataset
-from isosweep.data.imagefiles import DECODE_VERSION
+from isosweep.data.imagefiles import DECODE_VERSION, files_fingerprint
 from isosweep.evaluation.features.common import cache_dir
 from isosweep.evaluation.metrics.confidence import fid_interval
 from isosweep.evaluation.metrics.fid import fid_from_features, generated_features, reference_statistics
@@ -47,11 +47,16 @@ class Fid(Metric):
 
 
 def _reference_stats(eval_spec, dataset_spec, features: Callable, backbone: str, progress: bool):
+    """The dataset's reference statistics (cached). The key holds what the images are: for shapes its size, seed and
+    resolution (the images follow from them); for an image folder also `files_fingerprint` of the n files used
+    (paths, sizes, mtimes), so images replaced under the same path are embedded again, not served stale."""
     dataset = build_dataset(dataset_spec, train=False)
     n = min(len(dataset), eval_spec.fid.reference_samples or len(dataset))
     key = {"kind": dataset_spec.kind, "path": dataset_spec.path, "size": dataset_spec.size if dataset_spec.kind == "shapes" else None,
            "seed": dataset_spec.seed if dataset_spec.kind == "shapes" else None, "resolution": dataset_spec.resolution,
            "center_crop": dataset_spec.center_crop, "n": n, "version": 1, "decode": DECODE_VERSION}
+    if dataset_spec.kind != "shapes":
+        key["files"] = files_fingerprint(dataset.root, dataset.files[:n])
 
     def batches():
         bs = eval_spec.batch_size
