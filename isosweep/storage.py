@@ -136,12 +136,16 @@ def claim_file(uri: str, data: bytes, may_replace: Callable[[bytes | None], bool
 
 
 def remove_if_same(uri: str, data: bytes) -> bool:
-    """Delete the file if it still holds `data`; False when it holds something else or is gone."""
+    """Delete the file if it still holds `data`, and its local folder if that is then empty (a file that was the
+    first thing written there leaves nothing behind); False when it holds something else or is gone."""
     if read_bytes(uri) != data:
         return False
     fs, path = filesystem(uri)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
+    if not is_remote(uri):
+        with contextlib.suppress(OSError):  # not empty: the folder stays
+            Path(path).parent.rmdir()
     return True
 
 

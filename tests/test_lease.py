@@ -180,3 +180,16 @@ def test_a_lease_on_s3(s3_server, monkeypatch):
     taken = DriverLease.acquire(uri, "resume")
     assert json.loads(st.read_bytes(st.join(sweep, LEASE_FILE)))["token"] == taken.token
     taken.release()
+
+
+def test_a_new_sweeps_folder_holding_only_its_lease_goes_with_it(tmp_path):
+    """A new sweep refused before it wrote anything (a multi-node check, a bad address) leaves no folder behind; a
+    sweep with its state keeps its folder when the lease goes."""
+    new = tmp_path / "demo-20261204-101010-ffffff"
+    lease = DriverLease.acquire(str(new / LEASE_FILE), "run")
+    assert new.is_dir()
+    lease.release()
+    assert not new.exists()
+    sweep = _sweep(tmp_path)
+    DriverLease.acquire(str(sweep / LEASE_FILE), "resume").release()
+    assert (sweep / STATE_FILE).is_file() and not (sweep / LEASE_FILE).exists()

@@ -135,7 +135,8 @@ class DriverLease:
         self._thread.start()
 
     def release(self) -> None:
-        """Stop renewing and remove the lease if it is still this process's (never raises: storage may be down)."""
+        """Stop renewing and remove the lease if it is still this process's, and the sweep's folder with it if nothing
+        else was written there (a new sweep refused before it started). Never raises: storage may be down."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
