@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.isosweep-installed
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus demo test test-fast test-gpu bench clean
+.PHONY: install prometheus demo test test-extended test-fast test-gpu bench clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,14 @@ prometheus:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; } || \
 	  echo "note: no prometheus binary (apt-get install prometheus): tests/test_sweep.py skips its Prometheus checks (fails them when CI is set)"
 
-## test: set up, then run the whole test suite (Ray, MLflow, S3 and Prometheus servers on loopback included)
+## test: set up, then run the test suite (Ray, MLflow, S3 and Prometheus servers on loopback included), all but the
+## two tests of ten minutes or more that test-extended runs
 test: install prometheus
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not extended" $(PYTEST_ARGS)
+
+## test-extended: the 256 px real-size run of the paper's main setting and the sweep that loses its whole cluster
+test-extended: install prometheus
+	$(PY) -m pytest -m extended $(PYTEST_ARGS)
 
 ## test-fast: only the tests that start no Ray, MLflow or S3 server
 test-fast: install

@@ -22,7 +22,7 @@ import pytest
 import torch
 from support.hub import CELEBAHQ, REAL_CELEBAHQ_PARAMS, REPOS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # ten minutes on two cores: `make test-extended`
 
 ROOT = Path(__file__).resolve().parents[1]
 ISOSWEEP = str(Path(sys.executable).parent / "isosweep")

@@ -508,6 +508,7 @@ def _table(stdout: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # about ten minutes on two cores: `make test-extended`
 def test_cluster_sweep_survives_losing_the_whole_cluster(tmp_path, cache_env, mlflow_server):
     """The run-book of docs/operations.md, for real on loopback: a multi-node cluster (`ray start`), sweep
     storage in S3 through the endpoint-query URI, tracking on an `mlflow server` whose artifacts are in the
