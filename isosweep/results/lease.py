@@ -57,11 +57,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def stale_reason(held: dict | None, now: float | None = None) -> str | None:
+def stale_reason(held: dict | None) -> str | None:
     """Why a lease (the JSON read back; None: unreadable) may be taken over, or None while its holder is live."""
     if not isinstance(held, dict) or not isinstance(held.get("heartbeat"), (int, float)):
         return "its lease file is unreadable"
-    age = (time.time() if now is None else now) - held["heartbeat"]
+    age = time.time() - held["heartbeat"]
     if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
         return f"its driver (pid {held['pid']} on this machine) has exited"
     if age > stale_after_s():
@@ -69,8 +69,8 @@ def stale_reason(held: dict | None, now: float | None = None) -> str | None:
     return None
 
 
-def holder_text(held: dict, now: float | None = None) -> str:
-    age = (time.time() if now is None else now) - float(held.get("heartbeat", 0))
+def holder_text(held: dict) -> str:
+    age = time.time() - float(held.get("heartbeat", 0))
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held.get("started", 0))))
     return (f"pid {held.get('pid')} on host {held.get('host')} ({held.get('command', 'a driver')}, started {started}, "
             f"last heard {age:.0f} s ago)")
