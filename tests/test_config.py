@@ -555,6 +555,19 @@ def test_a_sweep_saved_before_the_intervals_resumes_without_them():
     assert spec_for_resume(saved, None, allow_changes=False, source="x").evaluation.bootstrap.resamples == 0
 
 
+def test_a_sweep_saved_before_ppl_by_jvp_resumes_with_the_finite_difference():
+    """A spec saved before evaluation.ppl.method existed resumes as it ran (finite difference, fp32), given again
+    unchanged or not at all. (Should the default ever change, the old value goes into spec.sections.ADDED_FIELDS.)"""
+    from isosweep.spec.changes import spec_for_resume
+
+    spec = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False)
+    saved = spec.to_dict()
+    del saved["evaluation"]["ppl"]["method"], saved["evaluation"]["ppl"]["precision"]
+    for given in (None, spec):
+        ppl = spec_for_resume(saved, given, allow_changes=False, source="x").evaluation.ppl
+        assert (ppl.method, ppl.precision) == ("finite_difference", "fp32")
+
+
 def test_iso_batch_and_shared_forward_default_to_all_samples_and_are_validated(tmp_path):
     """train.iso_batch (null = every sample) and train.iso_shared_forward (off): a spec without them loads as before
     and trains as before; an iso_batch above the per-worker micro-batch, or not a positive integer, names the field;

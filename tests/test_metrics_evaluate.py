@@ -316,3 +316,39 @@ def test_whole_suite_on_a_gpu_gives_the_cpus_numbers(tmp_path, fast_domain):
     for k in ("fid", "mrtl", "mcn", "vor", "ls"):
         assert gpu.metrics[k] == pytest.approx(cpu.metrics[k], rel=0.05), (k, gpu.metrics[k], cpu.metrics[k])
     assert gpu.metrics["ppl"] == pytest.approx(cpu.metrics["ppl"], rel=0.10)  # finite differences at eps = 1e-4
+
+
+def test_ppl_by_jvp_in_the_suite_is_recorded_with_its_method_and_meets_the_finite_difference(tmp_path, fast_domain):
+    """`evaluation.ppl.method: jvp` through `evaluate_model`: the same pairs as the finite difference, recorded with
+    its settings; on a float32 model each pair lands near the finite difference at the default eps."""
+    from diffusers import DDPMScheduler
+
+    unet, sched = tiny_unet(16), DDPMScheduler(num_train_timesteps=1000)
+    data = DatasetSpec(kind="shapes", resolution=16, size=64)
+    fd = evaluate_model(unet, sched, tiny_eval_spec(tmp_path, metrics=["ppl"]), data, progress=False, images=False)
+    spec = tiny_eval_spec(tmp_path, metrics=["ppl"], ppl={"num_samples": 6, "ddim_steps": 2, "method": "jvp"})
+    jvp = evaluate_model(unet, sched, spec, data, progress=False, images=False)
+    assert jvp.settings["ppl"]["method"] == "jvp" and fd.settings["ppl"]["method"] == "finite_difference"
+    assert jvp.backbones["ppl"] == fd.backbones["ppl"] == common.DOMAIN_SHAPES
+    ratio = jvp.values["ppl_pairs"] / fd.values["ppl_pairs"]
+    assert len(ratio) == 6 and np.all(np.abs(ratio - 1) < 0.05), ratio
+    assert jvp.metrics["ppl_lo"] <= jvp.metrics["ppl"] <= jvp.metrics["ppl_hi"]
+
+
+@pytest.mark.gpu
+def test_ppl_by_jvp_on_a_gpu_in_each_precision_lands_on_the_cpus_value(tmp_path, fast_domain):
+    """On CUDA, PPL by forward-mode differentiation in fp32, TF32 and bf16 against the CPU's fp32 value per pair."""
+    from diffusers import DDPMScheduler
+
+    unet, sched = tiny_unet(16), DDPMScheduler(num_train_timesteps=1000)
+    data = DatasetSpec(kind="shapes", resolution=16, size=64)
+
+    def spec(precision):
+        return tiny_eval_spec(tmp_path, metrics=["ppl"], ppl={"num_samples": 6, "ddim_steps": 2, "method": "jvp",
+                                                              "precision": precision})
+
+    cpu = evaluate_model(unet, sched, spec("fp32"), data, progress=False, images=False, device="cpu").values["ppl_pairs"]
+    unet = unet.cuda()
+    for precision, rel in (("fp32", 1e-3), ("tf32", 0.02), ("bf16", 0.1)):
+        gpu = evaluate_model(unet, sched, spec(precision), data, progress=False, images=False, device="cuda")
+        assert np.all(np.abs(gpu.values["ppl_pairs"] / cpu - 1) < rel), (precision, gpu.values["ppl_pairs"], cpu)

@@ -13,7 +13,9 @@ has the throughput and the measured size of the bf16 error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -22,14 +24,18 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-__all__ = ["GRAD_MODES", "PRECISIONS", "DDIMSampler", "SampleOutput", "Sampler", "ddim_sample", "index_generator",
-           "initial_noise"]
+from isosweep.core.hspace import autodiff_safe
+
+__all__ = ["GRAD_MODES", "PRECISIONS", "TANGENT_PRECISIONS", "DDIMSampler", "SampleOutput", "Sampler", "ddim_sample",
+           "bf16_copy", "ddim_tangent", "index_generator", "initial_noise"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 GradMode = Literal["inference", "no_grad"]
 # precision -> autocast dtype of the UNet forward (None: no autocast, the UNet's own dtype)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAD_MODES: tuple[str, ...] = ("inference", "no_grad")
+# precisions of `ddim_tangent`: fp32 with TF32 off, TF32 convolutions and matmuls, bf16 autocast of the UNet forward
+TANGENT_PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -211,6 +217,87 @@ def _unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: int, autocast_dtype
         return unet(x, t).sample
 
 
+def ddim_tangent(
+    unet: torch.nn.Module,
+    scheduler,
+    x_T: torch.Tensor,
+    v: torch.Tensor,
+    num_steps: int,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic DDIM from x_T and its derivative along v: (images, J_G v), both (B, C, H, W) float32 on the CPU.
+
+    One forward-mode pass (`torch.func.jvp`) carries the tangent through every UNet evaluation and DDIM update, so
+    the directional derivative of the generator comes without the cancellation of a finite difference: it is what
+    PPL's d(G(x), G(x + eps v)) / eps^2 tends to as eps -> 0 once the distance is expanded to second order
+    (`isosweep.evaluation.metrics.ppl`). Images are clamped to [-1, 1] as `ddim_sample`'s are, and so is the tangent
+    (zero where the clamp is active). Same schedule and timesteps as `ddim_sample`: the images equal its images.
+    The UNet runs inside `hspace.autodiff_safe` (math attention, contiguous GroupNorm tangents).
+
+    precision: "fp32" (TF32 off: the caller's setting, which the suite keeps off), "tf32" (TF32 on for the duration,
+    CUDA only; the same as fp32 on a CPU), "bf16" (the UNet forward in bfloat16: a bfloat16 copy of the UNet, or the
+    UNet itself when it is bfloat16 already, with x_t and its tangent cast on the way in; state, tangent and DDIM
+    update float32. `torch.autocast` is not used: its casts miss the tangents of forward-mode AD on some ops).
+    A derivative has no difference of nearly equal numbers, so its relative error is that of the arithmetic
+    (docs/metrics.md, "PPL by forward-mode differentiation", measures it).
+    """
+    if precision not in TANGENT_PRECISIONS:
+        raise ValueError(f"precision must be one of {TANGENT_PRECISIONS}, got {precision!r}")
+    if v.shape != x_T.shape:
+        raise ValueError(f"v must have x_T's shape {tuple(x_T.shape)}, got {tuple(v.shape)}")
+    device = torch.device(device) if device is not None else _unet_device(unet)
+    state_dtype = torch.promote_types(_unet_dtype(unet), torch.float32)
+    if precision == "bf16":
+        unet = bf16_copy(unet)
+    unet_dtype = _unet_dtype(unet)
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(num_steps)
+    timesteps = [int(t) for t in ddim.timesteps]
+
+    def trajectory(x: torch.Tensor) -> torch.Tensor:
+        for t in timesteps:
+            eps = unet(x.to(unet_dtype), t).sample.to(state_dtype)
+            x = ddim.step(eps, t, x, eta=0.0).prev_sample
+        return x.clamp(-1, 1)
+
+    was_training = unet.training
+    unet.eval()
+    images, tangents = [], []
+    try:
+        with torch.no_grad(), _tf32(precision == "tf32"), autodiff_safe(unet):
+            for lo in range(0, x_T.shape[0], batch_size):
+                x = x_T[lo : lo + batch_size].to(device=device, dtype=state_dtype)
+                dx = v[lo : lo + batch_size].to(device=device, dtype=state_dtype)
+                img, tan = torch.func.jvp(trajectory, (x,), (dx,))
+                images.append(img.float().cpu())
+                tangents.append(tan.float().cpu())
+    finally:
+        unet.train(was_training)
+    return torch.cat(images), torch.cat(tangents)
+
+
+def bf16_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet itself when it is bfloat16, else a bfloat16 copy of it (the original is not touched)."""
+    if _unet_dtype(unet) == torch.bfloat16:
+        return unet
+    return torch.nn.Module.to(copy.deepcopy(unet), torch.bfloat16)  # not ModelMixin.to, which warns about from_pretrained
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA matmuls and convolutions within the block when `enabled`, the caller's setting restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 class DDIMSampler:
     """A `Sampler` bound to one UNet and scheduler: `sampler(x_T, num_steps, capture_h=...)`.
 
@@ -222,6 +309,7 @@ class DDIMSampler:
         self.unet, self.scheduler = unet, scheduler
         self.batch_size, self.progress, self.device = batch_size, progress, device
         self.precision = precision
+        self._bf16: torch.nn.Module | None = None  # the bfloat16 copy `tangent` runs with precision "bf16"
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -231,3 +319,15 @@ class DDIMSampler:
     def __call__(self, x_T: torch.Tensor, num_steps: int, *, capture_h: bool = False) -> SampleOutput:
         return ddim_sample(self.unet, self.scheduler, x_T, num_steps, batch_size=self.batch_size,
                            capture_h=capture_h, progress=self.progress, device=self.device, precision=self.precision)
+
+    def tangent(self, x_T: torch.Tensor, v: torch.Tensor, num_steps: int, *, precision: str = "fp32"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ddim_tangent` of this UNet: the images from x_T and their derivative along v (the bfloat16 copy that
+        precision "bf16" runs is made once per sampler)."""
+        unet = self.unet
+        if precision == "bf16":
+            if self._bf16 is None:
+                self._bf16 = bf16_copy(self.unet)
+            unet = self._bf16
+        return ddim_tangent(unet, self.scheduler, x_T, v, num_steps, batch_size=self.batch_size, device=self.device,
+                            precision=precision)

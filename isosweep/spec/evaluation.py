@@ -81,9 +81,20 @@ class CheckpointFidSpec(_Section):
 class PplSpec(_Section):
     num_samples: int = Field(50000, ge=2, description="slerp pairs (paper: 50k)")
     ddim_steps: int = Field(100, ge=1, description="DDIM steps (paper: 100)")
-    eps: float = Field(1e-4, gt=0.0, description="step along the slerp path")
+    eps: float = Field(1e-4, gt=0.0, description="step along the slerp path (method finite_difference)")
+    method: Literal["finite_difference", "jvp"] = Field(
+        "finite_difference", description="finite_difference: two DDIM decodes eps apart (StyleGAN's); jvp: the eps -> 0 limit from one decode carrying its derivative (forward-mode; docs/metrics.md, 'PPL by forward-mode differentiation')")
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="arithmetic of the DDIM decodes: fp32 (TF32 off); tf32 or bf16 only with method jvp (the finite difference is rounding noise in them)")
     stop_width: float | None = Field(None, gt=0.0, le=2.0, description="sequential PPL: stop after a round once the bootstrap interval's width is at most this fraction of PPL (e.g. 0.1); null: always all num_samples pairs")
     round_pairs: int = Field(1000, ge=2, description="with stop_width: pairs per round (over all workers) between two looks at the interval")
+
+    @model_validator(mode="after")
+    def _precision_needs_jvp(self) -> "PplSpec":
+        if self.precision != "fp32" and self.method != "jvp":
+            raise ValueError(f"precision {self.precision!r} needs method 'jvp': a finite difference of two decodes eps "
+                             "apart is rounding noise in reduced precision; set method: jvp, or precision: fp32")
+        return self
 
 
 class RtlSpec(_Section):

@@ -143,12 +143,12 @@ class DomainDistance:
     resolution: int
     name: str = DOMAIN_SHAPES
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: PPL by forward-mode differentiation runs jvp through it
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        dev = next(self.net.parameters()).device
-        fa = self.net.layers(match_resolution(a.float(), self.resolution).to(dev))
-        fb = self.net.layers(match_resolution(b.float(), self.resolution).to(dev))
-        total = torch.zeros(a.shape[0], device=dev)
+        param = next(self.net.parameters())  # float32 in use; a float64 net measures in float64 (tests)
+        fa = self.net.layers(match_resolution(a.to(param.dtype), self.resolution).to(param.device))
+        fb = self.net.layers(match_resolution(b.to(param.dtype), self.resolution).to(param.device))
+        total = torch.zeros(a.shape[0], device=param.device, dtype=param.dtype)
         for x, y in zip(fa, fb):
             x = x / (x.norm(dim=1, keepdim=True) + 1e-10)
             y = y / (y.norm(dim=1, keepdim=True) + 1e-10)

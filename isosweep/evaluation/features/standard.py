@@ -152,6 +152,6 @@ class LpipsDistance:
             param.data.copy_(state[f"features.{idx}.{leaf}"])
         self.model = model.to(self.device).eval()
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: PPL by forward-mode differentiation runs jvp through it
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.model(a.to(self.device).float(), b.to(self.device).float()).reshape(-1).cpu()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["slerp", "lerp", "relative_trajectory_length"]
+__all__ = ["slerp", "slerp_tangent", "lerp", "relative_trajectory_length"]
 
 
 def _as_batch_s(s: torch.Tensor | float, a: torch.Tensor) -> torch.Tensor:
@@ -46,6 +46,28 @@ def slerp(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor | float) -> torch.Te
     safe = torch.where(near, torch.ones_like(sin_omega), sin_omega)
     wa = torch.where(near, 1 - s64, torch.sin((1 - s64) * omega) / safe)
     wb = torch.where(near, s64, torch.sin(s64 * omega) / safe)
+    return (wa * a64 + wb * b64).to(a.dtype)
+
+
+def slerp_tangent(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+    """d slerp(a, b; s) / ds per pair: a, b (B, ...), s scalar or (B,) -> (B, ...), in a's dtype (computed in float64).
+
+    omega / sin(omega) (cos(s omega) b - cos((1 - s) omega) a); b - a for pairs that `slerp` treats as a lerp.
+    The velocity along PPL's path: with it, d(G(slerp(s)), G(slerp(s + eps))) / eps^2 has the limit that PPL by
+    forward-mode differentiation takes.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    s64 = _as_batch_s(s, a)
+    a64, b64 = a.double(), b.double()
+    af, bf = a64.flatten(1), b64.flatten(1)
+    cos = (af * bf).sum(1) / (af.norm(dim=1) * bf.norm(dim=1)).clamp_min(1e-300)
+    omega = torch.arccos(cos.clamp(-1.0, 1.0)).reshape(s64.shape)
+    sin_omega = torch.sin(omega)
+    near = sin_omega.abs() < 1e-7
+    scale = torch.where(near, torch.ones_like(omega), omega / torch.where(near, torch.ones_like(sin_omega), sin_omega))
+    wa = torch.where(near, -torch.ones_like(s64), -scale * torch.cos((1 - s64) * omega))
+    wb = torch.where(near, torch.ones_like(s64), scale * torch.cos(s64 * omega))
     return (wa * a64 + wb * b64).to(a.dtype)
 
 

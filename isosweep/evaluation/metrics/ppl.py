@@ -1,4 +1,12 @@
-"""Perceptual path length in X (docs/math.md section 5; Karras et al. 2019 with slerp, as for Gaussian z)."""
+"""Perceptual path length in X (docs/math.md section 5; Karras et al. 2019 with slerp, as for Gaussian z).
+
+Two ways to a pair's value (`evaluation.ppl.method`, docs/metrics.md "PPL by forward-mode differentiation"):
+- "finite_difference" (StyleGAN's): d(G(slerp(s)), G(slerp(s + eps))) / eps^2 from two DDIM decodes;
+- "jvp": the limit of that ratio as eps -> 0. With v = d slerp / ds and u = J_G v (one DDIM decode carrying its
+  tangent, `ddim_tangent`), d(a, a + eps u) / eps^2 -> (1/2) d^2/dtau^2 d(a, a + tau u) at tau = 0, taken by
+  forward-over-forward differentiation of the distance (`tangent_quadratic`). No difference of nearly equal
+  images is formed, so it tolerates TF32 and bf16, which the finite difference does not.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,14 @@ import numpy as np
 import torch
 
 from isosweep.core.sampling import index_generator, initial_noise
-from isosweep.evaluation.metrics.paths import slerp
+from isosweep.evaluation.metrics.paths import slerp, slerp_tangent
 from isosweep.evaluation.metrics.samples import SampleRange
 
-__all__ = ["ppl_pairs", "ppl_distances", "sequential_pairs", "filtered_mean", "perceptual_path_length"]
+__all__ = ["PPL_METHODS", "ppl_pairs", "ppl_distances", "tangent_quadratic", "sequential_pairs", "filtered_mean",
+           "perceptual_path_length"]
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # two (B, C, H, W) in [-1, 1] -> (B,)
+PPL_METHODS = ("finite_difference", "jvp")
 
 # initial_noise streams: 0 = FID/LS samples, 1-2 = mRTL pairs, 3-4 = PPL pair ends, 5 = PPL positions
 _STREAM_A, _STREAM_B, _STREAM_S = 3, 4, 5
@@ -29,19 +39,61 @@ def ppl_pairs(n: int, shape: tuple[int, ...], seed: int, *, start: int = 0) -> t
     return z0, z1, s
 
 
-@torch.inference_mode()
-def ppl_distances(samples: SampleRange, distance: Distance, *, eps: float) -> np.ndarray:
-    """d_i = distance(G(slerp(z0, z1; s)), G(slerp(z0, z1; s + eps))) / eps^2 for the pairs of `samples`: (n,) float64.
+def ppl_distances(samples: SampleRange, distance: Distance, *, eps: float, method: str = "finite_difference",
+                  precision: str = "fp32") -> np.ndarray:
+    """d_i for the pairs of `samples`: (n,) float64.
 
-    Both ends of a pair are decoded in the same batch with deterministic DDIM (eta = 0)."""
+    "finite_difference": distance(G(slerp(z0, z1; s)), G(slerp(z0, z1; s + eps))) / eps^2, both ends decoded in the
+    same batch with deterministic DDIM (eta = 0); `precision` must be "fp32".
+    "jvp": its eps -> 0 limit, `tangent_quadratic(distance, G(slerp(s)), J_G slerp'(s))`, one decode per pair in
+    `precision` ("fp32", "tf32", "bf16"; `ddim_tangent`); `eps` is not used. `samples.sampler` must offer
+    `tangent` (`DDIMSampler` does) and `distance` must admit forward-mode differentiation (no inference mode).
+    """
+    if method not in PPL_METHODS:
+        raise ValueError(f"method must be one of {PPL_METHODS}, got {method!r}")
+    if method == "finite_difference" and precision != "fp32":
+        raise ValueError(f"PPL by finite difference needs precision 'fp32' (got {precision!r}): the difference of two "
+                         "decodes eps apart is rounding noise in reduced precision; use method 'jvp' for tf32 or bf16")
     out = []
     for lo, n in samples.batches():
         z0, z1, s = ppl_pairs(n, samples.shape, samples.seed, start=lo)
-        xa, xb = slerp(z0, z1, s), slerp(z0, z1, s + eps)
-        imgs = samples.sampler(torch.cat([xa, xb]), samples.ddim_steps).images
-        d = distance(imgs[:n], imgs[n:]).double().cpu().reshape(-1) / eps**2
+        if method == "jvp":
+            images, tangents = samples.sampler.tangent(slerp(z0, z1, s), slerp_tangent(z0, z1, s), samples.ddim_steps,
+                                                       precision=precision)
+            d = tangent_quadratic(distance, images, tangents).double().cpu().reshape(-1)
+        else:
+            d = _finite_difference(samples, distance, z0, z1, s, eps)
         out.append(d.numpy())
     return np.concatenate(out) if out else np.zeros(0)
+
+
+@torch.inference_mode()
+def _finite_difference(samples: SampleRange, distance: Distance, z0: torch.Tensor, z1: torch.Tensor, s: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    n = z0.shape[0]
+    imgs = samples.sampler(torch.cat([slerp(z0, z1, s), slerp(z0, z1, s + eps)]), samples.ddim_steps).images
+    return distance(imgs[:n], imgs[n:]).double().cpu().reshape(-1) / eps**2
+
+
+def tangent_quadratic(distance: Distance, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """lim_{eps -> 0} distance(a, a + eps u) / eps^2 per sample: a, u (B, ...) -> (B,).
+
+    For a distance that is smooth and zero, with zero first derivative, at b = a (LPIPS and the domain distance
+    are weighted sums of squared differences of normalised features), that limit is (1/2) g''(0) with
+    g(tau) = distance(a, a + tau u): computed by forward-mode over forward-mode differentiation in tau (one tau per
+    sample), exactly at tau = 0, so no difference of nearly equal features is formed.
+    """
+    ones = torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
+    view = (-1, *([1] * (a.ndim - 1)))
+
+    def g(tau: torch.Tensor) -> torch.Tensor:
+        return distance(a, a + tau.reshape(view) * u).reshape(-1)
+
+    def dg(tau: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(g, (tau,), (ones,))[1]
+
+    with torch.no_grad():
+        return torch.func.jvp(dg, (torch.zeros_like(ones),), (ones,))[1] / 2
 
 
 def sequential_pairs(compute: Callable[[int, int], np.ndarray], gather: Callable[[np.ndarray], list[np.ndarray]], *,
@@ -76,6 +128,8 @@ def filtered_mean(values: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> floa
     return float(values[(values >= a) & (values <= b)].mean())
 
 
-def perceptual_path_length(samples: SampleRange, distance: Distance, *, eps: float = 1e-4) -> float:
-    """PPL = mean over pairs (1st-99th percentile) of distance / eps^2 between slerp(s) and slerp(s + eps)."""
-    return filtered_mean(ppl_distances(samples, distance, eps=eps))
+def perceptual_path_length(samples: SampleRange, distance: Distance, *, eps: float = 1e-4,
+                           method: str = "finite_difference", precision: str = "fp32") -> float:
+    """PPL = mean over pairs (1st-99th percentile) of distance / eps^2 between slerp(s) and slerp(s + eps)
+    (or its eps -> 0 limit, method "jvp")."""
+    return filtered_mean(ppl_distances(samples, distance, eps=eps, method=method, precision=precision))

@@ -27,7 +27,8 @@ class Ppl(Metric):
         def compute(a: int, b: int) -> np.ndarray:
             samples = s.samples(spec.ppl.num_samples, spec.ppl.ddim_steps, a, b, max(1, spec.batch_size // 2),
                                 on_batch if spec.ppl.stop_width is None else None)
-            return ppl_distances(samples, nets.distance, eps=spec.ppl.eps)
+            return ppl_distances(samples, nets.distance, eps=spec.ppl.eps, method=spec.ppl.method,
+                                 precision=spec.ppl.precision)
 
         if spec.ppl.stop_width is None:
             out = compute(lo, hi)
