@@ -4,8 +4,9 @@
 # (32 and 256 px, fp32 and bf16), each log written to OUT_DIR with the card's name at its top.
 #
 #   bash bench/gpu.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else bench/gpu-out
-#   GPU_CHECKS=tests|profile|lazy bash bench/gpu.sh   # tests: no bf16 sampling; profile: where the isometry step's
-#                                                  # time goes; lazy: training steps with train.iso_every = 1, 2, 4, 8
+#   GPU_CHECKS=tests|profile|lazy|graph bash bench/gpu.sh   # tests: no bf16 sampling; profile: where the isometry
+#                                  # step's time goes; lazy: training steps with train.iso_every = 1, 2, 4, 8;
+#                                  # graph: the sync-free isometry step, eager and as one CUDA graph (bench/iso_graph.py)
 #
 # On a machine without this project's packages (an air-gapped GPU box with torch only), put the wheels
 # the import chain needs in .whl/ first (docs/benchmarks.md, "GPU tests", says which); they are installed
@@ -40,6 +41,10 @@ if [ "${GPU_CHECKS:-all}" = profile ]; then  # where the 256 px isometry step's 
     run profile_plain 90 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 2 --profile plain
     run scale_cudnn_benchmark 90 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --cudnn-benchmark
     run scale_channels_last 90 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --channels-last
+    exit 0
+fi
+if [ "${GPU_CHECKS:-all}" = graph ]; then  # the isometry step without host syncs, eager and captured (about a minute)
+    run iso_graph 240 $py -m bench.iso_graph --device cuda --layout celebahq --resolution 256 --channels 128 --batch 8 --repeats 10
     exit 0
 fi
 if [ "${GPU_CHECKS:-all}" = lazy ]; then  # training steps with the isometry term every n-th step (train.iso_every)

@@ -95,17 +95,26 @@ def sample_timesteps(batch_size: int, p: float, T: int, generator: torch.Generat
     """Timesteps (batch_size,) long and whether the isometry loss is on for this batch.
 
     Baseline (lambda_iso = 0 or p = 1): t ~ U{0..T-1}, iso off. Otherwise, unless `iso_on` is given,
-    flip `choose_iso(p)`; iso on: t ~ U{pT..T-1}; off: t ~ U{0..pT-1}.
+    flip `choose_iso(p)`; iso on: t ~ U{pT..T-1}; off: t ~ U{0..pT-1}. Drawn on the generator's device, then moved to
+    `device`: a CPU generator gives what it always gave, a GPU generator draws on the GPU with no host read (the coin
+    excepted: pass `iso_on`).
     """
+    where = _drawn_on(generator)
     if is_baseline(lambda_iso, p):
-        return torch.randint(0, T, (batch_size,), generator=generator).to(device), False
+        return torch.randint(0, T, (batch_size,), generator=generator, device=where).to(device), False
     cut = iso_cutoff(p, T)
     if iso_on is None:
         iso_on = choose_iso(p, generator)
     if cut == 0:
         iso_on = True  # p rounds to 0: every timestep is in the isometry range
     lo, hi = (cut, T) if iso_on else (0, cut)
-    return torch.randint(lo, hi, (batch_size,), generator=generator).to(device), iso_on
+    return torch.randint(lo, hi, (batch_size,), generator=generator, device=where).to(device), iso_on
+
+
+def _drawn_on(generator: torch.Generator | None) -> torch.device | None:
+    """Where a draw from `generator` is made: the generator's own device (then moved where it is used, a no-op when
+    that is the same device: no host->device copy for a generator on the GPU); None (the CPU) without one."""
+    return generator.device if generator is not None else None
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -158,9 +167,10 @@ class Draw(NamedTuple):
     t_iso: torch.Tensor | None
 
 
-def shared_timestep(p: float, T: int, shared: torch.Generator) -> int:
-    """One t ~ U{pT..T-1} from `shared` (the per-step generator seeded identically on every rank)."""
-    return int(torch.randint(iso_cutoff(p, T), T, (1,), generator=shared).item())
+def shared_timestep(p: float, T: int, shared: torch.Generator) -> torch.Tensor:
+    """One t ~ U{pT..T-1} from `shared` (the per-step generator seeded identically on every rank), as a (1,) long
+    tensor on the generator's device: never read on the host, so a step drawing it on the GPU does not sync."""
+    return torch.randint(iso_cutoff(p, T), T, (1,), generator=shared, device=shared.device)
 
 
 @dataclass
@@ -223,7 +233,9 @@ class IsoDiffusionLoss:
 
     def coin(self, shared: torch.Generator) -> bool:
         """This optimizer step's iso coin (False for the baseline, which never draws). `shared` must be
-        seeded identically on every rank: the global isometry ratio is a collective."""
+        seeded identically on every rank: the global isometry ratio is a collective. The coin is read on the host (it
+        picks the step's timestep range): give it a CPU generator (`core.step.StepGenerators.coin`, which on the CPU
+        is the shared generator itself)."""
         return not self.baseline and choose_iso(self.p, shared)
 
     def draw(self, x0: torch.Tensor, iso_on: bool, generator: torch.Generator,
@@ -233,27 +245,33 @@ class IsoDiffusionLoss:
         isometry term on, then t_iso from `shared` (the generator `coin` used, identical on every rank).
         With `share_forward` and "per_timestep", the iso sub-batch (the first `iso_samples(B)`) is denoised at
         t_iso: its entries of t are set to t_iso (same draws, so the other samples keep theirs). `term=False` (a step
-        that lazy regularisation skips, `due`) keeps the iso range's timesteps and noise and draws no t_iso."""
+        that lazy regularisation skips, `due`) keeps the iso range's timesteps and noise and draws no t_iso.
+        Each draw is made on its generator's device (`core.step.step_generators`): with GPU generators nothing is read
+        on the host or copied from it; with CPU generators (the training loop's) the draws are what they always were."""
         t, iso_on = sample_timesteps(x0.shape[0], self.p, self.T, generator, lambda_iso=self.lambda_iso,
                                      iso_on=iso_on, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=_drawn_on(generator)).to(x0.device)
         if not iso_on or not term or self.iso_timesteps == "pooled":
             return Draw(t, noise, iso_on, None)
         if shared is None:
             raise ValueError("iso_timesteps='per_timestep' draws the isometry term's t from the generator shared by "
                              "every rank: pass it as `shared` (the one given to `coin`)")
-        t_iso = torch.full_like(t, shared_timestep(self.p, self.T, shared))
+        t_iso = shared_timestep(self.p, self.T, shared).to(t.device).expand_as(t).clone()
         if self.share_forward:
             t = t.clone()
-            t[: self.iso_samples(t.shape[0])] = t_iso[0]
+            k = self.iso_samples(t.shape[0])
+            t[:k] = t_iso[:k]
         return Draw(t, noise, iso_on, t_iso)
 
     def __call__(self, model, unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, iso_on: bool,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None, *,
-                 t_iso: torch.Tensor | None = None) -> LossOutput:
+                 t_iso: torch.Tensor | None = None, drawn: bool = False) -> LossOutput:
         """The loss at x_t = add_noise(x0, noise, t). The isometry term (when on) is taken on the first
         `iso_samples(B)` samples, at x_{t_iso} with the same x0 and noise when `t_iso` ((B,) long, from `draw`)
-        is given, else at x_t itself. `generator` draws the Hutchinson probes (one per iso sample)."""
+        is given, else at x_t itself. `generator` draws the Hutchinson probes (one per iso sample), on its device.
+        `drawn=True` says t and t_iso come from this loss's `draw`, which already gave the shared samples t_iso: the
+        share_forward check that compares them (a host read of device values) is then skipped, so the call reads
+        nothing on the host."""
         target = denoising_target(self.prediction_type, x0, noise, t, alphas_cumprod)
         iso_on = iso_on and not self.baseline
         if not iso_on or not self.share_forward:
@@ -265,7 +283,7 @@ class IsoDiffusionLoss:
         x_i = add_noise(x0[:k], noise[:k], t_i, alphas_cumprod)
         with torch.autocast(device_type=x0.device.type, enabled=False):
             if self.share_forward:
-                if not torch.equal(t_i, t[:k]):
+                if not drawn and not torch.equal(t_i, t[:k]):
                     raise ValueError("share_forward: the iso sub-batch must be denoised at the isometry term's t; "
                                      "take the timesteps from `draw` of a loss built with share_forward=True")
                 tr_r, tr_r2, enc = geometry.isometry_terms(encoder_at(unet, t_i, with_skips=True), x_i.float(),

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from diffusers import UNet2DModel
@@ -37,6 +36,8 @@ from diffusers import UNet2DModel
 from isosweep.console import say
 from isosweep.core.ema import EMA
 from isosweep.core.losses import IsoDiffusionLoss
+from isosweep.core.step import FiniteFlags
+from isosweep.core.step import step_generators as core_step_generators
 from isosweep.data.datasets import ShardedLoader, build_dataset
 from isosweep.models.loading import Fetch, load_unet_and_scheduler, weights_sha256
 from isosweep.redact import scrub_text, scrub_tree
@@ -125,26 +126,29 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
 
 
 def step_generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
-    """(shared, local): shared is identical on every rank (the per-step iso coin, then each micro-batch's
-    per_timestep t_iso), local is per rank."""
-    # SeedSequence, not hash(): Python's string hashing differs between processes
-    shared = np.random.SeedSequence([seed, step, 0]).generate_state(1, dtype=np.uint64)[0]
-    local = np.random.SeedSequence([seed, step, 1, rank]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(shared) >> 1), torch.Generator().manual_seed(int(local) >> 1)
+    """(shared, local) CPU generators of step `step` (`core.step.step_seeds`): shared is identical on every rank (the
+    per-step iso coin, then each micro-batch's per_timestep t_iso), local is per rank. The loop draws on the CPU and
+    moves the draws to the device, so a GPU run draws the numbers a CPU run draws (`core.step.step_generators` with a
+    device is the host-sync-free alternative, bit-identical on the CPU)."""
+    gens = core_step_generators(seed, step, rank)
+    return gens.shared, gens.local
 
 
-def check_finite(flags: torch.Tensor, values: torch.Tensor, step: int, world_size: int) -> None:
-    """Raise NonFiniteLossError on every rank if any rank saw a NaN/inf dsm (flags[0]) or iso (flags[1]) term.
+def check_finite(finite: FiniteFlags, step: int, world_size: int) -> None:
+    """Raise NonFiniteLossError on every rank if any rank saw a NaN/inf dsm or iso term since `finite.since`.
 
-    One device sync and one all-reduce per optimizer step, whatever the accumulation count.
+    One device sync and one all-reduce per read, whatever the accumulation count. The loop reads every step, before
+    the optimizer applies the step; a read deferred over several steps (`FiniteFlags`) names the window instead.
     """
     if world_size > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags.any():
-        term = "dsm" if flags[0] > 0 else "iso"
-        value = values[0 if term == "dsm" else 1].item()
+        dist.all_reduce(finite.flags, op=dist.ReduceOp.MAX)
+    bad = finite.first()
+    if bad is not None:
+        term, value = bad
+        where = (f"at optimizer step {step + 1}" if finite.since >= step else
+                 f"in optimizer steps {finite.since + 1}-{step + 1} (the weights after the first of them are not to be trusted)")
         raise NonFiniteLossError(
-            f"non-finite {term} loss at optimizer step {step + 1} (value on rank 0 of this error: {value}); "
+            f"non-finite {term} loss {where} (value on rank 0 of this error: {value}); "
             "the trial stops without writing a checkpoint: lower train.learning_rate or train.lambda_iso, "
             "or enable train.grad_clip"
         )
@@ -301,8 +305,7 @@ def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> Non
     shared, local = step_generators(tr.seed, step, run.rank)
     iso_on = run.loss_fn.coin(shared)
     due = run.loss_fn.due(step)
-    flags = torch.zeros(2, device=run.device)  # any non-finite dsm / iso term on this rank during this step
-    values = torch.zeros(2, device=run.device)
+    finite = FiniteFlags(run.device, since=step)  # any non-finite dsm / iso term on this rank during this step
     for k in range(tr.grad_accumulation):
         x0, _ = next(micro_batches)
         x0 = x0.to(run.device, non_blocking=True)
@@ -314,14 +317,12 @@ def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> Non
         sync = run.model.no_sync() if run.world > 1 and not last else contextlib.nullcontext()
         with sync:
             with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
-                out = run.loss_fn(run.model, run.unet, x0, d.t, d.noise, take, run.alphas_cumprod, generator=local, t_iso=d.t_iso)
-            terms = torch.stack([out.dsm.float(), out.iso.float() if out.iso is not None else torch.zeros((), device=run.device)])
-            bad = (~torch.isfinite(terms)).float()
-            values = torch.where(bad > flags, terms, values)  # the first non-finite value of each term
-            flags = torch.maximum(flags, bad)
+                out = run.loss_fn(run.model, run.unet, x0, d.t, d.noise, take, run.alphas_cumprod, generator=local,
+                                  t_iso=d.t_iso, drawn=True)
+            finite.observe(out.dsm, out.iso)
             run.scaler.scale(out.loss / tr.grad_accumulation).backward()
         stats.add(out, tr.grad_accumulation)
-    check_finite(flags, values, step, run.world)
+    check_finite(finite, step, run.world)
     run.scaler.unscale_(run.optimizer)
     if tr.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(run.unet.parameters(), tr.grad_clip)
