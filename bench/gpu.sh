@@ -4,7 +4,7 @@
 # (32 and 256 px, fp32 and bf16), each log written to OUT_DIR with the card's name at its top.
 #
 #   bash bench/gpu.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else bench/gpu-out
-#   GPU_CHECKS=tests|profile|lazy|graph bash bench/gpu.sh   # tests: no bf16 sampling; profile: where the isometry
+#   GPU_CHECKS=tests|profile|lazy|graph|ppl_jvp bash bench/gpu.sh   # tests: no bf16 sampling; profile: where the isometry
 #                                  # step's time goes; lazy: training steps with train.iso_every = 1, 2, 4, 8;
 #                                  # graph: the sync-free isometry step, eager and as one CUDA graph (bench/iso_graph.py)
 #
@@ -41,6 +41,14 @@ if [ "${GPU_CHECKS:-all}" = profile ]; then  # where the 256 px isometry step's 
     run profile_plain 90 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 2 --profile plain
     run scale_cudnn_benchmark 90 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --cudnn-benchmark
     run scale_channels_last 90 $py -m bench.scale --device cuda --batch 8 --iso-batch 2 --warmup 3 --repeats 5 --variants plain,iso_levers --channels-last
+    exit 0
+fi
+if [ "${GPU_CHECKS:-all}" = ppl_jvp ]; then  # PPL by forward-mode differentiation: cost and agreement, then the captured iso step
+    run ppl_cost_32 45 $py -m bench.ppl_jvp cost --device cuda --resolution 32 --pairs 64 --steps 5 --repeats 3
+    run ppl_cost_256 120 $py -m bench.ppl_jvp cost --device cuda --resolution 256 --pairs 16 --steps 3 --repeats 3 --profile bf16
+    run ppl_agree_256 130 $py -m bench.ppl_jvp agree --device cuda --random-unet 256 --distance lpips --pairs 64 --steps 6 --batch 16
+    run ppl_tests 75 $py -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_metrics_evaluate.py -k jvp
+    run iso_graph 120 $py -m bench.iso_graph --device cuda --layout celebahq --resolution 256 --channels 128 --batch 8 --repeats 10
     exit 0
 fi
 if [ "${GPU_CHECKS:-all}" = graph ]; then  # the isometry step without host syncs, eager and captured (about a minute)

@@ -235,7 +235,7 @@ def ddim_tangent(
     PPL's d(G(x), G(x + eps v)) / eps^2 tends to as eps -> 0 once the distance is expanded to second order
     (`isosweep.evaluation.metrics.ppl`). Images are clamped to [-1, 1] as `ddim_sample`'s are, and so is the tangent
     (zero where the clamp is active). Same schedule and timesteps as `ddim_sample`: the images equal its images.
-    The UNet runs inside `hspace.autodiff_safe` (math attention, contiguous GroupNorm tangents).
+    The UNet runs inside `hspace.autodiff_safe` (math attention, GroupNorm inputs and tangents made contiguous).
 
     precision: "fp32" (TF32 off: the caller's setting, which the suite keeps off), "tf32" (TF32 on for the duration,
     CUDA only; the same as fp32 on a CPU), "bf16" (the UNet forward in bfloat16: a bfloat16 copy of the UNet, or the
@@ -267,7 +267,9 @@ def ddim_tangent(
     unet.eval()
     images, tangents = [], []
     try:
-        with torch.no_grad(), _tf32(precision == "tf32"), autodiff_safe(unet):
+        # GroupNorm inputs always copied contiguous, tangent included: the detection autodiff_safe uses misses the
+        # tangent layouts of a whole UNet on some builds (torch 2.11 on the CPU: "view size is not compatible")
+        with torch.no_grad(), _tf32(precision == "tf32"), autodiff_safe(unet, contiguous_group_norm=True):
             for lo in range(0, x_T.shape[0], batch_size):
                 x = x_T[lo : lo + batch_size].to(device=device, dtype=state_dtype)
                 dx = v[lo : lo + batch_size].to(device=device, dtype=state_dtype)
