@@ -137,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="strip.png")
     p.add_argument("--tracking-uri", default=None)
 
+    p = sub.add_parser("invert", help="DDIM-invert images to their x_T and measure how well they come back",
+                       description="Map each image back to the x_T from which DDIM draws it again (the DDIM ODE run forward "
+                                   "in time), redraw it from there, and write x_T.npy, the reconstructions and inversion.json.")
+    p.add_argument("model", help="diffusers directory, hub id or MLflow model URI")
+    p.add_argument("images", nargs="*", help="PNG/JPEG files or folders of them (one image at least)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps, the same for the inversion and the redraw")
+    p.add_argument("--refine", type=int, default=0,
+                   help="fixed-point iterations per inversion step (0: plain DDIM inversion; each costs one more UNet call)")
+    p.add_argument("--out", required=True, help="a new or empty folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    p.add_argument("--spec", default="search_spaces/demo.yaml",
+                   help="spec whose evaluation section names the perceptual distance (PPL's) and the bootstrap")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--tracking-uri", default=None)
+
     p = sub.add_parser("sync", help="upload to MLflow what a sweep's storage holds but the tracking server lacks")
     p.add_argument("target", help=target_help)
     p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -223,6 +239,7 @@ COMMANDS = {
     "pull": ("models", "pull_command"),
     "sample": ("models", "sample_command"),
     "interpolate": ("models", "interpolate_command"),
+    "invert": ("invert", "invert_command"),
     "sync": ("sync", "sync_command"),
 }
 

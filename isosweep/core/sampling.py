@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from isosweep.core.hspace import autodiff_safe
 
 __all__ = ["GRAD_MODES", "PRECISIONS", "TANGENT_PRECISIONS", "DDIMSampler", "SampleOutput", "Sampler", "ddim_sample",
-           "bf16_copy", "ddim_tangent", "index_generator", "initial_noise"]
+           "ddim_scheduler", "bf16_copy", "ddim_tangent", "index_generator", "initial_noise"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 GradMode = Literal["inference", "no_grad"]
@@ -89,6 +89,15 @@ def sample_shape(unet: torch.nn.Module) -> tuple[int, int, int]:
     size = cfg.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return (int(cfg.in_channels), int(h), int(w))
+
+
+def ddim_scheduler(scheduler, num_steps: int) -> DDIMScheduler:
+    """The DDIM schedule of `num_steps` steps for a model's training scheduler: a fresh `DDIMScheduler` built from its
+    config (as diffusers' DDIMPipeline does; the caller's scheduler is not modified), timesteps set. The one place
+    the sampling schedule is made, so that the inversion (`core.inversion`) walks the same timesteps backwards."""
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(num_steps)
+    return ddim
 
 
 def _unet_device(unet: torch.nn.Module) -> torch.device:
@@ -173,8 +182,7 @@ def _ddim_loop(unet, scheduler, x_T: torch.Tensor, num_steps: int, batch_size: i
                device: torch.device, autocast_dtype: torch.dtype | None
                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
     """The batches of `ddim_sample`: per-batch images (float32, CPU), per-batch h (steps, b, ...), timesteps."""
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(num_steps)
+    ddim = ddim_scheduler(scheduler, num_steps)
     timesteps = [int(t) for t in ddim.timesteps]
     unet_dtype = _unet_dtype(unet)
     # x_t and the DDIM update in float32 at least (a half-precision UNet only sees a cast copy)
@@ -253,8 +261,7 @@ def ddim_tangent(
     if precision == "bf16":
         unet = bf16_copy(unet)
     unet_dtype = _unet_dtype(unet)
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(num_steps)
+    ddim = ddim_scheduler(scheduler, num_steps)
     timesteps = [int(t) for t in ddim.timesteps]
 
     def trajectory(x: torch.Tensor) -> torch.Tensor:

@@ -145,22 +145,35 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        res = self.resolution
-        im = read_rgb(self.files[index])
-        if self.center_crop:
-            w, h = im.size
-            s = res / min(w, h)
-            im = im.resize((max(res, round(w * s)), max(res, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - res) // 2, (h - res) // 2
-            im = im.crop((left, top, left + res, top + res))
-        else:
-            im = im.resize((res, res), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.float32)
+        arr = np.asarray(fit_square(read_rgb(self.files[index]), self.resolution, self.center_crop), dtype=np.float32)
         if self.random_flip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
             arr = arr[:, ::-1]
-        img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))) / 127.5 - 1.0
-        return img, torch.zeros(0, dtype=torch.long)
+        return _to_tensor(arr), torch.zeros(0, dtype=torch.long)
+
+
+def fit_square(image: Image.Image, resolution: int, center_crop: bool = True) -> Image.Image:
+    """An image at resolution x resolution, as the training data is made (bicubic): the short side to `resolution`
+    and the centre cropped, or (center_crop=False) the whole image resized, its aspect ratio lost."""
+    res = resolution
+    if not center_crop:
+        return image.resize((res, res), Image.BICUBIC)
+    w, h = image.size
+    s = res / min(w, h)
+    image = image.resize((max(res, round(w * s)), max(res, round(h * s))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - res) // 2, (h - res) // 2
+    return image.crop((left, top, left + res, top + res))
+
+
+def load_image(path: str | Path, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """One image file as an image folder's training images load (`read_rgb`, `fit_square`; never flipped):
+    (3, R, R) float32 in [-1, 1]. Raises `ImageFileError` naming a file that cannot be decoded or is missing."""
+    return _to_tensor(np.asarray(fit_square(read_rgb(path), resolution, center_crop), dtype=np.float32))
+
+
+def _to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) values 0..255 -> (3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))) / 127.5 - 1.0
 
 
 def build_dataset(dataset_spec, train: bool = True) -> Dataset:

@@ -1,0 +1,183 @@
+"""DDIM inversion: the known answer (an image DDIM drew from x_T inverts back to x_T, and redraws as itself) and
+`isosweep invert` end to end on a saved model folder, its bad input included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, UNet2DModel
+from PIL import Image
+
+from isosweep.cli import main
+from isosweep.core.inversion import ddim_invert, predicted_epsilon
+from isosweep.core.sampling import ddim_sample
+from isosweep.data.datasets import ImageFolderDataset
+from isosweep.evaluation.features import domain
+from isosweep.models.builtin import default_scheduler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+
+
+def _unet(dtype: torch.dtype) -> UNet2DModel:
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8)
+    return unet.to(dtype).eval()
+
+
+def _scheduler(prediction_type: str = "epsilon", **config) -> DDPMScheduler:
+    """isosweep's DDPM schedule without the x_0 clip: with it, the sampler maps many x_t to one image and nothing inverts."""
+    base = {k: v for k, v in default_scheduler().config.items() if not k.startswith("_")}
+    return DDPMScheduler(**{**base, "prediction_type": prediction_type, "clip_sample": False, **config})
+
+
+@torch.no_grad()
+def _drawn(unet, scheduler, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+    """diffusers' own DDIM loop (eta = 0), unclamped and in x_T's dtype: the reference the inversion must undo."""
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    x = x_T
+    for t in ddim.timesteps:
+        x = ddim.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("dtype, refine, tolerance, spacing, steps", [
+    (torch.float64, 30, 1e-12, "leading", STEPS),
+    (torch.float32, 10, 1e-5, "leading", STEPS),
+    (torch.float64, 30, 1e-12, "trailing", 7),  # 1000 / 7 is no integer: diffusers' steps land between its timesteps
+])
+def test_inverting_a_drawn_image_gives_back_its_x_T(dtype, refine, tolerance, spacing, steps):
+    """Measured: float64 |x_T' - x_T| <= 1.8e-15 after 30 refinements (x_T up to 3.7), float32 1.6e-6 after 10; the
+    redraw of x_T' matches the image as closely (relative to its size: a random UNet draws pixels in the hundreds)."""
+    unet, scheduler = _unet(dtype), _scheduler(timestep_spacing=spacing)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    image = _drawn(unet, scheduler, x_T, steps)
+    inverted = ddim_invert(unet, scheduler, image, steps, refine=refine, progress=False, batch_size=1)
+    assert inverted.dtype == dtype
+    assert (inverted - x_T).abs().max() < tolerance
+    assert ((_drawn(unet, scheduler, inverted, steps) - image).abs().max() / image.abs().max()) < tolerance
+    # isosweep's sampler draws the same image from it (in float32, clamped to [-1, 1] as it returns images)
+    redrawn = ddim_sample(unet, scheduler, inverted, steps, progress=False).images
+    assert (redrawn - image.clamp(-1, 1).float()).abs().max() < 1e-4
+
+
+def test_plain_inversion_is_diffusers_ddim_inverse_scheduler_and_only_approximate():
+    """refine=0 is plain DDIM inversion: for an epsilon model, step for step diffusers' DDIMInverseScheduler (equal to
+    the last bit in float64). It evaluates the model at the lower point of each step, so it misses x_T (by 0.53)."""
+    unet, scheduler = _unet(torch.float64), _scheduler()
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    image = _drawn(unet, scheduler, x_T, STEPS)
+    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    inverse.set_timesteps(STEPS)
+    x = image
+    with torch.no_grad():
+        for t in inverse.timesteps:
+            x = inverse.step(unet(x, t).sample, t, x).prev_sample
+    plain = ddim_invert(unet, scheduler, image, STEPS, progress=False)
+    assert (plain - x).abs().max() < 1e-12
+    assert (plain - x_T).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_predicted_epsilon_reads_the_output_as_the_sampler_does(prediction_type):
+    """The epsilon of an output is the one DDIMScheduler's step implies: x = sqrt(a) x_0 + sqrt(1 - a) eps."""
+    ddim = DDIMScheduler.from_config(_scheduler(prediction_type).config)
+    ddim.set_timesteps(STEPS)
+    g = torch.Generator().manual_seed(2)
+    x, output = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    for t in (int(ddim.timesteps[0]), int(ddim.timesteps[-1])):
+        a = ddim.alphas_cumprod[t]  # float32, as the step reads it (its square roots rounded as there)
+        x0 = ddim.step(output, t, x).pred_original_sample
+        eps = predicted_epsilon(output, x, a, prediction_type)
+        assert torch.allclose(a.sqrt() * x0 + (1 - a).sqrt() * eps, x, atol=1e-10)
+
+
+def test_a_schedule_the_inverse_scheduler_cannot_walk_is_refused():
+    scheduler = _scheduler(timestep_spacing="linspace")
+    with pytest.raises(ValueError, match="timestep_spacing 'leading' or 'trailing'"):
+        ddim_invert(_unet(torch.float32), scheduler, torch.zeros(1, 3, 8, 8), STEPS, progress=False)
+
+
+# `isosweep invert` end to end
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    """Two PNGs of other sizes than the model's (one not square: center-cropped as training images are)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, size in (("a.png", (12, 12)), ("b.png", (20, 14))):
+        path = tmp_path / "in" / name
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def fast_domain(monkeypatch, tmp_path):
+    """The demo spec's perceptual distance (the domain network) from a short training recipe, cached under tmp_path."""
+    monkeypatch.setattr(domain, "_DOMAIN_RECIPE", {**domain._DOMAIN_RECIPE, "steps": 20, "batch_size": 16, "train_size": 256})
+    monkeypatch.setenv("ISOSWEEP_CACHE", str(tmp_path / "cache"))
+
+
+def _invert(model, *rest) -> list[str]:
+    return ["invert", str(model), *map(str, rest), "--spec", str(ROOT / "search_spaces" / "demo.yaml"), "--device", "cpu"]
+
+
+def test_invert_command_writes_x_T_reconstructions_and_errors(tiny_model_dir, images, fast_domain, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_invert(tiny_model_dir, *images, "--steps", 4, "--refine", 1, "--out", out, "--batch-size", 1)) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("inverted 2 image(s) with DDIM 4 steps") and "\n" not in line, line
+    x_T = np.load(out / "x_T.npy", allow_pickle=False)
+    assert x_T.shape == (2, 3, 8, 8) and x_T.dtype == np.float32 and np.isfinite(x_T).all()
+    report = json.loads((out / "inversion.json").read_text())
+    for key in ("mse", "mse_lo", "mse_hi", "perceptual", "perceptual_lo", "perceptual_hi"):
+        assert np.isfinite(report[key]), key
+    assert report["mse_lo"] <= report["mse"] <= report["mse_hi"]
+    assert report["perceptual_distance"] == "domain-shapes-v1" and report["steps"] == 4 and report["refine"] == 1
+    assert [Path(i["file"]).name for i in report["images"]] == ["a.png", "b.png"]
+    for entry in report["images"]:
+        assert Image.open(out / entry["reconstruction"]).size == (8, 8)
+    # the numbers are the saved x_T's: redrawn from x_T.npy, the images lie that far from the inputs as an image folder
+    # loads them for training
+    from isosweep.models.loading import load_local
+
+    unet, scheduler = load_local(tiny_model_dir, None)
+    redrawn = ddim_sample(unet, scheduler, torch.from_numpy(x_T), 4, progress=False).images.double()
+    inputs = torch.stack([item[0] for item in ImageFolderDataset(images[0].parent, 8, random_flip=False)]).double()
+    mse = ((redrawn - inputs) ** 2).flatten(1).mean(1)
+    assert np.allclose(mse.numpy(), [i["mse"] for i in report["images"]], rtol=1e-4)
+    assert np.isclose(report["mse"], float(mse.mean()), rtol=1e-4)
+
+
+def test_invert_command_refuses_bad_input_with_one_line(tiny_model_dir, images, fast_domain, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    new = tmp_path / "new"
+    cases = {
+        "cannot be read as an image": [images[0], broken, "--out", new],
+        "no images given": ["--out", new],
+        "no such file or folder": [tmp_path / "missing.png", "--out", new],
+        "--steps and --batch-size must be at least 1": [*images, "--steps", 0, "--out", new],
+        "exists and is not an empty folder": [*images, "--out", full],
+    }
+    for message, rest in cases.items():
+        assert main(_invert(tiny_model_dir, *rest)) == 2, message
+        err = capsys.readouterr().err.strip()
+        assert message in err and err.startswith("error: ") and "\n" not in err, err
+        assert not new.exists() and [p.name for p in full.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "cache").exists()  # refused before any network was loaded or trained
