@@ -1,6 +1,6 @@
 """PPL by forward-mode differentiation (`evaluation.ppl.method: jvp`) against the finite difference: agreement and cost.
 
-    python -m bench.ppl_jvp converge                  # per pair, float64: FD at eps 1e-1 .. 1e-7 against the JVP value
+    python -m bench.ppl_jvp converge                  # per pair, float64 model: FD at eps 1e-1 .. 1e-7 against the JVP value
     python -m bench.ppl_jvp agree --pairs 300         # PPL with its interval: FD fp32 (today) against JVP fp32 / bf16
     python -m bench.ppl_jvp cost --resolution 32      # time per pair and DDIM step, and the PPL-50k bill it implies
     python -m bench.ppl_jvp cost --resolution 256 --device cuda --pairs 16
@@ -108,7 +108,8 @@ def converge(args: argparse.Namespace) -> int:
     z0, z1, s = ppl_pairs(args.pairs, shape, args.seed)
     z0, z1 = z0.double(), z1.double()
     epsilons = [10.0 ** -k for k in range(1, 8)]
-    print(f"# {args.pairs} pairs, {args.steps} DDIM steps, float64 throughout")
+    print(f"# {args.pairs} pairs, {args.steps} DDIM steps; model, latents and distance in float64, images float32 as the "
+          "sampler returns them (the finite difference's floor: float32 rounding of two images eps apart)")
     for name in args.distance:
         dist, label = distance(name, res, spec)
         if name == "lpips":
@@ -117,7 +118,7 @@ def converge(args: argparse.Namespace) -> int:
             dist.net.double()
         x = slerp(z0, z1, s)
         images, tangents = ddim_tangent(unet, scheduler, x, slerp_tangent(z0, z1, s), args.steps)
-        # ddim_tangent returns float32; recompute the image in float64 for the finite difference's base point
+        # the finite difference's base image, decoded as PPL decodes it (float32 images)
         base = ddim_sample(unet, scheduler, x, args.steps, progress=False, batch_size=64).images
         jvp = tangent_quadratic(dist, images.double(), tangents.double()).double()
         print(f"\n## {label}: |FD(eps) / JVP - 1| over the pairs (JVP values: median {jvp.median():.4g})")
