@@ -17,6 +17,15 @@ def _as_batch_s(s: torch.Tensor | float, a: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (a.ndim - 1)))
 
 
+def _pair_angles(a64: torch.Tensor, b64: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each pair's angle omega, sin(omega) and whether slerp treats it as a lerp (sin(omega) < 1e-7), in `shape`."""
+    af, bf = a64.flatten(1), b64.flatten(1)
+    cos = (af * bf).sum(1) / (af.norm(dim=1) * bf.norm(dim=1)).clamp_min(1e-300)
+    omega = torch.arccos(cos.clamp(-1.0, 1.0)).reshape(shape)
+    sin_omega = torch.sin(omega)
+    return omega, sin_omega, sin_omega.abs() < 1e-7
+
+
 def lerp(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
     """Linear interpolation (1 - s) a + s b per pair: a, b (B, ...), s scalar or (B,) -> (B, ...)."""
     if a.shape != b.shape:
@@ -38,11 +47,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor | float) -> torch.Te
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     s64 = _as_batch_s(s, a)
     a64, b64 = a.double(), b.double()
-    af, bf = a64.flatten(1), b64.flatten(1)
-    cos = (af * bf).sum(1) / (af.norm(dim=1) * bf.norm(dim=1)).clamp_min(1e-300)
-    omega = torch.arccos(cos.clamp(-1.0, 1.0)).reshape(s64.shape)
-    sin_omega = torch.sin(omega)
-    near = sin_omega.abs() < 1e-7
+    omega, sin_omega, near = _pair_angles(a64, b64, s64.shape)
     safe = torch.where(near, torch.ones_like(sin_omega), sin_omega)
     wa = torch.where(near, 1 - s64, torch.sin((1 - s64) * omega) / safe)
     wb = torch.where(near, s64, torch.sin(s64 * omega) / safe)
@@ -60,11 +65,7 @@ def slerp_tangent(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor | float) -> 
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     s64 = _as_batch_s(s, a)
     a64, b64 = a.double(), b.double()
-    af, bf = a64.flatten(1), b64.flatten(1)
-    cos = (af * bf).sum(1) / (af.norm(dim=1) * bf.norm(dim=1)).clamp_min(1e-300)
-    omega = torch.arccos(cos.clamp(-1.0, 1.0)).reshape(s64.shape)
-    sin_omega = torch.sin(omega)
-    near = sin_omega.abs() < 1e-7
+    omega, sin_omega, near = _pair_angles(a64, b64, s64.shape)
     scale = torch.where(near, torch.ones_like(omega), omega / torch.where(near, torch.ones_like(sin_omega), sin_omega))
     wa = torch.where(near, -torch.ones_like(s64), -scale * torch.cos((1 - s64) * omega))
     wb = torch.where(near, torch.ones_like(s64), scale * torch.cos(s64 * omega))
