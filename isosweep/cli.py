@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from isosweep import __version__
 from isosweep.console import note
 from isosweep.constants import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_SPEC_ERROR, EXIT_TERMINATED, OVERRIDES_ENV
 from isosweep.spec import SpecError
@@ -28,6 +29,7 @@ def _add_spec(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isosweep", description="Ray sweeps for Isometric Diffusion fine-tuning")
+    parser.add_argument("--version", action="version", version=f"isosweep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a spec file and print the resolved config")

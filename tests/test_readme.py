@@ -56,3 +56,14 @@ def test_citations_of_the_math_name_sections_of_docs_math_md():
     assert cited, "no citation found: the pattern no longer matches how the code cites docs/math.md"
     missing = sorted({(f, n) for f, n in cited if str(n) not in sections})
     assert not missing, f"citations of sections docs/math.md does not have: {missing}"
+
+
+def test_version_prints_the_package_version(capsys):
+    """`isosweep --version` prints the installed package's version and exits 0."""
+    import pytest
+
+    import isosweep
+
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"isosweep {isosweep.__version__}"
