@@ -332,6 +332,7 @@ def test_ppl_by_jvp_in_the_suite_is_recorded_with_its_method_and_meets_the_finit
     assert jvp.backbones["ppl"] == fd.backbones["ppl"] == common.DOMAIN_SHAPES
     ratio = jvp.values["ppl_pairs"] / fd.values["ppl_pairs"]
     assert len(ratio) == 6 and np.all(np.abs(ratio - 1) < 0.05), ratio
+    assert not np.array_equal(jvp.values["ppl_pairs"], fd.values["ppl_pairs"])  # the suite ran the other method
     assert jvp.metrics["ppl_lo"] <= jvp.metrics["ppl"] <= jvp.metrics["ppl_hi"]
 
 
