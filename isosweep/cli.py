@@ -155,6 +155,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--tracking-uri", default=None)
 
+    p = sub.add_parser("edit", help="edit images along Local Basis directions and measure how linear the edits are",
+                       description="Find the top directions of the encoder's Jacobian at DDIM step t (the Local Basis), "
+                                   "draw x_t + gamma v for each direction and gamma, and write one grid per sample "
+                                   "(rows: directions, columns: gammas), the directions (basis_*.npy) and edit.json.")
+    p.add_argument("model", help="diffusers directory, hub id or MLflow model URI")
+    p.add_argument("--seed", type=int, nargs="+", default=None,
+                   help="samples to edit, each the image `isosweep sample --n 1 --seed S` draws (default: 0); "
+                        "two or more also measure how far their directions agree")
+    p.add_argument("--image", nargs="+", default=None, help="edit these PNG/JPEG files (or folders) instead, DDIM-inverted first")
+    p.add_argument("--t", type=int, required=True,
+                   help="timestep of the edit, 0..999 (the DDIM step at or below it); high t: coarse, global edits")
+    p.add_argument("--gamma", required=True,
+                   help="step sizes along each unit direction: G for -G..G, or LO..HI (write --gamma=-20..60)")
+    p.add_argument("--columns", type=int, default=7, help="gammas per row, evenly spaced over the range")
+    p.add_argument("--directions", type=int, nargs="+", default=[0, 1, 2],
+                   help="Local Basis indices, one grid row each (0: the largest singular value)")
+    p.add_argument("--combine", type=int, nargs="+", default=None,
+                   help="one more row along the normalised sum of these directions, e.g. --combine 0 1")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (and inversion steps for --image)")
+    p.add_argument("--iterations", type=int, default=8,
+                   help="subspace-iteration rounds for the directions; edit.json's residuals say whether it was enough")
+    p.add_argument("--out", required=True, help="a new or empty folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    p.add_argument("--spec", default="search_spaces/demo.yaml",
+                   help="spec whose evaluation section names the perceptual distance (PPL's) and the bootstrap")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--tracking-uri", default=None)
+
     p = sub.add_parser("sync", help="upload to MLflow what a sweep's storage holds but the tracking server lacks")
     p.add_argument("target", help=target_help)
     p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -242,6 +271,7 @@ COMMANDS = {
     "sample": ("models", "sample_command"),
     "interpolate": ("models", "interpolate_command"),
     "invert": ("invert", "invert_command"),
+    "edit": ("edit", "edit_command"),
     "sync": ("sync", "sync_command"),
 }
 

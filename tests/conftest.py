@@ -70,3 +70,30 @@ from support.photos import photo_datasets  # noqa: E402,F401
 from support.ray_cluster import ray_cluster  # noqa: E402,F401
 from support.servers import mlflow_server, s3_server  # noqa: E402,F401
 from support.weights import standard_weights  # noqa: E402,F401
+
+
+@pytest.fixture
+def image_files(tmp_path) -> list[Path]:
+    """(shared by the inversion and editing tests) Two PNGs of other sizes than the tiny model's (one not square:
+    center-cropped as training images are)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, size in (("a.png", (12, 12)), ("b.png", (20, 14))):
+        path = tmp_path / "in" / name
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def fast_domain(monkeypatch, tmp_path):
+    """(shared by the inversion and editing tests) The demo spec's perceptual distance (the domain network) from a
+    short training recipe, cached under tmp_path."""
+    from isosweep.evaluation.features import domain
+
+    monkeypatch.setattr(domain, "_DOMAIN_RECIPE", {**domain._DOMAIN_RECIPE, "steps": 20, "batch_size": 16, "train_size": 256})
+    monkeypatch.setenv("ISOSWEEP_CACHE", str(tmp_path / "cache"))

@@ -16,7 +16,6 @@ from isosweep.cli import main
 from isosweep.core.inversion import ddim_invert, predicted_epsilon
 from isosweep.core.sampling import ddim_sample
 from isosweep.data.datasets import ImageFolderDataset
-from isosweep.evaluation.features import domain
 from isosweep.models.builtin import default_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,33 +109,13 @@ def test_a_schedule_the_inverse_scheduler_cannot_walk_is_refused():
 # `isosweep invert` end to end
 
 
-@pytest.fixture
-def images(tmp_path) -> list[Path]:
-    """Two PNGs of other sizes than the model's (one not square: center-cropped as training images are)."""
-    rng = np.random.default_rng(0)
-    paths = []
-    for name, size in (("a.png", (12, 12)), ("b.png", (20, 14))):
-        path = tmp_path / "in" / name
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
-
-
-@pytest.fixture
-def fast_domain(monkeypatch, tmp_path):
-    """The demo spec's perceptual distance (the domain network) from a short training recipe, cached under tmp_path."""
-    monkeypatch.setattr(domain, "_DOMAIN_RECIPE", {**domain._DOMAIN_RECIPE, "steps": 20, "batch_size": 16, "train_size": 256})
-    monkeypatch.setenv("ISOSWEEP_CACHE", str(tmp_path / "cache"))
-
-
 def _invert(model, *rest) -> list[str]:
     return ["invert", str(model), *map(str, rest), "--spec", str(ROOT / "search_spaces" / "demo.yaml"), "--device", "cpu"]
 
 
-def test_invert_command_writes_x_T_reconstructions_and_errors(tiny_model_dir, images, fast_domain, tmp_path, capsys):
+def test_invert_command_writes_x_T_reconstructions_and_errors(tiny_model_dir, image_files, fast_domain, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(_invert(tiny_model_dir, *images, "--steps", 4, "--refine", 1, "--out", out, "--batch-size", 1)) == 0
+    assert main(_invert(tiny_model_dir, *image_files, "--steps", 4, "--refine", 1, "--out", out, "--batch-size", 1)) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("inverted 2 image(s) with DDIM 4 steps") and "\n" not in line, line
     x_T = np.load(out / "x_T.npy", allow_pickle=False)
@@ -155,13 +134,13 @@ def test_invert_command_writes_x_T_reconstructions_and_errors(tiny_model_dir, im
 
     unet, scheduler = load_local(tiny_model_dir, None)
     redrawn = ddim_sample(unet, scheduler, torch.from_numpy(x_T), 4, progress=False).images.double()
-    inputs = torch.stack([item[0] for item in ImageFolderDataset(images[0].parent, 8, random_flip=False)]).double()
+    inputs = torch.stack([item[0] for item in ImageFolderDataset(image_files[0].parent, 8, random_flip=False)]).double()
     mse = ((redrawn - inputs) ** 2).flatten(1).mean(1)
     assert np.allclose(mse.numpy(), [i["mse"] for i in report["images"]], rtol=1e-4)
     assert np.isclose(report["mse"], float(mse.mean()), rtol=1e-4)
 
 
-def test_invert_command_refuses_bad_input_with_one_line(tiny_model_dir, images, fast_domain, tmp_path, capsys):
+def test_invert_command_refuses_bad_input_with_one_line(tiny_model_dir, image_files, fast_domain, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     full = tmp_path / "full"
@@ -169,11 +148,11 @@ def test_invert_command_refuses_bad_input_with_one_line(tiny_model_dir, images, 
     (full / "keep.txt").write_text("x")
     new = tmp_path / "new"
     cases = {
-        "cannot be read as an image": [images[0], broken, "--out", new],
+        "cannot be read as an image": [image_files[0], broken, "--out", new],
         "no images given": ["--out", new],
         "no such file or folder": [tmp_path / "missing.png", "--out", new],
-        "--steps and --batch-size must be at least 1": [*images, "--steps", 0, "--out", new],
-        "exists and is not an empty folder": [*images, "--out", full],
+        "--steps and --batch-size must be at least 1": [*image_files, "--steps", 0, "--out", new],
+        "exists and is not an empty folder": [*image_files, "--out", full],
     }
     for message, rest in cases.items():
         assert main(_invert(tiny_model_dir, *rest)) == 2, message

@@ -66,7 +66,7 @@ def _check_arguments(args: argparse.Namespace) -> Path:
     return out
 
 
-def _load_images(files: list[Path], unet) -> torch.Tensor:
+def model_images(files: list[Path], unet) -> torch.Tensor:
     """(N, 3, R, R) in [-1, 1] at the model's size; SpecError naming a file that cannot be read."""
     channels, height, width = sample_shape(unet)
     if channels != 3 or height != width:
@@ -85,7 +85,7 @@ def invert_command(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides, check_paths=False)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unet, scheduler = load_model(args.model, args.tracking_uri)
-    images = _load_images(files, unet)  # every file decoded before the distance's network is loaded (or trained)
+    images = model_images(files, unet)  # every file decoded before the distance's network is loaded (or trained)
     try:
         nets = load_feature_networks(spec.evaluation, spec.dataset, needs=("ppl",), device=device)
     except BackboneUnavailable as exc:

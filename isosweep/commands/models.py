@@ -75,7 +75,7 @@ def pull_command(args: argparse.Namespace) -> int:
             shutil.copytree(resolve_model(args.model_uri), out / PIPELINE_SUBPATH, dirs_exist_ok=True)
             pipe_dir = out / PIPELINE_SUBPATH
         unet, scheduler = load_local(pipe_dir, None)
-        img = _ddim(unet, scheduler, _noise(0, sample_shape(unet)), 1)
+        img = _ddim(unet, scheduler, seed_noise(0, sample_shape(unet)), 1)
         if not np.isfinite(img).all():
             raise RuntimeError(f"{args.model_uri}: a 1-step sample is not finite; the model is broken")
     except BaseException:  # a half-downloaded --out would refuse the next try ("exists and is not empty")
@@ -112,7 +112,7 @@ def load_model(model: str, tracking_uri: str | None = None) -> tuple[UNet2DModel
 def sample_grid_image(model: str, n: int, steps: int, seed: int, tracking_uri: str | None = None) -> Image.Image:
     """A PIL grid of n DDIM samples of a model dir or URI (seed -> the latents (n, C, H, W))."""
     unet, scheduler = load_model(model, tracking_uri)
-    return make_grid(to_uint8(_ddim(unet, scheduler, _noise(seed, sample_shape(unet), n), steps)))
+    return make_grid(to_uint8(_ddim(unet, scheduler, seed_noise(seed, sample_shape(unet), n), steps)))
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -127,7 +127,7 @@ def sample_command(args: argparse.Namespace) -> int:
 def interpolation_frames(unet, scheduler, seeds: Sequence[int], frames: int, mode: str, steps: int) -> np.ndarray:
     """Images (frames, C, H, W) in [-1, 1] along the slerp/lerp path between two seeds' latents."""
     shape = sample_shape(unet)
-    a, b = _noise(seeds[0], shape), _noise(seeds[1], shape)
+    a, b = seed_noise(seeds[0], shape), seed_noise(seeds[1], shape)
     s = torch.linspace(0.0, 1.0, frames)
     path = slerp if mode == "slerp" else lerp
     return _ddim(unet, scheduler, path(a.expand(frames, *shape), b.expand(frames, *shape), s), steps)
@@ -165,6 +165,6 @@ def _ddim(unet, scheduler, x_T: torch.Tensor, steps: int) -> np.ndarray:
     return ddim_sample(unet, scheduler, x_T, steps, batch_size=16, progress=False).images.numpy()
 
 
-def _noise(seed: int, shape: tuple[int, int, int], n: int = 1) -> torch.Tensor:
+def seed_noise(seed: int, shape: tuple[int, int, int], n: int = 1) -> torch.Tensor:
     """The latents of `--seed` / `--seeds`: one generator seeded with the seed, (n, C, H, W)."""
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(int(seed)))
