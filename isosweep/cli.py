@@ -259,13 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             note(format_exception_scrubbed(exc), end="")
         else:
-            note(f"error: {one_line(format_exception_scrubbed(exc, with_traceback=False))} (run with -v for the traceback)")
+            note(f"error: {error_line(exc)} (run with -v for the traceback)")
         return EXIT_ERROR
 
 
-def one_line(text: str) -> str:
-    """An error's lines (its message's and its causes') joined by "; ", so that the error is one line."""
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+def error_line(exc: BaseException) -> str:
+    """`Type: message` of the outermost exception on one line, scrubbed (its causes are in the -v traceback)."""
+    from isosweep.redact import scrub_text  # stdlib only
+
+    message = " ".join(str(exc).split())
+    return scrub_text(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
 # verb -> (module in isosweep.commands, function)
