@@ -90,3 +90,11 @@ def test_a_spec_that_is_not_utf8_text_is_a_bad_spec(tmp_path, capsys):
     assert main(["validate", str(spec)]) == constants.EXIT_SPEC_ERROR
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {spec}: not UTF-8 text") and "fix: " in err and "\n" not in err, err
+
+
+def test_the_error_line_is_one_scrubbed_line():
+    from isosweep.cli import error_line
+
+    line = error_line(ValueError("cannot open\nhttp://user:pw-SECRET@host:5000/x"))
+    assert line == "ValueError: cannot open http://***@host:5000/x", line
+    assert error_line(KeyError()) == "KeyError"
