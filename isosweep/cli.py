@@ -17,7 +17,8 @@ import threading
 
 from isosweep import __version__
 from isosweep.console import note
-from isosweep.constants import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_SPEC_ERROR, EXIT_TERMINATED, OVERRIDES_ENV
+from isosweep.constants import (EXIT_COMPLETED, EXIT_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NO_CHAMPION,
+                                EXIT_SPEC_ERROR, EXIT_SWEEP_BUSY, EXIT_TERMINATED, OVERRIDES_ENV)
 from isosweep.spec import SpecError
 
 
@@ -27,9 +28,18 @@ def _add_spec(p: argparse.ArgumentParser) -> None:
                    help="override a spec field (repeatable), e.g. --set search.num_trials=2")
 
 
+EPILOG = (f"exit codes: {EXIT_COMPLETED} done, {EXIT_ERROR} error (one line; -v prints the traceback), {EXIT_SPEC_ERROR} bad "
+          f"spec or arguments, {EXIT_FAILED} some trials failed, {EXIT_SWEEP_BUSY} sweep busy, {EXIT_NO_CHAMPION} sweep "
+          f"completed without a champion, {EXIT_INTERRUPTED} Ctrl-C, {EXIT_TERMINATED} SIGTERM; the table is the README's "
+          f"\"Exit codes\" section")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="isosweep", description="Ray sweeps for Isometric Diffusion fine-tuning")
+    parser = argparse.ArgumentParser(prog="isosweep", description="Ray sweeps for Isometric Diffusion fine-tuning",
+                                     epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"isosweep {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="on an unexpected error, print the full traceback (credentials scrubbed), not one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a spec file and print the resolved config")
@@ -189,7 +199,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--storage", default=None)
+    for p in sub.choices.values():  # -v after the verb too; SUPPRESS keeps a -v given before the verb
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as `isosweep -v`")
     return parser
+
+
+# cheap checks of arguments, made before a command imports torch or MLflow: verb -> ((option, least value), ...)
+AT_LEAST = {"sample": (("n", 1), ("steps", 1)), "interpolate": (("frames", 2), ("steps", 1))}
+NEW_FOLDER = {"pull": "out", "invert": "out"}  # verb -> option naming a folder that must be new or empty
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """SpecError (exit 2, one line) for an argument that cannot work, before the command loads anything."""
+    for name, least in AT_LEAST.get(args.command, ()):
+        value = getattr(args, name)
+        if value < least:
+            flag = "--" + name.replace("_", "-")
+            raise SpecError(f"{flag} must be at least {least} (got {value}); fix: pass {flag} {least} or more")
+    name = NEW_FOLDER.get(args.command)
+    if name:
+        from pathlib import Path
+
+        out = Path(getattr(args, name)).expanduser()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise SpecError(f"--{name} {out} exists and is not an empty folder; fix: choose a new folder")
 
 
 def _env_overrides() -> list[str]:
@@ -238,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "overrides"):
             args.overrides = [*(args.overrides or []), *_env_overrides()]
+        check_arguments(args)
         code = int(_dispatch(args) or 0)
         return _interrupted() if code == EXIT_INTERRUPTED else code
     except SpecError as exc:  # messages name files and URIs: scrubbed, since a URI may carry a key
@@ -251,8 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a cause deep in MLflow/requests may quote a URI with its credentials
         from isosweep.redact import format_exception_scrubbed  # stdlib only
 
-        note(format_exception_scrubbed(exc), end="")
+        if args.verbose:
+            note(format_exception_scrubbed(exc), end="")
+        else:
+            note(f"error: {error_line(exc)} (run with -v for the traceback)")
         return EXIT_ERROR
+
+
+def error_line(exc: BaseException) -> str:
+    """`Type: message` of the outermost exception on one line, scrubbed (its causes are in the -v traceback)."""
+    from isosweep.redact import scrub_text  # stdlib only
+
+    message = " ".join(str(exc).split())
+    return scrub_text(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
 # verb -> (module in isosweep.commands, function)

@@ -1,14 +1,15 @@
 """What a user's scripts and a submitted job rely on, defined once: the exit codes of `isosweep` and the names of the
 environment variables isosweep itself writes (stdlib only; read by the CLI, the job submitter and the sweep states).
-The table of exit codes for users is the README's "Exit codes"."""
+The table of exit codes for users is the README's "Exit codes"; each code means one thing, so a script can tell a
+sweep that ran to its end without a champion (5) from a crash (1)."""
 
-# Exit codes of every `isosweep` command.
+# Exit codes of every `isosweep` command, pairwise distinct.
 EXIT_COMPLETED = 0  # done (for a sweep: completed and a champion chosen, promoted when the spec registers it)
-EXIT_NO_CHAMPION = 1  # a sweep completed, but no champion could be chosen or promoted (e.g. the baseline failed)
-EXIT_ERROR = 1  # any other command: it did not do what was asked (the error is printed, credentials scrubbed)
+EXIT_ERROR = 1  # it did not do what was asked: an unexpected error or an outage (one line; -v adds the traceback)
 EXIT_SPEC_ERROR = 2  # bad spec or arguments, refused before anything ran
 EXIT_FAILED = 3  # some trials errored: `isosweep resume` runs them again
 EXIT_SWEEP_BUSY = 4  # `isosweep resume` refused: another driver is running that sweep (its lease is live)
+EXIT_NO_CHAMPION = 5  # a sweep completed, but no champion could be chosen or promoted (e.g. the baseline failed)
 EXIT_INTERRUPTED = 130  # stopped before the end (Ctrl-C): `isosweep resume` continues
 EXIT_TERMINATED = 143  # the same, stopped by SIGTERM (`ray job stop`, Kubernetes, Slurm): 128 + 15, as a shell reports it
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from isosweep.constants import EXIT_NO_CHAMPION
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "search_spaces" / "demo.yaml"
 
@@ -282,7 +284,7 @@ def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path
     """The tracking server is unreachable (503 from a proxy in front of the real `mlflow server`) when the
     sweep starts: the sweep waits for it instead of failing, and starts once it is back. It goes away again
     once training has started and stays down to the end. Every trial still finishes DONE (nothing turns into an
-    error), the sweep is COMPLETED with its results in storage, promotes nothing and says why (exit 1);
+    error), the sweep is COMPLETED with its results in storage, promotes nothing and says why (exit 5, EXIT_NO_CHAMPION);
     once the server is back, `isosweep sync` records each trial exactly once and `isosweep promote`
     moves @champion to the champion the table names.
     The tracking URI carries a password (`http://user:password@host`) and the environment a token: neither
@@ -321,7 +323,7 @@ def test_a_tracking_outage_loses_no_trial_and_sync_then_promote_recover(tmp_path
         out = (tmp_path / "run.log").read_text()
         assert refused_at_start > 0 and "waiting for MLflow at" in out, out[-3000:]
         assert proxy.down.is_set() and proxy.refused > refused_at_start, out[-3000:]
-        assert code == 1, out[-4000:]
+        assert code == EXIT_NO_CHAMPION, out[-4000:]
         assert "promoted nothing: MLflow lacks the records of" in out, out[-3000:]
         sweep_dir = next(storage.glob("demo-*"))
         state = json.loads((sweep_dir / "isosweep_sweep.json").read_text())

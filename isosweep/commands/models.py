@@ -29,7 +29,7 @@ from isosweep.models.builtin import BUILTIN_SHAPES, builtin_model_dir, pretrain_
 from isosweep.models.loading import load_local
 from isosweep.models.sources import is_model_uri
 from isosweep.results.plots import distance_plot
-from isosweep.spec import apply_overrides, load_spec, spec_from_dict
+from isosweep.spec import SpecError, apply_overrides, load_spec, spec_from_dict
 from isosweep.tracking.models import resolve_model
 from isosweep.tracking.registry import PIPELINE_SUBPATH
 
@@ -65,8 +65,8 @@ def pretrain_command(args: argparse.Namespace) -> int:
 def pull_command(args: argparse.Namespace) -> int:
     """`isosweep pull MODEL_URI --out DIR`: download, load with DDPMPipeline, 1-step sample, print the path."""
     out = Path(args.out).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # also checked by the CLI before torch is imported
+        raise SpecError(f"--out {out} exists and is not an empty folder; fix: choose a new folder")
     created = not out.exists()
     try:
         if is_model_uri(args.model_uri):
@@ -117,8 +117,8 @@ def sample_grid_image(model: str, n: int, steps: int, seed: int, tracking_uri: s
 
 def sample_command(args: argparse.Namespace) -> int:
     """`isosweep sample MODEL --n 16 --steps 50 --seed 0 --out grid.png`."""
-    if args.n < 1 or args.steps < 1:
-        raise ValueError("--n and --steps must be at least 1")
+    if args.n < 1 or args.steps < 1:  # also checked by the CLI before torch is imported
+        raise SpecError(f"--n and --steps must be at least 1 (got {args.n}, {args.steps})")
     path = save_png(sample_grid_image(args.model, args.n, args.steps, args.seed, args.tracking_uri), args.out)
     result(f"wrote {path} ({args.n} samples, DDIM {args.steps} steps, seed {args.seed})")
     return EXIT_COMPLETED
@@ -145,8 +145,8 @@ def interpolate_command(args: argparse.Namespace) -> int:
     Writes the strip and, next to it, `<out stem>_distances.png` (adjacent-frame pixel L2, paper
     Fig. 6) and `<out stem>_distances.json`.
     """
-    if args.frames < 2 or args.steps < 1:
-        raise ValueError("--frames must be at least 2 and --steps at least 1")
+    if args.frames < 2 or args.steps < 1:  # also checked by the CLI before torch is imported
+        raise SpecError(f"--frames must be at least 2 and --steps at least 1 (got {args.frames}, {args.steps})")
     unet, scheduler = load_model(args.model, args.tracking_uri)
     frames = interpolation_frames(unet, scheduler, args.seeds, args.frames, args.mode, args.steps)
     out = save_png(make_strip(to_uint8(frames)), args.out)

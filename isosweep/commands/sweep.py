@@ -174,7 +174,7 @@ def print_summary(spec: SweepSpec, outcome: SweepOutcome) -> None:
 
 
 def exit_code(outcome: SweepOutcome) -> int:
-    """0 completed with a champion (promoted where the spec registers one), 1 completed without one,
+    """0 completed with a champion (promoted where the spec registers one), 5 completed without one,
     3 some trials errored, 130 interrupted (results.states; README "Exit codes")."""
     if outcome.state is not None and outcome.state.state != COMPLETED:
         return outcome.state.exit_code

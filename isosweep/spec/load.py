@@ -112,6 +112,8 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, check
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:  # a binary or non-UTF-8 file is a bad spec (exit 2), not a crash
+        raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); fix: save the spec as UTF-8 YAML") from None
     if overrides:
         data = apply_overrides(data, overrides)
     return spec_from_dict(data, source=str(path), check_paths=check_paths)
