@@ -205,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # cheap checks of arguments, made before a command imports torch or MLflow: verb -> ((option, least value), ...)
-AT_LEAST = {"sample": (("n", 1), ("steps", 1)), "interpolate": (("frames", 2), ("steps", 1))}
-NEW_FOLDER = {"pull": "out", "invert": "out"}  # verb -> option naming a folder that must be new or empty
+AT_LEAST = {"sample": (("n", 1), ("steps", 1)), "interpolate": (("frames", 2), ("steps", 1)),
+            "edit": (("steps", 1), ("columns", 2), ("iterations", 1), ("batch_size", 1), ("t", 0))}
+NEW_FOLDER = {"pull": "out", "invert": "out", "edit": "out"}  # verb -> option naming a folder that must be new or empty
 
 
 def check_arguments(args: argparse.Namespace) -> None:
