@@ -41,12 +41,12 @@ def machine(device: torch.device) -> str:
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores visible)"
 
 
-def header(args: argparse.Namespace, device: torch.device) -> None:
+def header(args: argparse.Namespace, device: torch.device, module: str = "bench.ppl_jvp") -> None:
     import diffusers
 
     print(f"# {machine(device)}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("# $ python -m bench.ppl_jvp " + " ".join(sys.argv[1:]))
+    print(f"# $ python -m {module} " + " ".join(sys.argv[1:]))
 
 
 def random_unet(resolution: int):

@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (and inversion steps for --image)")
     p.add_argument("--iterations", type=int, default=8,
                    help="subspace-iteration rounds for the directions; edit.json's residuals say whether it was enough")
+    p.add_argument("--vectors-per-pass", type=int, default=None,
+                   help="copies of x_t through the encoder at once while finding the directions (default: all, "
+                        "k + 4); lower it when memory runs out (docs/editing.md has the memory per vector)")
     p.add_argument("--out", required=True, help="a new or empty folder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
@@ -206,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # cheap checks of arguments, made before a command imports torch or MLflow: verb -> ((option, least value), ...)
 AT_LEAST = {"sample": (("n", 1), ("steps", 1)), "interpolate": (("frames", 2), ("steps", 1)),
-            "edit": (("steps", 1), ("columns", 2), ("iterations", 1), ("batch_size", 1), ("t", 0))}
+            "edit": (("steps", 1), ("columns", 2), ("iterations", 1), ("batch_size", 1), ("t", 0), ("vectors_per_pass", 1))}
 NEW_FOLDER = {"pull": "out", "invert": "out", "edit": "out"}  # verb -> option naming a folder that must be new or empty
 
 
@@ -214,7 +217,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     """SpecError (exit 2, one line) for an argument that cannot work, before the command loads anything."""
     for name, least in AT_LEAST.get(args.command, ()):
         value = getattr(args, name)
-        if value < least:
+        if value is not None and value < least:
             flag = "--" + name.replace("_", "-")
             raise SpecError(f"{flag} must be at least {least} (got {value}); fix: pass {flag} {least} or more")
     name = NEW_FOLDER.get(args.command)

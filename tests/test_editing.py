@@ -69,6 +69,9 @@ def test_a_unets_local_basis_is_the_svd_of_its_explicit_jacobian():
     assert torch.allclose(basis.singular_values, s[:3], rtol=1e-10)
     assert torch.allclose(_aligned(basis.directions, vh[:3]), torch.ones(3, dtype=torch.float64), atol=1e-8)
     assert basis.residuals.max() < 1e-6
+    passes = unet_local_basis(unet, x, 500, 3, iterations=30, vectors_per_pass=2)  # 7 vectors in passes of 2, 2, 2, 1
+    assert torch.allclose(passes.directions, basis.directions, atol=1e-12)
+    assert torch.allclose(passes.singular_values, basis.singular_values, rtol=1e-12)
     rough = unet_local_basis(unet, x, 500, 3, iterations=1)
     assert rough.residuals.max() > 1e-3  # the residuals tell a user too few rounds were run
     assert unet.training is False and torch.equal(unet_local_basis(unet, x, 500, 3, iterations=30).directions,
@@ -120,7 +123,7 @@ def _edit(model, *rest) -> list[str]:
 def test_edit_command_writes_grids_bases_and_numbers(tiny_model_dir, fast_domain, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--seed", 3, 4, "--t", 500, "--gamma", 6, "--columns", 5, "--directions", 0, 2, "--combine", 0, 1,
-            "--steps", 6, "--iterations", 4, "--batch-size", 4, "--out", out]
+            "--steps", 6, "--iterations", 4, "--batch-size", 4, "--vectors-per-pass", 3, "--out", out]
     assert main(_edit(tiny_model_dir, *args)) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("edited 2 sample(s) along 3 direction(s) at t=") and "\n" not in line, line
@@ -174,6 +177,7 @@ def test_edit_command_refuses_bad_input_with_one_line(tiny_model_dir, image_file
         "indices 0, 1, 2": [*base, "--directions", -1, "--out", new],
         "--columns must be at least 2": [*base, "--columns", 1, "--out", new],
         "--iterations must be at least 1": [*base, "--iterations", 0, "--out", new],
+        "--vectors-per-pass must be at least 1": [*base, "--vectors-per-pass", 0, "--out", new],
         "not both": [*base, "--seed", 1, "--image", *image_files, "--out", new],
         "exists and is not an empty folder": [*base, "--out", full],
         "the model's X has 192 dimensions": [*base, "--directions", 192, "--out", new],

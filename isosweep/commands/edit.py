@@ -22,14 +22,14 @@ from isosweep.commands.invert import image_paths, model_images
 from isosweep.commands.models import load_model, seed_noise
 from isosweep.console import result
 from isosweep.constants import EXIT_COMPLETED
-from isosweep.core.editing import ddim_steps, edit_step_index, edited_states, unet_local_basis
+from isosweep.core.editing import edit_step_index
 from isosweep.core.inversion import ddim_invert
 from isosweep.core.sampling import ddim_scheduler, sample_shape
 from isosweep.data.images import make_grid, save_png, to_uint8
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.evaluation.metrics.confidence import mean_interval
-from isosweep.evaluation.metrics.editing import agreement_per_sample, chance_agreement, linearity_r2, straightness
+from isosweep.evaluation.metrics.editing import EditedSample, agreement_per_sample, chance_agreement, edit_sample
 from isosweep.evaluation.suite import full_float32_matmul
 from isosweep.redact import scrub_text
 from isosweep.spec import SpecError, load_spec
@@ -91,12 +91,14 @@ def edit_command(args: argparse.Namespace) -> int:
         raise SpecError(f"{args.spec}: field 'evaluation.backbone': {exc}") from None
     with full_float32_matmul():  # TF32 off on a GPU, as for the metrics
         x_T, names = _starts(args, files, unet, scheduler, device)
-        samples = [_edit_one(args, unet, ddim, timesteps, at, x, k, gammas, nets) for x in x_T]
+        samples = [edit_sample(unet, ddim, timesteps, at, x, k, args.directions, gammas, nets.distance,
+                               combine=args.combine, iterations=args.iterations, batch_size=args.batch_size,
+                               vectors_per_pass=args.vectors_per_pass) for x in x_T]
     report = _report(args, names, samples, gammas, timesteps[at], k, nets.names["ppl"], spec.evaluation, str(device))
     _write(out, names, samples, gammas, report, time.time() - t0)
     shown = ", ".join(f"{name} {_shown(report, name)}" for name in ("linearity_r2", "straightness", "consistency")
                       if name in report)
-    result(f"edited {len(names)} sample(s) along {len(samples[0]['rows'])} direction(s) at t={timesteps[at]} into {out}: {shown}")
+    result(f"edited {len(names)} sample(s) along {len(samples[0].rows)} direction(s) at t={timesteps[at]} into {out}: {shown}")
     return EXIT_COMPLETED
 
 
@@ -110,65 +112,30 @@ def _starts(args, files: list[Path], unet, scheduler, device) -> tuple[list[torc
     return [seed_noise(s, sample_shape(unet)).to(device) for s in seeds], [f"seed_{s}" for s in seeds]
 
 
-def _rows(basis, directions: list[int], combine: list[int] | None) -> tuple[torch.Tensor, list[str]]:
-    """The edit directions (rows, C, H, W): the chosen basis vectors, then their normalised sum for --combine."""
-    rows, labels = [basis.directions[i] for i in directions], [str(i) for i in directions]
-    if combine:
-        rows.append(sum(basis.directions[i] for i in combine) / len(combine) ** 0.5)  # orthonormal: unit norm
-        labels.append("+".join(str(i) for i in combine))
-    return torch.stack(rows), labels
-
-
-def _edit_one(args, unet, ddim, timesteps: list[int], at: int, x_T: torch.Tensor, k: int, gammas: np.ndarray,
-              nets) -> dict:
-    """One sample: its basis, its grid (rows, columns, C, H, W) and unedited image, and each row's numbers."""
-    x_t = ddim_steps(unet, ddim, x_T, timesteps[:at])
-    basis = unet_local_basis(unet, x_t, timesteps[at], k, iterations=args.iterations)
-    rows, labels = _rows(basis, args.directions, args.combine)
-    states = torch.cat([x_t, edited_states(x_t, rows, torch.as_tensor(gammas))])
-    drawn = torch.cat([ddim_steps(unet, ddim, chunk, timesteps[at:]) for chunk in states.split(args.batch_size)])
-    drawn = drawn.float().clamp(-1, 1).cpu()
-    base, grid = drawn[0], drawn[1:].reshape(len(rows), len(gammas), *drawn.shape[1:])
-    numbers = []
-    with torch.inference_mode():
-        for label, row in zip(labels, grid):
-            from_base = _root_distance(nets, row, base.expand_as(row))
-            neighbours = _root_distance(nets, row[1:], row[:-1])
-            chord = float(_root_distance(nets, row[-1:], row[:1])[0])
-            numbers.append({"direction": label, "distances": [float(d) for d in from_base],
-                            "linearity_r2": linearity_r2(gammas, from_base), "straightness": straightness(neighbours, chord)})
-    return {"basis": basis, "base": base, "grid": grid, "rows": numbers}
-
-
-def _root_distance(nets, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """The square root of PPL's perceptual distance, a metric (`evaluation.metrics.editing`): (B,) float64."""
-    return nets.distance(a, b).double().clamp_min(0).sqrt().numpy()
-
-
-def _report(args, names: list[str], samples: list[dict], gammas: np.ndarray, timestep: int, k: int, distance: str,
+def _report(args, names: list[str], samples: list[EditedSample], gammas: np.ndarray, timestep: int, k: int, distance: str,
             eval_spec, device: str) -> dict:
     """edit.json: settings, per sample and overall; each overall number a mean over samples with its interval."""
     boot = dict(resamples=eval_spec.bootstrap.resamples, level=eval_spec.bootstrap.level, seed=eval_spec.seed)
-    dim = int(samples[0]["basis"].directions[0].numel())
+    dim = int(samples[0].basis.directions[0].numel())
     report = {"model": scrub_text(args.model), "t": args.t, "edit_timestep": timestep, "steps": args.steps,
               "iterations": args.iterations, "gammas": [float(g) for g in gammas], "directions": args.directions,
               "combine": args.combine, "basis_size": k, "distance": f"sqrt({distance})", "device": device,
               "bootstrap": boot, "samples": []}
-    per_sample = {name: np.array([np.nanmean([r[name] for r in s["rows"]]) for s in samples])
+    per_sample = {name: np.array([np.nanmean([r[name] for r in s.rows]) for s in samples])
                   for name in ("linearity_r2", "straightness")}
     if len(samples) > 1:
-        per_sample["consistency"] = agreement_per_sample([s["basis"].directions.cpu() for s in samples])
+        per_sample["consistency"] = agreement_per_sample([s.basis.directions.cpu() for s in samples])
         report["chance_consistency"] = chance_agreement(k, dim)
     for name, values in per_sample.items():
         report[name] = float(np.nanmean(values))
         if len(values) > 1 and np.isfinite(values).all():
             report.update(mean_interval(name, values, **boot))
     for i, (name, sample) in enumerate(zip(names, samples)):
-        basis = sample["basis"]
+        basis = sample.basis
         report["samples"].append({
             "name": name, "grid": f"grid_{name}.png", "basis": f"basis_{name}.npy",
             "singular_values": basis.singular_values.double().cpu().tolist(),
-            "residuals": basis.residuals.double().cpu().tolist(), "rows": sample["rows"],
+            "residuals": basis.residuals.double().cpu().tolist(), "rows": sample.rows,
             **({"consistency": float(per_sample["consistency"][i])} if "consistency" in per_sample else {})})
     return report
 
@@ -178,14 +145,14 @@ def _shown(report: dict, name: str) -> str:
     return f"{report[name]:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if lo is not None else "")
 
 
-def _write(out: Path, names: list[str], samples: list[dict], gammas: np.ndarray, report: dict, wall_s: float) -> None:
+def _write(out: Path, names: list[str], samples: list[EditedSample], gammas: np.ndarray, report: dict, wall_s: float) -> None:
     """Per sample a grid PNG (rows: directions, columns: gammas) and its basis as .npy (float32, no pickle); edit.json."""
     out.mkdir(parents=True, exist_ok=True)
     for name, sample in zip(names, samples):
-        grid = sample["grid"]
+        grid = sample.grid
         tiles = to_uint8(grid.reshape(-1, *grid.shape[2:]).numpy())
         save_png(make_grid(tiles, ncols=len(gammas)), out / f"grid_{name}.png")
-        np.save(out / f"basis_{name}.npy", sample["basis"].directions.float().cpu().numpy(), allow_pickle=False)
+        np.save(out / f"basis_{name}.npy", sample.basis.directions.float().cpu().numpy(), allow_pickle=False)
     text = json.dumps(_no_nan({**report, "wall_s": round(wall_s, 2)}), indent=2, allow_nan=False)
     (out / REPORT_FILE).write_text(text + "\n")
 

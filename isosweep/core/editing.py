@@ -36,50 +36,70 @@ class LocalBasis(NamedTuple):
 
 
 def local_basis(encoder: Encoder, x: torch.Tensor, k: int, *, iterations: int = 8, oversample: int = 4,
-                seed: int = 0) -> LocalBasis:
+                seed: int = 0, vectors_per_pass: int | None = None) -> LocalBasis:
     """The top-k right singular vectors of J = d encoder / dx at x (1, *shape), by subspace iteration.
 
     The start is a seeded Gaussian block of k + oversample vectors; each of `iterations` rounds multiplies it by
     J^T J and re-orthonormalises it. The error of the k-th vector shrinks as (sigma_{k+p+1} / sigma_k)^(2 rounds);
     `residuals` report it. Each vector's sign is fixed (its largest entry positive) so that a direction is
-    reproducible from (model, x, seed)."""
+    reproducible from (model, x, seed). `vectors_per_pass` (default: all) bounds the memory: the encoder runs on
+    that many copies of x at once; with fewer than all, each round runs the encoder's forward pass again per pass
+    (docs/editing.md has the memory per vector)."""
     if x.shape[0] != 1:
         raise ValueError(f"local_basis takes one sample, (1, ...); got a batch of {x.shape[0]}")
     shape, n = x.shape[1:], x[0].numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and {n} (the dimension of X), got {k}")
     m = min(k + oversample, n)
+    gram = _Gram(encoder, x.detach().clone(), vectors_per_pass or m, keep=(vectors_per_pass or m) >= m)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     basis = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64)).Q.to(device=x.device, dtype=x.dtype)
-    copies = x.detach().expand(m, *shape).contiguous()
-    h, pullback = torch.func.vjp(encoder, copies)  # J^T u for every copy, the forward pass kept once
-
-    def apply_j(vectors: torch.Tensor) -> torch.Tensor:  # (n, m) -> J V as (m, out)
-        tangents = vectors.T.reshape(m, *shape).contiguous()
-        return torch.func.jvp(encoder, (copies,), (tangents,))[1].reshape(m, -1)
-
     for _ in range(iterations):
-        jv = apply_j(basis)
-        basis = torch.linalg.qr(pullback(jv.reshape(h.shape))[0].reshape(m, n).T).Q
-    jv = apply_j(basis)  # Rayleigh-Ritz: J V = U S W^T, so V W holds the right singular vectors of J V
-    _, s, wt = torch.linalg.svd(jv.T.double(), full_matrices=False)
+        basis = torch.linalg.qr(gram.jtj(basis.T.reshape(m, *shape)).reshape(m, n).T).Q
+    jv = gram.j(basis.T.reshape(m, *shape))  # Rayleigh-Ritz: J V = U S W^T, so V W holds J V's right singular vectors
+    _, s, wt = torch.linalg.svd(jv.reshape(m, -1).T.double(), full_matrices=False)
     vectors = (basis.double() @ wt.T)[:, :k]
     signs = torch.sign(vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True)))
-    vectors = (vectors * signs).to(x.dtype)
-    directions = vectors.T.reshape(k, *shape).detach()
-    return LocalBasis(directions, s[:k].detach().to(x.dtype), _residuals(encoder, x, directions, s[:k].detach()))
-
-
-def _residuals(encoder: Encoder, x: torch.Tensor, directions: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """||J^T J v - sigma^2 v|| / sigma^2 per direction (one more forward and reverse product)."""
-    k = directions.shape[0]
-    copies = x.detach().expand(k, *x.shape[1:]).contiguous()
-    _, jv = torch.func.jvp(encoder, (copies,), (directions.contiguous(),))
-    _, pullback = torch.func.vjp(encoder, copies)
-    jtjv = pullback(jv)[0].reshape(k, -1).double()
+    directions = (vectors * signs).to(x.dtype).T.reshape(k, *shape).detach()
+    s = s[:k].detach()
+    jtjv = gram.jtj(directions).reshape(k, -1).double()  # the residuals: one more round's products
     sq = (s.double() ** 2).unsqueeze(1)
     gap = (jtjv - sq * directions.reshape(k, -1).double()).norm(dim=1)
-    return (gap / sq.squeeze(1).clamp_min(torch.finfo(torch.float64).tiny)).detach().to(x.dtype)
+    residuals = gap / sq.squeeze(1).clamp_min(torch.finfo(torch.float64).tiny)
+    return LocalBasis(directions, s.to(x.dtype), residuals.detach().to(x.dtype))
+
+
+class _Gram:
+    """J V and J^T J V for blocks of vectors (c, *shape), `per_pass` copies of x through the encoder at a time. With
+    `keep`, the reverse pass of the first block's copies is kept and reused (one forward pass in all)."""
+
+    def __init__(self, encoder: Encoder, x: torch.Tensor, per_pass: int, keep: bool) -> None:
+        self.encoder, self.x, self.per_pass, self.keep = encoder, x, max(1, int(per_pass)), keep
+        self._kept: dict[int, tuple] = {}
+
+    def _copies(self, c: int) -> torch.Tensor:
+        return self.x.expand(c, *self.x.shape[1:]).contiguous()
+
+    def _pullback(self, c: int):
+        if self.keep and c in self._kept:
+            return self._kept[c]
+        h, pullback = torch.func.vjp(self.encoder, self._copies(c))
+        if self.keep:
+            self._kept = {c: (h.shape, pullback)}
+        return h.shape, pullback
+
+    def j(self, vectors: torch.Tensor) -> torch.Tensor:
+        """J v for each vector: (c, *out_shape)."""
+        return torch.cat([torch.func.jvp(self.encoder, (self._copies(len(block)),), (block.contiguous(),))[1]
+                          for block in vectors.split(self.per_pass)])
+
+    def jtj(self, vectors: torch.Tensor) -> torch.Tensor:
+        """J^T J v for each vector: (c, *shape)."""
+        out = []
+        for block in vectors.split(self.per_pass):
+            jv = torch.func.jvp(self.encoder, (self._copies(len(block)),), (block.contiguous(),))[1]
+            out.append(self._pullback(len(block))[1](jv)[0])
+        return torch.cat(out)
 
 
 def unet_local_basis(unet: torch.nn.Module, x_t: torch.Tensor, t: int, k: int, **kwargs) -> LocalBasis:
@@ -103,7 +123,7 @@ def edit_step_index(timesteps: Sequence[int], t: int) -> int:
     raise ValueError(f"t={t} is below the last DDIM timestep {int(timesteps[-1])}; choose t >= {int(timesteps[-1])}")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode: the state feeds the Jacobian products of `local_basis`
 def ddim_steps(unet: torch.nn.Module, ddim, x: torch.Tensor, timesteps: Sequence[int]) -> torch.Tensor:
     """Deterministic DDIM steps from x over `timesteps` (a run of the set schedule `ddim`), as `ddim_sample` takes
     them: x_t in float32 at least, eta = 0. Returns the state after the last step (not clamped)."""
@@ -111,7 +131,7 @@ def ddim_steps(unet: torch.nn.Module, ddim, x: torch.Tensor, timesteps: Sequence
     state = x.to(torch.promote_types(dtype, torch.float32))
     for t in timesteps:
         state = ddim.step(unet(state.to(dtype), int(t)).sample.to(state.dtype), int(t), state, eta=0.0).prev_sample
-    return state.clone()
+    return state
 
 
 def edited_states(x_t: torch.Tensor, directions: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,18 @@ holds) and grows in proportion to the step for a smooth edit, where the distance
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
 import numpy as np
 import torch
 
-__all__ = ["linearity_r2", "straightness", "subspace_agreement", "chance_agreement", "agreement_per_sample"]
+from isosweep.core.editing import LocalBasis, ddim_steps, edited_states, unet_local_basis
+
+__all__ = ["linearity_r2", "straightness", "subspace_agreement", "chance_agreement", "agreement_per_sample",
+           "EditedSample", "edit_sample"]
+
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # PPL's perceptual distance: (B, 3, H, W) x 2 -> (B,)
 
 
 def linearity_r2(gammas: np.ndarray, distances: np.ndarray) -> float:
@@ -68,3 +76,47 @@ def agreement_per_sample(bases: list[torch.Tensor]) -> np.ndarray:
         for j in range(i + 1, n):
             pair[i, j] = pair[j, i] = subspace_agreement(bases[i], bases[j])
     return (pair.sum(axis=1) - 1.0) / (n - 1)
+
+
+@dataclass
+class EditedSample:
+    """One sample's edits: its Local Basis, the unedited image (C, H, W), the grid (rows, columns, C, H, W) in
+    [-1, 1] on the CPU, and per row {direction, distances, linearity_r2, straightness}."""
+
+    basis: LocalBasis
+    base: torch.Tensor
+    grid: torch.Tensor
+    rows: list[dict]
+
+
+def edit_sample(unet: torch.nn.Module, ddim, timesteps: Sequence[int], at: int, x_T: torch.Tensor, k: int,
+                directions: Sequence[int], gammas: np.ndarray, distance: Distance, *, combine: Sequence[int] | None = None,
+                iterations: int = 8, batch_size: int = 16, vectors_per_pass: int | None = None) -> EditedSample:
+    """Edit one sample x_T (1, C, H, W) at step `at` of the set DDIM schedule `ddim` (`timesteps`, highest first):
+    its top-k Local Basis at x_t, x_t + gamma v drawn on for each of `directions` (then the normalised sum of
+    `combine`) and each gamma, and each row measured with the root of `distance`."""
+    x_t = ddim_steps(unet, ddim, x_T, timesteps[:at])
+    basis = unet_local_basis(unet, x_t, timesteps[at], k, iterations=iterations, vectors_per_pass=vectors_per_pass)
+    rows = [basis.directions[i] for i in directions]
+    labels = [str(i) for i in directions]
+    if combine:
+        rows.append(sum(basis.directions[i] for i in combine) / len(combine) ** 0.5)  # orthonormal: unit norm
+        labels.append("+".join(str(i) for i in combine))
+    states = torch.cat([x_t, edited_states(x_t, torch.stack(rows), torch.as_tensor(gammas))])
+    drawn = torch.cat([ddim_steps(unet, ddim, chunk, timesteps[at:]) for chunk in states.split(batch_size)])
+    drawn = drawn.float().clamp(-1, 1).cpu()
+    base, grid = drawn[0], drawn[1:].reshape(len(rows), len(gammas), *drawn.shape[1:])
+    numbers = []
+    with torch.no_grad():
+        for label, row in zip(labels, grid):
+            from_base = _root(distance, row, base.expand_as(row))
+            chord = float(_root(distance, row[-1:], row[:1])[0])
+            numbers.append({"direction": label, "distances": [float(d) for d in from_base],
+                            "linearity_r2": linearity_r2(gammas, from_base),
+                            "straightness": straightness(_root(distance, row[1:], row[:-1]), chord)})
+    return EditedSample(basis, base, grid, numbers)
+
+
+def _root(distance: Distance, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """The square root of PPL's perceptual distance, a metric (see the module's docstring): (B,) float64."""
+    return distance(a, b).double().clamp_min(0).sqrt().cpu().numpy()
