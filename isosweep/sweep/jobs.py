@@ -49,7 +49,7 @@ import isosweep
 from isosweep.console import note
 from isosweep.constants import OVERRIDES_ENV  # where a job's --set items travel; `cli.main` reads them
 from isosweep.redact import scrub_text
-from isosweep.spec import SpecError, SweepSpec
+from isosweep.spec import SpecError, SweepSpec, resolve_spec_data, spec_chain
 from isosweep.storage import is_remote, machine_local_reason
 
 # Never shipped with the job: environments, results, data, weights and caches (gitignore syntax,
@@ -213,9 +213,10 @@ def build_package(spec_path: str | os.PathLike, user_env: dict[str, Any] | None 
 
     From a checkout, with the spec inside it: the checkout is the working directory (minus
     RUNTIME_ENV_EXCLUDES), so specs and relative paths behave as they do locally. Otherwise (an
-    installed package, or a spec from elsewhere) the package goes as a py_module and the spec alone
-    as the working directory. The user's `excludes` are added to ours; their other fields (env_vars,
-    pip...) pass through; they never hold working_dir or py_modules (`load_runtime_env` refuses them).
+    installed package, or a spec from elsewhere, or a parent it `extends` from elsewhere) the package goes as a
+    py_module and the spec alone as the working directory, merged with its parents so none needs to travel. The
+    user's `excludes` are added to ours; their other fields (env_vars, pip...) pass through; they never hold
+    working_dir or py_modules (`load_runtime_env` refuses them).
     """
     user_env = dict(user_env or {})
     if set(user_env) & set(OWN_RUNTIME_ENV_FIELDS):
@@ -223,17 +224,18 @@ def build_package(spec_path: str | os.PathLike, user_env: dict[str, Any] | None 
     spec = Path(spec_path).resolve()
     root = package_root()
     in_checkout = (root / "pyproject.toml").is_file() and (root / "isosweep" / "__init__.py").is_file()
-    if in_checkout and spec.is_relative_to(root):
+    chain = spec_chain(spec)  # the spec and the parents it extends: all travel with the checkout, or merged into one
+    if in_checkout and all(p.resolve().is_relative_to(root) for p in chain):
         env = {"working_dir": str(root), "excludes": list(RUNTIME_ENV_EXCLUDES)}
         package = JobPackage(runtime_env=env, spec_arg=spec.relative_to(root).as_posix())
     else:
         staging = Path(tempfile.mkdtemp(prefix="isosweep-job-"))
-        shutil.copy2(spec, staging / spec.name)
-        env = {
-            "working_dir": str(staging),
-            "py_modules": [str(Path(isosweep.__file__).resolve().parent)],
-            "excludes": ["__pycache__/", "*.pyc"],
-        }
+        if len(chain) == 1:
+            shutil.copy2(spec, staging / spec.name)
+        else:  # the parents stay here: the job gets the merged spec, which extends nothing
+            (staging / spec.name).write_text(yaml.safe_dump(resolve_spec_data(spec), sort_keys=False))
+        env = {"working_dir": str(staging), "py_modules": [str(Path(isosweep.__file__).resolve().parent)],
+               "excludes": ["__pycache__/", "*.pyc"]}
         package = JobPackage(runtime_env=env, spec_arg=spec.name, staging_dir=staging)
     package.runtime_env["excludes"] += list(user_env.pop("excludes", None) or [])
     package.runtime_env.update(user_env)
