@@ -240,6 +240,21 @@ def test_tracking_precedence_end_to_end(monkeypatch):
     assert resolve_tracking_uri(None, None, None) == "http://mlflow-env:5000"
 
 
+def test_submit_checks_the_storage_and_tracking_uri_the_job_will_use():
+    """A job's --env ISOSWEEP_STORAGE / ISOSWEEP_TRACKING_URI win over the spec on the cluster, so the check of places
+    only one machine sees looks at them, and names the variable."""
+    from isosweep.sweep.jobs import check_shared_places  # imports Ray
+
+    spec = load_spec(DEMO, ["storage.path=s3://bucket/runs", "tracking.uri=http://mlflow:5000"], check_paths=False)
+    check_shared_places(spec, {}, False, "s.yaml")
+    with pytest.raises(SpecError, match="field 'ISOSWEEP_STORAGE'"):
+        check_shared_places(spec, {"ISOSWEEP_STORAGE": "runs"}, False, "s.yaml")
+    with pytest.raises(SpecError, match="field 'ISOSWEEP_TRACKING_URI'"):
+        check_shared_places(spec, {"ISOSWEEP_TRACKING_URI": "sqlite:///mlflow.db"}, False, "s.yaml")
+    local = load_spec(DEMO, check_paths=False)  # runs/ and no tracking URI: both refused without the variables
+    check_shared_places(local, {"ISOSWEEP_STORAGE": "s3://b/p", "ISOSWEEP_TRACKING_URI": "http://mlflow:5000"}, False, "s.yaml")
+
+
 def test_environment_doc_lists_every_variable_isosweep_names():
     """docs/environment.md lists every ISOSWEEP_* variable the package names."""
     import re

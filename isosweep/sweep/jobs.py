@@ -47,7 +47,7 @@ from ray.job_submission import JobSubmissionClient
 
 import isosweep
 from isosweep.console import note
-from isosweep.constants import OVERRIDES_ENV  # where a job's --set items travel; `cli.main` reads them
+from isosweep.constants import OVERRIDES_ENV, STORAGE_ENV, TRACKING_URI_ENV  # OVERRIDES_ENV: a job's --set items
 from isosweep.redact import scrub_text
 from isosweep.spec import SpecError, SweepSpec, resolve_spec_data, spec_chain
 from isosweep.storage import is_remote, machine_local_reason
@@ -352,23 +352,23 @@ def _relative_local(uri: str) -> bool:
 def check_shared_places(spec: SweepSpec, env_vars: dict[str, str], shared_fs: bool, source: str) -> None:
     """Refuse (SpecError, exit 2) a storage path or tracking URI that only one machine can see.
 
-    The tracking URI the job will use is the spec's `tracking.uri`, else MLFLOW_TRACKING_URI from the
-    job's env_vars, else none, and none means a SQLite file under the storage path on the head. With
+    The job's storage is ISOSWEEP_STORAGE from its env_vars, else the spec's; its tracking URI is ISOSWEEP_TRACKING_URI
+    from them, the spec's `tracking.uri`, MLFLOW_TRACKING_URI from them, else none: a SQLite file on the head. With
     `shared_fs` the user states that every node mounts the same file system, so absolute local paths and
     sqlite:/file: URIs pass; relative ones never do (they resolve inside the job's temporary working
     directory).
     """
-    storage = spec.storage.path
+    storage, s_field = (env_vars[STORAGE_ENV], STORAGE_ENV) if env_vars.get(STORAGE_ENV) else (spec.storage.path, "storage.path")
     reason = machine_local_reason(storage, "storage")
     if reason and (not shared_fs or _relative_local(storage)):
         why = ("it would resolve inside the job's temporary working directory" if shared_fs
                else "Tune's trial workers on other nodes cannot write there")
         raise SpecError(scrub_text(
-            f"{source}: field 'storage.path': {reason}; {why}. Fix: --set storage.path=s3://BUCKET/PREFIX, or an absolute "
+            f"{source}: field '{s_field}': {reason}; {why}. Fix: --set storage.path=s3://BUCKET/PREFIX, or an absolute "
             "path" + (" on the shared file system" if shared_fs else " plus --shared-fs if every node mounts the same file system there")
         ))
-    uri = spec.tracking.uri or env_vars.get("MLFLOW_TRACKING_URI")
-    field = "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI"
+    field, uri = next(((f, u) for f, u in ((TRACKING_URI_ENV, env_vars.get(TRACKING_URI_ENV)), ("tracking.uri", spec.tracking.uri),
+                                          ("MLFLOW_TRACKING_URI", env_vars.get("MLFLOW_TRACKING_URI"))) if u), ("", None))
     fix = ("Fix: set tracking.uri (or --env MLFLOW_TRACKING_URI=http://MLFLOW_HOST:5000) to a tracking server every "
            "node reaches; if the nodes set MLFLOW_TRACKING_URI themselves (the KubeRay manifests do), pass the same "
            "URI with --env")
