@@ -204,6 +204,15 @@ def test_tracking_uri_is_the_flag_then_isosweep_tracking_uri(argv):
     assert args.tracking_uri == "http://flag:5000"
 
 
+def test_a_verb_looks_where_isosweep_storage_says(tmp_path, monkeypatch, capsys):
+    """Through `main`: `isosweep results NAME` with no --storage searches ISOSWEEP_STORAGE, and the flag wins."""
+    monkeypatch.setenv("ISOSWEEP_STORAGE", str(tmp_path / "env"))
+    assert main(["results", "nosuch"]) == 2
+    assert f"under {tmp_path / 'env'};" in capsys.readouterr().err
+    assert main(["results", "nosuch", "--storage", str(tmp_path / "flag")]) == 2
+    assert f"under {tmp_path / 'flag'};" in capsys.readouterr().err
+
+
 def test_storage_precedence_end_to_end(tmp_path, monkeypatch):
     """The flag, then ISOSWEEP_STORAGE, then the spec's storage.path, as a sweep resolves where it lives."""
     spec = load_spec(DEMO, check_paths=False)
