@@ -14,11 +14,13 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 
 from isosweep import __version__
 from isosweep.console import note
 from isosweep.constants import (EXIT_COMPLETED, EXIT_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NO_CHAMPION,
-                                EXIT_SPEC_ERROR, EXIT_SWEEP_BUSY, EXIT_TERMINATED, OVERRIDES_ENV)
+                                EXIT_SPEC_ERROR, EXIT_SWEEP_BUSY, EXIT_TERMINATED, OVERRIDES_ENV, STORAGE_ENV,
+                                TRACKING_URI_ENV)
 from isosweep.spec import SpecError
 
 
@@ -49,14 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true",
                    help="also decode every image of an image_folder dataset once and name the unreadable ones (cached)")
     p.add_argument("--tracking-uri", default=None,
-                   help="where an MLflow base model (models:/...) is looked up (default: spec, MLFLOW_TRACKING_URI)")
+                   help="where an MLflow base model (models:/...) is looked up (default: ISOSWEEP_TRACKING_URI, spec, MLFLOW_TRACKING_URI)")
 
     p = sub.add_parser("run", help="run a sweep (embedded local Ray unless --address)")
     _add_spec(p)
     p.add_argument("--address", default=None, help="Ray cluster address: auto, ray://HOST:10001, HOST:6379")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: spec, MLFLOW_TRACKING_URI, or local sqlite)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: ISOSWEEP_TRACKING_URI, spec, MLFLOW_TRACKING_URI, or local sqlite)")
     p.add_argument("--storage", default=None,
-                   help="where the sweep lives: a directory, or s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http]")
+                   help="where the sweep lives: a directory, or s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http] "
+                   "(default: ISOSWEEP_STORAGE, then the spec's storage.path)")
     p.add_argument("--report-dir", default=None,
                    help="also copy the report's files here (the report always goes to <storage>/<sweep>/report; only its own "
                    "files are published, never the rest of this folder)")
@@ -213,6 +216,15 @@ AT_LEAST = {"sample": (("n", 1), ("steps", 1)), "interpolate": (("frames", 2), (
 NEW_FOLDER = {"pull": "out", "invert": "out", "edit": "out"}  # verb -> option naming a folder that must be new or empty
 
 
+def env_defaults(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
+    """ISOSWEEP_STORAGE and ISOSWEEP_TRACKING_URI as the values of --storage and --tracking-uri where the verb takes
+    them and the command line left them out: the flag, then the variable, then the spec (an empty variable is unset)."""
+    environ = os.environ if environ is None else environ
+    for attr, var in (("storage", STORAGE_ENV), ("tracking_uri", TRACKING_URI_ENV)):
+        if hasattr(args, attr) and getattr(args, attr) is None and environ.get(var):
+            setattr(args, attr, environ[var])
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """SpecError (exit 2, one line) for an argument that cannot work, before the command loads anything."""
     for name, least in AT_LEAST.get(args.command, ()):
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "overrides"):
             args.overrides = [*(args.overrides or []), *_env_overrides()]
+        env_defaults(args)
         check_arguments(args)
         code = int(_dispatch(args) or 0)
         return _interrupted() if code == EXIT_INTERRUPTED else code

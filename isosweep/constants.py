@@ -16,3 +16,7 @@ EXIT_TERMINATED = 143  # the same, stopped by SIGTERM (`ray job stop`, Kubernete
 # --set items from the environment: a JSON list of "KEY=VALUE" strings that `isosweep` appends after the command
 # line's --set. `isosweep submit` puts a job's --set items here so that their values stay out of its entrypoint.
 OVERRIDES_ENV = "ISOSWEEP_OVERRIDES"
+# The defaults of --storage and --tracking-uri for every verb that takes them: the flag, then the variable, then the
+# spec (`storage.path`; `tracking.uri`, then MLFLOW_TRACKING_URI, then the local store under the storage path).
+STORAGE_ENV = "ISOSWEEP_STORAGE"
+TRACKING_URI_ENV = "ISOSWEEP_TRACKING_URI"

@@ -47,6 +47,20 @@ def test_shipped_specs_validate(path):
     assert all(q.lambda_iso > 0 and q.p < 1 for q in s.points)  # search.points (the study's stage 2) likewise
 
 
+def test_shipped_specs_resolve_to_their_pinned_settings():
+    """tests/data/shipped_specs_resolved.json pins every shipped spec's resolved settings (its validated dump, after
+    `extends` is merged in): rewriting a spec, moving keys into a parent or changing a parent must not change what any
+    spec runs. A resume compares every field of the saved spec, so a change would also refuse to resume the sweeps
+    that ran with the old settings. A change is deliberate: regenerate the fixture (`json.dumps` of
+    {file name: load_spec(path, check_paths=False).to_dict()}, indent=1, sort_keys=True) and say why in the commit."""
+    import json
+
+    pinned = json.loads((ROOT / "tests" / "data" / "shipped_specs_resolved.json").read_text())
+    assert sorted(pinned) == [p.name for p in SPECS]
+    for path in SPECS:
+        assert load_spec(path, check_paths=False).to_dict() == pinned[path.name], path.name
+
+
 def test_shipped_specs_register_under_their_own_names():
     """Two specs sharing a registered model name would overwrite each other's @champion alias."""
     names = [load_spec(p, check_paths=False).registry_name for p in SPECS]

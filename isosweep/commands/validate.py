@@ -7,8 +7,9 @@ what the spec points at that `validate` and `run` make before Ray starts.
   the local Hugging Face cache nor (when online) on the hub, and with HF_HUB_OFFLINE=1 the cache alone
   counts; an MLflow URI (`models:/`, `runs:/`, an artifact URI) that its tracking server does not have
   (a registered name, alias or version), or a tracking server that cannot be reached. The server is the one
-  the sweep tracks to: --tracking-uri, `tracking.uri`, MLFLOW_TRACKING_URI, else the local store under the
-  storage path (`tracking.client.resolve_tracking_uri`), so `models:/NAME@champion` of the previous sweep is found;
+  the sweep tracks to: --tracking-uri (default ISOSWEEP_TRACKING_URI), `tracking.uri`, MLFLOW_TRACKING_URI, else the
+  local store under the storage path, ISOSWEEP_STORAGE or `storage.path` (`tracking.client.resolve_tracking_uri`), so
+  `models:/NAME@champion` of the previous sweep is found;
 - with `deep=True`: any image of an image_folder dataset cannot be decoded (`data.imagefiles`; cached).
 
 `validate --deep` also prints, per metric, the feature network it will use: for Inception and AlexNet the
@@ -30,7 +31,7 @@ from huggingface_hub.errors import GatedRepoError, HFValidationError, Repository
 from huggingface_hub.utils import validate_repo_id
 
 from isosweep.console import note, result
-from isosweep.constants import EXIT_COMPLETED
+from isosweep.constants import EXIT_COMPLETED, STORAGE_ENV
 from isosweep.data.imagefiles import ImageScan, scan_image_folder
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.spec import EVAL_METRICS, SpecError, SweepSpec, load_spec
@@ -52,7 +53,8 @@ def validate_command(args: argparse.Namespace) -> int:
     if args.no_path_checks:
         check_metric_names(spec, args.spec)  # preflight checks them otherwise
     else:  # stdout is the resolved spec alone (it can be piped to a file): notes go to stderr
-        found = preflight(spec, args.spec, tracking_uri=args.tracking_uri, deep=args.deep)
+        # the local store of a sweep run with ISOSWEEP_STORAGE lies under it (validate takes no --storage)
+        found = preflight(spec, args.spec, tracking_uri=args.tracking_uri, deep=args.deep, storage=os.environ.get(STORAGE_ENV) or None)
         note(scrub_text(f"base model: {found.base_model}"))
         if found.scan is not None:
             note(scrub_text(found.scan.summary()))

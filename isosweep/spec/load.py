@@ -1,5 +1,6 @@
-"""Reading a spec: YAML and `--set` overrides in, a validated `SweepSpec` out, or one `SpecError` line naming the
-file, the field, the value and the fix; and the spec of one trial (its searched keys written into `train`)."""
+"""Reading a spec: YAML (with its `extends` chain merged in) and `--set` overrides in, a validated `SweepSpec` out, or
+one `SpecError` line naming the file, the field, the value and the fix; and the spec of one trial (its searched keys
+written into `train`)."""
 
 from __future__ import annotations
 
@@ -103,17 +104,80 @@ def _check_paths(spec: SweepSpec, source: str) -> None:
         raise SpecError(f"{source}: field 'base_model.source': path does not exist (got {src!r}); fix: point it at a diffusers model directory")
 
 
-def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> SweepSpec:
-    """Read, override and validate a YAML spec file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file; fix: give the path of a YAML spec such as search_spaces/demo.yaml")
+EXTENDS = "extends"  # the top-level key naming a parent spec, relative to the extending file's folder
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` laid on `base`, returning a new dict: mappings merge key by key, at any depth; a list, a scalar or a
+    null in `over` replaces what `base` had (so `screening: null` drops the parent's section)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> Any:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:  # a binary or non-UTF-8 file is a bad spec (exit 2), not a crash
         raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); fix: save the spec as UTF-8 YAML") from None
+
+
+def spec_chain(path: str | os.PathLike) -> list[Path]:
+    """The spec file and the parents its `extends` names, in order (the file first). The one check of `extends`:
+    not a string, a missing parent or a cycle is a SpecError naming the file that says it."""
+    return [p for p, _ in _chain(Path(path))]
+
+
+def _chain(path: Path) -> list[tuple[Path, Any]]:
+    chain: list[tuple[Path, Any]] = []
+    while True:
+        data = _read_yaml(path)
+        chain.append((path, data))
+        if not isinstance(data, dict) or EXTENDS not in data:
+            return chain
+        parent = data[EXTENDS]
+        if not isinstance(parent, str) or not parent.strip():
+            raise SpecError(f"{path}: field '{EXTENDS}' must be the path of the parent spec, relative to this file's folder "
+                            f"(got {parent!r}); fix: write e.g. '{EXTENDS}: celebahq.yaml', or remove the key")
+        target = path.parent / parent
+        if not target.is_file():
+            raise SpecError(f"{path}: field '{EXTENDS}': no such spec file {target} (got {parent!r}); fix: give the parent's "
+                            f"path relative to {path.parent}, e.g. '{EXTENDS}: celebahq.yaml'")
+        seen = [p.resolve() for p, _ in chain]
+        if target.resolve() in seen:
+            loop = " -> ".join(str(p) for p, _ in chain[seen.index(target.resolve()):]) + f" -> {target}"
+            raise SpecError(f"{path}: field '{EXTENDS}' makes a cycle ({loop}); fix: remove '{EXTENDS}' from one of these files")
+        path = target
+
+
+def resolve_spec_data(path: str | os.PathLike) -> Any:
+    """The spec file's YAML with its `extends` chain merged in (parents first, `deep_merge`), without the `extends`
+    key: the form that is validated, saved with a sweep and shipped with a job, so neither depends on the parents."""
+    chain = _chain(Path(path))
+    for parent, data in chain[1:]:
+        if not isinstance(data, dict):
+            raise SpecError(f"{parent}: the top level must be a mapping of sections (got {type(data).__name__}); it is "
+                            f"the parent spec of {chain[0][0]}; fix: make it a spec, or remove '{EXTENDS}'")
+    merged: Any = {}
+    for _, data in reversed(chain):
+        if not isinstance(data, dict):  # only the file itself can be here: spec_from_dict names it
+            return data
+        merged = deep_merge(merged, {k: v for k, v in data.items() if k != EXTENDS})
+    return merged
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> SweepSpec:
+    """Read a YAML spec file and the parents it `extends`, merge them, apply `--set` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file; fix: give the path of a YAML spec such as search_spaces/demo.yaml")
+    data = resolve_spec_data(path)
     if overrides:
         data = apply_overrides(data, overrides)
     return spec_from_dict(data, source=str(path), check_paths=check_paths)

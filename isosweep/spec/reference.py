@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from isosweep.spec.load import EXTENDS
 from isosweep.spec.sections import Distribution, SweepSpec
 
 
@@ -58,7 +59,9 @@ def _walk_fields(model: type[BaseModel], prefix: str = ""):
 
 def spec_reference_markdown() -> str:
     """The spec reference table (every field, its type, default and meaning), generated from the schema."""
-    lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    lines = ["| field | type | default | meaning |", "|---|---|---|---|",
+             f"| `{EXTENDS}` | str or null | `None` | a parent spec, relative to this file's folder, that this file's keys are laid "
+             "over (mappings merge, lists and values replace); merged before validation and never saved with a sweep |"]
     for path, type_name, default, desc in _walk_fields(SweepSpec):
         type_name = type_name.replace("|", "or")
         lines.append(f"| `{path}` | {type_name} | {default.replace('|', '/')} | {desc.replace('|', '/')} |")

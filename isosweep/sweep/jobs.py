@@ -47,9 +47,9 @@ from ray.job_submission import JobSubmissionClient
 
 import isosweep
 from isosweep.console import note
-from isosweep.constants import OVERRIDES_ENV  # where a job's --set items travel; `cli.main` reads them
+from isosweep.constants import OVERRIDES_ENV, STORAGE_ENV, TRACKING_URI_ENV  # OVERRIDES_ENV: a job's --set items
 from isosweep.redact import scrub_text
-from isosweep.spec import SpecError, SweepSpec
+from isosweep.spec import SpecError, SweepSpec, resolve_spec_data, spec_chain
 from isosweep.storage import is_remote, machine_local_reason
 
 # Never shipped with the job: environments, results, data, weights and caches (gitignore syntax,
@@ -213,9 +213,10 @@ def build_package(spec_path: str | os.PathLike, user_env: dict[str, Any] | None 
 
     From a checkout, with the spec inside it: the checkout is the working directory (minus
     RUNTIME_ENV_EXCLUDES), so specs and relative paths behave as they do locally. Otherwise (an
-    installed package, or a spec from elsewhere) the package goes as a py_module and the spec alone
-    as the working directory. The user's `excludes` are added to ours; their other fields (env_vars,
-    pip...) pass through; they never hold working_dir or py_modules (`load_runtime_env` refuses them).
+    installed package, or a spec from elsewhere, or a parent it `extends` from elsewhere) the package goes as a
+    py_module and the spec alone as the working directory, merged with its parents so none needs to travel. The
+    user's `excludes` are added to ours; their other fields (env_vars, pip...) pass through; they never hold
+    working_dir or py_modules (`load_runtime_env` refuses them).
     """
     user_env = dict(user_env or {})
     if set(user_env) & set(OWN_RUNTIME_ENV_FIELDS):
@@ -223,17 +224,18 @@ def build_package(spec_path: str | os.PathLike, user_env: dict[str, Any] | None 
     spec = Path(spec_path).resolve()
     root = package_root()
     in_checkout = (root / "pyproject.toml").is_file() and (root / "isosweep" / "__init__.py").is_file()
-    if in_checkout and spec.is_relative_to(root):
+    chain = spec_chain(spec)  # the spec and the parents it extends: all travel with the checkout, or merged into one
+    if in_checkout and all(p.resolve().is_relative_to(root) for p in chain):
         env = {"working_dir": str(root), "excludes": list(RUNTIME_ENV_EXCLUDES)}
         package = JobPackage(runtime_env=env, spec_arg=spec.relative_to(root).as_posix())
     else:
         staging = Path(tempfile.mkdtemp(prefix="isosweep-job-"))
-        shutil.copy2(spec, staging / spec.name)
-        env = {
-            "working_dir": str(staging),
-            "py_modules": [str(Path(isosweep.__file__).resolve().parent)],
-            "excludes": ["__pycache__/", "*.pyc"],
-        }
+        if len(chain) == 1:
+            shutil.copy2(spec, staging / spec.name)
+        else:  # the parents stay here: the job gets the merged spec, which extends nothing
+            (staging / spec.name).write_text(yaml.safe_dump(resolve_spec_data(spec), sort_keys=False))
+        env = {"working_dir": str(staging), "py_modules": [str(Path(isosweep.__file__).resolve().parent)],
+               "excludes": ["__pycache__/", "*.pyc"]}
         package = JobPackage(runtime_env=env, spec_arg=spec.name, staging_dir=staging)
     package.runtime_env["excludes"] += list(user_env.pop("excludes", None) or [])
     package.runtime_env.update(user_env)
@@ -350,23 +352,23 @@ def _relative_local(uri: str) -> bool:
 def check_shared_places(spec: SweepSpec, env_vars: dict[str, str], shared_fs: bool, source: str) -> None:
     """Refuse (SpecError, exit 2) a storage path or tracking URI that only one machine can see.
 
-    The tracking URI the job will use is the spec's `tracking.uri`, else MLFLOW_TRACKING_URI from the
-    job's env_vars, else none, and none means a SQLite file under the storage path on the head. With
+    The job's storage is ISOSWEEP_STORAGE from its env_vars, else the spec's; its tracking URI is ISOSWEEP_TRACKING_URI
+    from them, the spec's `tracking.uri`, MLFLOW_TRACKING_URI from them, else none: a SQLite file on the head. With
     `shared_fs` the user states that every node mounts the same file system, so absolute local paths and
     sqlite:/file: URIs pass; relative ones never do (they resolve inside the job's temporary working
     directory).
     """
-    storage = spec.storage.path
+    storage, s_field = (env_vars[STORAGE_ENV], STORAGE_ENV) if env_vars.get(STORAGE_ENV) else (spec.storage.path, "storage.path")
     reason = machine_local_reason(storage, "storage")
     if reason and (not shared_fs or _relative_local(storage)):
         why = ("it would resolve inside the job's temporary working directory" if shared_fs
                else "Tune's trial workers on other nodes cannot write there")
         raise SpecError(scrub_text(
-            f"{source}: field 'storage.path': {reason}; {why}. Fix: --set storage.path=s3://BUCKET/PREFIX, or an absolute "
+            f"{source}: field '{s_field}': {reason}; {why}. Fix: --set storage.path=s3://BUCKET/PREFIX, or an absolute "
             "path" + (" on the shared file system" if shared_fs else " plus --shared-fs if every node mounts the same file system there")
         ))
-    uri = spec.tracking.uri or env_vars.get("MLFLOW_TRACKING_URI")
-    field = "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI"
+    field, uri = next(((f, u) for f, u in ((TRACKING_URI_ENV, env_vars.get(TRACKING_URI_ENV)), ("tracking.uri", spec.tracking.uri),
+                                          ("MLFLOW_TRACKING_URI", env_vars.get("MLFLOW_TRACKING_URI"))) if u), ("", None))
     fix = ("Fix: set tracking.uri (or --env MLFLOW_TRACKING_URI=http://MLFLOW_HOST:5000) to a tracking server every "
            "node reaches; if the nodes set MLFLOW_TRACKING_URI themselves (the KubeRay manifests do), pass the same "
            "URI with --env")
