@@ -188,3 +188,38 @@ def test_edit_command_refuses_bad_input_with_one_line(tiny_model_dir, image_file
         assert message in err and err.startswith("error: ") and "\n" not in err, err
         assert not new.exists() and [p.name for p in full.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "cache").exists()  # refused before any network was loaded or trained
+
+
+def test_the_edit_metric_in_the_suite_records_what_isosweep_edit_measures(fast_domain, tmp_path):
+    """evaluation.metrics may name edit_linearity, edit_straightness, edit_consistency: the suite edits
+    evaluation.edit.num_samples latents (stream 8 of evaluation.seed) as `isosweep edit` does."""
+    from diffusers import DDIMScheduler
+
+    from isosweep.core.sampling import initial_noise
+    from isosweep.evaluation.features.resolver import load_feature_networks
+    from isosweep.evaluation.metrics.editing import edit_sample
+    from isosweep.evaluation.suite import evaluate_model
+    from isosweep.spec import DatasetSpec, EvaluationSpec
+
+    edit = {"num_samples": 3, "t": 500, "gamma": 4.0, "columns": 3, "directions": 2, "iterations": 3, "ddim_steps": 4}
+    ev = EvaluationSpec(metrics=["edit_linearity", "edit_straightness", "edit_consistency"], backbone="domain",
+                        cache_dir=str(tmp_path / "eval"), batch_size=8, seed=3, edit=edit, bootstrap={"resamples": 50})
+    data = DatasetSpec(kind="shapes", resolution=8)
+    unet, scheduler = _unet(torch.float32), DDIMScheduler(num_train_timesteps=1000)
+    result = evaluate_model(unet, scheduler, ev, data, device="cpu", progress=False, images=False)
+    for name in ("edit_linearity", "edit_straightness", "edit_consistency"):
+        assert result.metrics[f"{name}_lo"] <= result.metrics[name] <= result.metrics[f"{name}_hi"], name
+        assert result.values[f"{name}_samples"].shape == (3,)
+    assert result.metrics["edit_chance_consistency"] == 2 / 192 and result.settings["edit"] == edit
+    assert result.backbones["edit_linearity"] == "domain-shapes-v1" and result.backbones["edit_consistency"] == "none"
+    # sample 1 by hand: the same latent, schedule and distance give the same numbers
+    ddim = ddim_scheduler(scheduler, 4)
+    steps = [int(t) for t in ddim.timesteps]
+    nets = load_feature_networks(ev, data, needs=("ppl",), device="cpu")
+    x_T = initial_noise(3, (3, 8, 8), 3, stream=8)[1:2]
+    one = edit_sample(unet, ddim, steps, edit_step_index(steps, 500), x_T, 2, [0, 1], np.linspace(-4, 4, 3),
+                      nets.distance, iterations=3)
+    assert result.values["edit_linearity_samples"][1] == pytest.approx(np.nanmean([r["linearity_r2"] for r in one.rows]))
+    assert result.values["edit_straightness_samples"][1] == pytest.approx(np.nanmean([r["straightness"] for r in one.rows]))
+    only = evaluate_model(unet, scheduler, ev, data, metrics=["edit_consistency"], device="cpu", progress=False, images=False)
+    assert "edit_linearity" not in only.metrics and only.metrics["edit_consistency"] == pytest.approx(result.metrics["edit_consistency"])

@@ -103,6 +103,19 @@ class RtlSpec(_Section):
     ddim_steps: int = Field(20, ge=1, description="DDIM steps along each trajectory")
 
 
+class EditSpec(_Section):
+    """The optional `edit` metric (edit_linearity, edit_straightness, edit_consistency): Local Basis edits of drawn
+    samples, measured as `isosweep edit` measures them (docs/editing.md)."""
+
+    num_samples: int = Field(8, ge=2, description="samples edited (latents of evaluation.seed, stream 8); consistency compares their directions")
+    t: int = Field(500, ge=0, description="timestep of the edit: the first DDIM step at or below it")
+    gamma: float = Field(8.0, gt=0, description="edits x_t + gamma v for gamma evenly over -gamma..gamma (a length in X)")
+    columns: int = Field(5, ge=3, description="gammas per direction")
+    directions: int = Field(3, ge=1, description="the top Local Basis directions edited, and the subspace compared across samples")
+    iterations: int = Field(8, ge=1, description="subspace-iteration rounds for the directions")
+    ddim_steps: int = Field(20, ge=1, description="DDIM steps of each edited sample")
+
+
 class JacobianSpec(_Section):
     num_samples: int = Field(64, ge=2, description="noisy samples x_t per timestep whose encoder Jacobian is decomposed")
     pool: int | None = Field(2, ge=1, description="average-pool kernel on h before the Jacobian; null for none")
@@ -170,7 +183,8 @@ class EvaluationSpec(_Section):
 
     metrics: list[str] = Field(
         default_factory=lambda: ["fid", "ppl", "mrtl", "mcn", "vor"],
-        description=f"metrics computed per trial: {', '.join(EVAL_METRICS)}, or one added as a module of evaluation/suite_metrics (docs/metrics.md)"
+        description=f"metrics computed per trial: {', '.join(EVAL_METRICS)}; edit_linearity, edit_straightness, edit_consistency "
+                    "(Local Basis edits, evaluation.edit; docs/editing.md); or one added as a module of evaluation/suite_metrics (docs/metrics.md)"
     )
     backbone: Literal["auto", "standard", "domain"] = Field(
         "auto", description="standard: Inception/LPIPS-AlexNet; domain: the project's shapes network; auto: standard if weights are present"
@@ -185,6 +199,7 @@ class EvaluationSpec(_Section):
     mrtl: RtlSpec = Field(default_factory=RtlSpec)
     jacobian: JacobianSpec = Field(default_factory=JacobianSpec)
     ls: LsSpec = Field(default_factory=LsSpec)
+    edit: EditSpec = Field(default_factory=EditSpec)
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
     screening: ScreeningSpec | None = Field(None, description="multi-fidelity evaluation: FID/PPL of every trial at cheap sizes, the full protocol only for trials that can reach the front; null: every trial gets the full protocol")
 
