@@ -90,7 +90,7 @@ class _Gram:
 
     def j(self, vectors: torch.Tensor) -> torch.Tensor:
         """J v for each vector: (c, *out_shape)."""
-        return torch.cat([torch.func.jvp(self.encoder, (self._copies(len(block)),), (block.contiguous(),))[1]
+        return torch.cat([torch.func.jvp(self.encoder, (self._copies(len(block)),), (block.contiguous(),))[1].detach()
                           for block in vectors.split(self.per_pass)])
 
     def jtj(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -98,19 +98,24 @@ class _Gram:
         out = []
         for block in vectors.split(self.per_pass):
             jv = torch.func.jvp(self.encoder, (self._copies(len(block)),), (block.contiguous(),))[1]
-            out.append(self._pullback(len(block))[1](jv)[0])
+            out.append(self._pullback(len(block))[1](jv)[0].detach())
         return torch.cat(out)
 
 
 def unet_local_basis(unet: torch.nn.Module, x_t: torch.Tensor, t: int, k: int, **kwargs) -> LocalBasis:
     """`local_basis` of the UNet's encoder e_t at x_t (1, C, H, W), the UNet in eval mode and autodiff-safe."""
     was_training = unet.training
+    trainable = [p for p in unet.parameters() if p.requires_grad]
     unet.eval()
     timestep = torch.tensor(int(t), device=x_t.device)
-    try:
+    try:  # weights that require grad would make every product record (and keep) a graph for them too
+        for p in trainable:
+            p.requires_grad_(False)
         with autodiff_safe(unet), torch.enable_grad():
             return local_basis(lambda x: encode(unet, x, timestep), x_t, k, **kwargs)
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         unet.train(was_training)
 
 
