@@ -74,7 +74,8 @@ def test_demo_spec_is_the_readme_demo():
     assert spec.base_model.source == "builtin:shapes" and spec.dataset.kind == "shapes"
     assert spec.search.algorithm == "optuna" and spec.search.num_trials == 3
     assert planned_trials(spec) == 4  # the README's "(2/4 done; ...)": three searched trials plus the baseline
-    assert sorted(spec.evaluation.metrics) == sorted(["fid", "ppl", "mrtl", "mcn", "vor", "ls"])
+    assert sorted(spec.evaluation.metrics) == sorted(["fid", "ppl", "mrtl", "mcn", "vor", "ls", "edit_linearity",
+                                                      "edit_straightness", "edit_consistency"])
     assert spec.evaluation.backbone == "domain"  # no Inception/AlexNet download
     assert spec.selection.objectives == ["fid", "ppl"]
     assert spec.registry_name == "isodiff-demo"  # models:/isodiff-demo@champion in the README

@@ -227,6 +227,7 @@ def test_the_edit_metric_in_the_suite_records_what_isosweep_edit_measures(fast_d
         assert result.values[f"{name}_samples"].shape == (3,)
     assert result.metrics["edit_chance_consistency"] == 2 / 192 and result.settings["edit"] == edit
     assert result.backbones["edit_linearity"] == "domain-shapes-v1" and result.backbones["edit_consistency"] == "none"
+    assert result.images["edit_grid"].shape == (2 * 10 + 2, 3 * 10 + 2, 3)  # sample 0: 2 directions x 3 gammas, 8 px tiles
     # sample 1 by hand: the same latent, schedule and distance give the same numbers
     ddim = ddim_scheduler(scheduler, 4)
     steps = [int(t) for t in ddim.timesteps]
@@ -236,5 +237,12 @@ def test_the_edit_metric_in_the_suite_records_what_isosweep_edit_measures(fast_d
                       nets.distance, iterations=3)
     assert result.values["edit_linearity_samples"][1] == pytest.approx(np.nanmean([r["linearity_r2"] for r in one.rows]))
     assert result.values["edit_straightness_samples"][1] == pytest.approx(np.nanmean([r["straightness"] for r in one.rows]))
+    first = edit_sample(unet, ddim, steps, edit_step_index(steps, 500), initial_noise(1, (3, 8, 8), 3, stream=8), 2,
+                        [0, 1], np.linspace(-4, 4, 3), nets.distance, iterations=3)
+    tiles = ((first.grid.reshape(6, 3, 8, 8).permute(0, 2, 3, 1).numpy() + 1) * 127.5).round()
+    shown = result.images["edit_grid"].astype(np.float64)
+    for i in range(6):
+        r, c = divmod(i, 3)
+        assert np.abs(shown[2 + 10 * r: 10 + 10 * r, 2 + 10 * c: 10 + 10 * c] - tiles[i]).max() <= 1
     only = evaluate_model(unet, scheduler, ev, data, metrics=["edit_consistency"], device="cpu", progress=False, images=False)
     assert "edit_linearity" not in only.metrics and only.metrics["edit_consistency"] == pytest.approx(result.metrics["edit_consistency"])

@@ -188,10 +188,11 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     assert load_train_state(base[0]["checkpoint_path"])["resumed_at"], "the failed baseline restarted from scratch"
     assert all(r["status"] == "DONE" for r in rows), rows
     for r in rows:
-        for k in spec.evaluation.metrics:  # the demo measures all six: each finite and in its range
+        for k in spec.evaluation.metrics:  # the demo measures all nine: each finite and in its range
             assert math.isfinite(r[k]), (k, r)
         assert r["fid"] > 0 and r["ppl"] > 0 and r["mrtl"] > 0 and r["mcn"] >= 1 and r["vor"] >= 0, r
         assert 1 <= r["ls"] <= math.prod(ShapesDataset.num_classes) + 1e-9, r  # exp(sum H(Y_i|X_i)) <= prod |Y_i|
+        assert r["edit_linearity"] <= 1 and 0 < r["edit_straightness"] <= 1 + 1e-9 and 0 <= r["edit_consistency"] <= 1, r
         assert r["backbone_fid"] and r["backbone_ppl"] and r["backbone_ls"]
         record = read_record(r["checkpoint_path"])  # what the workers wrote is what the table shows
         assert record is not None and all(record.metrics[k] == pytest.approx(r[k]) for k in spec.evaluation.metrics), (record, r)
@@ -211,6 +212,8 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     report = sweep_dir / "report" / "report.md"
     assert f"{outcome.champion.row['fid']:.4g}" in report.read_text()
     assert (sweep_dir / "report" / "rtl_curves.png").is_file() and (sweep_dir / "report" / "strips_slerp.png").is_file()
+    assert (sweep_dir / "report" / "edits_baseline.png").is_file() and (sweep_dir / "report" / "edits_champion.png").is_file()
+    assert "## Local Basis edits (Fig. 7)" in report.read_text()
 
     # MLflow: one parent, one child per trial (the resumed one reopened, not duplicated), each FINISHED
     state = json.loads((sweep_dir / "isosweep_sweep.json").read_text())

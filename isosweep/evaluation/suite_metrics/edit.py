@@ -12,6 +12,7 @@ import torch
 
 from isosweep.core.editing import edit_step_index
 from isosweep.core.sampling import ddim_scheduler, initial_noise
+from isosweep.data.images import make_grid, to_uint8
 from isosweep.evaluation.features.common import NO_BACKBONE
 from isosweep.evaluation.metrics.confidence import mean_interval
 from isosweep.evaluation.metrics.editing import agreement_per_sample, chance_agreement, edit_sample
@@ -40,7 +41,7 @@ class Edit(Metric):
         at = edit_step_index(timesteps, spec.t)
         gammas = np.linspace(-spec.gamma, spec.gamma, spec.columns)
         x_T = initial_noise(hi - lo, s.shape, s.eval_spec.seed, start=lo, stream=_EDIT_NOISE_STREAM)
-        linearity, straight, bases = [], [], []
+        linearity, straight, bases, picture = [], [], [], None
         for i in range(hi - lo):
             sample = edit_sample(s.unet, ddim, timesteps, at, x_T[i : i + 1].to(s.device), spec.directions,
                                  range(spec.directions), gammas, nets.distance, iterations=spec.iterations,
@@ -48,11 +49,14 @@ class Edit(Metric):
             linearity.append(np.nanmean([r["linearity_r2"] for r in sample.rows]))
             straight.append(np.nanmean([r["straightness"] for r in sample.rows]))
             bases.append(sample.basis.directions.float().cpu().numpy())
+            if lo + i == 0:  # sample 0's grid: the report shows it for the baseline and the champion
+                tiles = to_uint8(sample.grid.reshape(-1, *sample.grid.shape[2:]).numpy())
+                picture = np.asarray(make_grid(tiles, ncols=spec.columns).convert("RGB"))
             on_batch(i + 1)
         s.timings["edit"] = time.time() - t0
         empty = np.zeros((0, spec.directions, *s.shape), np.float32)
         return {"linearity": np.asarray(linearity, np.float64), "straightness": np.asarray(straight, np.float64),
-                "bases": np.stack(bases) if bases else empty}
+                "bases": np.stack(bases) if bases else empty, "grid": picture}
 
     def combine(self, result, shares: list[dict], s: Shard, nets) -> None:
         bases = np.concatenate([g["bases"] for g in shares])  # rank order: sample order
@@ -66,6 +70,9 @@ class Edit(Metric):
             result.metrics[name] = float(np.nanmean(values))
             if np.isfinite(values).all():
                 result.metrics.update(mean_interval(name, values, **s.boot))
+        grids = [g["grid"] for g in shares if g["grid"] is not None]
+        if grids:
+            result.images["edit_grid"] = grids[0]  # rows: directions 0, 1, ...; columns: -gamma .. gamma
         if "edit_consistency" in s.metrics:
             result.metrics["edit_chance_consistency"] = chance_agreement(bases.shape[1], int(np.prod(bases.shape[2:])))
 
