@@ -246,3 +246,28 @@ def test_the_edit_metric_in_the_suite_records_what_isosweep_edit_measures(fast_d
         assert np.abs(shown[2 + 10 * r: 10 + 10 * r, 2 + 10 * c: 10 + 10 * c] - tiles[i]).max() <= 1
     only = evaluate_model(unet, scheduler, ev, data, metrics=["edit_consistency"], device="cpu", progress=False, images=False)
     assert "edit_linearity" not in only.metrics and only.metrics["edit_consistency"] == pytest.approx(result.metrics["edit_consistency"])
+
+
+def test_the_report_shows_the_baseline_and_champion_edit_grids(tmp_path):
+    from isosweep.evaluation.record import EvalResult
+    from isosweep.results.report import write_report
+    from isosweep.results.rows import SweepOutcome, make_row
+    from isosweep.results.pareto import Choice
+    from isosweep.spec import load_spec
+
+    spec = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False)
+    rows = []
+    for i, (name, cfg) in enumerate((("base0001", {"baseline": True, "lambda_iso": 0.0, "p": 1.0}),
+                                     ("iso00002", {"lambda_iso": 0.2, "p": 0.5}))):
+        grid = np.full((22, 32, 3), 40 * (i + 1), np.uint8)
+        EvalResult(metrics={"fid": 10.0 - i, "ppl": 5.0}, images={"edit_grid": grid}).write(tmp_path / name)
+        row = make_row(name, {"iso_metric": "stereographic", **cfg}, {"fid": 10.0 - i, "ppl": 5.0, "evaluated": True},
+                       "TERMINATED")
+        rows.append({**row, "checkpoint_path": str(tmp_path / name)})
+    outcome = SweepOutcome("demo-x", tmp_path, rows, rows, Choice(rows[1], "test"))
+    report = write_report(spec, outcome, tmp_path / "report")
+    text = (report / "report.md").read_text()
+    assert "## Local Basis edits (Fig. 7)" in text and "gamma from -6 to 6" in text
+    for label, value in (("baseline", 40), ("champion", 80)):
+        assert f"![edits {label}](edits_{label}.png)" in text
+        assert (np.asarray(Image.open(report / f"edits_{label}.png")) == value).all()
