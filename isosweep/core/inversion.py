@@ -23,8 +23,8 @@ import inspect
 
 import torch
 from diffusers import DDIMInverseScheduler
-from tqdm.auto import tqdm
 
+from isosweep.console import progress_bar
 from isosweep.core.sampling import ddim_scheduler
 
 __all__ = ["ddim_invert", "inverse_scheduler", "predicted_epsilon"]
@@ -90,7 +90,7 @@ def ddim_invert(unet: torch.nn.Module, scheduler, x0: torch.Tensor, num_steps: i
     was_training = unet.training
     unet.eval()
     out = []
-    bar = tqdm(total=-(-len(x0) // batch_size) * len(timesteps) * (1 + refine), desc=f"DDIM inversion {num_steps} steps",
+    bar = progress_bar(total=-(-len(x0) // batch_size) * len(timesteps) * (1 + refine), desc=f"DDIM inversion {num_steps} steps",
                disable=not progress, leave=False)
     try:
         with torch.inference_mode():

@@ -22,8 +22,8 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
-from tqdm.auto import tqdm
 
+from isosweep.console import progress_bar
 from isosweep.core.hspace import autodiff_safe
 
 __all__ = ["GRAD_MODES", "PRECISIONS", "TANGENT_PRECISIONS", "DDIMSampler", "SampleOutput", "Sampler", "ddim_sample",
@@ -198,7 +198,7 @@ def _ddim_loop(unet, scheduler, x_T: torch.Tensor, num_steps: int, batch_size: i
     images, hs = [], []
     n = x_T.shape[0]
     total = -(-n // batch_size) * len(timesteps)
-    bar = tqdm(total=total, desc=f"DDIM {num_steps} steps", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=f"DDIM {num_steps} steps", disable=not progress, leave=False)
     try:
         for lo in range(0, n, batch_size):
             x = x_T[lo : lo + batch_size].to(device=device, dtype=state_dtype)

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from isosweep.console import progress_bar
 from isosweep.files import iter_image_files, read_json, write_json_atomic
 
 BACKGROUND_RGB = (255, 255, 255)  # what transparent pixels are composited onto: opaque white
@@ -223,7 +223,7 @@ def scan_image_folder(root: str | os.PathLike, *, cache_dir: str | os.PathLike |
     storage_failed = False
     threads = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads) as pool, \
-            tqdm(total=len(files), desc=f"scan {root.name or root}", unit="img", disable=not progress) as bar:
+            progress_bar(total=len(files), desc=f"scan {root.name or root}", unit="img", disable=not progress) as bar:
         for path, (kind, reason, failed) in zip(files, pool.map(_check_one, files)):
             storage_failed |= failed
             if reason is not None:

@@ -21,8 +21,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
+from isosweep.console import progress_bar
 from isosweep.core.ema import EMA
 from isosweep.core.losses import add_noise, denoising_target
 from isosweep.core.sampling import ddim_sample, initial_noise, sample_shape
@@ -158,7 +158,7 @@ def pretrain_unet(unet: UNet2DModel, scheduler: DDPMScheduler, images: torch.Ten
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 def sample_grid(unet: UNet2DModel, scheduler: DDPMScheduler, n: int = 16, steps: int = 50, seed: int = 0) -> np.ndarray:

@@ -39,6 +39,14 @@ def training_eta(first: tuple[int, float], now: tuple[int, float], max_steps: in
     return f"{int(left // 60)}:{int(left % 60):02d}"
 
 
+def step_line(step: int, max_steps: int | None, stats: str, eta: str = "", checkpoint: bool = False, trial: str = "") -> str:
+    """A worker's progress line, `step 50/300 loss=... eta 2:28`, led by `trial NAME: ` when it trains a Tune trial
+    (concurrent trials share one log); `isosweep train` has no trial and keeps the bare line."""
+    total = f"/{max_steps}" if max_steps else ""
+    line = f"step {step}{total} {stats}" + (f" eta {eta}" if eta else "") + (" (checkpoint)" if checkpoint else "")
+    return f"trial {trial}: {line}" if trial else line
+
+
 class RayReporter:
     """`training.Reporter` on top of Ray Train V2; rank 0 also logs to MLflow, Ray metrics and stdout."""
 
@@ -69,9 +77,8 @@ class RayReporter:
             stats = " ".join(f"{k}={metrics[k]:.4g}" for k in PRINTED if k in metrics)
             step, now = int(metrics["step"]), time.monotonic()
             self._first = self._first or (step, now)
-            total = f"/{self.max_steps}" if self.max_steps else ""
             eta = training_eta(self._first, (step, now), self.max_steps)
-            say(f"step {step}{total} {stats}" + (f" eta {eta}" if eta else "") + (" (checkpoint)" if checkpoint else ""))
+            say(step_line(step, self.max_steps, stats, eta, checkpoint is not None, self.trial if self.sweep else ""))
 
     def latest_checkpoint(self) -> Any:
         """The run's own latest checkpoint (after a worker failure), else `resume_from`: a Ray Checkpoint

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -40,6 +41,25 @@ MODEL_TYPE = "diffusers-ddpm"  # the LoggedModel's model_type, to search and com
 PIPELINE_KEY = "pipeline"  # the pyfunc artifact key
 PIPELINE_SUBPATH = f"artifacts/{PIPELINE_KEY}"  # where the diffusers dir lies in a downloaded model
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+# MLflow warns, each time the pyfunc class is defined (importing pyfunc_model.py; save_model loads it again), that its
+# predict has no type hints: on purpose, SIGNATURE says what a request holds. Its message starts with a colour code.
+NO_TYPE_HINTS = r".*Add type hints to the `predict` method"
+
+
+@contextlib.contextmanager
+def without_type_hint_warning():
+    """Drops MLflow's NO_TYPE_HINTS warning and shows every other one. A filter is not enough: MLflow raises it under
+    its own `simplefilter("once")`, ahead of ours, so it is dropped where warnings are shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NO_TYPE_HINTS, category=UserWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not (issubclass(category, UserWarning) and re.match(NO_TYPE_HINTS, str(message))):
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 # What the served model imports, pinned to the versions installed here (the ones it was logged and tested with).
 # Local version labels (torch's "+cu124") are dropped so that pip can install them from PyPI.
 SERVING_PACKAGES = ("mlflow", "torch", "diffusers", "numpy", "pillow", "pandas", "safetensors")
@@ -78,6 +98,14 @@ def _final_metrics(tracking_uri: str, run_id: str, keys: Iterable[str], step: in
     return out
 
 
+def pyfunc_signature():
+    """The served model's SIGNATURE, its module imported here (when a model is logged) without MLflow's NO_TYPE_HINTS
+    warning, which would otherwise reach the terminal at every registration."""
+    with without_type_hint_warning():
+        from isosweep.tracking.pyfunc_model import SIGNATURE
+    return SIGNATURE
+
+
 def log_pipeline_model(tracking_uri: str, run_id: str, pipeline_dir: str | os.PathLike) -> LoggedModel:
     """Log `pipeline_dir` as the run's MLflow 3 LoggedModel `model` (pyfunc from code, SIGNATURE, pinned requirements).
 
@@ -87,10 +115,7 @@ def log_pipeline_model(tracking_uri: str, run_id: str, pipeline_dir: str | os.Pa
     output at step 0, its metrics at step 0 (fid, ppl, ... as `artifacts.log_trial_result` logs them) linked to it
     (the model page of the MLflow UI shows them), and marked READY (FAILED if any of this fails).
     """
-    # imported here, when a model is logged: defining the pyfunc class makes MLflow warn (once, whatever the
-    # filters) that its predict has no type hints, which is on purpose (SIGNATURE says what a request holds)
-    from isosweep.tracking.pyfunc_model import SIGNATURE
-
+    signature = pyfunc_signature()
     c = tracking.client(tracking_uri)
     run = tracking.retry_call("get run", tracking_uri, c.get_run, run_id)
     lm = tracking.retry_call(
@@ -101,10 +126,10 @@ def log_pipeline_model(tracking_uri: str, run_id: str, pipeline_dir: str | os.Pa
         with tempfile.TemporaryDirectory() as tmp:
             staged = _stage_pipeline(Path(pipeline_dir), Path(tmp))
             local = Path(tmp) / "mlflow_model"
-            with warnings.catch_warnings():  # SIGNATURE is given: no input example (MLflow would load the model to check it)
-                warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+            with without_type_hint_warning():  # save_model loads the code again; SIGNATURE is given: no input example
+                warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)  # (it would load the model)
                 mlflow.pyfunc.save_model(
-                    path=str(local), python_model=str(PYFUNC_CODE), artifacts={PIPELINE_KEY: str(staged)}, signature=SIGNATURE,
+                    path=str(local), python_model=str(PYFUNC_CODE), artifacts={PIPELINE_KEY: str(staged)}, signature=signature,
                     pip_requirements=pip_requirements(),  # pinned here: MLflow's inference loads the model (8 s)
                     mlflow_model=Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id),
                 )

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
+from isosweep.console import progress_bar
 from isosweep.data.attributes import AttributeFileError, match_images, read_attributes
 from isosweep.data.datasets import ImageFolderDataset
 from isosweep.data.images import to_uint8_tensor
@@ -88,7 +88,7 @@ def _load_images(dataset, indices: list[int], resolution: int, progress: bool) -
     workers = 0 if len(indices) < 2048 else min(8, os.cpu_count() or 1)
     loader = DataLoader(Subset(dataset, indices), batch_size=256, num_workers=workers, shuffle=False)
     out = []
-    for imgs, _ in tqdm(loader, desc="loading labelled images", disable=not progress, leave=False):
+    for imgs, _ in progress_bar(loader, desc="loading labelled images", disable=not progress, leave=False):
         out.append(to_uint8_tensor(match_resolution(imgs.float(), resolution)))
     return torch.cat(out)
 
@@ -112,7 +112,7 @@ def fit_attribute_net(images: torch.Tensor, labels: np.ndarray | torch.Tensor, r
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=int(r["steps"]))
     t0 = time.time()
     net.train()
-    for _ in tqdm(range(int(r["steps"])), desc=f"training {ATTR_CNN}", disable=not progress, leave=False):
+    for _ in progress_bar(range(int(r["steps"])), desc=f"training {ATTR_CNN}", disable=not progress, leave=False):
         idx = train[torch.randint(0, len(train), (int(r["batch_size"]),), generator=g)]
         x = _to_float(images[idx])
         if r["noise"]:

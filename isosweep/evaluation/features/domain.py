@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from isosweep.console import progress_bar
 from isosweep.data.datasets import ShapesDataset
 from isosweep.evaluation.features.common import DOMAIN_SHAPES, match_resolution
 from isosweep.files import write_bytes_atomic
@@ -83,7 +83,7 @@ def train_shapes_net(resolution: int, *, progress: bool = False, **overrides) ->
     opt = torch.optim.Adam(net.parameters(), lr=r["lr"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"])
     t0 = time.time()
-    for _ in tqdm(range(r["steps"]), desc=f"training {DOMAIN_SHAPES}", disable=not progress, leave=False):
+    for _ in progress_bar(range(r["steps"]), desc=f"training {DOMAIN_SHAPES}", disable=not progress, leave=False):
         idx = torch.randint(0, len(xtr), (r["batch_size"],), generator=g)
         # noise makes it robust to the imperfect renderings a generator produces
         x = xtr[idx] + r["noise"] * torch.randn(xtr[idx].shape, generator=g)

@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from isosweep.console import progress_bar
 from isosweep.core.sampling import initial_noise
 from isosweep.evaluation.metrics.samples import SampleRange
 from isosweep.files import write_bytes_atomic
@@ -187,7 +187,7 @@ def reference_statistics(
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:  # a cache file never runs code when read
             return z["mu"], z["sigma"]
-    feats = [features(b).float().cpu().numpy() for b in tqdm(images, desc="reference features", disable=not progress, leave=False)]
+    feats = [features(b).float().cpu().numpy() for b in progress_bar(images, desc="reference features", disable=not progress, leave=False)]
     mu, sigma = feature_statistics(np.concatenate(feats))
     buffer = io.BytesIO()
     np.savez(buffer, mu=mu, sigma=sigma, key=json.dumps({"dataset": dataset_key, "backbone": backbone}, sort_keys=True))

@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from isosweep.console import progress_bar
 from isosweep.core.losses import add_noise
 from isosweep.core.sampling import initial_noise
 from isosweep.data.datasets import build_dataset
@@ -98,7 +98,7 @@ def _jacobian_svals(unet, x: torch.Tensor, eval_spec, device, progress: bool, t:
     group = int(max(1, min(eval_spec.batch_size, (spec.memory_budget_mb * 2**20 // 2) // per_sample)))
     out = []
     with autodiff_context(unet):
-        for lo in tqdm(range(0, x.shape[0], group), desc="Jacobians", disable=not progress, leave=False):
+        for lo in progress_bar(range(0, x.shape[0], group), desc="Jacobians", disable=not progress, leave=False):
             xb = x[lo : lo + group].to(device)
             out.append(jacobian_singular_values(enc, xb, pool=spec.pool, memory_budget_mb=spec.memory_budget_mb // 2).cpu())
             if on_batch is not None:
