@@ -27,7 +27,7 @@ ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 LAYERS = layer_map(ARCHITECTURE)  # docs/architecture.md's layer table, the one place the map is written
 ALLOWED_THIRD_PARTY = {"ray": {"sweep"}, "mlflow": {"tracking", "commands"}}
 EXPECTED = {
-    "core": ["geometry", "hspace", "losses", "sampling", "inversion", "ema", "names", "step"],
+    "core": ["geometry", "hspace", "losses", "sampling", "inversion", "ema", "names", "step", "progress"],
     "spec": ["sections", "evaluation", "fields", "load", "changes", "reference"],
     "data": ["datasets", "images", "attributes"],
     "models": ["loading", "builtin"],

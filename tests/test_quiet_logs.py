@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from isosweep.console import PROGRESS_INTERVAL_ENV, progress_bar
+from isosweep.core.progress import PROGRESS_INTERVAL_ENV, progress_bar
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ import inspect
 import torch
 from diffusers import DDIMInverseScheduler
 
-from isosweep.console import progress_bar
+from isosweep.core.progress import progress_bar
 from isosweep.core.sampling import ddim_scheduler
 
 __all__ = ["ddim_invert", "inverse_scheduler", "predicted_epsilon"]

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from isosweep.console import progress_bar
 from isosweep.core.hspace import autodiff_safe
+from isosweep.core.progress import progress_bar
 
 __all__ = ["GRAD_MODES", "PRECISIONS", "TANGENT_PRECISIONS", "DDIMSampler", "SampleOutput", "Sampler", "ddim_sample",
            "ddim_scheduler", "bf16_copy", "ddim_tangent", "index_generator", "initial_noise"]

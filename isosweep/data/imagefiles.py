@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from isosweep.console import progress_bar
+from isosweep.core.progress import progress_bar
 from isosweep.files import iter_image_files, read_json, write_json_atomic
 
 BACKGROUND_RGB = (255, 255, 255)  # what transparent pixels are composited onto: opaque white

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from isosweep.console import progress_bar
+from isosweep.core.progress import progress_bar
 from isosweep.core.ema import EMA
 from isosweep.core.losses import add_noise, denoising_target
 from isosweep.core.sampling import ddim_sample, initial_noise, sample_shape

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from isosweep.console import progress_bar
+from isosweep.core.progress import progress_bar
 from isosweep.data.attributes import AttributeFileError, match_images, read_attributes
 from isosweep.data.datasets import ImageFolderDataset
 from isosweep.data.images import to_uint8_tensor

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isosweep.console import progress_bar
+from isosweep.core.progress import progress_bar
 from isosweep.data.datasets import ShapesDataset
 from isosweep.evaluation.features.common import DOMAIN_SHAPES, match_resolution
 from isosweep.files import write_bytes_atomic

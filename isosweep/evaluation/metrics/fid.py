@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from isosweep.console import progress_bar
+from isosweep.core.progress import progress_bar
 from isosweep.core.sampling import initial_noise
 from isosweep.evaluation.metrics.samples import SampleRange
 from isosweep.files import write_bytes_atomic

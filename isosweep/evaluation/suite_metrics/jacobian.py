@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from isosweep.console import progress_bar
+from isosweep.core.progress import progress_bar
 from isosweep.core.losses import add_noise
 from isosweep.core.sampling import initial_noise
 from isosweep.data.datasets import build_dataset
