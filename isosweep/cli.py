@@ -36,6 +36,17 @@ EPILOG = (f"exit codes: {EXIT_COMPLETED} done, {EXIT_ERROR} error (one line; -v 
           f"\"Exit codes\" section")
 
 
+def _image_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options `invert` and `edit` share: where they write, how they run, and the spec that names the distance."""
+    p.add_argument("--out", required=True, help="a new or empty folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    p.add_argument("--spec", default="search_spaces/demo.yaml",
+                   help="spec whose evaluation section names the perceptual distance (PPL's) and the bootstrap")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--tracking-uri", default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isosweep", description="Ray sweeps for Isometric Diffusion fine-tuning",
                                      epilog=EPILOG)
@@ -160,13 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps, the same for the inversion and the redraw")
     p.add_argument("--refine", type=int, default=0,
                    help="fixed-point iterations per inversion step (0: plain DDIM inversion; each costs one more UNet call)")
-    p.add_argument("--out", required=True, help="a new or empty folder")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-    p.add_argument("--spec", default="search_spaces/demo.yaml",
-                   help="spec whose evaluation section names the perceptual distance (PPL's) and the bootstrap")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--tracking-uri", default=None)
+    _image_model_arguments(p)
 
     p = sub.add_parser("edit", help="edit images along Local Basis directions and measure how linear the edits are",
                        description="Find the top directions of the encoder's Jacobian at DDIM step t (the Local Basis), "
@@ -192,13 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectors-per-pass", type=int, default=None,
                    help="copies of x_t through the encoder at once while finding the directions (default: all, "
                         "k + 4); lower it when memory runs out (docs/editing.md has the memory per vector)")
-    p.add_argument("--out", required=True, help="a new or empty folder")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-    p.add_argument("--spec", default="search_spaces/demo.yaml",
-                   help="spec whose evaluation section names the perceptual distance (PPL's) and the bootstrap")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--tracking-uri", default=None)
+    _image_model_arguments(p)
 
     p = sub.add_parser("sync", help="upload to MLflow what a sweep's storage holds but the tracking server lacks")
     p.add_argument("target", help=target_help)
