@@ -260,14 +260,15 @@ def test_the_report_shows_the_baseline_and_champion_edit_grids(tmp_path):
     for i, (name, cfg) in enumerate((("base0001", {"baseline": True, "lambda_iso": 0.0, "p": 1.0}),
                                      ("iso00002", {"lambda_iso": 0.2, "p": 0.5}))):
         grid = np.full((22, 32, 3), 40 * (i + 1), np.uint8)
-        EvalResult(metrics={"fid": 10.0 - i, "ppl": 5.0}, images={"edit_grid": grid}).write(tmp_path / name)
+        EvalResult(metrics={"fid": 10.0 - i, "ppl": 5.0}, images={"edit_grid": grid},
+                   settings={"edit": spec.evaluation.edit.model_dump()}).write(tmp_path / name)
         row = make_row(name, {"iso_metric": "stereographic", **cfg}, {"fid": 10.0 - i, "ppl": 5.0, "evaluated": True},
                        "TERMINATED")
         rows.append({**row, "checkpoint_path": str(tmp_path / name)})
     outcome = SweepOutcome("demo-x", tmp_path, rows, rows, Choice(rows[1], "test"))
     report = write_report(spec, outcome, tmp_path / "report")
     text = (report / "report.md").read_text()
-    assert "## Local Basis edits (Fig. 7)" in text and "gamma from -6 to 6" in text
+    assert "## Local Basis edits (Fig. 7)" in text and "### Edits: champion (t = 500, gamma -6.0..6.0, 2 directions)" in text
     for label, value in (("baseline", 40), ("champion", 80)):
         assert f"![edits {label}](edits_{label}.png)" in text
         assert (np.asarray(Image.open(report / f"edits_{label}.png")) == value).all()

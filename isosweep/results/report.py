@@ -33,7 +33,8 @@ def load_trial_eval(row: dict) -> dict:
     record = read_record(ckpt) if row.get("checkpoint_path") and ckpt.is_dir() else None
     if record is None:
         return {}
-    return {"rtl_curve": record.rtl_curve, "frame_distances": record.frame_distances, "images": record_images(ckpt)}
+    return {"rtl_curve": record.rtl_curve, "frame_distances": record.frame_distances, "images": record_images(ckpt),
+            "settings": record.settings}
 
 
 def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
@@ -115,16 +116,17 @@ def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
             md += [f"## Interpolation strips, {mode} (Figs. 1 and 6)", "",
                    "Same seeds for every model; below each strip the distance between adjacent frames.", "",
                    f"![{mode} strips]({name})", ""]
-    edits = [(label, ev["images"]["edit_grid"]) for label, ev in evals.items() if "edit_grid" in ev.get("images", {})]
+    edits = [(label, ev) for label, ev in evals.items() if "edit_grid" in ev.get("images", {})]
     if edits:
-        e = spec.evaluation.edit
         md += ["## Local Basis edits (Fig. 7)", "",
-               f"Evaluation sample 0 edited at t = {e.t} along its top {e.directions} Local Basis directions (rows), gamma "
-               f"from -{e.gamma:g} to {e.gamma:g} (columns); edit_linearity, edit_straightness and edit_consistency above "
-               "measure such grids over every edited sample (docs/editing.md).", ""]
-        for label, img in edits:
-            st.make_private(shutil.copyfile(img, out_dir / f"edits_{label}.png"))
-            md += [f"### Edits: {label}", "", f"![edits {label}](edits_{label}.png)", ""]
+               "Evaluation sample 0 edited along its top Local Basis directions (rows), gamma from low to high (columns); "
+               "edit_linearity, edit_straightness and edit_consistency above measure such grids over every edited sample "
+               "(docs/editing.md).", ""]
+        for label, ev in edits:
+            e = (ev.get("settings") or {}).get("edit") or {}
+            st.make_private(shutil.copyfile(ev["images"]["edit_grid"], out_dir / f"edits_{label}.png"))
+            md += [f"### Edits: {label} (t = {e.get('t')}, gamma -{e.get('gamma')}..{e.get('gamma')}, "
+                   f"{e.get('directions')} directions)", "", f"![edits {label}](edits_{label}.png)", ""]
     for label, ev in evals.items():
         img = ev.get("images", {}).get("samples")
         if img is not None:

@@ -88,8 +88,10 @@ def _load_images(dataset, indices: list[int], resolution: int, progress: bool) -
     workers = 0 if len(indices) < 2048 else min(8, os.cpu_count() or 1)
     loader = DataLoader(Subset(dataset, indices), batch_size=256, num_workers=workers, shuffle=False)
     out = []
-    for imgs, _ in progress_bar(loader, desc="loading labelled images", disable=not progress, leave=False):
-        out.append(to_uint8_tensor(match_resolution(imgs.float(), resolution)))
+    with progress_bar(total=len(loader), desc="loading labelled images", disable=not progress, leave=False) as bar:
+        for imgs, _ in loader:
+            out.append(to_uint8_tensor(match_resolution(imgs.float(), resolution)))
+            bar.update(1)
     return torch.cat(out)
 
 
