@@ -29,6 +29,7 @@ from isosweep.data.images import make_grid, save_png, to_uint8
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.evaluation.metrics.confidence import mean_interval
+from isosweep.evaluation.record import metric_text
 from isosweep.evaluation.metrics.editing import EditedSample, agreement_per_sample, chance_agreement, edit_sample
 from isosweep.evaluation.suite import full_float32_matmul
 from isosweep.redact import scrub_text
@@ -96,7 +97,7 @@ def edit_command(args: argparse.Namespace) -> int:
                                vectors_per_pass=args.vectors_per_pass) for x in x_T]
     report = _report(args, names, samples, gammas, timesteps[at], k, nets.names["ppl"], spec.evaluation, str(device))
     _write(out, names, samples, gammas, report, time.time() - t0)
-    shown = ", ".join(f"{name} {_shown(report, name)}" for name in ("linearity_r2", "straightness", "consistency")
+    shown = ", ".join(f"{name} {metric_text(report, name, 3)}" for name in ("linearity_r2", "straightness", "consistency")
                       if name in report)
     result(f"edited {len(names)} sample(s) along {len(samples[0].rows)} direction(s) at t={timesteps[at]} into {out}: {shown}")
     return EXIT_COMPLETED
@@ -138,11 +139,6 @@ def _report(args, names: list[str], samples: list[EditedSample], gammas: np.ndar
             "residuals": basis.residuals.double().cpu().tolist(), "rows": sample.rows,
             **({"consistency": float(per_sample["consistency"][i])} if "consistency" in per_sample else {})})
     return report
-
-
-def _shown(report: dict, name: str) -> str:
-    lo, hi = report.get(f"{name}_lo"), report.get(f"{name}_hi")
-    return f"{report[name]:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if lo is not None else "")
 
 
 def _write(out: Path, names: list[str], samples: list[EditedSample], gammas: np.ndarray, report: dict, wall_s: float) -> None:

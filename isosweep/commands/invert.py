@@ -28,6 +28,7 @@ from isosweep.data.images import save_png, to_uint8
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.evaluation.metrics.confidence import mean_interval
+from isosweep.evaluation.record import metric_text
 from isosweep.evaluation.suite import full_float32_matmul
 from isosweep.redact import scrub_text
 from isosweep.spec import SpecError, load_spec
@@ -99,8 +100,8 @@ def invert_command(args: argparse.Namespace) -> int:
     report = _report(args, files, x_T, mse, perceptual, nets.names["ppl"], spec.evaluation, str(device))
     _write(out, files, x_T, redrawn, report, time.time() - t0)
     result(f"inverted {len(files)} image(s) with DDIM {args.steps} steps (refine {args.refine}) into {out}: "
-           f"reconstruction MSE {_shown(report, 'mse')}, {report['perceptual_distance']} distance "
-           f"{_shown(report, 'perceptual')}")
+           f"reconstruction MSE {metric_text(report, 'mse')}, {report['perceptual_distance']} distance "
+           f"{metric_text(report, 'perceptual')}")
     return EXIT_COMPLETED
 
 
@@ -118,11 +119,6 @@ def _report(args, files: list[Path], x_T: torch.Tensor, mse: np.ndarray, percept
                                  "mse": float(mse[i]), "perceptual": float(perceptual[i]),
                                  "x_T_std": float(x_T[i].double().std())})
     return report
-
-
-def _shown(report: dict, name: str) -> str:
-    lo, hi = report.get(f"{name}_lo"), report.get(f"{name}_hi")
-    return f"{report[name]:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None else "")
 
 
 def _png_name(index: int, path: Path) -> str:
