@@ -24,6 +24,9 @@ from isosweep.constants import (EXIT_COMPLETED, EXIT_ERROR, EXIT_FAILED, EXIT_IN
 from isosweep.spec import SpecError
 
 
+MODEL_HELP = "a diffusers folder, a hub id (org/name; the local Hugging Face cache when offline), builtin:shapes, or an MLflow model URI (models:/NAME@alias, runs:/ID/model)"
+
+
 def _add_spec(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="YAML sweep spec, e.g. search_spaces/demo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write a sample grid PNG here")
 
     p = sub.add_parser("eval", help="evaluate a model directory or MLflow model URI (Table-1 row)")
-    p.add_argument("model", help="diffusers directory or MLflow model URI")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--spec", default="search_spaces/demo.yaml", help="spec whose evaluation section to use")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--metrics", nargs="+", default=None, help="subset of fid ppl mrtl mcn vor ls")
@@ -147,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
 
     p = sub.add_parser("sample", help="sample a grid of images from a model")
-    p.add_argument("model", help="diffusers directory or MLflow model URI")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
@@ -155,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
 
     p = sub.add_parser("interpolate", help="interpolate between two seeds' latents and plot frame distances")
-    p.add_argument("model", help="diffusers directory or MLflow model URI")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--seeds", type=int, nargs=2, default=[1, 2])
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--mode", choices=["slerp", "lerp"], default="slerp")
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invert", help="DDIM-invert images to their x_T and measure how well they come back",
                        description="Map each image back to the x_T from which DDIM draws it again (the DDIM ODE run forward "
                                    "in time), redraw it from there, and write x_T.npy, the reconstructions and inversion.json.")
-    p.add_argument("model", help="diffusers directory, hub id or MLflow model URI")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("images", nargs="*", help="PNG/JPEG files or folders of them (one image at least)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps, the same for the inversion and the redraw")
     p.add_argument("--refine", type=int, default=0,
@@ -177,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Find the top directions of the encoder's Jacobian at DDIM step t (the Local Basis), "
                                    "draw x_t + gamma v for each direction and gamma, and write one grid per sample "
                                    "(rows: directions, columns: gammas), the directions (basis_*.npy) and edit.json.")
-    p.add_argument("model", help="diffusers directory, hub id or MLflow model URI")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--seed", type=int, nargs="+", default=None,
                    help="samples to edit, each the image `isosweep sample --n 1 --seed S` draws (default: 0); "
                         "two or more also measure how far their directions agree")
@@ -213,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 AT_LEAST = {"sample": (("n", 1), ("steps", 1)), "interpolate": (("frames", 2), ("steps", 1)),
             "edit": (("steps", 1), ("columns", 2), ("iterations", 1), ("batch_size", 1), ("t", 0), ("vectors_per_pass", 1))}
 NEW_FOLDER = {"pull": "out", "invert": "out", "edit": "out"}  # verb -> option naming a folder that must be new or empty
+MODEL_VERBS = ("eval", "sample", "interpolate", "invert", "edit")  # verbs whose MODEL is a folder, hub id or MLflow URI
 
 
 def env_defaults(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
@@ -238,6 +242,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         out = Path(getattr(args, name)).expanduser()
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise SpecError(f"--{name} {out} exists and is not an empty folder; fix: choose a new folder")
+    if args.command in MODEL_VERBS:
+        from isosweep.models.sources import unusable_source  # no torch
+
+        problem = unusable_source(args.model)
+        if problem:
+            raise SpecError(problem)
 
 
 def _env_overrides() -> list[str]:

@@ -49,6 +49,15 @@ def test_bad_arguments_are_refused_in_one_line_before_torch_or_mlflow(tmp_path):
         assert proc.returncode == constants.EXIT_SPEC_ERROR, (argv, proc.returncode, err)
         assert err.startswith(f"error: {flag} ") and "fix: " in err and "\n" not in err and not proc.stdout, err
     assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    missing = str(tmp_path / "no-model")  # neither a folder nor a hub id, the built-in model or an MLflow URI
+    models = [["sample", missing], ["eval", missing], ["invert", missing, str(full / "keep.txt"), "--out", str(tmp_path / "inverted")],
+              ["edit", missing, "--seed", "0", "--t", "500", "--gamma", "2", "--out", str(tmp_path / "edits")]]
+    for argv in models:
+        proc = isosweep(*argv)
+        err = proc.stderr.strip()
+        assert proc.returncode == constants.EXIT_SPEC_ERROR, (argv, proc.returncode, err)
+        assert err.startswith(f"error: {missing}: no such folder") and "fix: " in err and "\n" not in err, err
+    cases.update({argv[0]: argv for argv in models})
     # in one interpreter: the refusals import neither torch nor MLflow
     probe = ("import sys\nfrom isosweep.cli import main\n"
              f"codes = [main(argv) for argv in {list(cases.values())!r}]\n"

@@ -59,6 +59,26 @@ def test_hub_id_from_offline_cache(tmp_path, monkeypatch):
         load_unet_and_scheduler(BaseModelSpec(source="isosweep-test/missing"))
 
 
+def test_the_model_verbs_take_a_hub_id_from_the_offline_cache(hub_cache, tmp_path):
+    """`isosweep sample google/...` loads the hub id as a spec's base_model.source does (offline, from the cache)."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.support.hub import CIFAR10
+
+    out = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "-m", "isosweep", "sample", CIFAR10, "--n", "2", "--steps", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **hub_cache.env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(out).size[1] == 32 + 2 * 2  # one row of two 32 px images inside the grid's 2 px border
+    missing = subprocess.run([sys.executable, "-m", "isosweep", "sample", "google/not-cached", "--out", str(tmp_path / "x.png")],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, **hub_cache.env})
+    assert missing.returncode == 1 and "could not load UNet2DModel 'google/not-cached'" in missing.stderr, missing.stderr[-2000:]
+
+
 def test_find_diffusers_dir_in_mlflow_layout(tmp_path):
     pipe_dir = tmp_path / "artifacts" / "pipeline"
     DDPMPipeline(unet=_tiny_unet(), scheduler=default_scheduler()).save_pretrained(pipe_dir)

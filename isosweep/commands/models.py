@@ -25,11 +25,11 @@ from isosweep.constants import EXIT_COMPLETED
 from isosweep.core.sampling import ddim_sample, sample_shape
 from isosweep.data.images import make_grid, make_strip, save_png, to_uint8
 from isosweep.evaluation.metrics.paths import lerp, slerp
-from isosweep.models.builtin import BUILTIN_SHAPES, builtin_model_dir, pretrain_builtin, sample_grid
-from isosweep.models.loading import load_local
-from isosweep.models.sources import is_model_uri
+from isosweep.models.builtin import builtin_model_dir, pretrain_builtin, sample_grid
+from isosweep.models.loading import load_local, load_unet_and_scheduler
+from isosweep.models.sources import BUILTIN_SHAPES, is_model_uri
 from isosweep.results.plots import distance_plot
-from isosweep.spec import SpecError, apply_overrides, load_spec, spec_from_dict
+from isosweep.spec import BaseModelSpec, SpecError, apply_overrides, load_spec, spec_from_dict
 from isosweep.tracking.models import resolve_model
 from isosweep.tracking.registry import PIPELINE_SUBPATH
 
@@ -101,9 +101,12 @@ def _remove_partial(out: Path, created: bool) -> None:
 
 
 def load_model(model: str, tracking_uri: str | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
-    """The UNet and scheduler of a model folder, or of a `models:/` / `runs:/` URI downloaded into a
+    """The UNet and scheduler of a model folder; of a hub id (the local Hugging Face cache when offline) or the
+    built-in model, loaded as a spec's `base_model.source` is; or of a `models:/` / `runs:/` URI downloaded into a
     temporary folder that is removed once the weights are in memory (on every exit path)."""
     if not is_model_uri(str(model)):
+        if not Path(model).expanduser().exists():
+            return load_unet_and_scheduler(BaseModelSpec(source=str(model)), None)
         return load_local(resolve_model(model), None)
     with tempfile.TemporaryDirectory(prefix="isosweep-model-", ignore_cleanup_errors=True) as tmp:
         return load_local(resolve_model(model, tracking_uri, dst=tmp), None)

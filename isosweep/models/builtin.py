@@ -30,7 +30,6 @@ from isosweep.data.datasets import ShapesDataset
 from isosweep.data.images import make_grid
 from isosweep.files import atomic_directory
 
-BUILTIN_SHAPES = "builtin:shapes"
 _PRETRAIN_VERSION = 2  # bump when the recipe below changes, so old caches are not reused
 BUILTIN_PREDICTION_TYPE = "sample"
 

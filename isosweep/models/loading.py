@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from isosweep.models.builtin import BUILTIN_SHAPES, default_scheduler, pretrain_builtin
-from isosweep.models.sources import find_diffusers_dir, is_model_uri
+from isosweep.models.builtin import default_scheduler, pretrain_builtin
+from isosweep.models.sources import BUILTIN_SHAPES, find_diffusers_dir, is_model_uri
 
 # MLflow model and artifact URIs; any other `scheme://` URI (s3://, gs://...) is an artifact location too
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+BUILTIN_SHAPES = "builtin:shapes"
 
 
 def is_model_uri(text: str) -> bool:
@@ -22,3 +23,19 @@ def find_diffusers_dir(root: Path) -> Path | None:
         if hits:
             return hits[0].parent
     return None
+
+
+def unusable_source(text: str) -> str | None:
+    """Why `text` can name no model (one line with the fix), or None when it may: a registry URI, the built-in model, an
+    existing path, or a hub id (`org/name`, looked up in the Hugging Face cache when offline). Checked from the text and
+    the file system alone, so a mistyped folder is refused before the model stack is imported."""
+    if is_model_uri(text) or text == BUILTIN_SHAPES or Path(text).expanduser().exists():
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # a text check; no network
+
+    try:
+        validate_repo_id(text)
+        return None
+    except HFValidationError:
+        return (f"{text}: no such folder, and not a hub id (org/name), {BUILTIN_SHAPES} or an MLflow model URI "
+                "(models:/NAME@alias, runs:/ID/model); fix: point it at a diffusers folder or name one of those")

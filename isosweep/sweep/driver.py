@@ -25,7 +25,8 @@ from isosweep.console import say, warn
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.evaluation.suite_metrics import selected
-from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
+from isosweep.models.builtin import pretrain_builtin
+from isosweep.models.sources import BUILTIN_SHAPES
 from isosweep.redact import REDACTED, scrub_text
 from isosweep.results.layout import STATE_FILE, TRAIN_DIR
 from isosweep.results.lease import DriverLease
