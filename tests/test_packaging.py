@@ -3,7 +3,8 @@
 The imports are read with ast from every module (nothing is imported), mapped to distributions with
 importlib.metadata.packages_distributions(), and compared with pyproject.toml's dependencies and extras and with
 requirements/client.txt. The client verbs run in a subprocess where torch, diffusers, MLflow and the metric
-libraries cannot be imported, as in an environment installed from requirements/client.txt alone.
+libraries cannot be imported, as in an environment installed from requirements/client.txt alone. clusters/Dockerfile
+is parsed and held to its build context (.dockerignore) and to the README's install command.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import ast
 import importlib.metadata
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -234,3 +237,72 @@ def test_client_verbs_run_without_the_heavy_stack(tmp_path, sweep_folder):
     needed = _client_modules_imports(sorted(seen))
     missing = _provided(needed, {n: r for n, r in MAIN.items() if n in client})
     assert not missing, f"the client verbs import what requirements/client.txt does not list: {missing}"
+
+
+# clusters/Dockerfile and the .dockerignore beside the repository root (its build context)
+DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
+                       "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order: continuation lines joined, comment lines (also inside one) dropped."""
+    out, pending = [], ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or (not line.strip() and not pending):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        word, _, rest = pending.strip().partition(" ")
+        out.append((word, " ".join(rest.split())))
+        pending = ""
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def _pip_install_args(command: str) -> list[str]:
+    words = shlex.split(command)
+    start = next(i for i in range(len(words) - 1) if words[i:i + 2] == ["pip", "install"]) + 2
+    end = next((i for i in range(start, len(words)) if words[i] in ("&&", ";", "||")), len(words))
+    return [w for w in words[start:end] if w != "--no-cache-dir"]  # the image keeps no pip cache: not a difference
+
+
+def test_dockerfile_parses_and_copies_what_its_context_holds():
+    from bench.docker_context import context_files
+
+    steps = dockerfile_instructions((ROOT / "clusters" / "Dockerfile").read_text())
+    words = [w for w, _ in steps]
+    assert words and set(words) <= DOCKER_INSTRUCTIONS, f"unknown Dockerfile instructions: {set(words) - DOCKER_INSTRUCTIONS}"
+    assert next(w for w in words if w != "ARG") == "FROM", "the first instruction (after ARGs) must be FROM"
+    context = set(context_files())
+    copies = [shlex.split(args) for word, args in steps if word in ("COPY", "ADD")]
+    assert copies
+    for args in copies:
+        *sources, _dest = [a for a in args if not a.startswith("--")]
+        for src in sources:
+            path = ROOT / src
+            assert path.exists(), f"clusters/Dockerfile copies {src}, which is missing"
+            files = [str(p.relative_to(ROOT)) for p in ([path] if path.is_file() else path.rglob("*"))
+                     if p.is_file() and "__pycache__" not in p.parts]
+            assert files and set(files) <= context, f"clusters/Dockerfile copies {src}, which .dockerignore keeps out: {set(files) - context}"
+    # nothing the image does not need travels to the daemon
+    assert {f.split("/")[0] for f in context} <= {"pyproject.toml", "README.md", "requirements", "isosweep", "search_spaces",
+                                                  "clusters", ".dockerignore"}  # the last two: Docker sends them always
+    assert not any(f.startswith((".venv", ".git/", "runs/", "tests/", "docs/")) for f in context)
+    assert {f for f in context if f.startswith("clusters/")} == {"clusters/Dockerfile"}
+
+
+def test_dockerfile_installs_the_package_as_the_readme_says():
+    readme = (ROOT / "README.md").read_text().split("## Installing", 1)[1].split("\n## ", 1)[0]
+    readme_installs = [_pip_install_args(ln) for ln in readme.splitlines() if ln.startswith("pip install -c requirements/constraints.txt")]
+    runs = [args for word, args in dockerfile_instructions((ROOT / "clusters" / "Dockerfile").read_text()) if word == "RUN" and "pip install" in args]
+    assert len(runs) == 1 and _pip_install_args(runs[0]) in readme_installs, (runs, readme_installs)
+
+
+def test_hadolint_finds_nothing_where_it_is_installed():
+    """hadolint is not a dependency: where it is on PATH (a CI image may have it), its findings fail the test."""
+    if shutil.which("hadolint") is None:
+        return
+    proc = subprocess.run(["hadolint", str(ROOT / "clusters" / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
