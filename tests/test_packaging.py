@@ -13,6 +13,7 @@ import ast
 import importlib.metadata
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -306,3 +307,12 @@ def test_hadolint_finds_nothing_where_it_is_installed():
         return
     proc = subprocess.run(["hadolint", str(ROOT / "clusters" / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_make_help_describes_every_target():
+    """`make help` prints a description of every phony target of the Makefile (its `## target:` lines)."""
+    phony = re.search(r"^\.PHONY:(.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1).split()
+    proc = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    described = [ln.split(":")[0] for ln in proc.stdout.splitlines() if ln and not ln.startswith(" ")]
+    assert sorted(described) == sorted(phony), proc.stdout
