@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.isosweep-installed
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus demo test test-extended test-fast test-gpu bench clean
+.PHONY: help install prometheus demo test test-extended test-fast test-gpu bench clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+## install: create .venv and install the package with its test extra at the pinned versions
 install: $(STAMP)
+
+## help: these descriptions (the `## ` lines of this Makefile)
+help:
+	@sed -n -e 's/^## \([a-z-]*:\)/\1/p' -e 's/^## /    /p' $(MAKEFILE_LIST)
 
 ## demo: set up, then run the built-in demo sweep on an embedded local Ray
 demo: install
@@ -45,10 +50,12 @@ test-fast: install
 test-gpu: install
 	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
 
+## bench: the CPU benchmarks of the isometry step, the Jacobian and sampling
 bench: install
 	$(PY) -m bench.iso_step
 	$(PY) -m bench.jacobian
 	$(PY) -m bench.sampling
 
+## clean: remove .venv and pytest's cache
 clean:
 	rm -rf $(VENV) .pytest_cache
