@@ -260,14 +260,31 @@ def upload_dir(local: str | os.PathLike, uri: str) -> None:
                 make_private(dest / f.relative_to(local))
 
 
-def download_dir(uri: str, local: str | os.PathLike) -> Path:
-    """Copy everything under `uri` into the local folder `local`; returns it. The copies are private: every
-    file under `local` 0600, the folders the copy creates 0700."""
+def file_sizes(uri: str) -> dict[str, int]:
+    """{path relative to `uri`: size in bytes} of every file under `uri`, from the listing alone (empty when none)."""
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    except FileNotFoundError:
+        return {}
+    root = PurePosixPath(path)
+    return {PurePosixPath(i.path).relative_to(root).as_posix(): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def download_dir(uri: str, local: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Path:
+    """Copy everything under `uri` into the local folder `local` (with `keep`, only the files whose path relative to
+    `uri` it accepts); returns it. The copies are private: every file under `local` 0600, the folders the copy
+    creates 0700."""
     local = Path(local)
     make_private_dirs(local)
     before = {p for p in local.rglob("*") if p.is_dir()}
     fs, path = filesystem(uri)
-    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if keep is None:
+        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    for rel in sorted(r for r in file_sizes(uri) if keep is not None and keep(r)):
+        make_private_dirs((local / rel).parent)
+        with fs.open_input_stream(f"{path.rstrip('/')}/{rel}") as src, open(local / rel, "wb") as dst:
+            shutil.copyfileobj(src, dst)
     for folder in (p for p in local.rglob("*") if p.is_dir() and p not in before):
         os.chmod(folder, PRIVATE_DIR)
     return make_private(local)

@@ -270,6 +270,10 @@ def test_sync_uploads_what_storage_has(tmp_path, local_uri, capsys):
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
+def is_uploaded_weight(key: str) -> bool:
+    return key.endswith((".safetensors", ".bin", ".pt"))
+
+
 def checkpoint_artifact_on_disk(uri: str, run_id: str) -> Path:
     """Where the local store keeps a run's `checkpoint/` artifact: the files a cut-off upload leaves behind."""
     artifact_uri = client.client(uri).get_run(run_id).info.artifact_uri
@@ -361,7 +365,9 @@ def test_sync_from_a_sweep_in_s3_by_its_uri(tmp_path, local_uri, s3_server, monk
     port = s3_server.endpoint_url.rsplit(":", 1)[1]
     root = f"s3://{s3_server.bucket}/sync-test?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
     local = tmp_path / "made-here" / "s3sync-20261126-101010"
-    trial_checkpoint(local / "train" / "t1" / "checkpoint_000002", "t1", 11.0)
+    final = trial_checkpoint(local / "train" / "t1" / "checkpoint_000002", "t1", 11.0)
+    (final / "train_state.pt").write_bytes(b"\0" * 4096)  # optimizer state: never uploaded, so its bytes are never read
+    tiny_pipeline_dir(local / "train" / "t1" / "checkpoint_000001")  # an earlier step's: only its JSON is read
     spec = make_spec("s3sync", tmp_path)
     parent = runs.find_or_create_sweep_run(spec, None, local_uri, local.name)
     (local / "isosweep_sweep.json").write_text(json.dumps({"sweep_id": local.name, "parent_run_id": parent,
@@ -372,13 +378,21 @@ def test_sync_from_a_sweep_in_s3_by_its_uri(tmp_path, local_uri, s3_server, monk
 
     shutil.rmtree(tmp_path / "made-here")
     args = argparse.Namespace(target=sweep_uri, overrides=[], tracking_uri=None, storage=None)
+    key = f"sync-test/{local.name}/train/t1"
+    seen = len(s3_server.fetched())
     assert sync_cmd.sync_command(args) == 0
     assert "synced 1 of 1" in capsys.readouterr().out
+    read = s3_server.fetched()[seen:]
+    assert f"{key}/checkpoint_000002/{WEIGHTS}" in read, read  # the run lacked the final checkpoint: fetched to upload it
+    assert not [k for k in read if is_uploaded_weight(k) and not k.startswith(f"{key}/checkpoint_000002/unet/")], read
     c = client.client(local_uri)
     exp = c.get_experiment_by_name("s3sync").experiment_id
     children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert [r.data.tags["isosweep.trial_id"] for r in children] == ["t1"] and children[0].data.metrics["fid"] == 11.0
+    seen = len(s3_server.fetched())
     assert sync_cmd.sync_command(args) == 0  # by name under the storage too, and nothing twice
+    read = s3_server.fetched()[seen:]
+    assert read and not [k for k in read if is_uploaded_weight(k)], read  # the records, not the weights of a complete run
     assert sync_cmd.sync_command(argparse.Namespace(target="s3sync", overrides=[], tracking_uri=None, storage=root)) == 0
     assert "synced 0 of 1" in capsys.readouterr().out
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("isosweep-sync-*/s3sync-*"))

@@ -13,6 +13,7 @@ from isosweep.constants import EXIT_COMPLETED
 from isosweep.redact import REDACTED, scrub_text
 from isosweep.results.layout import find_sweeps, is_sweep, read_state, sweep_dirs
 from isosweep.spec import SpecError, SweepSpec, load_spec, spec_from_dict
+from isosweep.tracking.sync import is_sync_metadata
 from isosweep.tracking.tracker import Tracker
 
 
@@ -20,8 +21,8 @@ def sync_command(args: argparse.Namespace) -> int:
     """`isosweep sync TARGET [--storage S] [--tracking-uri U]`: upload what storage has and MLflow lacks.
 
     TARGET: a sweep's folder or URI (s3:// included), a spec file (every sweep of its name under
-    --storage or its storage), or a spec name with --storage. A remote sweep is copied into a temporary
-    folder first and the copy removed after. The tracking URI: --tracking-uri, the spec,
+    --storage or its storage), or a spec name with --storage. Of a remote sweep, the records (JSON, evaluation
+    folders) are copied into a temporary folder, removed after; a checkpoint's weights only for a run that lacks them. The tracking URI: --tracking-uri, the spec,
     MLFLOW_TRACKING_URI, the one recorded in the sweep's state file, then the local default.
     """
     total = synced = 0
@@ -35,9 +36,9 @@ def sync_command(args: argparse.Namespace) -> int:
         tracker = Tracker(explicit) if explicit else Tracker.resolve(None, None, st.parent_of(where))
         if st.is_remote(where):
             with tempfile.TemporaryDirectory(prefix="isosweep-sync-") as tmp:
-                result(f"{st.name_of(where)}: copying {scrub_text(where)} to a temporary folder")
-                local = st.download_dir(where, Path(tmp) / st.name_of(where))
-                done = tracker.sync_sweep_dir(spec, spec_path, local, where)
+                result(f"{st.name_of(where)}: copying the records of {scrub_text(where)} to a temporary folder")
+                local = st.download_dir(where, Path(tmp) / st.name_of(where), keep=is_sync_metadata)
+                done = tracker.sync_sweep_dir(spec, spec_path, local, st.parent_of(where), remote=where)
         else:
             done = tracker.sync_sweep_dir(spec, spec_path, where, st.parent_of(where))
         for tid, run_id, uploaded in done:

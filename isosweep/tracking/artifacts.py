@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -118,11 +119,14 @@ def _differences(expected: dict[str, int], found: dict[str, int], source: str) -
     return out
 
 
-def checkpoint_gaps(tracking_uri: str, run_id: str, checkpoint_dir: str | os.PathLike) -> list[str]:
-    """What the run's `checkpoint/` artifact lacks of the local checkpoint (by file name and size); empty when complete."""
+def checkpoint_gaps(tracking_uri: str, run_id: str, checkpoint_dir: str | os.PathLike,
+                    elsewhere: Mapping[str, int] | None = None) -> list[str]:
+    """What the run's `checkpoint/` artifact lacks of the local checkpoint (by file name and size); empty when complete.
+    `elsewhere`: {path: size} of the checkpoint's files not copied here (a sweep in S3 read from its listing)."""
     with tempfile.TemporaryDirectory() as tmp:
         staged = stage_checkpoint(Path(checkpoint_dir), Path(tmp) / CHECKPOINT_ARTIFACT_PATH)
-        return _differences(_file_sizes(staged), artifact_sizes(tracking_uri, run_id), "the local checkpoint")
+        expected = {**{rel: size for rel, size in (elsewhere or {}).items() if is_uploaded(rel)}, **_file_sizes(staged)}
+        return _differences(expected, artifact_sizes(tracking_uri, run_id), "the local checkpoint")
 
 
 def verify_checkpoint_artifact(tracking_uri: str, run_id: str, trial_id: str, *, local: Path | None = None,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+from isosweep import storage as st
 from isosweep.console import warn
 from isosweep.evaluation.record import EVAL_DIR, RECORD_FILE, read_record, record_path
 from isosweep.files import read_json
@@ -17,6 +18,7 @@ from isosweep.tracking.artifacts import (
     EVAL_ARTIFACT_PATH,
     CheckpointArtifactError,
     checkpoint_gaps,
+    is_uploaded,
     log_final_metrics,
     log_trial_result,
 )
@@ -70,8 +72,16 @@ def _sweep_parent(spec: Any, spec_path: str | None, tracking_uri: str, sweep_dir
     return find_or_create_sweep_run(spec, spec_path, tracking_uri, sid, storage_path=storage_path)
 
 
+def is_sync_metadata(rel: str) -> bool:
+    """Whether the file at `rel` in a sweep folder is what sync reads to decide (JSON records and every evaluation
+    folder), as opposed to the weights and training state it uploads only where a run lacks them."""
+    path = PurePosixPath(rel)
+    return path.suffix == ".json" or EVAL_DIR in path.parts[:-1]
+
+
 def sync_sweep_dir(
-    spec: Any, spec_path: str | None, tracking_uri: str, sweep_dir: str | os.PathLike, storage_path: str | None = None
+    spec: Any, spec_path: str | None, tracking_uri: str, sweep_dir: str | os.PathLike, storage_path: str | None = None,
+    remote: str | None = None,
 ) -> list[tuple[str, str, list[str]]]:
     """Upload what one sweep folder holds but its MLflow runs lack; returns [(trial_id, run_id, uploaded)].
 
@@ -79,6 +89,10 @@ def sync_sweep_dir(
     metrics from `eval/metrics.json` that the run lacks; upload `checkpoint/` again when the run's copy lacks a
     file of the local checkpoint or holds one with another size (a cut-off upload), and check it after; log `eval/`
     if the run has none; end the run FINISHED if anything was uploaded. Complete runs are left alone.
+
+    `remote`: the sweep URI that `sweep_dir` is a copy of, holding only what `is_sync_metadata` keeps; a checkpoint's
+    other files are compared by the remote listing's sizes and downloaded only for a run whose copy lacks them, so a
+    sweep whose runs are complete costs its JSON and evaluation files, not its weights.
     """
     sweep_dir = Path(sweep_dir)
     parent = _sweep_parent(spec, spec_path, tracking_uri, sweep_dir, storage_path or str(sweep_dir.parent))
@@ -98,7 +112,11 @@ def sync_sweep_dir(
         else:
             run_id, have_metrics = run.info.run_id, set(run.data.metrics)
         metrics = {k: v for k, v in file_metrics.items() if k not in have_metrics}
-        need_ckpt = bool(checkpoint_gaps(tracking_uri, run_id, ckpt))
+        source = st.join(remote, *ckpt.relative_to(sweep_dir).parts) if remote else None
+        elsewhere = {r: n for r, n in st.file_sizes(source).items() if not (ckpt / r).is_file()} if source else {}
+        need_ckpt = bool(checkpoint_gaps(tracking_uri, run_id, ckpt, elsewhere))
+        if need_ckpt and elsewhere:
+            st.download_dir(source, ckpt, keep=lambda r, wanted=elsewhere: r in wanted and is_uploaded(r))
         need_eval = not retry_call("list artifacts", tracking_uri, c.list_artifacts, run_id, EVAL_ARTIFACT_PATH)
         if metrics or need_ckpt or need_eval or uploaded:
             log_trial_result(tracking_uri, run_id, ckpt, only_metrics=set(metrics), log_eval=need_eval, log_checkpoint=need_ckpt)

@@ -121,5 +121,5 @@ class Tracker:
 
     # sync ---------------------------------------------------------------------------------------------------
     def sync_sweep_dir(self, spec: Any, spec_path: str | None, sweep_dir: str | os.PathLike | Path,
-                       storage_path: str | None = None) -> list[tuple[str, str, list[str]]]:
-        return sync.sync_sweep_dir(spec, spec_path, self.uri, sweep_dir, storage_path)
+                       storage_path: str | None = None, remote: str | None = None) -> list[tuple[str, str, list[str]]]:
+        return sync.sync_sweep_dir(spec, spec_path, self.uri, sweep_dir, storage_path, remote)

@@ -18,12 +18,14 @@ the end, never by name. Credentials are dummies and exist only in the server's e
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,6 +97,15 @@ class S3Server:
     bucket: str
     pid: int
     env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+
+    def fetched(self) -> list[str]:
+        """The object keys read so far (each GET of an object the server logged, whole or a range), in order."""
+        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path else []
+        prefix = f"/{self.bucket}/"
+        found = (re.search(r'GET (/\S+) HTTP/[\d.]+\S*" 20[06] ', line) for line in lines)  # 206: a ranged read
+        paths = (urllib.parse.urlsplit(m.group(1)).path for m in found if m)
+        return [urllib.parse.unquote(p[len(prefix):]) for p in paths if p.startswith(prefix) and len(p) > len(prefix)]
 
     def client(self):
         import boto3
@@ -134,7 +145,8 @@ def s3_server() -> Iterator[S3Server]:
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{endpoint}/moto-api/", proc, log_path, 30)
-        server = S3Server(endpoint, BUCKET, proc.pid, env={**DUMMY_AWS, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint})
+        server = S3Server(endpoint, BUCKET, proc.pid, env={**DUMMY_AWS, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint},
+                          log_path=log_path)
         server.client().create_bucket(Bucket=BUCKET)
         yield server
     finally:
