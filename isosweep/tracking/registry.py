@@ -47,6 +47,7 @@ SERVED_CODE = ("__init__.py", "core/__init__.py", "core/editing.py", "core/hspac
                "core/sampling.py", "tracking/__init__.py", "tracking/serving_modes.py")
 # The request logged as the model's input example (serving_input_example.json): two rows, four samples and one edit,
 # cheap on any model (10 DDIM steps; 59 + 60 UNet evaluations, far below the default budget).
+INPUT_EXAMPLE_FILE = "serving_input_example.json"  # MLflow writes it into the model folder from INPUT_EXAMPLE
 INPUT_EXAMPLE = [{"mode": "none", "n": 4, "seed": 0, "steps": 10},
                  {"mode": "edit", "seed": 0, "steps": 10, "t": 500, "directions": [0], "gammas": [-8.0, 0.0, 8.0], "iterations": 2}]
 # MLflow warns, each time the pyfunc class is defined (importing pyfunc_model.py; save_model loads it again), that its
