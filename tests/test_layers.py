@@ -37,7 +37,7 @@ EXPECTED = {
                    "features/attributes", "features/common", "suite_metrics/base", "suite_metrics/fid", "suite_metrics/ppl",
                    "suite_metrics/mrtl", "suite_metrics/jacobian", "suite_metrics/ls"],
     "results": ["layout", "rows", "tables", "pareto", "states", "plots", "report", "full_eval_records", "place", "publish"],
-    "tracking": ["client", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model", "tracker"],
+    "tracking": ["client", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model", "serving_modes", "tracker"],
     "sweep": ["ray_env", "search", "callbacks", "trainer", "trial", "driver", "jobs", "resources", "monitoring", "full_eval", "readback"],
     "commands": ["validate", "sweep", "submit", "train", "evaluate", "models", "invert", "sync"],
 }

@@ -1,9 +1,9 @@
 """The MLflow model registry: the champion and the Pareto trials logged as pyfunc models and registered.
 
-What is registered is an MLflow pyfunc model written "from code" (`isosweep/tracking/pyfunc_model.py`, which
-imports no isosweep) whose single artifact is a diffusers pipeline directory, with the request signature
-of that file, requirements pinned to the installed versions, and the trial's final metrics and params on its
-LoggedModel. So anyone with mlflow, torch, diffusers and pillow can use or serve it without isosweep:
+What is registered is an MLflow pyfunc model written "from code" (`isosweep/tracking/pyfunc_model.py`, with the
+few isosweep modules it imports, `SERVED_CODE`, logged beside it) whose single artifact is a diffusers pipeline
+directory, with the request signature of that file, an input example (`INPUT_EXAMPLE`), requirements pinned to the
+installed versions, and the trial's final metrics and params on its LoggedModel. So anyone with mlflow, torch, diffusers and pillow can use or serve it without isosweep:
 
     path = mlflow.artifacts.download_artifacts("models:/isodiff-demo@champion", dst_path="champion")
     DDPMPipeline.from_pretrained(f"{path}/artifacts/pipeline")          # PIPELINE_SUBPATH
