@@ -154,3 +154,12 @@ def test_an_invert_request_refuses_an_image_that_is_no_png_of_the_models_size(lo
     assert message.startswith("row 1: 'image' must be a base64 PNG of this model's size 8x8, at most 4 MiB"), message
     assert "\n" not in message and len(message) < 400, message
     assert model.unwrap_python_model().sampling == 0  # refused before the first row sampled
+
+
+def test_an_edit_past_its_time_limit_stops_between_steps(load):
+    model = load(ISOSWEEP_SERVE_TIMEOUT_S="0.05", ISOSWEEP_SERVE_MAX_UNET_EVALS="100000")
+    with pytest.raises(MlflowException) as e:
+        model.predict({"mode": "edit", "steps": 1000, "t": 0, "gammas": [1.0]})  # 999 steps to t: far past 0.05 s
+    assert e.value.error_code == "DEADLINE_EXCEEDED"
+    assert "of 999 DDIM steps to t (edit)" in e.value.message and "no images are returned" in e.value.message, e.value.message
+    assert model.unwrap_python_model().sampling == 0
