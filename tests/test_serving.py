@@ -168,8 +168,7 @@ def test_the_model_samples_on_the_gpu_when_there_is_one(tmp_path, tiny_model_dir
     import mlflow
 
     path = tmp_path / "model"
-    mlflow.pyfunc.save_model(path=str(path), python_model=str(registry.PYFUNC_CODE), artifacts={registry.PIPELINE_KEY: str(tiny_model_dir)},
-                             signature=pyfunc_model.SIGNATURE, pip_requirements=registry.pip_requirements())
+    registry.save_served_model(path, tiny_model_dir)
     model = mlflow.pyfunc.load_model(str(path))
     inner = model.unwrap_python_model()
     assert inner.device == "cuda" and next(inner._unet("auto").parameters()).is_cuda

@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {"n": 4, "seed": 0, "seeds": [0, 1], "steps": 50, "mo
                             **EDIT_DEFAULTS, **INVERT_DEFAULTS}
 INTS = ("n", "seed", "steps", "frames", "t", "iterations")
 LISTS = ("seeds", "directions", "gammas")  # fields holding several values
-BUDGET_ENV = "ISOSWEEP_SERVE_MAX_UNET_EVALS"  # images x steps one request may cost
+BUDGET_ENV = "ISOSWEEP_SERVE_MAX_UNET_EVALS"  # UNet evaluations one request may cost, all its rows together
 TIMEOUT_ENV = "ISOSWEEP_SERVE_TIMEOUT_S"  # seconds one request may take
 CONCURRENT_ENV = "ISOSWEEP_SERVE_MAX_CONCURRENT"  # requests sampling at once in one process
 DEFAULT_BUDGET = 64 * 50  # the most images at the default steps
