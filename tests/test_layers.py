@@ -37,7 +37,7 @@ EXPECTED = {
                    "features/attributes", "features/common", "suite_metrics/base", "suite_metrics/fid", "suite_metrics/ppl",
                    "suite_metrics/mrtl", "suite_metrics/jacobian", "suite_metrics/ls"],
     "results": ["layout", "rows", "tables", "pareto", "states", "plots", "report", "full_eval_records", "place", "publish"],
-    "tracking": ["client", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model", "tracker"],
+    "tracking": ["client", "runs", "steps", "artifacts", "sync", "registry", "models", "pyfunc_model", "serving_modes", "tracker"],
     "sweep": ["ray_env", "search", "callbacks", "trainer", "trial", "driver", "jobs", "resources", "monitoring", "full_eval", "readback"],
     "commands": ["validate", "sweep", "submit", "train", "evaluate", "models", "invert", "sync"],
 }
@@ -229,9 +229,22 @@ def test_no_private_mlflow_api():
     assert not wrong, f"private MLflow APIs used: {wrong}"
 
 
-def test_the_served_model_imports_no_isosweep():
-    """tracking/pyfunc_model.py is logged as the model's code: whoever serves it has mlflow, torch, diffusers and
-    pillow, not isosweep (tests/test_tracking.py loads it where isosweep cannot be imported)."""
-    path = PACKAGE / "tracking" / "pyfunc_model.py"
-    top = {n.split(".")[0] for n in _imports(path, "tracking.pyfunc_model")}
-    assert top <= {"__future__", "copy", "io", "os", "threading", "time", "typing", "mlflow", "numpy", "torch", "diffusers", "PIL"}, sorted(top)
+def test_the_served_model_imports_only_the_isosweep_code_logged_with_it():
+    """tracking/pyfunc_model.py is logged as the model's code with `registry.SERVED_CODE` beside it (MLflow's code_paths):
+    whoever serves it has mlflow, torch, diffusers and pillow, not isosweep (tests/test_tracking.py loads it where
+    isosweep is not installed). So every isosweep module it reaches is in SERVED_CODE, and nothing else is needed."""
+    from isosweep.tracking.registry import SERVED_CODE
+
+    served = {"tracking.pyfunc_model"} | {name.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for name in SERVED_CODE}
+    modules = _modules()
+    reached, todo, outside = set(), ["tracking.pyfunc_model"], set()
+    while todo:
+        module = todo.pop()
+        reached.add(module)
+        names = _imports(modules[module], module)
+        outside |= {n.split(".")[0] for n in names if n.split(".")[0] != "isosweep"}
+        todo += sorted(_isosweep_targets(names, modules) - reached)
+    assert reached - {"isosweep"} <= served, f"the served model imports {sorted(reached - served)}, not logged with it (SERVED_CODE)"
+    allowed = {"__future__", "base64", "binascii", "collections", "contextlib", "copy", "dataclasses", "functools", "inspect", "io",
+               "math", "os", "sys", "threading", "time", "typing", "mlflow", "numpy", "torch", "diffusers", "PIL", "tqdm"}
+    assert outside <= allowed, sorted(outside - allowed)

@@ -143,6 +143,21 @@ def test_the_champion_serves_pngs_over_http(tmp_path, mlflow_server, tiny_model_
         status, answer = _post(url, {"inputs": {}, "params": {"n": 64, "steps": 1000}})
         assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", (status, answer)
         assert "n=64 x steps=1000 = 64000 UNet evaluations, over this server's budget of 3200" in answer["message"], answer["message"][-500:]
+
+        # the input example logged with the model, posted as it is: two rows, four samples and a Local Basis edit
+        example = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{registry.INPUT_EXAMPLE_FILE}", tracking_uri=uri,
+                                                      dst_path=str(tmp_path / "example"))
+        status, answer = _post(url, json.loads(Path(example).read_text()))
+        assert status == 200, answer
+        samples, edit = answer["predictions"]
+        assert len(_images({"predictions": samples})) == 4 and len(_images({"predictions": edit["images"]})) == 3
+        assert len(edit["singular_values"]) == 1 and edit["singular_values"][0] > 0
+        # a served PNG sent back as it came (base64) to be inverted: x_T of the model's shape, the redraw as a PNG
+        status, answer = _post(url, {"inputs": {"mode": "invert", "image": samples[0], "steps": STEPS}})
+        assert status == 200, answer
+        inverted = answer["predictions"]
+        assert inverted["x_T_shape"] == [3, RES, RES] and len(inverted["x_T"]) == 3 * RES * RES
+        assert len(_images({"predictions": [inverted["reconstruction"]]})) == 1
     finally:
         stop_process(proc)
 
@@ -153,8 +168,7 @@ def test_the_model_samples_on_the_gpu_when_there_is_one(tmp_path, tiny_model_dir
     import mlflow
 
     path = tmp_path / "model"
-    mlflow.pyfunc.save_model(path=str(path), python_model=str(registry.PYFUNC_CODE), artifacts={registry.PIPELINE_KEY: str(tiny_model_dir)},
-                             signature=pyfunc_model.SIGNATURE, pip_requirements=registry.pip_requirements())
+    registry.save_served_model(path, tiny_model_dir)
     model = mlflow.pyfunc.load_model(str(path))
     inner = model.unwrap_python_model()
     assert inner.device == "cuda" and next(inner._unet("auto").parameters()).is_cuda

@@ -1,14 +1,18 @@
 """The bounds on one request to the served model: a compute budget, a time limit and a cap on requests sampling at once.
 
-The model is saved the way the registry logs it (`tracking/pyfunc_model.py` as code, the tiny 8x8 pipeline as its
-artifact) and loaded with `mlflow.pyfunc.load_model` under the serving settings of each test, then asked through
+The model is saved the way the registry logs it (`registry.save_served_model`: `tracking/pyfunc_model.py` and the
+code it imports, the tiny 8x8 pipeline as its artifact) and loaded with `mlflow.pyfunc.load_model` under the serving settings of each test, then asked through
 its real `predict`. `tests/test_serving.py` sends an over-budget request to `mlflow models serve` over HTTP.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 import time
+
+import numpy as np
 
 import pytest
 from mlflow.exceptions import MlflowException
@@ -18,11 +22,8 @@ from isosweep.tracking import pyfunc_model, registry
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, tiny_model_dir):
-    import mlflow
-
     path = tmp_path_factory.mktemp("served") / "model"
-    mlflow.pyfunc.save_model(path=str(path), python_model=str(registry.PYFUNC_CODE), artifacts={registry.PIPELINE_KEY: str(tiny_model_dir)},
-                             signature=pyfunc_model.SIGNATURE, pip_requirements=registry.pip_requirements())
+    registry.save_served_model(path, tiny_model_dir)
     return path
 
 
@@ -105,3 +106,60 @@ def test_requests_beyond_the_cap_wait_for_a_free_slot(load):
     long.join(120)
     short.join(120)
     assert finished == ["long", "short"]
+
+
+def test_edits_inversions_and_rows_count_against_the_budget(load):
+    """An edit costs its steps, its edited images and its Local Basis rounds; an inversion 2 x steps; rows add up."""
+    model = load(ISOSWEEP_SERVE_MAX_UNET_EVALS="60")
+    # 10 steps (900, 800, ... 0), t=500 the 5th: 4 steps to t, (1 + 1 x 3) images x 6 steps, (2 + 2) rounds x 5 vectors
+    edit = {"mode": "edit", "seed": 0, "steps": 10, "t": 500, "directions": [0], "gammas": [-1.0, 0.0, 1.0], "iterations": 2}
+    assert len(model.predict(edit)["images"]) == 3  # 4 + 24 + 20 = 48
+    assert len(model.predict({**edit, "directions": [1]})["images"]) == 3  # 6 vectors: 4 + 24 + 24 = 52
+    with pytest.raises(MlflowException) as e:
+        model.predict({**edit, "directions": [0, 1]})
+    assert "4 steps to t + images=7 x 6 steps from t + (iterations=2 + 2) x vectors=6 = 70 UNet evaluations" in e.value.message
+    assert "budget of 60" in e.value.message and "fewer steps, directions, gammas or iterations" in e.value.message
+    png = base64.b64encode(model.predict(None, params={"n": 1, "steps": 2})[0]).decode()
+    assert len(model.predict({"mode": "invert", "image": png, "steps": 30})["x_T"]) == 3 * 8 * 8
+    with pytest.raises(MlflowException, match=r"2 x steps=31 \(inversion, redraw\) = 62 UNet evaluations, over this server's budget of 60"):
+        model.predict({"mode": "invert", "image": png, "steps": 31})
+    # rows: each within the budget, their total over it; refused before any row runs
+    inner = model.unwrap_python_model()
+    with pytest.raises(MlflowException) as e:
+        model.predict([{"n": 2, "steps": 10}, {"n": 2, "steps": 15}, {"n": 1, "steps": 11}])
+    assert "these 3 rows cost 20 + 30 + 11 = 61 UNet evaluations together, over this server's budget of 60" in e.value.message
+    assert inner.sampling == 0
+    assert len(model.predict([{"n": 2, "steps": 10}, {"n": 2, "steps": 15}, {"n": 1, "steps": 10}])) == 3
+
+
+@pytest.mark.parametrize("what,image", [
+    ("not base64", "not//base64!"),
+    ("a JPEG", "jpeg"),
+    ("the wrong size", "png16"),
+    ("too large", "A" * (6 * 2**20)),
+    ("empty", ""),
+])
+def test_an_invert_request_refuses_an_image_that_is_no_png_of_the_models_size(load, what, image):
+    from PIL import Image
+
+    if image in ("jpeg", "png16"):
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((16 if image == "png16" else 8,) * 2 + (3,), np.uint8)).save(buf, format="JPEG" if image == "jpeg" else "PNG")
+        image = base64.b64encode(buf.getvalue()).decode()
+    model = load()
+    with pytest.raises(MlflowException) as e:
+        model.predict([{"n": 1, "steps": 1}, {"mode": "invert", "image": image, "steps": 2}])
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+    message = e.value.message
+    assert message.startswith("row 1: 'image' must be a base64 PNG of this model's size 8x8, at most 4 MiB"), message
+    assert "\n" not in message and len(message) < 400, message
+    assert model.unwrap_python_model().sampling == 0  # refused before the first row sampled
+
+
+def test_an_edit_past_its_time_limit_stops_between_steps(load):
+    model = load(ISOSWEEP_SERVE_TIMEOUT_S="0.05", ISOSWEEP_SERVE_MAX_UNET_EVALS="100000")
+    with pytest.raises(MlflowException) as e:
+        model.predict({"mode": "edit", "steps": 1000, "t": 0, "gammas": [1.0]})  # 999 steps to t: far past 0.05 s
+    assert e.value.error_code == "DEADLINE_EXCEEDED"
+    assert "of 999 DDIM steps to t (edit)" in e.value.message and "no images are returned" in e.value.message, e.value.message
+    assert model.unwrap_python_model().sampling == 0

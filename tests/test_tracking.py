@@ -205,16 +205,24 @@ def test_registry_champion_pull_sample_interpolate(tmp_path, local_uri, monkeypa
     pngs = model.predict(None, params={"n": 2, "seed": 0, "steps": 2})  # one PNG per image (tests/test_serving.py: over HTTP)
     assert len(pngs) == 2 and all(Image.open(io.BytesIO(p)).size == (RES, RES) for p in pngs)
     assert model.predict({"n": 2, "seed": 0, "steps": 2}) == pngs  # the request as input fields
-    assert {p.name for p in model.metadata.get_params_schema().params} == {"n", "seed", "seeds", "steps", "mode", "frames", "device"}
+    assert {p.name for p in model.metadata.get_params_schema().params} == {"n", "seed", "seeds", "steps", "mode", "frames", "device",
+                                                                         "t", "directions", "gammas", "iterations", "image"}
 
-    # and without isosweep importable at all (the pyfunc is "models from code", no isosweep imports)
-    code = ("import sys, io; sys.modules['isosweep'] = None; import mlflow; from PIL import Image; "
-            "m = mlflow.pyfunc.load_model('models:/isodiff-reg@champion'); "
-            "print([Image.open(io.BytesIO(p)).size for p in m.predict(None, params={'n': 1, 'seed': 3, 'steps': 1})])")
+    # and where isosweep is not installed (the venv's editable finder dropped): the model imports the isosweep code
+    # logged with it (registry.SERVED_CODE, under the model's code/), and samples and edits with it
+    code = ("import sys, io; sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+            "try:\n    import isosweep\nexcept ImportError:\n    print('no isosweep installed')\n"
+            "import mlflow; from PIL import Image\n"
+            "m = mlflow.pyfunc.load_model('models:/isodiff-reg@champion')\n"
+            "print([Image.open(io.BytesIO(p)).size for p in m.predict(None, params={'n': 1, 'seed': 3, 'steps': 1})])\n"
+            "print(len(m.predict({'mode': 'edit', 'steps': 2, 't': 0, 'gammas': [1.0], 'iterations': 1})['images']), 'edit')\n"
+            "import isosweep.core.editing as e; print(e.__file__)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MLFLOW_TRACKING_URI": local_uri, "PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"[({RES}, {RES})]" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == ["no isosweep installed", f"[({RES}, {RES})]", "1 edit"], proc.stdout
+    assert lines[3].endswith("/code/isosweep/core/editing.py") and str(Path(__file__).resolve().parents[1]) not in lines[3], lines[3]
 
     out = tmp_path / "pulled"
     ns = argparse.Namespace

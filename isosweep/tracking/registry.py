@@ -1,9 +1,9 @@
 """The MLflow model registry: the champion and the Pareto trials logged as pyfunc models and registered.
 
-What is registered is an MLflow pyfunc model written "from code" (`isosweep/tracking/pyfunc_model.py`, which
-imports no isosweep) whose single artifact is a diffusers pipeline directory, with the request signature
-of that file, requirements pinned to the installed versions, and the trial's final metrics and params on its
-LoggedModel. So anyone with mlflow, torch, diffusers and pillow can use or serve it without isosweep:
+What is registered is an MLflow pyfunc model written "from code" (`isosweep/tracking/pyfunc_model.py`, with the
+few isosweep modules it imports, `SERVED_CODE`, logged beside it) whose single artifact is a diffusers pipeline
+directory, with the request signature of that file, an input example (`INPUT_EXAMPLE`), requirements pinned to the
+installed versions, and the trial's final metrics and params on its LoggedModel. So anyone with mlflow, torch, diffusers and pillow can use or serve it without isosweep:
 
     path = mlflow.artifacts.download_artifacts("models:/isodiff-demo@champion", dst_path="champion")
     DDPMPipeline.from_pretrained(f"{path}/artifacts/pipeline")          # PIPELINE_SUBPATH
@@ -41,6 +41,15 @@ MODEL_TYPE = "diffusers-ddpm"  # the LoggedModel's model_type, to search and com
 PIPELINE_KEY = "pipeline"  # the pyfunc artifact key
 PIPELINE_SUBPATH = f"artifacts/{PIPELINE_KEY}"  # where the diffusers dir lies in a downloaded model
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+# The isosweep modules the served model imports (the served modes and the core math they call), logged with it as
+# MLflow's code_paths so that a server needs no isosweep installed; tests/test_layers.py holds this list to the imports.
+SERVED_CODE = ("__init__.py", "core/__init__.py", "core/editing.py", "core/hspace.py", "core/inversion.py", "core/progress.py",
+               "core/sampling.py", "tracking/__init__.py", "tracking/serving_modes.py")
+# The request logged as the model's input example (serving_input_example.json): two rows, four samples and one edit,
+# cheap on any model (10 DDIM steps; 59 + 60 UNet evaluations, far below the default budget).
+INPUT_EXAMPLE_FILE = "serving_input_example.json"  # MLflow writes it into the model folder from INPUT_EXAMPLE
+INPUT_EXAMPLE = [{"mode": "none", "n": 4, "seed": 0, "steps": 10},
+                 {"mode": "edit", "seed": 0, "steps": 10, "t": 500, "directions": [0], "gammas": [-8.0, 0.0, 8.0], "iterations": 2}]
 # MLflow warns, each time the pyfunc class is defined (importing pyfunc_model.py; save_model loads it again), that its
 # predict has no type hints: on purpose, SIGNATURE says what a request holds. Its message starts with a colour code.
 NO_TYPE_HINTS = r".*Add type hints to the `predict` method"
@@ -106,6 +115,24 @@ def pyfunc_signature():
     return SIGNATURE
 
 
+def save_served_model(path: Path, pipeline_dir: Path, mlflow_model: Model | None = None) -> None:
+    """Write the served model to the new folder `path`: pyfunc_model.py as its code with SERVED_CODE beside it, the
+    pipeline folder `pipeline_dir` as its artifact, SIGNATURE, the input example, pinned requirements."""
+    package = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "isosweep"
+        for name in SERVED_CODE:
+            (code / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(package / name, code / name)
+        with without_type_hint_warning():  # save_model loads the code again
+            mlflow.pyfunc.save_model(
+                path=str(path), python_model=str(PYFUNC_CODE), artifacts={PIPELINE_KEY: str(pipeline_dir)}, code_paths=[str(code)],
+                signature=pyfunc_signature(), input_example=INPUT_EXAMPLE,
+                pip_requirements=pip_requirements(),  # pinned here: MLflow's inference loads the model (8 s)
+                mlflow_model=mlflow_model,
+            )
+
+
 def log_pipeline_model(tracking_uri: str, run_id: str, pipeline_dir: str | os.PathLike) -> LoggedModel:
     """Log `pipeline_dir` as the run's MLflow 3 LoggedModel `model` (pyfunc from code, SIGNATURE, pinned requirements).
 
@@ -115,7 +142,6 @@ def log_pipeline_model(tracking_uri: str, run_id: str, pipeline_dir: str | os.Pa
     output at step 0, its metrics at step 0 (fid, ppl, ... as `artifacts.log_trial_result` logs them) linked to it
     (the model page of the MLflow UI shows them), and marked READY (FAILED if any of this fails).
     """
-    signature = pyfunc_signature()
     c = tracking.client(tracking_uri)
     run = tracking.retry_call("get run", tracking_uri, c.get_run, run_id)
     lm = tracking.retry_call(
@@ -126,13 +152,8 @@ def log_pipeline_model(tracking_uri: str, run_id: str, pipeline_dir: str | os.Pa
         with tempfile.TemporaryDirectory() as tmp:
             staged = _stage_pipeline(Path(pipeline_dir), Path(tmp))
             local = Path(tmp) / "mlflow_model"
-            with without_type_hint_warning():  # save_model loads the code again; SIGNATURE is given: no input example
-                warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)  # (it would load the model)
-                mlflow.pyfunc.save_model(
-                    path=str(local), python_model=str(PYFUNC_CODE), artifacts={PIPELINE_KEY: str(staged)}, signature=signature,
-                    pip_requirements=pip_requirements(),  # pinned here: MLflow's inference loads the model (8 s)
-                    mlflow_model=Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id),
-                )
+            save_served_model(local, staged, Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id,
+                                                   model_id=lm.model_id))
             tracking.retry_call("upload model", tracking_uri, c.log_model_artifacts, lm.model_id, str(local))
         tracking.retry_call("log run output", tracking_uri, c.log_outputs, run_id, [LoggedModelOutput(lm.model_id, step=0)])
         linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=lm.model_id, run_id=run_id)
