@@ -487,7 +487,8 @@ def _assert_prometheus_saw_the_sweep(prom, sweep_dir: Path, started: float) -> N
     assert done and set(done) == set(planned) and {k[0] for k in done} == trial_ids, (done, planned)
     assert all(0 <= done[k] <= planned[k] for k in done), (done, planned)
     assert all(any(v > 0 for k, v in done.items() if k[0] == t) for t in trial_ids), done
-    counts = {"fid": 16, "ppl": 8, "mrtl": 2, "jacobian": 2 * 2, "ls": 32, "edit": 2, "inversion": 2}  # TINY; jacobian: 2 samples x demo's 2 t
+    counts = {"fid": 16, "ppl": 8, "mrtl": 2, "jacobian": 2 * 2, "ls": 32, "edit": 2,
+              "inversion": 2}  # TINY; jacobian: 2 samples x demo's 2 t
     assert all(planned[k] == counts[k[1]] // 2 for k in planned), planned
     # every dashboard query runs; those of isosweep's panels (and Ray's CPU, memory, actors) find series
     end = time.time()
