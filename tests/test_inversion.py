@@ -138,6 +138,12 @@ def test_invert_command_writes_x_T_reconstructions_and_errors(tiny_model_dir, im
     mse = ((redrawn - inputs) ** 2).flatten(1).mean(1)
     assert np.allclose(mse.numpy(), [i["mse"] for i in report["images"]], rtol=1e-4)
     assert np.isclose(report["mse"], float(mse.mean()), rtol=1e-4)
+    # round_trip.png: the inputs (top row) over their reconstructions (bottom row), 8 px tiles
+    strip = np.asarray(Image.open(out / report["round_trip"])).astype(np.float64)
+    assert strip.shape == (2 * 10 + 2, 2 * 10 + 2, 3)
+    for row, tiles in enumerate((inputs, redrawn)):
+        for c, tile in enumerate(((tiles.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round()):
+            assert np.abs(strip[2 + 10 * row: 10 + 10 * row, 2 + 10 * c: 10 + 10 * c] - tile).max() <= 1
 
 
 def test_invert_command_refuses_bad_input_with_one_line(tiny_model_dir, image_files, fast_domain, tmp_path, capsys):

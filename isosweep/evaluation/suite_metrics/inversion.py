@@ -1,7 +1,7 @@
 """DDIM inversion round trips in the suite (optional: evaluation.metrics names inversion_mse and/or
 inversion_perceptual): every rank inverts its range of the dataset's first evaluation.inversion.num_images images
 and draws them again from their x_T, as `isosweep invert` does; rank 0 gives each number with its bootstrap
-interval over the images (docs/editing.md, "Inverting an image")."""
+interval over the images (docs/editing.md, "Inversion as evaluation metrics")."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from isosweep.core.inversion import ddim_invert
 from isosweep.data.datasets import build_dataset
-from isosweep.data.images import make_grid, to_uint8
+from isosweep.data.images import round_trip_grid, to_uint8
 from isosweep.evaluation.features.common import NO_BACKBONE
 from isosweep.evaluation.metrics.confidence import mean_interval
 from isosweep.evaluation.suite_metrics.base import Metric, Shard, register
@@ -65,8 +65,8 @@ class Inversion(Metric):
             result.metrics.update(mean_interval(name, values, **s.boot))
         originals = [g["originals"] for g in shares if g["originals"] is not None and len(g["originals"])]
         if originals:  # top row: the dataset's images; bottom row: drawn again from their x_T
-            top, bottom = np.concatenate(originals), np.concatenate([g["redrawn"] for g in shares if g["redrawn"] is not None])
-            result.images["inversion_strip"] = np.asarray(make_grid(np.concatenate([top, bottom]), ncols=len(top)).convert("RGB"))
+            redrawn = np.concatenate([g["redrawn"] for g in shares if g["redrawn"] is not None])
+            result.images["inversion_strip"] = np.asarray(round_trip_grid(np.concatenate(originals), redrawn))
 
     def settings(self, eval_spec) -> dict[str, Any]:
         return {"inversion": eval_spec.inversion.model_dump()}
