@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m bench.inversion [--steps 10 20 50 100] [--refine 0 2] [--n 8]
     OMP_NUM_THREADS=1 python -m bench.inversion --suite [--repeat 3]   # the demo spec's inversion metric
+    python -m bench.inversion --write-images DIR [--n 4]               # the held-out images as PNGs, for isosweep invert
 
 For each (steps, refine): invert n held-out shapes images (seed 123, not the training set's), redraw them from
 their x_T with the same schedule, and print the reconstruction MSE (mean and max over images, pixels in [-1, 1]),
@@ -11,7 +12,8 @@ each step, as diffusers' DDIMInverseScheduler does for prediction_type="sample" 
 zero there, taken as isosweep takes it). The base model is the demo spec's (pretrained on a miss; cached).
 `--suite` runs the demo spec's inversion metric (evaluation.inversion, inversion_mse and inversion_perceptual)
 through `evaluate_model` instead and prints its numbers and the seconds of its share (`timings["inversion"]`: what it
-adds to a demo trial, whose PPL loads the same distance network), `--repeat` times.
+adds to a demo trial, whose PPL loads the same distance network), `--repeat` times. `--write-images DIR` writes the
+n held-out images as PNGs (shape_NN.png) and stops: inputs for `isosweep invert` (the README's round trip).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("--from-below", action="store_true")
     ap.add_argument("--suite", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--write-images", metavar="DIR")
     args = ap.parse_args()
 
     from isosweep.core import inversion
@@ -40,6 +43,8 @@ def main() -> None:
     from isosweep.spec import load_spec
 
     spec = load_spec("search_spaces/demo.yaml", check_paths=False)
+    if args.write_images:
+        return _write_images(args.write_images, ShapesDataset(args.n, spec.dataset.resolution, seed=123))
     unet, scheduler = load_local(pretrain_builtin(spec.base_model, spec.dataset), None)
     data = ShapesDataset(args.n, spec.dataset.resolution, seed=123)
     images = torch.stack([data[i][0] for i in range(args.n)])
@@ -60,6 +65,15 @@ def main() -> None:
             print(f"steps {steps:3d} refine {refine}: MSE mean {mse.mean():.4f} max {mse.max():.4f}  x_T std "
                   f"{x_T.std():.2f} max|x| {x_T.abs().max():.1f}  s/image: invert {(t1 - t0) / args.n:.2f} "
                   f"redraw {(t2 - t1) / args.n:.2f}")
+
+
+def _write_images(folder: str, data) -> None:
+    from PIL import Image
+
+    from isosweep.data.images import save_png, to_uint8
+
+    for i in range(len(data)):
+        print(save_png(Image.fromarray(to_uint8(data[i][0].numpy())[0]), f"{folder}/shape_{i:02d}.png"))
 
 
 def _suite(spec, unet, scheduler, repeat: int) -> None:
