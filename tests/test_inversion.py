@@ -218,6 +218,8 @@ def test_the_inversion_metric_in_the_suite_is_ddim_invert_and_the_distance_on_th
     assert np.abs(two.images["inversion_strip"].astype(int) - result.images["inversion_strip"]).max() <= 1
     only = evaluate_model(unet, scheduler, ev, data, metrics=["inversion_mse"], device="cpu", progress=False, images=False)
     assert "inversion_perceptual" not in only.metrics and only.metrics["inversion_mse"] == pytest.approx(result.metrics["inversion_mse"])
+    with pytest.raises(ValueError, match=r"field 'evaluation.inversion.num_images': 5 is more than the dataset's 4 images"):
+        evaluate_model(unet, scheduler, ev, DatasetSpec(kind="shapes", resolution=8, size=4), device="cpu", progress=False)
 
 
 def test_the_report_shows_the_baseline_and_champion_inversion_round_trips(tmp_path):
