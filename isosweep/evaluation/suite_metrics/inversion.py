@@ -34,7 +34,7 @@ class Inversion(Metric):
         lo, hi = s.range(spec.num_images)
         on_batch = s.started("inversion", hi - lo)
         dataset = build_dataset(s.dataset_spec, train=False)  # unflipped, as FID's reference images
-        if hi > len(dataset):
+        if spec.num_images > len(dataset):  # checked on every rank, so that all stop, not only the last
             raise ValueError(f"field 'evaluation.inversion.num_images': {spec.num_images} is more than the dataset's "
                              f"{len(dataset)} images; fix: lower it")
         mse, perceptual, originals, redraws = [], [], [], []
