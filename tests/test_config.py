@@ -69,13 +69,14 @@ def test_shipped_specs_register_under_their_own_names():
 
 def test_demo_spec_is_the_readme_demo():
     """README 'What the demo does': an Optuna sweep over lambda_iso, p and G on the built-in shapes model,
-    all six metrics on the offline domain backbone, the champion from (FID, PPL), on a 2-core CPU."""
+    all six metrics, the edit and inversion ones on the offline domain backbone, the champion from (FID, PPL), on a 2-core CPU."""
     spec = load_spec(ROOT / "search_spaces" / "demo.yaml")  # paths checked: nothing to mount or download
     assert spec.base_model.source == "builtin:shapes" and spec.dataset.kind == "shapes"
     assert spec.search.algorithm == "optuna" and spec.search.num_trials == 3
     assert planned_trials(spec) == 4  # the README's "(2/4 done; ...)": three searched trials plus the baseline
     assert sorted(spec.evaluation.metrics) == sorted(["fid", "ppl", "mrtl", "mcn", "vor", "ls", "edit_linearity",
-                                                      "edit_straightness", "edit_consistency"])
+                                                      "edit_straightness", "edit_consistency", "inversion_mse",
+                                                      "inversion_perceptual"])
     assert spec.evaluation.backbone == "domain"  # no Inception/AlexNet download
     assert spec.selection.objectives == ["fid", "ppl"]
     assert spec.registry_name == "isodiff-demo"  # models:/isodiff-demo@champion in the README

@@ -138,6 +138,12 @@ def test_invert_command_writes_x_T_reconstructions_and_errors(tiny_model_dir, im
     mse = ((redrawn - inputs) ** 2).flatten(1).mean(1)
     assert np.allclose(mse.numpy(), [i["mse"] for i in report["images"]], rtol=1e-4)
     assert np.isclose(report["mse"], float(mse.mean()), rtol=1e-4)
+    # round_trip.png: the inputs (top row) over their reconstructions (bottom row), 8 px tiles
+    strip = np.asarray(Image.open(out / report["round_trip"])).astype(np.float64)
+    assert strip.shape == (2 * 10 + 2, 2 * 10 + 2, 3)
+    for row, tiles in enumerate((inputs, redrawn)):
+        for c, tile in enumerate(((tiles.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round()):
+            assert np.abs(strip[2 + 10 * row: 10 + 10 * row, 2 + 10 * c: 10 + 10 * c] - tile).max() <= 1
 
 
 def test_invert_command_refuses_bad_input_with_one_line(tiny_model_dir, image_files, fast_domain, tmp_path, capsys):
@@ -160,3 +166,84 @@ def test_invert_command_refuses_bad_input_with_one_line(tiny_model_dir, image_fi
         assert message in err and err.startswith("error: ") and "\n" not in err, err
         assert not new.exists() and [p.name for p in full.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "cache").exists()  # refused before any network was loaded or trained
+
+
+def test_the_inversion_metric_in_the_suite_is_ddim_invert_and_the_distance_on_the_datasets_images(fast_domain, tmp_path):
+    """evaluation.metrics may name inversion_mse and inversion_perceptual: the suite inverts the dataset's first
+    evaluation.inversion.num_images images and draws them again, as `isosweep invert` does; two ranks' shares give
+    the one-process numbers; asking for one of the two records only it."""
+    from isosweep.core.sampling import DDIMSampler
+    from isosweep.data.datasets import build_dataset
+    from isosweep.evaluation.features.resolver import load_feature_networks
+    from isosweep.evaluation.record import EvalResult
+    from isosweep.evaluation.suite import evaluate_model
+    from isosweep.evaluation.suite_metrics import REGISTRY, Shard
+    from isosweep.spec import DatasetSpec, EvaluationSpec
+
+    inversion = {"num_images": 5, "ddim_steps": 4, "refine": 1, "shown": 3}
+    ev = EvaluationSpec(metrics=["inversion_mse", "inversion_perceptual"], backbone="domain", cache_dir=str(tmp_path / "eval"),
+                        batch_size=2, seed=3, inversion=inversion, bootstrap={"resamples": 50})
+    data = DatasetSpec(kind="shapes", resolution=8, size=64)
+    unet, scheduler = _unet(torch.float32), _scheduler()
+    result = evaluate_model(unet, scheduler, ev, data, device="cpu", progress=False, images=False)
+    # by hand: the same images, inversion, redraw and distance
+    images = torch.stack([build_dataset(data, train=False)[i][0] for i in range(5)])
+    redrawn = ddim_sample(unet, scheduler, ddim_invert(unet, scheduler, images, 4, refine=1, progress=False), 4,
+                          progress=False).images
+    nets = load_feature_networks(ev, data, needs=("ppl",), device="cpu")
+    mse = ((redrawn.double() - images.double()) ** 2).flatten(1).mean(dim=1).numpy()
+    perceptual = nets.distance(images, redrawn).double().numpy()
+    assert result.values["inversion_mse_samples"] == pytest.approx(mse, rel=1e-5, abs=1e-9)
+    assert result.values["inversion_perceptual_samples"] == pytest.approx(perceptual, rel=1e-4, abs=1e-7)
+    for name, values in (("inversion_mse", mse), ("inversion_perceptual", perceptual)):
+        assert result.metrics[name] == pytest.approx(values.mean(), rel=1e-4)
+        assert result.metrics[f"{name}_lo"] <= result.metrics[name] <= result.metrics[f"{name}_hi"], name
+    assert result.backbones["inversion_perceptual"] == "domain-shapes-v1" and result.backbones["inversion_mse"] == "none"
+    assert result.settings["inversion"] == inversion
+    # the strip: the first 3 images over their redraws, 8 px tiles
+    strip = result.images["inversion_strip"].astype(np.float64)
+    assert strip.shape == (2 * 10 + 2, 3 * 10 + 2, 3)
+    for row, tiles in enumerate((images[:3], redrawn[:3])):
+        for c, tile in enumerate(((tiles.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round()):
+            assert np.abs(strip[2 + 10 * row: 10 + 10 * row, 2 + 10 * c: 10 + 10 * c] - tile).max() <= 1
+    # two ranks (3 + 2 images, the strip's across both) combine to the same numbers and strip
+    metric, sampler = REGISTRY["inversion_mse"], DDIMSampler(unet, scheduler, batch_size=2, progress=False, device="cpu")
+    shards = [Shard(sampler, unet, scheduler, ev, data, torch.device("cpu"), rank, 2, False, metrics=tuple(ev.metrics))
+              for rank in range(2)]
+    shares = [metric.share(s, nets) for s in shards]
+    assert [len(g["mse"]) for g in shares] == [3, 2]
+    two = EvalResult()
+    metric.combine(two, shares, shards[0], nets)
+    assert two.values["inversion_mse_samples"] == pytest.approx(result.values["inversion_mse_samples"], rel=1e-6)
+    assert np.abs(two.images["inversion_strip"].astype(int) - result.images["inversion_strip"]).max() <= 1
+    only = evaluate_model(unet, scheduler, ev, data, metrics=["inversion_mse"], device="cpu", progress=False, images=False)
+    assert "inversion_perceptual" not in only.metrics and only.metrics["inversion_mse"] == pytest.approx(result.metrics["inversion_mse"])
+    with pytest.raises(ValueError, match=r"field 'evaluation.inversion.num_images': 5 is more than the dataset's 4 images"):
+        evaluate_model(unet, scheduler, ev, DatasetSpec(kind="shapes", resolution=8, size=4), device="cpu", progress=False)
+
+
+def test_the_report_shows_the_baseline_and_champion_inversion_round_trips(tmp_path):
+    from isosweep.evaluation.record import EvalResult
+    from isosweep.results.pareto import Choice
+    from isosweep.results.report import write_report
+    from isosweep.results.rows import SweepOutcome, make_row
+    from isosweep.spec import load_spec
+
+    spec = load_spec(ROOT / "search_spaces" / "demo.yaml", check_paths=False)
+    settings = {"inversion": {**spec.evaluation.inversion.model_dump(), "ddim_steps": 7, "num_images": 6}}
+    rows = []
+    for i, (name, cfg) in enumerate((("base0001", {"baseline": True, "lambda_iso": 0.0, "p": 1.0}),
+                                     ("iso00002", {"lambda_iso": 0.2, "p": 0.5}))):
+        strip = np.full((22, 42, 3), 40 * (i + 1), np.uint8)
+        EvalResult(metrics={"fid": 10.0 - i, "ppl": 5.0}, images={"inversion_strip": strip}, settings=settings).write(tmp_path / name)
+        row = make_row(name, {"iso_metric": "stereographic", **cfg}, {"fid": 10.0 - i, "ppl": 5.0, "evaluated": True},
+                       "TERMINATED")
+        rows.append({**row, "checkpoint_path": str(tmp_path / name)})
+    outcome = SweepOutcome("demo-x", tmp_path, rows, rows, Choice(rows[1], "test"))
+    report = write_report(spec, outcome, tmp_path / "report")
+    text = (report / "report.md").read_text()
+    assert "## DDIM inversion" in text and "### Round trips: champion (7 DDIM steps, refine 0, 6 images measured)" in text
+    for label, value in (("baseline", 40), ("champion", 80)):
+        assert f"![inversion {label}](inversion_{label}.png)" in text
+        assert (np.asarray(Image.open(report / f"inversion_{label}.png")) == value).all()
+    assert '<img src="inversion_champion.png"' in (report / "report.html").read_text()

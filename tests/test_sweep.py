@@ -48,6 +48,9 @@ TINY = [
     "evaluation.edit.columns=3",
     "evaluation.edit.iterations=2",
     "evaluation.edit.ddim_steps=2",
+    "evaluation.inversion.num_images=2",
+    "evaluation.inversion.ddim_steps=2",
+    "evaluation.inversion.shown=2",
 ]
 
 
@@ -192,11 +195,12 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     assert load_train_state(base[0]["checkpoint_path"])["resumed_at"], "the failed baseline restarted from scratch"
     assert all(r["status"] == "DONE" for r in rows), rows
     for r in rows:
-        for k in spec.evaluation.metrics:  # the demo measures all nine: each finite and in its range
+        for k in spec.evaluation.metrics:  # the demo measures all eleven: each finite and in its range
             assert math.isfinite(r[k]), (k, r)
         assert r["fid"] > 0 and r["ppl"] > 0 and r["mrtl"] > 0 and r["mcn"] >= 1 and r["vor"] >= 0, r
         assert 1 <= r["ls"] <= math.prod(ShapesDataset.num_classes) + 1e-9, r  # exp(sum H(Y_i|X_i)) <= prod |Y_i|
         assert r["edit_linearity"] <= 1 and 0 < r["edit_straightness"] <= 1 + 1e-9 and 0 <= r["edit_consistency"] <= 1, r
+        assert r["inversion_mse"] >= 0 and r["inversion_perceptual"] >= 0, r
         assert r["backbone_fid"] and r["backbone_ppl"] and r["backbone_ls"]
         record = read_record(r["checkpoint_path"])  # what the workers wrote is what the table shows
         assert record is not None and all(record.metrics[k] == pytest.approx(r[k]) for k in spec.evaluation.metrics), (record, r)
@@ -218,6 +222,8 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     assert (sweep_dir / "report" / "rtl_curves.png").is_file() and (sweep_dir / "report" / "strips_slerp.png").is_file()
     assert (sweep_dir / "report" / "edits_baseline.png").is_file() and (sweep_dir / "report" / "edits_champion.png").is_file()
     assert "## Local Basis edits (Fig. 7)" in report.read_text()
+    assert (sweep_dir / "report" / "inversion_baseline.png").is_file() and (sweep_dir / "report" / "inversion_champion.png").is_file()
+    assert "## DDIM inversion" in report.read_text()
 
     # MLflow: one parent, one child per trial (the resumed one reopened, not duplicated), each FINISHED
     state = json.loads((sweep_dir / "isosweep_sweep.json").read_text())
@@ -481,7 +487,8 @@ def _assert_prometheus_saw_the_sweep(prom, sweep_dir: Path, started: float) -> N
     assert done and set(done) == set(planned) and {k[0] for k in done} == trial_ids, (done, planned)
     assert all(0 <= done[k] <= planned[k] for k in done), (done, planned)
     assert all(any(v > 0 for k, v in done.items() if k[0] == t) for t in trial_ids), done
-    counts = {"fid": 16, "ppl": 8, "mrtl": 2, "jacobian": 2 * 2, "ls": 32, "edit": 2}  # TINY; jacobian: 2 samples x demo's 2 t
+    counts = {"fid": 16, "ppl": 8, "mrtl": 2, "jacobian": 2 * 2, "ls": 32, "edit": 2,
+              "inversion": 2}  # TINY; jacobian: 2 samples x demo's 2 t
     assert all(planned[k] == counts[k[1]] // 2 for k in planned), planned
     # every dashboard query runs; those of isosweep's panels (and Ray's CPU, memory, actors) find series
     end = time.time()

@@ -24,7 +24,7 @@ from isosweep.core.inversion import ddim_invert
 from isosweep.core.sampling import ddim_sample, sample_shape
 from isosweep.data.datasets import load_image
 from isosweep.data.imagefiles import ImageFileError, list_images
-from isosweep.data.images import save_png, to_uint8
+from isosweep.data.images import round_trip_grid, save_png, to_uint8
 from isosweep.evaluation.features.common import BackboneUnavailable
 from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.evaluation.metrics.confidence import mean_interval
@@ -33,7 +33,8 @@ from isosweep.evaluation.suite import full_float32_matmul
 from isosweep.redact import scrub_text
 from isosweep.spec import SpecError, load_spec
 
-X_T_FILE, REPORT_FILE, RECONSTRUCTIONS = "x_T.npy", "inversion.json", "reconstructions"
+X_T_FILE, REPORT_FILE, RECONSTRUCTIONS, ROUND_TRIP = "x_T.npy", "inversion.json", "reconstructions", "round_trip.png"
+ROUND_TRIP_IMAGES = 8  # the first images shown in round_trip.png
 
 
 def image_paths(items: list[str]) -> list[Path]:
@@ -98,7 +99,7 @@ def invert_command(args: argparse.Namespace) -> int:
         perceptual = nets.distance(images, redrawn).double().numpy()
     mse = ((redrawn.double() - images.double()) ** 2).flatten(1).mean(dim=1).numpy()
     report = _report(args, files, x_T, mse, perceptual, nets.names["ppl"], spec.evaluation, str(device))
-    _write(out, files, x_T, redrawn, report, time.time() - t0)
+    _write(out, files, x_T, images, redrawn, report, time.time() - t0)
     result(f"inverted {len(files)} image(s) with DDIM {args.steps} steps (refine {args.refine}) into {out}: "
            f"reconstruction MSE {metric_text(report, 'mse')}, {report['perceptual_distance']} distance "
            f"{metric_text(report, 'perceptual')}")
@@ -110,7 +111,7 @@ def _report(args, files: list[Path], x_T: torch.Tensor, mse: np.ndarray, percept
     """inversion.json: per image and overall, each mean with its bootstrap interval over the images."""
     boot = dict(resamples=eval_spec.bootstrap.resamples, level=eval_spec.bootstrap.level, seed=eval_spec.seed)
     report = {"model": scrub_text(args.model), "steps": args.steps, "refine": args.refine, "device": device,
-              "x_T": X_T_FILE, "x_T_shape": list(x_T.shape), "perceptual_distance": distance_name,
+              "x_T": X_T_FILE, "round_trip": ROUND_TRIP, "x_T_shape": list(x_T.shape), "perceptual_distance": distance_name,
               "mse": float(mse.mean()), **mean_interval("mse", mse, **boot),
               "perceptual": float(perceptual.mean()), **mean_interval("perceptual", perceptual, **boot),
               "bootstrap": boot, "images": []}
@@ -125,10 +126,13 @@ def _png_name(index: int, path: Path) -> str:
     return f"{index:04d}_{path.stem}.png"
 
 
-def _write(out: Path, files: list[Path], x_T: torch.Tensor, redrawn: torch.Tensor, report: dict, wall_s: float) -> None:
-    """x_T.npy (float32, no pickle), one PNG per reconstruction, and inversion.json."""
+def _write(out: Path, files: list[Path], x_T: torch.Tensor, images: torch.Tensor, redrawn: torch.Tensor, report: dict,
+           wall_s: float) -> None:
+    """x_T.npy (float32, no pickle), one PNG per reconstruction, round_trip.png (the first images over their
+    reconstructions, as the suite's inversion_strip) and inversion.json."""
     (out / RECONSTRUCTIONS).mkdir(parents=True, exist_ok=True)
     np.save(out / X_T_FILE, x_T.float().numpy(), allow_pickle=False)
     for i, (path, image) in enumerate(zip(files, to_uint8(redrawn.numpy()))):
         save_png(Image.fromarray(image), out / RECONSTRUCTIONS / _png_name(i, path))
+    save_png(round_trip_grid(images[:ROUND_TRIP_IMAGES].numpy(), redrawn[:ROUND_TRIP_IMAGES].numpy()), out / ROUND_TRIP)
     (out / REPORT_FILE).write_text(json.dumps({**report, "wall_s": round(wall_s, 2)}, indent=2) + "\n")

@@ -60,6 +60,12 @@ def make_strip(images: np.ndarray, pad: int = 2, pad_value: int = 255) -> Image.
     return make_grid(images, ncols=len(to_uint8(images)), pad=pad, pad_value=pad_value)
 
 
+def round_trip_grid(originals: np.ndarray, redrawn: np.ndarray, pad: int = 2) -> Image.Image:
+    """Images (top row) over what came back of them (bottom row): a DDIM inversion's round trip. Both as `to_uint8` takes."""
+    top, bottom = to_uint8(originals), to_uint8(redrawn)
+    return make_grid(np.concatenate([top, bottom]), ncols=len(top), pad=pad).convert("RGB")
+
+
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG, creating parent folders; returns the path."""
     path = Path(path)

@@ -108,7 +108,8 @@ def record_values(checkpoint_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def record_images(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
-    """{name: path} of the record's PNGs (`samples`, `slerp_strip`, `lerp_strip`, and `edit_grid` with the edit metrics)."""
+    """{name: path} of the record's PNGs (`samples`, `slerp_strip`, `lerp_strip`, and `edit_grid` with the edit metrics,
+    `inversion_strip` with the inversion ones)."""
     folder = Path(checkpoint_dir) / EVAL_DIR
     return {p.stem: p for p in sorted(folder.glob("*.png"))} if folder.is_dir() else {}
 

@@ -127,6 +127,16 @@ def write_report(spec: SweepSpec, outcome: SweepOutcome, out_dir: Path) -> Path:
             st.make_private(shutil.copyfile(ev["images"]["edit_grid"], out_dir / f"edits_{label}.png"))
             md += [f"### Edits: {label} (t = {e.get('t')}, gamma -{e.get('gamma')}..{e.get('gamma')}, "
                    f"{e.get('directions')} directions)", "", f"![edits {label}](edits_{label}.png)", ""]
+    trips = [(label, ev) for label, ev in evals.items() if "inversion_strip" in ev.get("images", {})]
+    if trips:
+        md += ["## DDIM inversion", "",
+               "The dataset's first images (top row) DDIM-inverted to x_T and drawn again from it (bottom row); "
+               "inversion_mse and inversion_perceptual above measure every inverted image (docs/editing.md).", ""]
+        for label, ev in trips:
+            v = (ev.get("settings") or {}).get("inversion") or {}
+            st.make_private(shutil.copyfile(ev["images"]["inversion_strip"], out_dir / f"inversion_{label}.png"))
+            md += [f"### Round trips: {label} ({v.get('ddim_steps')} DDIM steps, refine {v.get('refine')}, "
+                   f"{v.get('num_images')} images measured)", "", f"![inversion {label}](inversion_{label}.png)", ""]
     for label, ev in evals.items():
         img = ev.get("images", {}).get("samples")
         if img is not None:

@@ -116,6 +116,16 @@ class EditSpec(_Section):
     ddim_steps: int = Field(20, ge=1, description="DDIM steps of each edited sample")
 
 
+class InversionSpec(_Section):
+    """The optional `inversion` metric (inversion_mse, inversion_perceptual): dataset images DDIM-inverted to x_T and
+    drawn again, measured as `isosweep invert` measures them (docs/editing.md)."""
+
+    num_images: int = Field(8, ge=2, description="dataset images inverted: the first ones of the evaluation dataset (unflipped)")
+    ddim_steps: int = Field(20, ge=1, description="DDIM steps of the inversion and of the redraw")
+    refine: int = Field(0, ge=0, description="fixed-point iterations per inversion step (isosweep invert --refine; 0: plain DDIM inversion)")
+    shown: int = Field(4, ge=1, description="images in the inversion_strip picture: originals over their redraws")
+
+
 class JacobianSpec(_Section):
     num_samples: int = Field(64, ge=2, description="noisy samples x_t per timestep whose encoder Jacobian is decomposed")
     pool: int | None = Field(2, ge=1, description="average-pool kernel on h before the Jacobian; null for none")
@@ -184,7 +194,8 @@ class EvaluationSpec(_Section):
     metrics: list[str] = Field(
         default_factory=lambda: ["fid", "ppl", "mrtl", "mcn", "vor"],
         description=f"metrics computed per trial: {', '.join(EVAL_METRICS)}; edit_linearity, edit_straightness, edit_consistency "
-                    "(Local Basis edits, evaluation.edit; docs/editing.md); or one added as a module of evaluation/suite_metrics (docs/metrics.md)"
+                    "(Local Basis edits, evaluation.edit; docs/editing.md); inversion_mse, inversion_perceptual (DDIM inversion round trips, "
+                    "evaluation.inversion); or one added as a module of evaluation/suite_metrics (docs/metrics.md)"
     )
     backbone: Literal["auto", "standard", "domain"] = Field(
         "auto", description="standard: Inception/LPIPS-AlexNet; domain: the project's shapes network; auto: standard if weights are present"
@@ -200,6 +211,7 @@ class EvaluationSpec(_Section):
     jacobian: JacobianSpec = Field(default_factory=JacobianSpec)
     ls: LsSpec = Field(default_factory=LsSpec)
     edit: EditSpec = Field(default_factory=EditSpec)
+    inversion: InversionSpec = Field(default_factory=InversionSpec)
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
     screening: ScreeningSpec | None = Field(None, description="multi-fidelity evaluation: FID/PPL of every trial at cheap sizes, the full protocol only for trials that can reach the front; null: every trial gets the full protocol")
 
