@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from isosweep.core.codec import Codec
 from isosweep.core.hspace import autodiff_safe
 from isosweep.core.progress import progress_bar
 
@@ -311,11 +312,13 @@ class DDIMSampler:
     """A `Sampler` bound to one UNet and scheduler: `sampler(x_T, num_steps, capture_h=...)`.
 
     `precision` is `ddim_sample`'s ("fp32" unless the metrics it serves tolerate half precision: not PPL).
+    With a `codec` (a latent model) x_T and h are the latent UNet's, and the images are the codec's decoding of
+    the sampled latents; `sample_shape` stays the latents' shape, the shape of x_T.
     """
 
     def __init__(self, unet: torch.nn.Module, scheduler, *, batch_size: int = 64, progress: bool = True,
-                 device: torch.device | str | None = None, precision: Precision = "fp32") -> None:
-        self.unet, self.scheduler = unet, scheduler
+                 device: torch.device | str | None = None, precision: Precision = "fp32", codec: Codec | None = None) -> None:
+        self.unet, self.scheduler, self.codec = unet, scheduler, codec
         self.batch_size, self.progress, self.device = batch_size, progress, device
         self.precision = precision
         self._bf16: torch.nn.Module | None = None  # the bfloat16 copy `tangent` runs with precision "bf16"
@@ -326,13 +329,19 @@ class DDIMSampler:
         return sample_shape(self.unet)
 
     def __call__(self, x_T: torch.Tensor, num_steps: int, *, capture_h: bool = False) -> SampleOutput:
-        return ddim_sample(self.unet, self.scheduler, x_T, num_steps, batch_size=self.batch_size,
-                           capture_h=capture_h, progress=self.progress, device=self.device, precision=self.precision)
+        out = ddim_sample(self.unet, self.scheduler, x_T, num_steps, batch_size=self.batch_size,
+                          capture_h=capture_h, progress=self.progress, device=self.device, precision=self.precision)
+        if self.codec is not None:
+            out.images = self.codec.decode(out.images)
+        return out
 
     def tangent(self, x_T: torch.Tensor, v: torch.Tensor, num_steps: int, *, precision: str = "fp32"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`ddim_tangent` of this UNet: the images from x_T and their derivative along v (the bfloat16 copy that
         precision "bf16" runs is made once per sampler)."""
+        if self.codec is not None:
+            raise NotImplementedError("the DDIM tangent through a latent model's decoder (PPL on decoded images) is not "
+                                      "implemented")
         unet = self.unet
         if precision == "bf16":
             if self._bf16 is None:

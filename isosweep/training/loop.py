@@ -34,12 +34,13 @@ import torch.distributed as dist
 from diffusers import UNet2DModel
 
 from isosweep.console import say
+from isosweep.core.codec import Codec
 from isosweep.core.ema import EMA
 from isosweep.core.losses import IsoDiffusionLoss
 from isosweep.core.step import FiniteFlags
 from isosweep.core.step import step_generators as core_step_generators
 from isosweep.data.datasets import ShardedLoader, build_dataset
-from isosweep.models.loading import Fetch, load_unet_and_scheduler, weights_sha256
+from isosweep.models.loading import BaseModel, Fetch, LatentModelError, load_base, weights_sha256
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.spec import POINT_KEYS, TRIAL_KEYS, SweepSpec, TrainSpec
 from isosweep.training.best_step import Scorer, Selection
@@ -110,6 +111,7 @@ class Run:
     rank: int
     world: int
     device: torch.device
+    codec: Codec | None = None  # a latent model's frozen autoencoder: batches are encoded before the losses
 
 
 def build_optimizer(params, tr: TrainSpec) -> torch.optim.Optimizer:
@@ -186,6 +188,9 @@ def train_loop(spec: SweepSpec, reporter: Reporter, *, trial_params: dict[str, A
     _check_applied(spec, trial_params)
     tr = spec.train
     run = _build_run(spec, reporter, fetch_base)
+    if run.codec is not None and (evaluator is not None or (scorer is not None and Selection.of(spec) is not None)):
+        raise LatentModelError(f"base_model.source {scrub_text(spec.base_model.source)} is a latent diffusion model: its "
+                               "fine-tuning runs, its evaluation does not yet (docs/training.md, \"Latent diffusion\")")
     selection = Selection.of(spec) if scorer is not None else None
     pos = _resume(run, reporter.latest_checkpoint() or resume_from, selection)
     if run.rank == 0:
@@ -230,7 +235,8 @@ def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Fetch | None) ->
     """Load the base model (rank 0 first), wrap it for DDP, and build the optimiser, EMA, loss and data shard."""
     tr, rank, world, device = spec.train, reporter.rank, reporter.world_size, reporter.device
     torch.manual_seed(tr.seed)
-    unet, scheduler = _load_base(spec, rank, world, fetch_base)
+    base = _load_base(spec, rank, world, fetch_base)
+    unet, scheduler = base.unet, base.scheduler
     if scheduler.config.num_train_timesteps != tr.timesteps:
         raise ValueError(f"train.timesteps={tr.timesteps} but the base model's scheduler has T={scheduler.config.num_train_timesteps}; set train.timesteps to match")
     unet.to(device).train()
@@ -251,17 +257,17 @@ def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Fetch | None) ->
                scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16), amp=amp, loss_fn=loss_fn,
                alphas_cumprod=scheduler.alphas_cumprod.to(device), loader=loader,
                steps_per_epoch=steps_per_epoch, max_steps=tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch)),
-               rank=rank, world=world, device=device)
+               rank=rank, world=world, device=device, codec=base.codec.to(device) if base.codec is not None else None)
 
 
-def _load_base(spec: SweepSpec, rank: int, world_size: int, fetch_base: Fetch | None):
+def _load_base(spec: SweepSpec, rank: int, world_size: int, fetch_base: Fetch | None) -> BaseModel:
     """Rank 0 loads (and, for builtin:shapes, pretrains into the cache) first; the others then reuse it."""
     if world_size > 1 and rank != 0:
         dist.barrier()
-    unet, scheduler = load_unet_and_scheduler(spec.base_model, spec.dataset, progress=rank == 0, fetch=fetch_base)
+    base = load_base(spec.base_model, spec.dataset, progress=rank == 0, fetch=fetch_base)
     if world_size > 1 and rank == 0:
         dist.barrier()
-    return unet, scheduler
+    return base
 
 
 def _resume(run: Run, checkpoint: str | StoredCheckpoint | None, selection: Selection | None) -> Position:
@@ -309,6 +315,8 @@ def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> Non
     for k in range(tr.grad_accumulation):
         x0, _ = next(micro_batches)
         x0 = x0.to(run.device, non_blocking=True)
+        if run.codec is not None:  # a latent model: the losses act on the frozen autoencoder's latents (no grad)
+            x0 = run.codec.encode(x0)
         d = run.loss_fn.draw(x0, iso_on, local, shared, term=due)  # per_timestep: the iso t from `shared`, one for all ranks
         iso_on = d.iso_on
         take = iso_on and due
@@ -363,5 +371,5 @@ def _report(reporter: Reporter, run: Run, metrics: dict[str, Any], state: dict[s
 
     with tempfile.TemporaryDirectory(prefix="isosweep-ckpt-") as tmp:
         folder = save_checkpoint(Path(tmp) / "checkpoint", run.unet, run.ema, run.scheduler, state, spec_json,
-                                 extra=extra, model=model)
+                                 extra=extra, model=model, codec=run.codec)
         reporter.report(metrics, checkpoint_dir=str(folder))

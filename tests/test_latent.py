@@ -1,0 +1,111 @@
+"""Latent diffusion: an LDMPipeline folder loads as a latent UNet plus a frozen codec, fine-tunes in latent space,
+checkpoints in its own layout and samples decoded images; with the identity autoencoder the latent path computes
+exactly the pixel path's numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import VQModel
+
+from isosweep.core.codec import Codec
+from isosweep.core.sampling import DDIMSampler, initial_noise
+from isosweep.models.loading import LatentModelError, load_base, load_local, load_unet_and_scheduler
+from isosweep.spec import BaseModelSpec, spec_from_dict
+from isosweep.training.loop import _build_run, _optimizer_step, train_loop
+from isosweep.training.reporting import LocalReporter, StepStats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_spec(model_dir, resolution, **train):
+    t = dict(lambda_iso=0.1, p=0.5, global_batch_size=4, max_steps=2, checkpoint_every=2, report_every=1,
+             ema_decay=0.9, learning_rate=1e-3, seed=0)
+    t.update(train)
+    return spec_from_dict({"name": "t", "base_model": {"source": str(model_dir)},
+                           "dataset": {"kind": "shapes", "size": 32, "resolution": resolution},
+                           "train": t, "resources": {"workers_per_trial": 1}})
+
+
+def test_ldm_folder_loads_as_latent_unet_and_codec(tiny_ldm_dir):
+    base = load_base(BaseModelSpec(source=str(tiny_ldm_dir)))
+    assert isinstance(base.codec.module, VQModel) and base.codec.name == "vqvae"
+    assert not any(p.requires_grad for p in base.codec.module.parameters())
+    assert base.unet.config.in_channels == 4 and base.unet.config.sample_size == 8
+    # the repository's DDIM schedule, as the DDPM scheduler training uses
+    assert base.scheduler.config.beta_schedule == "scaled_linear" and base.scheduler.config.beta_start == 0.0015
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    latents = base.codec.encode(images)
+    assert latents.shape == (3, 4, 8, 8)
+    raw = base.codec.module.encode(images).latents
+    torch.testing.assert_close(latents, raw * base.codec.module.config.scaling_factor)  # scaled as diffusers does
+    decoded = base.codec.decode(latents)
+    assert decoded.shape == images.shape and decoded.abs().max() <= 1
+    # the pixel-only paths refuse it instead of sampling latents as images
+    with pytest.raises(LatentModelError, match="latent diffusion model"):
+        load_unet_and_scheduler(BaseModelSpec(source=str(tiny_ldm_dir)))
+    with pytest.raises(LatentModelError):
+        load_local(tiny_ldm_dir, None)
+
+
+def test_a_foreign_autoencoder_class_is_refused(tiny_ldm_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "pipe"
+    shutil.copytree(tiny_ldm_dir, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["vqvae"] = ["my_package", "MyAutoencoder"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model_index.json: component 'vqvae' is my_package.MyAutoencoder"):
+        load_base(BaseModelSpec(source=str(copy)))
+
+
+def _steps(run, n):
+    stats = StepStats()
+    batches = run.loader.epoch_batches(0)
+    for step in range(n):
+        _optimizer_step(run, batches, step, stats)
+    return stats, {k: v.detach().clone() for k, v in run.unet.state_dict().items()}
+
+
+def test_identity_codec_gives_the_pixel_paths_numbers_bit_for_bit(tiny_model_dir, tmp_path):
+    """Known answer: the latent path with the identity autoencoder is the pixel path, loss for loss, weight for weight,
+    image for image (iso steps included: p = 0 takes the isometry term on every step)."""
+    spec = make_spec(tiny_model_dir, 8, p=0.0, max_steps=3)
+    pixel = _build_run(spec, LocalReporter(tmp_path / "a"), None)
+    latent = _build_run(spec, LocalReporter(tmp_path / "b"), None)
+    latent.codec = Codec.identity()
+    (s_pixel, w_pixel), (s_latent, w_latent) = _steps(pixel, 3), _steps(latent, 3)
+    a, b = s_pixel.flush(1, pixel.device, 4), s_latent.flush(1, latent.device, 4)
+    for key in ("loss", "dsm_loss", "iso_loss", "tr_r"):
+        assert np.isfinite(a[key]) and a[key] == b[key], key
+    for key in w_pixel:
+        assert torch.equal(w_pixel[key], w_latent[key]), key
+    x_T = initial_noise(3, (3, 8, 8), seed=1)
+    plain = DDIMSampler(pixel.unet.eval(), pixel.scheduler, progress=False)(x_T, 5, capture_h=True)
+    decoded = DDIMSampler(pixel.unet, pixel.scheduler, progress=False, codec=Codec.identity())(x_T, 5, capture_h=True)
+    assert torch.equal(plain.images, decoded.images) and torch.equal(plain.h, decoded.h)
+
+
+def test_vq_ldm_fine_tunes_in_latent_space_and_checkpoints_its_layout(tiny_ldm_dir, tmp_path):
+    spec = make_spec(tiny_ldm_dir, 16, p=0.0)
+    reporter = LocalReporter(tmp_path / "run")
+    res = train_loop(spec, reporter)
+    assert res.step == 2 and all(np.isfinite(r["loss"]) and np.isfinite(r["iso_loss"]) for r in reporter.reports)
+    last = reporter.checkpoints[-1]
+    index = json.loads((last / "model_index.json").read_text())
+    assert index["_class_name"] == "LDMPipeline" and index["vqvae"] == ["diffusers", "VQModel"]
+    base, trained = load_base(BaseModelSpec(source=str(tiny_ldm_dir))), load_base(BaseModelSpec(source=str(last)))
+    frozen, saved = base.codec.module.state_dict(), trained.codec.module.state_dict()
+    assert all(torch.equal(frozen[k], saved[k]) for k in frozen)  # the autoencoder is copied, never trained
+    assert any(not torch.equal(v, trained.unet.state_dict()[k]) for k, v in base.unet.state_dict().items())
+    assert trained.scheduler.config.beta_schedule == "scaled_linear"
+    out = DDIMSampler(trained.unet, trained.scheduler, progress=False, codec=trained.codec)(initial_noise(2, (4, 8, 8), 0), 4,
+                                                                                            capture_h=True)
+    assert out.images.shape == (2, 3, 16, 16) and out.images.abs().max() <= 1
+    assert out.h.shape[:2] == (4, 2)  # the latent UNet's bottleneck at every step
+    with pytest.raises(LatentModelError, match="its evaluation does not yet"):
+        train_loop(spec, LocalReporter(tmp_path / "eval"), evaluator=lambda *args: None)
