@@ -12,22 +12,24 @@ import torch
 from diffusers import VQModel
 
 from isosweep.core.codec import Codec
+from isosweep.core.hspace import autodiff_safe
 from isosweep.core.sampling import DDIMSampler, initial_noise
+from isosweep.evaluation.suite import checkpoint_fid_scorer, evaluate_model, trial_evaluator
 from isosweep.models.loading import LatentModelError, load_base, load_local, load_unet_and_scheduler
-from isosweep.spec import BaseModelSpec, spec_from_dict
+from isosweep.spec import BaseModelSpec, DatasetSpec, EvaluationSpec, spec_from_dict
 from isosweep.training.loop import _build_run, _optimizer_step, train_loop
 from isosweep.training.reporting import LocalReporter, StepStats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_spec(model_dir, resolution, **train):
+def make_spec(model_dir, resolution, evaluation=None, **train):
     t = dict(lambda_iso=0.1, p=0.5, global_batch_size=4, max_steps=2, checkpoint_every=2, report_every=1,
              ema_decay=0.9, learning_rate=1e-3, seed=0)
     t.update(train)
     return spec_from_dict({"name": "t", "base_model": {"source": str(model_dir)},
                            "dataset": {"kind": "shapes", "size": 32, "resolution": resolution},
-                           "train": t, "resources": {"workers_per_trial": 1}})
+                           "train": t, "resources": {"workers_per_trial": 1}, **({"evaluation": evaluation} if evaluation else {})})
 
 
 def test_ldm_folder_loads_as_latent_unet_and_codec(tiny_ldm_dir):
@@ -107,5 +109,64 @@ def test_vq_ldm_fine_tunes_in_latent_space_and_checkpoints_its_layout(tiny_ldm_d
                                                                                             capture_h=True)
     assert out.images.shape == (2, 3, 16, 16) and out.images.abs().max() <= 1
     assert out.h.shape[:2] == (4, 2)  # the latent UNet's bottleneck at every step
-    with pytest.raises(LatentModelError, match="its evaluation does not yet"):
-        train_loop(spec, LocalReporter(tmp_path / "eval"), evaluator=lambda *args: None)
+
+
+
+def eval_spec(tmp_path, **kw) -> EvaluationSpec:
+    return EvaluationSpec(**{
+        "metrics": ["fid", "ppl", "mrtl", "mcn", "vor"], "backbone": "domain", "cache_dir": str(tmp_path), "batch_size": 8,
+        "seed": 3, "fid": {"num_samples": 8, "ddim_steps": 2, "reference_samples": 32},
+        "ppl": {"num_samples": 4, "ddim_steps": 2}, "mrtl": {"num_pairs": 2, "num_points": 3, "ddim_steps": 2},
+        "jacobian": {"num_samples": 2, "pool": 2, "timesteps": [500], "memory_budget_mb": 64}, **kw})
+
+
+def test_identity_codec_gives_the_pixel_evaluation_exactly(tiny_model_dir, tmp_path, fast_domain):
+    """Known answer: the suite with the identity autoencoder (decoded samples, encoded Jacobian inputs, the tangent
+    through the decoder) records the pixel model's numbers and images exactly."""
+    unet, sched = load_local(tiny_model_dir, None)
+    data = DatasetSpec(kind="shapes", resolution=8, size=32)
+    for ppl in ({"method": "finite_difference"}, {"method": "jvp"}):
+        spec = eval_spec(tmp_path, ppl={"num_samples": 4, "ddim_steps": 2, **ppl})
+        plain = evaluate_model(unet, sched, spec, data, progress=False)
+        latent = evaluate_model(unet, sched, spec, data, progress=False, codec=Codec.identity())
+        assert set(plain.metrics) == set(latent.metrics) and all(np.isfinite(v) for v in plain.metrics.values())
+        for key, value in plain.metrics.items():
+            assert latent.metrics[key] == value, key
+        for key, image in plain.images.items():
+            assert np.array_equal(image, latent.images[key]), key
+        assert latent.settings["autoencoder"] == "identity" and "autoencoder" not in plain.settings
+
+
+def test_vq_ldm_trial_is_evaluated_on_decoded_images(tiny_ldm_dir, tmp_path, fast_domain):
+    """A latent trial end to end in the loop: fine-tuned, scored by the cheap FID and evaluated by the trial's
+    evaluator, which gets the codec: FID/PPL on 16 px decoded images, MCN/VoR/mRTL on the latent UNet."""
+    spec = make_spec(tiny_ldm_dir, 16, p=0.0, evaluation=eval_spec(tmp_path, ppl={"num_samples": 4, "ddim_steps": 2,
+                                                                                  "method": "jvp"}).model_dump()
+                     | {"checkpoint_fid": {"every": 1, "num_samples": 8, "ddim_steps": 2}})
+    reporter = LocalReporter(tmp_path / "run")
+    res = train_loop(spec, reporter, evaluator=trial_evaluator(spec), scorer=checkpoint_fid_scorer(spec))
+    metrics = res.eval.metrics
+    assert all(np.isfinite(metrics[k]) for k in ("fid", "ppl", "mrtl", "mcn", "vor")), metrics
+    assert np.isfinite(res.metrics["selected_fid_cheap"]) and res.metrics["selected_step"] in (1, 2)
+    assert res.eval.settings["autoencoder"] == "VQModel" and res.eval.settings["sample_shape"] == [4, 8, 8]
+    grid = res.eval.images["samples"]
+    assert (grid.shape[0] - 2) % (16 + 2) == 0 and (grid.shape[1] - 2) % (16 + 2) == 0  # tiles of 16 px decoded images
+    assert (reporter.checkpoints[-1] / "vqvae" / "config.json").is_file()
+
+
+def test_the_tangent_through_a_vq_decoder_passes_the_quantiser_straight(tiny_ldm_dir):
+    """The codebook lookup has no forward-mode rule: the decoded tangent is the decoder's derivative at the quantised
+    latents, along the unquantised direction (the quantiser's straight-through estimator), and the images are the
+    ordinary decoding."""
+    codec = load_base(BaseModelSpec(source=str(tiny_ldm_dir))).codec
+    s = codec.scaling_factor
+    z, v = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4, 8, 8)
+    with autodiff_safe(codec.module):  # attention on the math backend, as `ddim_tangent` runs the decoder
+        images, tangent = torch.func.jvp(lambda x: codec.decode(x, straight_through=True), (z,), (v,))
+        quantised = codec.module.quantize(z / s)[0] * s
+        _, want = torch.func.jvp(lambda x: codec.module.decode(x / s, force_not_quantize=True).sample.clamp(-1, 1),
+                                 (quantised,), (v,))
+    torch.testing.assert_close(images, codec.decode(z))
+    # up to float rounding: the decoder's input is z + (z_q - z) there, z_q here
+    torch.testing.assert_close(tangent, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    assert tangent.abs().max() > 0

@@ -52,14 +52,24 @@ class Codec:
         return torch.cat([self._encode(chunk) for chunk in images.split(self.batch_size)]) * self.scaling_factor
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents to images in [-1, 1] (clamped), on the latents' device."""
+    def decode(self, latents: torch.Tensor, *, straight_through: bool = False) -> torch.Tensor:
+        """Scaled latents to images in [-1, 1] (clamped), on the latents' device.
+
+        `straight_through` (for forward-mode differentiation, `torch.func.jvp`): a `VQModel` quantises the primal
+        latents only and passes their tangent through the quantiser unchanged (its own straight-through estimator),
+        since the codebook lookup has no forward-mode rule; the images are the same."""
         if self.module is None:
             return latents
         device = next(self.module.parameters()).device
-        out = [self.module.decode(chunk.to(device) / self.scaling_factor).sample.clamp(-1, 1).to(latents.device)
+        out = [self._decode(chunk.to(device) / self.scaling_factor, straight_through).sample.clamp(-1, 1).to(latents.device)
                for chunk in latents.split(self.batch_size)]
         return torch.cat(out)
+
+    def _decode(self, z: torch.Tensor, straight_through: bool):
+        if not (straight_through and hasattr(self.module, "quantize")):
+            return self.module.decode(z)
+        quantised = self.module.quantize(z.detach())[0]
+        return self.module.decode(z + (quantised - z.detach()), force_not_quantize=True)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         device = next(self.module.parameters()).device

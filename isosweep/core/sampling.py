@@ -236,8 +236,12 @@ def ddim_tangent(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     precision: str = "fp32",
+    codec: Codec | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic DDIM from x_T and its derivative along v: (images, J_G v), both (B, C, H, W) float32 on the CPU.
+    With a `codec` (a latent model) G ends with its decoder, so the images and the tangent are decoded ones (the
+    decoder runs in float32, inside `hspace.autodiff_safe` too; a VQ decoder's quantiser passes the tangent straight
+    through, `Codec.decode`).
 
     One forward-mode pass (`torch.func.jvp`) carries the tangent through every UNet evaluation and DDIM update, so
     the directional derivative of the generator comes without the cancellation of a finite difference: it is what
@@ -269,7 +273,7 @@ def ddim_tangent(
         for t in timesteps:
             eps = unet(x.to(unet_dtype), t).sample.to(state_dtype)
             x = ddim.step(eps, t, x, eta=0.0).prev_sample
-        return x.clamp(-1, 1)
+        return (x if codec is None else codec.decode(x, straight_through=True)).clamp(-1, 1)
 
     was_training = unet.training
     unet.eval()
@@ -277,7 +281,9 @@ def ddim_tangent(
     try:
         # GroupNorm inputs always copied contiguous, tangent included: the detection autodiff_safe uses misses the
         # tangent layouts of a whole UNet on some builds (torch 2.11 on the CPU: "view size is not compatible")
-        with torch.no_grad(), _tf32(precision == "tf32"), autodiff_safe(unet, contiguous_group_norm=True):
+        with (torch.no_grad(), _tf32(precision == "tf32"), autodiff_safe(unet, contiguous_group_norm=True),
+              autodiff_safe(codec.module, contiguous_group_norm=True) if codec is not None and codec.module is not None
+              else contextlib.nullcontext()):
             for lo in range(0, x_T.shape[0], batch_size):
                 x = x_T[lo : lo + batch_size].to(device=device, dtype=state_dtype)
                 dx = v[lo : lo + batch_size].to(device=device, dtype=state_dtype)
@@ -339,13 +345,10 @@ class DDIMSampler:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`ddim_tangent` of this UNet: the images from x_T and their derivative along v (the bfloat16 copy that
         precision "bf16" runs is made once per sampler)."""
-        if self.codec is not None:
-            raise NotImplementedError("the DDIM tangent through a latent model's decoder (PPL on decoded images) is not "
-                                      "implemented")
         unet = self.unet
         if precision == "bf16":
             if self._bf16 is None:
                 self._bf16 = bf16_copy(self.unet)
             unet = self._bf16
         return ddim_tangent(unet, self.scheduler, x_T, v, num_steps, batch_size=self.batch_size, device=self.device,
-                            precision=precision)
+                            precision=precision, codec=self.codec)

@@ -40,7 +40,7 @@ from isosweep.core.losses import IsoDiffusionLoss
 from isosweep.core.step import FiniteFlags
 from isosweep.core.step import step_generators as core_step_generators
 from isosweep.data.datasets import ShardedLoader, build_dataset
-from isosweep.models.loading import BaseModel, Fetch, LatentModelError, load_base, weights_sha256
+from isosweep.models.loading import BaseModel, Fetch, load_base, weights_sha256
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.spec import POINT_KEYS, TRIAL_KEYS, SweepSpec, TrainSpec
 from isosweep.training.best_step import Scorer, Selection
@@ -62,7 +62,8 @@ class Evaluation(Protocol):
     def write(self, directory: Path) -> None: ...
 
 
-# evaluator(unet, scheduler, device, rank, world_size): every rank calls it once, on the trial's model
+# evaluator(unet, scheduler, device, rank, world_size, codec=...): every rank calls it once, on the trial's model;
+# codec: a latent model's frozen autoencoder (its samples are decoded to images), None for a pixel-space model
 Evaluator = Callable[[UNet2DModel, Any, torch.device, int, int], Evaluation]
 
 
@@ -188,9 +189,6 @@ def train_loop(spec: SweepSpec, reporter: Reporter, *, trial_params: dict[str, A
     _check_applied(spec, trial_params)
     tr = spec.train
     run = _build_run(spec, reporter, fetch_base)
-    if run.codec is not None and (evaluator is not None or (scorer is not None and Selection.of(spec) is not None)):
-        raise LatentModelError(f"base_model.source {scrub_text(spec.base_model.source)} is a latent diffusion model: its "
-                               "fine-tuning runs, its evaluation does not yet (docs/training.md, \"Latent diffusion\")")
     selection = Selection.of(spec) if scorer is not None else None
     pos = _resume(run, reporter.latest_checkpoint() or resume_from, selection)
     if run.rank == 0:
@@ -217,13 +215,14 @@ def train_loop(spec: SweepSpec, reporter: Reporter, *, trial_params: dict[str, A
             model = None  # the final checkpoint's pipeline when not the last EMA weights
             ema_model = _ema_model(run) if due_score or final else None  # one copy serves score, selection and evaluation
             if due_score:
-                metrics |= selection.score(scorer, ema_model, run.scheduler, run.device, run.rank, run.world, pos.step)
+                metrics |= selection.score(scorer, ema_model, run.scheduler, run.device, run.rank, run.world, pos.step,
+                                           codec=run.codec)
             if final and selection is not None:
                 model = selection.selected(ema_model)
                 metrics |= selection.summary()
             if final and evaluator is not None:
                 evaluated = model if model is not None else ema_model
-                evaluation = evaluator(evaluated, run.scheduler, run.device, run.rank, run.world)
+                evaluation = evaluator(evaluated, run.scheduler, run.device, run.rank, run.world, codec=run.codec)
                 metrics |= dict(evaluation.metrics)
             _report(reporter, run, metrics, state, spec_json, evaluation, selection, model)
         if pos.step_in_epoch == run.steps_per_epoch and pos.step < run.max_steps:
