@@ -170,3 +170,34 @@ def test_the_tangent_through_a_vq_decoder_passes_the_quantiser_straight(tiny_ldm
     # up to float rounding: the decoder's input is z + (z_q - z) there, z_q here
     torch.testing.assert_close(tangent, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
     assert tangent.abs().max() > 0
+
+
+def test_sample_and_interpolate_commands_decode_a_latent_model(tiny_ldm_dir, tmp_path, capsys):
+    """`isosweep sample` and `interpolate` on an LDMPipeline folder write 16 px decoded images (the latents are 8x8);
+    `isosweep invert`, pixel-space only, refuses it with a line that names the model (bad input)."""
+    from PIL import Image
+
+    from isosweep.cli import main
+    from isosweep.constants import EXIT_COMPLETED
+
+    assert main(["sample", str(tiny_ldm_dir), "--n", "4", "--steps", "2", "--out", str(tmp_path / "grid.png")]) == EXIT_COMPLETED
+    assert Image.open(tmp_path / "grid.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # make_grid: 2x2 tiles of 16 px, pad 2
+    assert main(["interpolate", str(tiny_ldm_dir), "--frames", "3", "--steps", "2", "--out", str(tmp_path / "strip.png")]) == 0
+    strip = np.asarray(Image.open(tmp_path / "strip.png"))
+    assert strip.shape[0] in (16, 16 + 2 * 2)  # one row of 16 px frames
+    distances = json.loads((tmp_path / "strip_distances.json").read_text())["values"]
+    assert len(distances) == 2 and all(np.isfinite(distances))
+    base = load_base(BaseModelSpec(source=str(tiny_ldm_dir)))
+    from isosweep.commands.models import interpolation_frames
+
+    frames = interpolation_frames(base.unet, base.scheduler, [0, 1], 3, "slerp", 2, base.codec)
+    latents = interpolation_frames(base.unet, base.scheduler, [0, 1], 3, "slerp", 2)
+    assert frames.shape == (3, 3, 16, 16) and latents.shape == (3, 4, 8, 8)
+    np.testing.assert_array_equal(frames, base.codec.decode(torch.from_numpy(latents)).numpy())
+    # invert works on pixel-space models only: refused as bad input, one line naming the model
+    from isosweep.constants import EXIT_SPEC_ERROR
+
+    assert main(["invert", str(tiny_ldm_dir), str(tmp_path / "grid.png"), "--steps", "2", "--out", str(tmp_path / "inv")]) == EXIT_SPEC_ERROR
+    assert not (tmp_path / "inv").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a latent diffusion model (VQModel autoencoder)" in err[0] and "fix:" in err[0]

@@ -40,6 +40,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from isosweep.core.codec import CODEC_CLASSES, Codec
 from isosweep.models.builtin import BUILTIN_SHAPES, default_scheduler, pretrain_builtin
 from isosweep.models.sources import find_diffusers_dir, is_model_uri
+from isosweep.spec import SpecError
 
 # MLflow model and artifact URIs; any other `scheme://` URI (s3://, gs://...) is an artifact location too
 
@@ -51,10 +52,8 @@ Fetch = Callable[[str, Path], Path]
 CODEC_COMPONENTS = ("vqvae", "vae")  # the pipeline components that hold a latent model's autoencoder
 
 
-class LatentModelError(ValueError):
-    """A latent diffusion model given to a path that handles pixel-space models only."""
-
-    deterministic = True  # the same model is refused again: not retried (isosweep.errors)
+class LatentModelError(SpecError):
+    """A latent diffusion model given to a path that handles pixel-space models only (bad input: exit code 2)."""
 
 
 @dataclass
@@ -76,8 +75,9 @@ def load_unet_and_scheduler(base_model_spec, dataset_spec=None, *, progress: boo
 def _pixel(base: BaseModel, source) -> tuple[UNet2DModel, DDPMScheduler]:
     if base.codec is not None:
         raise LatentModelError(f"{source} is a latent diffusion model ({type(base.codec.module).__name__} autoencoder); "
-                               "this command handles pixel-space models only: `isosweep train` and `isosweep run` "
-                               "fine-tune it (docs/training.md, \"Latent diffusion\")")
+                               "this command handles pixel-space models only; fix: give a pixel-space model (DDPMPipeline), or use "
+                               "`run`, `train`, `eval`, `sample` or `interpolate`, which take it (docs/training.md, "
+                               "\"Latent diffusion\")")
     return base.unet, base.scheduler
 
 
