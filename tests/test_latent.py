@@ -201,3 +201,13 @@ def test_sample_and_interpolate_commands_decode_a_latent_model(tiny_ldm_dir, tmp
     assert not (tmp_path / "inv").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a latent diffusion model (VQModel autoencoder)" in err[0] and "fix:" in err[0]
+
+
+def test_a_latent_model_is_not_staged_for_serving(tiny_ldm_dir, tiny_model_dir, tmp_path):
+    """The served model's DDIM has no decoder: registering a latent model is refused before anything is logged."""
+    from isosweep.tracking.registry import _stage_pipeline
+
+    with pytest.raises(ValueError, match="latent diffusion model .* not registered"):
+        _stage_pipeline(tiny_ldm_dir, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert (_stage_pipeline(tiny_model_dir, tmp_path / "b") / "model_index.json").is_file()

@@ -39,7 +39,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from isosweep.core.codec import CODEC_CLASSES, Codec
 from isosweep.models.builtin import BUILTIN_SHAPES, default_scheduler, pretrain_builtin
-from isosweep.models.sources import find_diffusers_dir, is_model_uri
+from isosweep.models.sources import CODEC_COMPONENTS, find_diffusers_dir, is_model_uri
 from isosweep.spec import SpecError
 
 # MLflow model and artifact URIs; any other `scheme://` URI (s3://, gs://...) is an artifact location too
@@ -47,9 +47,6 @@ from isosweep.spec import SpecError
 # fetch(uri, dst): download the MLflow URI `uri` into the existing local folder `dst`, return the folder holding its
 # files. The one signature of every downloader given to `load_unet_and_scheduler` (eval, pull, the Train workers).
 Fetch = Callable[[str, Path], Path]
-
-
-CODEC_COMPONENTS = ("vqvae", "vae")  # the pipeline components that hold a latent model's autoencoder
 
 
 class LatentModelError(SpecError):
