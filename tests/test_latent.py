@@ -211,3 +211,21 @@ def test_a_latent_model_is_not_staged_for_serving(tiny_ldm_dir, tiny_model_dir, 
         _stage_pipeline(tiny_ldm_dir, tmp_path / "a")
     assert not (tmp_path / "a").exists()
     assert (_stage_pipeline(tiny_model_dir, tmp_path / "b") / "model_index.json").is_file()
+
+
+def test_an_ldm_hub_id_loads_from_the_offline_cache(tiny_ldm_dir, tmp_path, monkeypatch):
+    """`base_model.source: CompVis/ldm-celebahq-256` from a Hugging Face cache entry in its layout (offline): the UNet
+    from unet/, the codec from vqvae/, as from the folder."""
+    import huggingface_hub.constants as hf_constants
+    from support.hub import LDM_CELEBAHQ, LDM_CELEBAHQ_COMMIT, write_pipeline_repo
+
+    write_pipeline_repo(tmp_path, LDM_CELEBAHQ, LDM_CELEBAHQ_COMMIT, tiny_ldm_dir)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    hub, local = load_base(BaseModelSpec(source=LDM_CELEBAHQ)), load_base(BaseModelSpec(source=str(tiny_ldm_dir)))
+    assert isinstance(hub.codec.module, VQModel)
+    for a, b in ((hub.unet, local.unet), (hub.codec.module, local.codec.module)):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert hub.scheduler.config.beta_schedule == "scaled_linear"
+    with pytest.raises(LatentModelError):
+        load_unet_and_scheduler(BaseModelSpec(source=LDM_CELEBAHQ))
