@@ -140,13 +140,14 @@ def test_identity_codec_gives_the_pixel_evaluation_exactly(tiny_model_dir, tmp_p
 def test_vq_ldm_trial_is_evaluated_on_decoded_images(tiny_ldm_dir, tmp_path, fast_domain):
     """A latent trial end to end in the loop: fine-tuned, scored by the cheap FID and evaluated by the trial's
     evaluator, which gets the codec: FID/PPL on 16 px decoded images, MCN/VoR/mRTL on the latent UNet."""
-    spec = make_spec(tiny_ldm_dir, 16, p=0.0, evaluation=eval_spec(tmp_path, ppl={"num_samples": 4, "ddim_steps": 2,
-                                                                                  "method": "jvp"}).model_dump()
+    spec = make_spec(tiny_ldm_dir, 16, p=0.0, evaluation=eval_spec(
+        tmp_path, metrics=["fid", "ppl", "mrtl", "mcn", "vor", "ls"], ppl={"num_samples": 4, "ddim_steps": 2, "method": "jvp"},
+        ls={"num_samples": 16, "keep": 8, "ddim_steps": 2, "spaces": ["x_T", "h"]}).model_dump()
                      | {"checkpoint_fid": {"every": 1, "num_samples": 8, "ddim_steps": 2}})
     reporter = LocalReporter(tmp_path / "run")
     res = train_loop(spec, reporter, evaluator=trial_evaluator(spec), scorer=checkpoint_fid_scorer(spec))
     metrics = res.eval.metrics
-    assert all(np.isfinite(metrics[k]) for k in ("fid", "ppl", "mrtl", "mcn", "vor")), metrics
+    assert all(np.isfinite(metrics[k]) for k in ("fid", "ppl", "mrtl", "mcn", "vor", "ls", "ls_h")), metrics
     assert np.isfinite(res.metrics["selected_fid_cheap"]) and res.metrics["selected_step"] in (1, 2)
     assert res.eval.settings["autoencoder"] == "VQModel" and res.eval.settings["sample_shape"] == [4, 8, 8]
     grid = res.eval.images["samples"]
