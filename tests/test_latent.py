@@ -195,6 +195,11 @@ def test_sample_and_interpolate_commands_decode_a_latent_model(tiny_ldm_dir, tmp
     latents = interpolation_frames(base.unet, base.scheduler, [0, 1], 3, "slerp", 2)
     assert frames.shape == (3, 3, 16, 16) and latents.shape == (3, 4, 8, 8)
     np.testing.assert_array_equal(frames, base.codec.decode(torch.from_numpy(latents)).numpy())
+    capsys.readouterr()
+    assert main(["pull", str(tiny_ldm_dir), "--out", str(tmp_path / "pulled")]) == EXIT_COMPLETED
+    out = capsys.readouterr().out
+    assert "LDMPipeline.from_pretrained loads it" in out and "4x8x8 latents" in out
+    assert list((tmp_path / "pulled").rglob("vqvae/config.json"))
     # invert works on pixel-space models only: refused as bad input, one line naming the model
     from isosweep.constants import EXIT_SPEC_ERROR
 

@@ -86,8 +86,9 @@ def pull_command(args: argparse.Namespace) -> int:
         raise
     n_params = sum(p.numel() for p in unet.parameters())
     result(f"pulled {args.model_uri} -> {out}")
-    result(f"diffusers pipeline: {pipe_dir}  (DDPMPipeline.from_pretrained loads it; UNet {n_params / 1e6:.2f}M params, "
-          f"{'x'.join(map(str, sample_shape(unet)))} images)")
+    kind, drawn = ("DDPMPipeline", "images") if base.codec is None else ("LDMPipeline", "latents")
+    result(f"diffusers pipeline: {pipe_dir}  ({kind}.from_pretrained loads it; UNet {n_params / 1e6:.2f}M params, "
+          f"{'x'.join(map(str, sample_shape(unet)))} {drawn})")
     return EXIT_COMPLETED
 
 
