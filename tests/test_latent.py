@@ -15,7 +15,7 @@ from isosweep.core.codec import Codec
 from isosweep.core.hspace import autodiff_safe
 from isosweep.core.sampling import DDIMSampler, initial_noise
 from isosweep.evaluation.suite import checkpoint_fid_scorer, evaluate_model, trial_evaluator
-from isosweep.models.loading import LatentModelError, load_base, load_local, load_unet_and_scheduler
+from isosweep.models.loading import LatentModelError, load_base, load_local, load_unet_and_scheduler, weights_sha256
 from isosweep.spec import BaseModelSpec, DatasetSpec, EvaluationSpec, spec_from_dict
 from isosweep.training.loop import _build_run, _optimizer_step, train_loop
 from isosweep.training.reporting import LocalReporter, StepStats
@@ -105,6 +105,8 @@ def test_vq_ldm_fine_tunes_in_latent_space_and_checkpoints_its_layout(tiny_ldm_d
     assert all(torch.equal(frozen[k], saved[k]) for k in frozen)  # the autoencoder is copied, never trained
     assert any(not torch.equal(v, trained.unet.state_dict()[k]) for k, v in base.unet.state_dict().items())
     assert trained.scheduler.config.beta_schedule == "scaled_linear"
+    started = json.loads((last / "spec.json").read_text())["base_model"]  # provenance: both networks it started from
+    assert started["unet_sha256"] == weights_sha256(base.unet) and started["vqvae_sha256"] == weights_sha256(base.codec.module)
     out = DDIMSampler(trained.unet, trained.scheduler, progress=False, codec=trained.codec)(initial_noise(2, (4, 8, 8), 0), 4,
                                                                                             capture_h=True)
     assert out.images.shape == (2, 3, 16, 16) and out.images.abs().max() <= 1

@@ -295,9 +295,13 @@ def _resume(run: Run, checkpoint: str | StoredCheckpoint | None, selection: Sele
 
 def _started_from(run: Run, pinned: dict[str, str]) -> dict[str, str]:
     """What a run that did not resume starts from: the source as given, what the caller pinned it to, and the
-    sha256 of the UNet's weights as loaded (before any step: DDP gives every rank these rank-0 weights)."""
-    return {"source": scrub_text(run.spec.base_model.source), **{k: scrub_text(str(v)) for k, v in pinned.items()},
-            "unet_sha256": weights_sha256(run.unet)}
+    sha256 of the UNet's weights as loaded (before any step: DDP gives every rank these rank-0 weights), and of a latent
+    model's autoencoder."""
+    started = {"source": scrub_text(run.spec.base_model.source), **{k: scrub_text(str(v)) for k, v in pinned.items()},
+               "unet_sha256": weights_sha256(run.unet)}
+    if run.codec is not None and run.codec.module is not None:  # a latent model: its frozen autoencoder too
+        started[f"{run.codec.name}_sha256"] = weights_sha256(run.codec.module)
+    return started
 
 
 def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> None:
