@@ -53,6 +53,32 @@ def tiny_model_dir(tmp_path_factory):
     return d
 
 
+# CompVis/ldm-celebahq-256's layout (LDMPipeline: vqvae, unet, scheduler) with shrunk widths: 16 px images, 8x8 latents of
+# 4 channels (the repository has 3; 4 tells the latents from the images by shape), and the repository's DDIM schedule
+LDM_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
+                     clip_sample=False, set_alpha_to_one=True, steps_offset=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_ldm_dir(tmp_path_factory):
+    """A tiny latent diffusion pipeline folder as LDMPipeline.save_pretrained writes it (model_index.json, vqvae/, unet/,
+    scheduler/): a VQModel from config (one downsampling, so 16 px images to 8x8 latents) and a latent UNet2DModel,
+    random weights (seed 0)."""
+    import torch
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+
+    torch.manual_seed(0)
+    vqvae = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                    latent_channels=4, num_vq_embeddings=32, vq_embed_dim=4, norm_num_groups=4, sample_size=16)
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8)
+    d = tmp_path_factory.mktemp("ldm") / "pipe"
+    LDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler(**LDM_SCHEDULER)).save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def isosweep_cache_dir(tmp_path_factory):
     """One ISOSWEEP_CACHE folder for every module's sweeps (each module's `cache_env` points at it): the built-in base

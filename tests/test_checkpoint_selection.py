@@ -36,7 +36,7 @@ class FakeScorer:
     def __init__(self, values):
         self.values, self.seen = list(values), []
 
-    def __call__(self, unet, scheduler, device, rank, world_size):
+    def __call__(self, unet, scheduler, device, rank, world_size, codec=None):
         assert not unet.training
         self.seen.append({k: v.detach().clone() for k, v in unet.state_dict().items()})
         return self.values[len(self.seen) - 1], "fake-net-v1"
@@ -46,7 +46,7 @@ class FakeEvaluator:
     def __init__(self):
         self.weights = []
 
-    def __call__(self, unet, scheduler, device, rank, world_size):
+    def __call__(self, unet, scheduler, device, rank, world_size, codec=None):
         from isosweep.evaluation.record import EvalResult
 
         self.weights.append({k: v.detach().clone() for k, v in unet.state_dict().items()})

@@ -192,7 +192,7 @@ def test_evaluation_saved_with_final_checkpoint(tiny_model_dir, tmp_path):
 
     calls = []
 
-    def evaluator(unet, scheduler, device, rank, world_size):
+    def evaluator(unet, scheduler, device, rank, world_size, codec=None):
         calls.append(dict(training=unet.training, rank=rank, world_size=world_size,
                           weights={k: v.clone() for k, v in unet.state_dict().items()}))
         return EvalResult(metrics={"fid": 1.5, "ppl": 20.0}, backbones={"fid": "domain"}, rtl_curve=[1.0, 1.1],

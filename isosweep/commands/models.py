@@ -1,6 +1,7 @@
 """`isosweep pretrain`, `pull`, `sample` and `interpolate`: the built-in base model and a registered model in use.
 
-`sample` and `interpolate` download a `models:/` or `runs:/` URI into a temporary folder that is removed
+`sample`, `interpolate` and `pull` take a latent diffusion model too (its samples decoded to images); `invert` and
+`edit`, which load through `load_model`, take pixel-space models only. `sample` and `interpolate` download a `models:/` or `runs:/` URI into a temporary folder that is removed
 as soon as the weights are loaded, whether loading works or not; a `pull` that fails removes what it
 put into `--out`, so the same command can be run again.
 """
@@ -22,11 +23,12 @@ from PIL import Image
 
 from isosweep.console import result
 from isosweep.constants import EXIT_COMPLETED
+from isosweep.core.codec import Codec
 from isosweep.core.sampling import ddim_sample, sample_shape
 from isosweep.data.images import make_grid, make_strip, save_png, to_uint8
 from isosweep.evaluation.metrics.paths import lerp, slerp
 from isosweep.models.builtin import builtin_model_dir, pretrain_builtin, sample_grid
-from isosweep.models.loading import load_local, load_unet_and_scheduler
+from isosweep.models.loading import BaseModel, load_base, load_local, load_local_base, load_unet_and_scheduler
 from isosweep.models.sources import BUILTIN_SHAPES, is_model_uri
 from isosweep.results.plots import distance_plot
 from isosweep.spec import BaseModelSpec, SpecError, apply_overrides, load_spec, spec_from_dict
@@ -74,8 +76,9 @@ def pull_command(args: argparse.Namespace) -> int:
         else:
             shutil.copytree(resolve_model(args.model_uri), out / PIPELINE_SUBPATH, dirs_exist_ok=True)
             pipe_dir = out / PIPELINE_SUBPATH
-        unet, scheduler = load_local(pipe_dir, None)
-        img = _ddim(unet, scheduler, seed_noise(0, sample_shape(unet)), 1)
+        base = load_local_base(pipe_dir, None)
+        unet = base.unet
+        img = _ddim(unet, base.scheduler, seed_noise(0, sample_shape(unet)), 1, base.codec)
         if not np.isfinite(img).all():
             raise RuntimeError(f"{args.model_uri}: a 1-step sample is not finite; the model is broken")
     except BaseException:  # a half-downloaded --out would refuse the next try ("exists and is not empty")
@@ -83,8 +86,9 @@ def pull_command(args: argparse.Namespace) -> int:
         raise
     n_params = sum(p.numel() for p in unet.parameters())
     result(f"pulled {args.model_uri} -> {out}")
-    result(f"diffusers pipeline: {pipe_dir}  (DDPMPipeline.from_pretrained loads it; UNet {n_params / 1e6:.2f}M params, "
-          f"{'x'.join(map(str, sample_shape(unet)))} images)")
+    kind, drawn = ("DDPMPipeline", "images") if base.codec is None else ("LDMPipeline", "latents")
+    result(f"diffusers pipeline: {pipe_dir}  ({kind}.from_pretrained loads it; UNet {n_params / 1e6:.2f}M params, "
+          f"{'x'.join(map(str, sample_shape(unet)))} {drawn})")
     return EXIT_COMPLETED
 
 
@@ -101,9 +105,10 @@ def _remove_partial(out: Path, created: bool) -> None:
 
 
 def load_model(model: str, tracking_uri: str | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
-    """The UNet and scheduler of a model folder; of a hub id (the local Hugging Face cache when offline) or the
-    built-in model, loaded as a spec's `base_model.source` is; or of a `models:/` / `runs:/` URI downloaded into a
-    temporary folder that is removed once the weights are in memory (on every exit path)."""
+    """The UNet and scheduler of a pixel-space model: a folder; a hub id (the local Hugging Face cache when offline) or
+    the built-in model, loaded as a spec's `base_model.source` is; or a `models:/` / `runs:/` URI downloaded into a
+    temporary folder that is removed once the weights are in memory (on every exit path). A latent model is refused
+    (`models.loading.LatentModelError`)."""
     if not is_model_uri(str(model)):
         if not Path(model).expanduser().exists():
             return load_unet_and_scheduler(BaseModelSpec(source=str(model)), None)
@@ -112,10 +117,21 @@ def load_model(model: str, tracking_uri: str | None = None) -> tuple[UNet2DModel
         return load_local(resolve_model(model, tracking_uri, dst=tmp), None)
 
 
+def load_base_model(model: str, tracking_uri: str | None = None) -> BaseModel:
+    """`load_model`'s model with a latent model's codec (`models.loading.BaseModel`)."""
+    if not is_model_uri(str(model)):
+        if not Path(model).expanduser().exists():
+            return load_base(BaseModelSpec(source=str(model)), None)
+        return load_local_base(resolve_model(model), None)
+    with tempfile.TemporaryDirectory(prefix="isosweep-model-", ignore_cleanup_errors=True) as tmp:
+        return load_local_base(resolve_model(model, tracking_uri, dst=tmp), None)
+
+
 def sample_grid_image(model: str, n: int, steps: int, seed: int, tracking_uri: str | None = None) -> Image.Image:
-    """A PIL grid of n DDIM samples of a model dir or URI (seed -> the latents (n, C, H, W))."""
-    unet, scheduler = load_model(model, tracking_uri)
-    return make_grid(to_uint8(_ddim(unet, scheduler, seed_noise(seed, sample_shape(unet), n), steps)))
+    """A PIL grid of n DDIM samples of a model dir or URI (seed -> the initial noise (n, C, H, W); a latent model's
+    samples decoded)."""
+    base = load_base_model(model, tracking_uri)
+    return make_grid(to_uint8(_ddim(base.unet, base.scheduler, seed_noise(seed, sample_shape(base.unet), n), steps, base.codec)))
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -127,13 +143,15 @@ def sample_command(args: argparse.Namespace) -> int:
     return EXIT_COMPLETED
 
 
-def interpolation_frames(unet, scheduler, seeds: Sequence[int], frames: int, mode: str, steps: int) -> np.ndarray:
-    """Images (frames, C, H, W) in [-1, 1] along the slerp/lerp path between two seeds' latents."""
+def interpolation_frames(unet, scheduler, seeds: Sequence[int], frames: int, mode: str, steps: int,
+                         codec: Codec | None = None) -> np.ndarray:
+    """Images (frames, C, H, W) in [-1, 1] along the slerp/lerp path between two seeds' initial noise (a latent
+    model's path in its latent noise, each frame decoded)."""
     shape = sample_shape(unet)
     a, b = seed_noise(seeds[0], shape), seed_noise(seeds[1], shape)
     s = torch.linspace(0.0, 1.0, frames)
     path = slerp if mode == "slerp" else lerp
-    return _ddim(unet, scheduler, path(a.expand(frames, *shape), b.expand(frames, *shape), s), steps)
+    return _ddim(unet, scheduler, path(a.expand(frames, *shape), b.expand(frames, *shape), s), steps, codec)
 
 
 def frame_distances(frames: np.ndarray) -> np.ndarray:
@@ -150,8 +168,8 @@ def interpolate_command(args: argparse.Namespace) -> int:
     """
     if args.frames < 2 or args.steps < 1:  # also checked by the CLI before torch is imported
         raise SpecError(f"--frames must be at least 2 and --steps at least 1 (got {args.frames}, {args.steps})")
-    unet, scheduler = load_model(args.model, args.tracking_uri)
-    frames = interpolation_frames(unet, scheduler, args.seeds, args.frames, args.mode, args.steps)
+    base = load_base_model(args.model, args.tracking_uri)
+    frames = interpolation_frames(base.unet, base.scheduler, args.seeds, args.frames, args.mode, args.steps, base.codec)
     out = save_png(make_strip(to_uint8(frames)), args.out)
     dists = frame_distances(frames)
     plot = distance_plot(dists, out.with_name(out.stem + "_distances.png"),
@@ -163,9 +181,10 @@ def interpolate_command(args: argparse.Namespace) -> int:
     return EXIT_COMPLETED
 
 
-def _ddim(unet, scheduler, x_T: torch.Tensor, steps: int) -> np.ndarray:
-    """DDIM (eta = 0) from x_T (B, C, H, W): images (B, C, H, W) in [-1, 1] as numpy."""
-    return ddim_sample(unet, scheduler, x_T, steps, batch_size=16, progress=False).images.numpy()
+def _ddim(unet, scheduler, x_T: torch.Tensor, steps: int, codec: Codec | None = None) -> np.ndarray:
+    """DDIM (eta = 0) from x_T (B, C, H, W): images (B, C, H, W) in [-1, 1] as numpy (decoded by `codec` if given)."""
+    images = ddim_sample(unet, scheduler, x_T, steps, batch_size=16, progress=False).images
+    return (images if codec is None else codec.decode(images)).numpy()
 
 
 def seed_noise(seed: int, shape: tuple[int, int, int], n: int = 1) -> torch.Tensor:

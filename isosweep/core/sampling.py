@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from isosweep.core.codec import Codec
 from isosweep.core.hspace import autodiff_safe
 from isosweep.core.progress import progress_bar
 
@@ -235,8 +236,12 @@ def ddim_tangent(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     precision: str = "fp32",
+    codec: Codec | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic DDIM from x_T and its derivative along v: (images, J_G v), both (B, C, H, W) float32 on the CPU.
+    With a `codec` (a latent model) G ends with its decoder, so the images and the tangent are decoded ones (the
+    decoder runs in float32, inside `hspace.autodiff_safe` too; a VQ decoder's quantiser passes the tangent straight
+    through, `Codec.decode`).
 
     One forward-mode pass (`torch.func.jvp`) carries the tangent through every UNet evaluation and DDIM update, so
     the directional derivative of the generator comes without the cancellation of a finite difference: it is what
@@ -268,7 +273,7 @@ def ddim_tangent(
         for t in timesteps:
             eps = unet(x.to(unet_dtype), t).sample.to(state_dtype)
             x = ddim.step(eps, t, x, eta=0.0).prev_sample
-        return x.clamp(-1, 1)
+        return (x if codec is None else codec.decode(x, straight_through=True)).clamp(-1, 1)
 
     was_training = unet.training
     unet.eval()
@@ -276,7 +281,9 @@ def ddim_tangent(
     try:
         # GroupNorm inputs always copied contiguous, tangent included: the detection autodiff_safe uses misses the
         # tangent layouts of a whole UNet on some builds (torch 2.11 on the CPU: "view size is not compatible")
-        with torch.no_grad(), _tf32(precision == "tf32"), autodiff_safe(unet, contiguous_group_norm=True):
+        with (torch.no_grad(), _tf32(precision == "tf32"), autodiff_safe(unet, contiguous_group_norm=True),
+              autodiff_safe(codec.module, contiguous_group_norm=True) if codec is not None and codec.module is not None
+              else contextlib.nullcontext()):
             for lo in range(0, x_T.shape[0], batch_size):
                 x = x_T[lo : lo + batch_size].to(device=device, dtype=state_dtype)
                 dx = v[lo : lo + batch_size].to(device=device, dtype=state_dtype)
@@ -311,11 +318,13 @@ class DDIMSampler:
     """A `Sampler` bound to one UNet and scheduler: `sampler(x_T, num_steps, capture_h=...)`.
 
     `precision` is `ddim_sample`'s ("fp32" unless the metrics it serves tolerate half precision: not PPL).
+    With a `codec` (a latent model) x_T and h are the latent UNet's, and the images are the codec's decoding of
+    the sampled latents; `sample_shape` stays the latents' shape, the shape of x_T.
     """
 
     def __init__(self, unet: torch.nn.Module, scheduler, *, batch_size: int = 64, progress: bool = True,
-                 device: torch.device | str | None = None, precision: Precision = "fp32") -> None:
-        self.unet, self.scheduler = unet, scheduler
+                 device: torch.device | str | None = None, precision: Precision = "fp32", codec: Codec | None = None) -> None:
+        self.unet, self.scheduler, self.codec = unet, scheduler, codec
         self.batch_size, self.progress, self.device = batch_size, progress, device
         self.precision = precision
         self._bf16: torch.nn.Module | None = None  # the bfloat16 copy `tangent` runs with precision "bf16"
@@ -326,8 +335,11 @@ class DDIMSampler:
         return sample_shape(self.unet)
 
     def __call__(self, x_T: torch.Tensor, num_steps: int, *, capture_h: bool = False) -> SampleOutput:
-        return ddim_sample(self.unet, self.scheduler, x_T, num_steps, batch_size=self.batch_size,
-                           capture_h=capture_h, progress=self.progress, device=self.device, precision=self.precision)
+        out = ddim_sample(self.unet, self.scheduler, x_T, num_steps, batch_size=self.batch_size,
+                          capture_h=capture_h, progress=self.progress, device=self.device, precision=self.precision)
+        if self.codec is not None:
+            out.images = self.codec.decode(out.images)
+        return out
 
     def tangent(self, x_T: torch.Tensor, v: torch.Tensor, num_steps: int, *, precision: str = "fp32"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,4 +351,4 @@ class DDIMSampler:
                 self._bf16 = bf16_copy(self.unet)
             unet = self._bf16
         return ddim_tangent(unet, self.scheduler, x_T, v, num_steps, batch_size=self.batch_size, device=self.device,
-                            precision=precision)
+                            precision=precision, codec=self.codec)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from isosweep.core.names import CHEAP_FID
+from isosweep.core.codec import Codec
 from isosweep.core.sampling import DDIMSampler, initial_noise
 from isosweep.data.images import make_grid, make_strip
 from isosweep.evaluation.collectives import broadcast as _broadcast
@@ -41,16 +42,18 @@ __all__ = ["evaluate_model", "trial_evaluator", "checkpoint_fid_scorer", "shard_
 def evaluate_model(unet: torch.nn.Module, scheduler, eval_spec, dataset_spec, *, metrics: list[str] | None = None,
                    device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
                    progress: bool = True, images: bool = True, on_progress: Progress | None = None,
-                   fid_resamples: int = 0) -> EvalResult:
+                   fid_resamples: int = 0, codec: Codec | None = None) -> EvalResult:
     """Evaluate one model: see the module docstring. `metrics` defaults to evaluation.metrics ("ls" gives
     ls, ls_max and, with the rbf kernel configured, ls_rbf; with h in evaluation.ls.spaces, ls_h and ls_h_rbf
     too). Progress bars only on rank 0; `on_progress` (every rank) gets each share's progress on this rank.
     images=False skips the grid and strips (the cheap FID needs none). fid_resamples > 0 adds fid_lo/fid_hi, a
-    bootstrap interval over the generated images (screening fidelity: docs/metrics.md, "Screening")."""
+    bootstrap interval over the generated images (screening fidelity: docs/metrics.md, "Screening"). With a `codec` (a
+    latent model) the generated images are its decoded samples and the UNet's metrics (MCN, VoR, mRTL) are taken in
+    latent space, on encoded dataset images where they start from images."""
     wanted = list(metrics if metrics is not None else eval_spec.metrics)
     with full_float32_matmul():
         return _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted, device, rank, world_size, progress, images,
-                         on_progress, fid_resamples)
+                         on_progress, fid_resamples, codec)
 
 
 @contextlib.contextmanager
@@ -70,18 +73,21 @@ def full_float32_matmul() -> Iterator[None]:
 
 
 def _evaluate(unet, scheduler, eval_spec, dataset_spec, wanted: list[str], device, rank: int, world_size: int,
-              progress: bool, images: bool = True, on_progress: Progress | None = None, fid_resamples: int = 0) -> EvalResult:
+              progress: bool, images: bool = True, on_progress: Progress | None = None, fid_resamples: int = 0,
+              codec: Codec | None = None) -> EvalResult:
     dist = _distributed(world_size)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     show = progress and rank == 0
-    sampler = DDIMSampler(unet, scheduler, batch_size=eval_spec.batch_size, progress=show, device=device)
+    sampler = DDIMSampler(unet, scheduler, batch_size=eval_spec.batch_size, progress=show, device=device, codec=codec)
     shard = Shard(sampler, unet, scheduler, eval_spec, dataset_spec, device, rank, world_size, show, on_progress, fid_resamples,
-                  metrics=tuple(wanted))
+                  metrics=tuple(wanted), codec=codec)
     chosen = selected(wanted)
     nets = _feature_networks(shard, chosen, dist)
     partial = {metric.key: metric.share(shard, nets) for metric in chosen}
     gathered = _gather(partial, dist, world_size)
     result = EvalResult(settings=_settings(eval_spec, shard.shape))
+    if codec is not None:  # sample_shape is then the latents'; the images are their decoding
+        result.settings["autoencoder"] = type(codec.module).__name__ if codec.module is not None else "identity"
     if rank == 0 or not dist:
         _combine(result, gathered, chosen, shard, nets)
         if images:
@@ -99,10 +105,10 @@ def trial_evaluator(spec: SweepSpec, on_progress: Progress | None = None, *, ful
     screen = spec.evaluation.screening is not None and not full
     eval_spec = spec.evaluation.screened() if screen else spec.evaluation
 
-    def evaluate(unet, scheduler, device, rank, world_size) -> EvalResult:
+    def evaluate(unet, scheduler, device, rank, world_size, codec=None) -> EvalResult:
         result = evaluate_model(unet, scheduler, eval_spec, spec.dataset, metrics=metrics, device=device, rank=rank,
                                 world_size=world_size, progress=rank == 0, on_progress=on_progress, images=metrics is None,
-                                fid_resamples=spec.evaluation.screening.fid_resamples if screen else 0)
+                                fid_resamples=spec.evaluation.screening.fid_resamples if screen else 0, codec=codec)
         result.settings["fidelity"] = "screen" if screen else "full"
         return result
 
@@ -119,9 +125,9 @@ def checkpoint_fid_scorer(spec: SweepSpec, on_progress: Progress | None = None
     eval_spec = spec.evaluation.model_copy(update={"fid": fid})
     renamed = None if on_progress is None else (lambda share, done, total: on_progress(CHEAP_FID, done, total))
 
-    def score(unet, scheduler, device, rank, world_size) -> tuple[float, str]:
+    def score(unet, scheduler, device, rank, world_size, codec=None) -> tuple[float, str]:
         result = evaluate_model(unet, scheduler, eval_spec, spec.dataset, metrics=["fid"], device=device, rank=rank,
-                                world_size=world_size, progress=False, images=False, on_progress=renamed)
+                                world_size=world_size, progress=False, images=False, on_progress=renamed, codec=codec)
         return result.metrics["fid"], result.backbones["fid"]
 
     return score

@@ -4,15 +4,23 @@ folder, without loading the model stack."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 BUILTIN_SHAPES = "builtin:shapes"
+CODEC_COMPONENTS = ("vqvae", "vae")  # the pipeline components that hold a latent model's autoencoder
 
 
 def is_model_uri(text: str) -> bool:
     """An MLflow model or artifact URI (models:/, runs:/, mlflow-artifacts:/, s3://...), not a folder or hub id."""
     return str(text).startswith(MLFLOW_PREFIXES) or "://" in str(text)
+
+
+def is_latent_pipeline(folder: Path) -> bool:
+    """Whether the pipeline folder's model_index.json names an autoencoder (a latent diffusion model, `LDMPipeline`)."""
+    index = Path(folder) / "model_index.json"
+    return index.is_file() and any(json.loads(index.read_text()).get(name) for name in CODEC_COMPONENTS)
 
 
 def find_diffusers_dir(root: Path) -> Path | None:

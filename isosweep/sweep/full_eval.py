@@ -28,7 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from isosweep import storage as st
 from isosweep.console import say
 from isosweep.evaluation.suite import trial_evaluator
-from isosweep.models.loading import load_local
+from isosweep.models.loading import load_local_base
 from isosweep.results.full_eval_records import apply_stored_records, full_eval_uri, read_full_record
 from isosweep.results.layout import SCREENED_VALUES
 from isosweep.results.pareto import contenders
@@ -130,9 +130,10 @@ def _evaluate_per_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="isosweep-full-eval-") as tmp:
         local = st.download_dir(config["checkpoint"], Path(tmp) / "checkpoint")
         verify_checkpoint(local, config["checkpoint"])
-        unet, scheduler = load_local(local, None)
+        base = load_local_base(local, None)
     evaluate = trial_evaluator(spec, full=True, metrics=["fid", "ppl"])  # what screening measured at other sizes
-    result = evaluate(unet.to(device), scheduler, device, rank, world)
+    codec = base.codec.to(device) if base.codec is not None else None
+    result = evaluate(base.unet.to(device), base.scheduler, device, rank, world, codec=codec)
     if rank == 0:
         st.write_json(config["out"], {"metrics": result.metrics, "backbones": result.backbones, "timings": result.timings,
                                       "settings": result.settings, "finished": time.time()})

@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from isosweep.console import warn
-from isosweep.models.sources import find_diffusers_dir
+from isosweep.models.sources import find_diffusers_dir, is_latent_pipeline
 from isosweep.redact import scrub, scrub_text
 from isosweep.tracking import client as tracking
 from isosweep.tracking.artifacts import CHECKPOINT_ARTIFACT_PATH, CHECKPOINT_EXCLUDE, CheckpointArtifactError, verify_checkpoint_artifact
@@ -83,6 +83,9 @@ def _stage_pipeline(pipeline_dir: Path, dst: Path) -> Path:
     src = find_diffusers_dir(Path(pipeline_dir)) or Path(pipeline_dir)
     if not (src / "model_index.json").is_file():
         raise FileNotFoundError(f"{pipeline_dir} holds no diffusers pipeline (model_index.json); pass a DDPMPipeline directory")
+    if is_latent_pipeline(src):  # the served model's DDIM has no decoder: it would answer with latents as images
+        raise ValueError(f"{pipeline_dir} is a latent diffusion model (LDMPipeline); the served model handles pixel-space "
+                         "models only, so it is not registered (docs/training.md, \"Latent diffusion\")")
     out = dst / PIPELINE_KEY
     shutil.copytree(src, out, ignore=shutil.ignore_patterns(*CHECKPOINT_EXCLUDE))
     for f in out.rglob("*.json"):  # spec.json keeps the weights self-describing, without credentials

@@ -38,7 +38,8 @@ BEST_DIR = "best"
 BEST_WEIGHTS = f"{BEST_DIR}/diffusion_pytorch_model.safetensors"  # diffusers' name: best/ loads with from_pretrained
 FORMAT = "isosweep-selection/1"
 
-# scorer(ema_unet, scheduler, device, rank, world_size) -> (cheap FID, backbone name); every rank calls it
+# scorer(ema_unet, scheduler, device, rank, world_size, codec=...) -> (cheap FID, backbone name); every rank calls it;
+# codec: a latent model's autoencoder (`core.codec.Codec`), None for a pixel-space model
 Scorer = Callable[["UNet2DModel", Any, torch.device, int, int], tuple[float, str]]
 
 
@@ -68,9 +69,9 @@ class Selection:
         return final or step % self.every == 0
 
     def score(self, scorer: Scorer, ema_unet: UNet2DModel, scheduler, device: torch.device, rank: int,
-              world_size: int, step: int) -> dict[str, Any]:
+              world_size: int, step: int, codec=None) -> dict[str, Any]:
         """Score the EMA weights at `step`, keep them when they beat the best so far; the metrics to report."""
-        value, backbone = scorer(ema_unet, scheduler, device, rank, world_size)
+        value, backbone = scorer(ema_unet, scheduler, device, rank, world_size, codec=codec)
         value = float(value)
         if self.backbone and backbone != self.backbone:  # a score never silently changes meaning
             raise ValueError(f"the cheap FID's backbone changed from {self.backbone} to {backbone} at step {step}; "

@@ -1,7 +1,9 @@
 """A trial's checkpoint folder: writing it atomically, checking it against its manifest, choosing one to resume from.
 
     model_index.json, unet/, scheduler/   the EMA UNet + scheduler: `DDPMPipeline.from_pretrained(dir)` (in the
-                                          final checkpoint of a run with a cheap FID: the selected step's)
+                                          final checkpoint of a run with a cheap FID: the selected step's); a
+                                          latent model's in `LDMPipeline`'s layout, its frozen autoencoder
+                                          (`vqvae/`) saved as loaded and a DDIM scheduler, as the base had
     train_state.pt                        raw weights, optimizer, EMA, GradScaler, step, epoch, data
                                           position, RNG states: what resume needs
     spec.json                             the resolved spec and the trial parameters
@@ -45,6 +47,8 @@ from isosweep.training.best_step import read_saved
 if TYPE_CHECKING:  # types only: reading a manifest (the trial process, registration) needs no diffusers
     from diffusers import UNet2DModel
 
+    from isosweep.core.codec import Codec
+
 TRAIN_STATE = "train_state.pt"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "isosweep-checkpoint/1"
@@ -85,7 +89,7 @@ class Location:
 
 def save_checkpoint(directory: Path, unet: UNet2DModel, ema: EMA, scheduler, state: dict[str, Any],
                     spec_json: dict[str, Any], *, extra: Callable[[Path], None] | None = None,
-                    model: UNet2DModel | None = None) -> Path:
+                    model: UNet2DModel | None = None, codec: Codec | None = None) -> Path:
     """Write the checkpoint folder `directory` (which must not exist) atomically.
 
     Everything is written into a temporary folder beside it: the EMA UNet (or `model`, the selected weights
@@ -96,9 +100,13 @@ def save_checkpoint(directory: Path, unet: UNet2DModel, ema: EMA, scheduler, sta
     """
     with atomic_directory(directory) as tmp:
         ema_unet = (copy.deepcopy(model) if model is not None else ema.copy_to(copy.deepcopy(unet))).to("cpu").eval()
-        from diffusers import DDPMPipeline  # the writer only
+        from diffusers import DDIMScheduler, DDPMPipeline, LDMPipeline  # the writer only
 
-        DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(tmp)
+        if codec is None or codec.module is None:  # a pixel model (or the identity autoencoder)
+            DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(tmp)
+        else:  # a latent model keeps its layout, so the checkpoint loads back as the base did
+            LDMPipeline(vqvae=copy.deepcopy(codec.module).to("cpu"), unet=ema_unet,
+                        scheduler=DDIMScheduler.from_config(scheduler.config)).save_pretrained(tmp)
         torch.save(state, tmp / TRAIN_STATE)
         (tmp / "spec.json").write_text(json.dumps(spec_json, indent=2, sort_keys=True))
         if extra is not None:

@@ -34,12 +34,13 @@ import torch.distributed as dist
 from diffusers import UNet2DModel
 
 from isosweep.console import say
+from isosweep.core.codec import Codec
 from isosweep.core.ema import EMA
 from isosweep.core.losses import IsoDiffusionLoss
 from isosweep.core.step import FiniteFlags
 from isosweep.core.step import step_generators as core_step_generators
 from isosweep.data.datasets import ShardedLoader, build_dataset
-from isosweep.models.loading import Fetch, load_unet_and_scheduler, weights_sha256
+from isosweep.models.loading import BaseModel, Fetch, load_base, weights_sha256
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.spec import POINT_KEYS, TRIAL_KEYS, SweepSpec, TrainSpec
 from isosweep.training.best_step import Scorer, Selection
@@ -61,7 +62,8 @@ class Evaluation(Protocol):
     def write(self, directory: Path) -> None: ...
 
 
-# evaluator(unet, scheduler, device, rank, world_size): every rank calls it once, on the trial's model
+# evaluator(unet, scheduler, device, rank, world_size, codec=...): every rank calls it once, on the trial's model;
+# codec: a latent model's frozen autoencoder (its samples are decoded to images), None for a pixel-space model
 Evaluator = Callable[[UNet2DModel, Any, torch.device, int, int], Evaluation]
 
 
@@ -110,6 +112,7 @@ class Run:
     rank: int
     world: int
     device: torch.device
+    codec: Codec | None = None  # a latent model's frozen autoencoder: batches are encoded before the losses
 
 
 def build_optimizer(params, tr: TrainSpec) -> torch.optim.Optimizer:
@@ -212,13 +215,14 @@ def train_loop(spec: SweepSpec, reporter: Reporter, *, trial_params: dict[str, A
             model = None  # the final checkpoint's pipeline when not the last EMA weights
             ema_model = _ema_model(run) if due_score or final else None  # one copy serves score, selection and evaluation
             if due_score:
-                metrics |= selection.score(scorer, ema_model, run.scheduler, run.device, run.rank, run.world, pos.step)
+                metrics |= selection.score(scorer, ema_model, run.scheduler, run.device, run.rank, run.world, pos.step,
+                                           codec=run.codec)
             if final and selection is not None:
                 model = selection.selected(ema_model)
                 metrics |= selection.summary()
             if final and evaluator is not None:
                 evaluated = model if model is not None else ema_model
-                evaluation = evaluator(evaluated, run.scheduler, run.device, run.rank, run.world)
+                evaluation = evaluator(evaluated, run.scheduler, run.device, run.rank, run.world, codec=run.codec)
                 metrics |= dict(evaluation.metrics)
             _report(reporter, run, metrics, state, spec_json, evaluation, selection, model)
         if pos.step_in_epoch == run.steps_per_epoch and pos.step < run.max_steps:
@@ -230,7 +234,8 @@ def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Fetch | None) ->
     """Load the base model (rank 0 first), wrap it for DDP, and build the optimiser, EMA, loss and data shard."""
     tr, rank, world, device = spec.train, reporter.rank, reporter.world_size, reporter.device
     torch.manual_seed(tr.seed)
-    unet, scheduler = _load_base(spec, rank, world, fetch_base)
+    base = _load_base(spec, rank, world, fetch_base)
+    unet, scheduler = base.unet, base.scheduler
     if scheduler.config.num_train_timesteps != tr.timesteps:
         raise ValueError(f"train.timesteps={tr.timesteps} but the base model's scheduler has T={scheduler.config.num_train_timesteps}; set train.timesteps to match")
     unet.to(device).train()
@@ -251,17 +256,17 @@ def _build_run(spec: SweepSpec, reporter: Reporter, fetch_base: Fetch | None) ->
                scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16), amp=amp, loss_fn=loss_fn,
                alphas_cumprod=scheduler.alphas_cumprod.to(device), loader=loader,
                steps_per_epoch=steps_per_epoch, max_steps=tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch)),
-               rank=rank, world=world, device=device)
+               rank=rank, world=world, device=device, codec=base.codec.to(device) if base.codec is not None else None)
 
 
-def _load_base(spec: SweepSpec, rank: int, world_size: int, fetch_base: Fetch | None):
+def _load_base(spec: SweepSpec, rank: int, world_size: int, fetch_base: Fetch | None) -> BaseModel:
     """Rank 0 loads (and, for builtin:shapes, pretrains into the cache) first; the others then reuse it."""
     if world_size > 1 and rank != 0:
         dist.barrier()
-    unet, scheduler = load_unet_and_scheduler(spec.base_model, spec.dataset, progress=rank == 0, fetch=fetch_base)
+    base = load_base(spec.base_model, spec.dataset, progress=rank == 0, fetch=fetch_base)
     if world_size > 1 and rank == 0:
         dist.barrier()
-    return unet, scheduler
+    return base
 
 
 def _resume(run: Run, checkpoint: str | StoredCheckpoint | None, selection: Selection | None) -> Position:
@@ -290,9 +295,13 @@ def _resume(run: Run, checkpoint: str | StoredCheckpoint | None, selection: Sele
 
 def _started_from(run: Run, pinned: dict[str, str]) -> dict[str, str]:
     """What a run that did not resume starts from: the source as given, what the caller pinned it to, and the
-    sha256 of the UNet's weights as loaded (before any step: DDP gives every rank these rank-0 weights)."""
-    return {"source": scrub_text(run.spec.base_model.source), **{k: scrub_text(str(v)) for k, v in pinned.items()},
-            "unet_sha256": weights_sha256(run.unet)}
+    sha256 of the UNet's weights as loaded (before any step: DDP gives every rank these rank-0 weights), and of a latent
+    model's autoencoder."""
+    started = {"source": scrub_text(run.spec.base_model.source), **{k: scrub_text(str(v)) for k, v in pinned.items()},
+               "unet_sha256": weights_sha256(run.unet)}
+    if run.codec is not None and run.codec.module is not None:  # a latent model: its frozen autoencoder too
+        started[f"{run.codec.name}_sha256"] = weights_sha256(run.codec.module)
+    return started
 
 
 def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> None:
@@ -309,6 +318,8 @@ def _optimizer_step(run: Run, micro_batches, step: int, stats: StepStats) -> Non
     for k in range(tr.grad_accumulation):
         x0, _ = next(micro_batches)
         x0 = x0.to(run.device, non_blocking=True)
+        if run.codec is not None:  # a latent model: the losses act on the frozen autoencoder's latents (no grad)
+            x0 = run.codec.encode(x0)
         d = run.loss_fn.draw(x0, iso_on, local, shared, term=due)  # per_timestep: the iso t from `shared`, one for all ranks
         iso_on = d.iso_on
         take = iso_on and due
@@ -363,5 +374,5 @@ def _report(reporter: Reporter, run: Run, metrics: dict[str, Any], state: dict[s
 
     with tempfile.TemporaryDirectory(prefix="isosweep-ckpt-") as tmp:
         folder = save_checkpoint(Path(tmp) / "checkpoint", run.unet, run.ema, run.scheduler, state, spec_json,
-                                 extra=extra, model=model)
+                                 extra=extra, model=model, codec=run.codec)
         reporter.report(metrics, checkpoint_dir=str(folder))

@@ -225,6 +225,28 @@ def write_repo(cache: Path, repo_id: str, *, size: str = "fast", seed: int = 0, 
     return snapshot
 
 
+# CompVis/ldm-celebahq-256: an LDMPipeline folder (model_index.json, vqvae/, unet/, scheduler/) on main
+LDM_CELEBAHQ = "CompVis/ldm-celebahq-256"
+LDM_CELEBAHQ_COMMIT = "1" * 40  # the stand-in's own commit name, not the repository's
+
+
+def write_pipeline_repo(cache: Path, repo_id: str, commit: str, pipeline_dir: Path) -> Path:
+    """A hub cache entry of `repo_id` holding the files of the saved pipeline folder `pipeline_dir` (its subfolders
+    as they are, weights as LFS blobs, every file a relative link into blobs/); returns its snapshot folder."""
+    root = Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snapshot = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / hf_constants.DEFAULT_REVISION).write_text(commit)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".staging-") as tmp:
+        for i, path in enumerate(sorted(p for p in Path(pipeline_dir).rglob("*") if p.is_file())):
+            src = Path(tmp) / f"file-{i}"
+            shutil.copyfile(path, src)
+            _add_blob(root, snapshot, path.relative_to(pipeline_dir).as_posix(), src)
+    return snapshot
+
+
 def build_hub_cache(cache: Path | str, repo_ids: tuple[str, ...] = HUB_IDS, *, size: str = "fast", seed: int = 0,
                     scheduler_changes: dict | None = None) -> Path:
     """A hub cache folder holding the stand-ins of `repo_ids` (see the module docstring)."""

@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from isosweep.core.codec import Codec
 from isosweep.core.sampling import DDIMSampler
 from isosweep.evaluation.collectives import distributed as _distributed
 from isosweep.evaluation.collectives import gather as _gather
@@ -49,6 +50,7 @@ class Shard:
     on_progress: Progress | None = None
     fid_resamples: int = 0  # > 0: FID gets a bootstrap interval (screening fidelity)
     metrics: tuple[str, ...] = ()  # the evaluation.metrics names this evaluation computes
+    codec: Codec | None = None  # a latent model's autoencoder: `shape` is the latents', the sampler decodes
     timings: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -34,6 +34,9 @@ class Edit(Metric):
     def share(self, s: Shard, nets) -> dict[str, np.ndarray]:
         """This rank's samples: each one's mean linearity and straightness over its directions, and its directions."""
         t0, spec = time.time(), s.eval_spec.edit
+        if s.codec is not None:
+            raise ValueError("evaluation.metrics: the Local Basis edit metrics (edit_*) do not handle latent diffusion "
+                             "models yet; remove them from the spec's evaluation.metrics")
         lo, hi = s.range(spec.num_samples)
         on_batch = s.started("edit", hi - lo)
         ddim = ddim_scheduler(s.scheduler, spec.ddim_steps)

@@ -80,6 +80,8 @@ def _jacobian_inputs(lo: int, hi: int, s: Shard) -> tuple[torch.Tensor, torch.Te
     if hi <= lo:
         return torch.zeros((0, *s.shape)), torch.zeros((0, *s.shape))
     x0 = torch.stack([dataset[int(perm[i % len(dataset)])][0] for i in range(lo, hi)])
+    if s.codec is not None:  # a latent model: the encoder's input space is the codec's latents
+        x0 = s.codec.encode(x0.to(s.device)).cpu()
     return x0, initial_noise(hi - lo, s.shape, s.eval_spec.seed, start=lo, stream=_JACOBIAN_NOISE_STREAM)
 
 
