@@ -43,8 +43,8 @@ PIPELINE_SUBPATH = f"artifacts/{PIPELINE_KEY}"  # where the diffusers dir lies i
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 # The isosweep modules the served model imports (the served modes and the core math they call), logged with it as
 # MLflow's code_paths so that a server needs no isosweep installed; tests/test_layers.py holds this list to the imports.
-SERVED_CODE = ("__init__.py", "core/__init__.py", "core/editing.py", "core/hspace.py", "core/inversion.py", "core/progress.py",
-               "core/sampling.py", "tracking/__init__.py", "tracking/serving_modes.py")
+SERVED_CODE = ("__init__.py", "core/__init__.py", "core/codec.py", "core/editing.py", "core/hspace.py", "core/inversion.py",
+               "core/progress.py", "core/sampling.py", "tracking/__init__.py", "tracking/serving_modes.py")
 # The request logged as the model's input example (serving_input_example.json): two rows, four samples and one edit,
 # cheap on any model (10 DDIM steps; 59 + 60 UNet evaluations, far below the default budget).
 INPUT_EXAMPLE_FILE = "serving_input_example.json"  # MLflow writes it into the model folder from INPUT_EXAMPLE
