@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a sweep (embedded local Ray unless --address)")
     _add_spec(p)
-    p.add_argument("--address", default=None, help="Ray cluster address: auto, ray://HOST:10001, HOST:6379")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address: auto, ray://HOST:10001, HOST:6379 (default: RAY_ADDRESS; unset or local: embedded Ray)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: ISOSWEEP_TRACKING_URI, spec, MLFLOW_TRACKING_URI, or local sqlite)")
     p.add_argument("--storage", default=None,
                    help="where the sweep lives: a directory, or s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http] "
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="the storage the sweep ran with (for a spec file or name)")
     p.add_argument("--allow-changes", action="store_true",
                    help="allow changes to fields that do not change results (concurrency, tracking, caches, dataset.path)")
-    p.add_argument("--address", default=None)
+    p.add_argument("--address", default=None, help="as for run (default: RAY_ADDRESS)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--report-dir", default=None, help="as for run")
     p.add_argument("--shared-fs", action="store_true")
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run one trial (no Tune) with the spec's fixed train values")
     _add_spec(p)
-    p.add_argument("--address", default=None)
+    p.add_argument("--address", default=None, help="as for run (default: RAY_ADDRESS)")
     p.add_argument("--storage", default=None)
     p.add_argument("--resume-from", default=None, help="checkpoint directory to continue from")
 
@@ -247,6 +248,26 @@ def env_defaults(args: argparse.Namespace, environ: Mapping[str, str] | None = N
             setattr(args, attr, environ[var])
 
 
+RAY_ADDRESS_VERBS = ("run", "resume", "train")  # the verbs that join a cluster as its driver (submit reads it itself)
+
+
+def ray_address_default(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
+    """RAY_ADDRESS as --address of run, resume and train when the command line gave none, as `ray.init` reads it: `local`
+    (or empty) starts the embedded Ray, anything else (`auto`, HOST:6379, ray://HOST:10001) joins that cluster with the
+    checks --address gets. A dashboard URL (http://HEAD:8265, what `ray job submit` takes) cannot be joined: a SpecError."""
+    environ = os.environ if environ is None else environ
+    value = (environ.get("RAY_ADDRESS") or "").strip()
+    if args.command not in RAY_ADDRESS_VERBS or args.address is not None or value in ("", "local"):
+        return
+    if value.startswith(("http://", "https://")):
+        from isosweep.redact import scrub_text  # stdlib only
+
+        raise SpecError(f"RAY_ADDRESS={scrub_text(value)} is a dashboard address, which `isosweep submit` (and `ray job submit`) "
+                        f"take; `isosweep {args.command}` joins a cluster by HOST:6379, auto or ray://HOST:10001; fix: "
+                        f"`isosweep submit`, pass --address, or unset RAY_ADDRESS (RAY_ADDRESS=local: the embedded Ray)")
+    args.address = value
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """SpecError (exit 2, one line) for an argument that cannot work, before the command loads anything."""
     for name, least in AT_LEAST.get(args.command, ()):
@@ -310,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides"):
             args.overrides = [*(args.overrides or []), *_env_overrides()]
         env_defaults(args)
+        ray_address_default(args)
         check_arguments(args)
         code = int(_dispatch(args) or 0)
         return _interrupted() if code == EXIT_INTERRUPTED else code

@@ -191,3 +191,66 @@ def test_stop_of_a_driver_on_another_host_names_the_host_and_signals_nothing(tmp
     assert "\n" not in line and line.startswith(f"error: the driver of {st.name_of(sweep)} runs on host another-node")
     assert "ray job stop" in line and "`isosweep stop" in line
     assert read_state(sweep)["status"] == "RUNNING"
+
+
+def test_run_resume_and_train_take_ray_address_as_ray_init_reads_it():
+    """RAY_ADDRESS fills --address of the verbs that join a cluster as its driver: `local` or empty keeps the embedded
+    Ray, `auto` and an address join, --address wins, submit reads it itself, and a dashboard URL is refused in one line."""
+    from isosweep.cli import build_parser, ray_address_default
+    from isosweep.spec import SpecError
+
+    def address(argv: list[str], value: str | None) -> str | None:
+        args = build_parser().parse_args(argv)
+        ray_address_default(args, {} if value is None else {"RAY_ADDRESS": value})
+        return args.address
+
+    run = ["run", str(DEMO)]
+    assert address(run, None) is None and address(run, "") is None and address(run, "local") is None
+    assert address(run, "auto") == "auto" and address(run, "10.0.0.5:6379") == "10.0.0.5:6379"
+    assert address(run, "ray://head:10001") == "ray://head:10001"
+    assert address([*run, "--address", "other:6379"], "auto") == "other:6379"
+    assert address(["resume", "some-sweep", "--storage", "runs"], "auto") == "auto"
+    assert address(["train", str(DEMO)], "auto") == "auto"
+    assert address(["submit", str(DEMO)], "auto") is None  # submit's own order: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS
+    with pytest.raises(SpecError, match=r"RAY_ADDRESS=http://head:8265 is a dashboard address.*fix: `isosweep submit`"):
+        address(run, "http://head:8265")
+
+
+@pytest.mark.slow
+def test_run_with_ray_address_refuses_storage_only_this_machine_sees(ray_cluster, tmp_path):
+    """As `isosweep run --address` (tests/test_jobs.py): RAY_ADDRESS of a multi-node cluster with the default relative
+    storage and a SQLite tracking store is refused before any preparation, naming both and the fix."""
+    r = subprocess.run([sys.executable, "-m", "isosweep", "run", str(DEMO)], check=False, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=180, env={**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address})
+    assert r.returncode == EXIT_SPEC_ERROR, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"the storage path '{tmp_path / 'runs'}' is a local path on one machine" in r.stderr
+    assert "the tracking URI 'sqlite:" in r.stderr and "--shared-fs" in r.stderr
+    assert "preparing the built-in base model" not in r.stdout + r.stderr
+    assert not list(tmp_path.glob("runs/demo-*"))
+
+
+def test_submit_json_needs_no_wait(tmp_path):
+    proc = isosweep("submit", DEMO, "--address", "http://127.0.0.1:1", "--json")
+    assert proc.returncode == EXIT_SPEC_ERROR and not proc.stdout and "needs --no-wait" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_submit_no_wait_json_prints_the_job(ray_cluster, tmp_path):
+    """A real job on the session's cluster (its entrypoint `isosweep validate`, as tests/test_jobs.py submits): stdout is
+    one JSON document naming the job the cluster has, and --set values stay out of it."""
+    from isosweep.sweep import jobs
+
+    spec = tmp_path / "jobspec.yaml"
+    spec.write_text(json.dumps({"name": "jobtest", "search": {"num_trials": 2}, "storage": {"path": str(tmp_path / "runs")}}))
+    args = [sys.executable, "-c", "import sys; from isosweep.commands import submit; from isosweep.cli import build_parser; "
+            "sys.exit(submit.submit_command(build_parser().parse_args(sys.argv[1:]), command='validate'))",
+            "submit", str(spec), "--address", ray_cluster.dashboard_url, "--token", ray_cluster.token, "--shared-fs",
+            "--no-wait", "--json", "--set", "tracking.experiment=secret-experiment-name"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180, env={**ray_cluster.env, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == EXIT_COMPLETED, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert set(out) == {"job_id", "address", "entrypoint", "env", "set", "dashboard", "logs", "stop"}, out
+    assert out["set"] == ["tracking.experiment"] and "secret-experiment-name" not in proc.stdout
+    assert out["stop"].startswith(f"ray job stop {out['job_id']} --address ")
+    client = jobs.connect(ray_cluster.dashboard_url, ray_cluster.token)
+    assert client.get_job_info(out["job_id"]).entrypoint == out["entrypoint"]
