@@ -254,3 +254,45 @@ def test_submit_no_wait_json_prints_the_job(ray_cluster, tmp_path):
     assert out["stop"].startswith(f"ray job stop {out['job_id']} --address ")
     client = jobs.connect(ray_cluster.dashboard_url, ray_cluster.token)
     assert client.get_job_info(out["job_id"]).entrypoint == out["entrypoint"]
+
+
+@pytest.mark.slow
+def test_stop_stops_a_real_sweep_driver_gracefully(tmp_path, isosweep_cache_dir):
+    """`isosweep run` of the demo (tiny budgets, as tests/test_sweep.py runs it) held at its start by a tracking server
+    that does not answer: `isosweep stop` on the folder the driver named finds it by its lease, the driver stops as on
+    SIGTERM (exit 143, saying how to continue) and gives the lease back; the sweep never started, so its folder is no
+    sweep to stop again."""
+    from support.ray_cluster import free_port
+    from test_sweep import TINY
+
+    env = {**os.environ, "ISOSWEEP_CACHE": str(isosweep_cache_dir), "PYTHONUNBUFFERED": "1", "ISOSWEEP_RAY_DASHBOARD": "0",
+           "ISOSWEEP_TRACKING_BACKOFF_S": "0.2", "ISOSWEEP_TRACKING_RETRIES": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    root = tmp_path / "runs"
+    args = [str(DEMO), "--storage", str(root), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]
+    for o in TINY:
+        args += ["--set", o]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "isosweep", "run", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while "waiting for MLflow" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        (sweep,) = root.glob("demo-*")
+        stopped = isosweep("stop", sweep, "--wait", "120", env={"PYTHONPATH": str(ROOT)})
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert stopped.returncode == EXIT_COMPLETED, stopped.stdout + stopped.stderr
+    assert code == EXIT_TERMINATED, log.read_text()[-3000:]
+    assert f"sent SIGTERM to the driver of {sweep.name}: pid {proc.pid} on host {socket.gethostname()}" in stopped.stderr
+    assert stopped.stdout.startswith(f"stopped sweep {sweep.name}: state ")
+    assert "interrupted; `isosweep resume SWEEP_URI`" in log.read_text()
+    assert not (sweep / LEASE_FILE).exists()
+    again = isosweep("stop", sweep)
+    assert again.returncode == EXIT_SPEC_ERROR and "not a sweep folder" in again.stderr, again.stderr

@@ -42,11 +42,11 @@ def stop_command(args: argparse.Namespace) -> int:
     """`isosweep stop TARGET [--wait S]`: SIGTERM to the sweep's driver when it runs on this machine (the driver stops
     as on Ctrl-C: state INTERRUPTED, resumable, exit 143); for a driver elsewhere, one line naming its host and the
     command that stops it there. EXIT_NOT_RUNNING when no live driver holds the sweep."""
-    sweep = _find_sweep(args.target, args.storage, [], unfinished=False)
+    sweep = _starting_sweep(args.target) or _find_sweep(args.target, args.storage, [], unfinished=False)
     where = shlex.quote(scrub_text(sweep))
     held = driver_of(sweep)
     if held is None:
-        note(f"nothing to stop: no driver is running sweep {st.name_of(sweep)} (state {read_state(sweep).get('status', '?')})")
+        note(f"nothing to stop: no driver is running sweep {st.name_of(sweep)} (state {_recorded(sweep)})")
         return EXIT_NOT_RUNNING
     pid, host = held.get("pid"), held.get("host")
     if host != socket.gethostname() or not isinstance(pid, int):
@@ -64,9 +64,26 @@ def stop_command(args: argparse.Namespace) -> int:
             note(f"the driver is still stopping after {args.wait:g} s (its trials save their state first); "
                  f"`isosweep stop {where}` again sends a second SIGTERM, which stops it as a second Ctrl-C would")
         return EXIT_COMPLETED if not args.wait else EXIT_ERROR
-    state = read_state(sweep).get("status", "?")
-    result(f"stopped sweep {st.name_of(sweep)}: state {state}; continue it with: isosweep resume {where}")
+    result(f"stopped sweep {st.name_of(sweep)}: state {_recorded(sweep)}; continue it with: isosweep resume {where}")
     return EXIT_COMPLETED
+
+
+def _starting_sweep(target: str) -> str | None:
+    """A sweep folder or URI whose driver holds its lease but has not written the state file yet (it is preparing or
+    waiting for its tracking server): `stop` may stop it; the other verbs need the state file."""
+    try:
+        sweep = st.normalize(target)
+        return sweep if read_lease(sweep) is not None else None
+    except (OSError, ValueError):  # a spec file, a name: not a folder
+        return None
+
+
+def _recorded(sweep: str) -> str:
+    """The status the sweep's state file records, or what stands in for it before the driver wrote one."""
+    try:
+        return read_state(sweep).get("status") or "?"
+    except SpecError:
+        return "not recorded yet (the driver had not started the sweep's tracking run)"
 
 
 def _same_driver(sweep: str, held: dict) -> bool:
