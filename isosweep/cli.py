@@ -369,7 +369,7 @@ COMMANDS = {
     "results": ("sweep", "results_command"),
     "status": ("sweep", "results_command"),
     "promote": ("sweep", "promote_command"),
-    "list": ("control", "list_command"),
+    "list": ("listing", "list_command"),
     "stop": ("control", "stop_command"),
     "submit": ("submit", "submit_command"),
     "train": ("train", "train_command"),

@@ -109,6 +109,12 @@ def _check_listing(root: str, env: dict | None = None) -> None:
 
 def test_list_prints_each_sweep_newest_first_on_a_local_folder(tmp_path):
     _check_listing(str(tmp_path / "runs"))
+    probe = ("import sys\nfrom isosweep.cli import main\n"  # it reads JSON and CSV only: no Ray, Optuna, torch or MLflow
+             f"code = main(['list', '--storage', {str(tmp_path / 'runs')!r}])\n"
+             "print(code, sorted({'ray', 'optuna', 'torch', 'mlflow'} & {m.partition('.')[0] for m in sys.modules}))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.splitlines()[-1] == "0 []", proc.stdout + proc.stderr[-2000:]
     empty = isosweep("list", "--storage", tmp_path / "nothing")
     assert empty.returncode == EXIT_COMPLETED and not empty.stdout and "no sweeps under" in empty.stderr
 

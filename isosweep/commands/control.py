@@ -1,5 +1,4 @@
-"""`isosweep list` (the sweeps under a storage) and `isosweep stop` (a running sweep stopped gracefully), both read from
-isosweep's own files in the sweep folders (state file, results.csv, the driver's lease)."""
+"""`isosweep stop`: a running sweep stopped gracefully, its driver found by the lease in the sweep's folder."""
 
 from __future__ import annotations
 
@@ -12,30 +11,13 @@ import time
 
 from isosweep import storage as st
 from isosweep.commands.sweep import _find_sweep
-from isosweep.console import note, result, result_json
-from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR, EXIT_NOT_RUNNING, STORAGE_ENV
+from isosweep.console import note, result
+from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR, EXIT_NOT_RUNNING
 from isosweep.redact import scrub_text
 from isosweep.results.layout import read_state
 from isosweep.results.lease import holder_text, read_lease
-from isosweep.results.summary import driver_of, summarize, summary_table, sweeps_under
+from isosweep.results.summary import driver_of
 from isosweep.spec import SpecError
-from isosweep.sweep.search import planned_trials
-
-
-def list_command(args: argparse.Namespace) -> int:
-    """`isosweep list [--storage URI] [--json]`: every sweep under the storage, newest first."""
-    if not args.storage:
-        raise SpecError(f"list: no storage given; fix: pass --storage URI (a folder or s3://BUCKET/PREFIX) or set {STORAGE_ENV}")
-    root = st.normalize(args.storage)
-    sweeps = sorted((summarize(s, planned_trials) for s in sweeps_under(root)),
-                    key=lambda s: (s["started"] or 0, s["sweep_id"]), reverse=True)
-    if args.json:
-        result_json({"storage": scrub_text(root), "sweeps": sweeps})
-    elif sweeps:
-        result(summary_table(sweeps))
-    else:
-        note(f"no sweeps under {scrub_text(root)} (no folder there holds a sweep's state file)")
-    return EXIT_COMPLETED
 
 
 def stop_command(args: argparse.Namespace) -> int:
