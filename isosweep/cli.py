@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from isosweep import __version__
 from isosweep.console import note
 from isosweep.constants import (EXIT_COMPLETED, EXIT_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NO_CHAMPION,
-                                EXIT_SPEC_ERROR, EXIT_SWEEP_BUSY, EXIT_TERMINATED, OVERRIDES_ENV, STORAGE_ENV,
+                                EXIT_NOT_RUNNING, EXIT_SPEC_ERROR, EXIT_SWEEP_BUSY, EXIT_TERMINATED, OVERRIDES_ENV, STORAGE_ENV,
                                 TRACKING_URI_ENV)
 from isosweep.spec import SpecError
 
@@ -35,8 +35,13 @@ def _add_spec(p: argparse.ArgumentParser) -> None:
 
 EPILOG = (f"exit codes: {EXIT_COMPLETED} done, {EXIT_ERROR} error (one line; -v prints the traceback), {EXIT_SPEC_ERROR} bad "
           f"spec or arguments, {EXIT_FAILED} some trials failed, {EXIT_SWEEP_BUSY} sweep busy, {EXIT_NO_CHAMPION} sweep "
-          f"completed without a champion, {EXIT_INTERRUPTED} Ctrl-C, {EXIT_TERMINATED} SIGTERM; the table is the README's "
+          f"completed without a champion, {EXIT_NOT_RUNNING} nothing to stop, {EXIT_INTERRUPTED} Ctrl-C, {EXIT_TERMINATED} SIGTERM; the table is the README's "
           f"\"Exit codes\" section")
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print the answer as one JSON document on stdout (keys: docs/cli.md); notes stay on stderr")
 
 
 def _image_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also decode every image of an image_folder dataset once and name the unreadable ones (cached)")
     p.add_argument("--tracking-uri", default=None,
                    help="where an MLflow base model (models:/...) is looked up (default: ISOSWEEP_TRACKING_URI, spec, MLFLOW_TRACKING_URI)")
+    _add_json(p)
 
     p = sub.add_parser("run", help="run a sweep (embedded local Ray unless --address)")
     _add_spec(p)
-    p.add_argument("--address", default=None, help="Ray cluster address: auto, ray://HOST:10001, HOST:6379")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address: auto, ray://HOST:10001, HOST:6379 (default: RAY_ADDRESS; unset or local: embedded Ray)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: ISOSWEEP_TRACKING_URI, spec, MLFLOW_TRACKING_URI, or local sqlite)")
     p.add_argument("--storage", default=None,
                    help="where the sweep lives: a directory, or s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http] "
@@ -89,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="the storage the sweep ran with (for a spec file or name)")
     p.add_argument("--allow-changes", action="store_true",
                    help="allow changes to fields that do not change results (concurrency, tracking, caches, dataset.path)")
-    p.add_argument("--address", default=None)
+    p.add_argument("--address", default=None, help="as for run (default: RAY_ADDRESS)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--report-dir", default=None, help="as for run")
     p.add_argument("--shared-fs", action="store_true")
@@ -100,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("target", help=target_help)
         p.add_argument("--storage", default=None, help="where to look for a spec file's or a name's sweeps")
         p.add_argument("--set", dest="overrides", action="append", default=[])
+        _add_json(p)
+
+    p = sub.add_parser("list", help="the sweeps under a storage, newest first: id, state, trials done/planned, champion, started")
+    p.add_argument("--storage", default=None,
+                   help="a folder or s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http] (default: ISOSWEEP_STORAGE)")
+    _add_json(p)
+
+    p = sub.add_parser("stop", help="stop a running sweep gracefully (as Ctrl-C: INTERRUPTED, resumable)",
+                       description="Send SIGTERM to the sweep's driver, found by its lease, when it runs on this machine; "
+                                   "for a driver on another host, say which command stops it there.")
+    p.add_argument("target", help=target_help)
+    p.add_argument("--storage", default=None, help="where to look for a spec file's or a name's sweeps")
+    p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for the driver to end after the signal (0: do not wait); exit 1 if it has not")
 
     p = sub.add_parser("promote", help="move the registry's @champion alias to a finished trial chosen by hand")
     p.add_argument("target", help=target_help)
@@ -125,10 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-fs", action="store_true",
                    help="every node mounts the same file system: allow absolute local storage paths and SQLite/file tracking URIs")
     p.add_argument("--no-wait", action="store_true", help="return after submission instead of following the logs")
+    p.add_argument("--json", action="store_true",
+                   help="with --no-wait: print the job id, dashboard and commands as one JSON document on stdout (docs/cli.md)")
 
     p = sub.add_parser("train", help="run one trial (no Tune) with the spec's fixed train values")
     _add_spec(p)
-    p.add_argument("--address", default=None)
+    p.add_argument("--address", default=None, help="as for run (default: RAY_ADDRESS)")
     p.add_argument("--storage", default=None)
     p.add_argument("--resume-from", default=None, help="checkpoint directory to continue from")
 
@@ -214,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # cheap checks of arguments, made before a command imports torch or MLflow: verb -> ((option, least value), ...)
 AT_LEAST = {"sample": (("n", 1), ("steps", 1)), "interpolate": (("frames", 2), ("steps", 1)),
-            "edit": (("steps", 1), ("columns", 2), ("iterations", 1), ("batch_size", 1), ("t", 0), ("vectors_per_pass", 1))}
+            "edit": (("steps", 1), ("columns", 2), ("iterations", 1), ("batch_size", 1), ("t", 0), ("vectors_per_pass", 1)),
+            "stop": (("wait", 0),)}
 NEW_FOLDER = {"pull": "out", "invert": "out", "edit": "out"}  # verb -> option naming a folder that must be new or empty
 MODEL_VERBS = ("eval", "sample", "interpolate", "invert", "edit")  # verbs whose MODEL is a folder, hub id or MLflow URI
 
@@ -226,6 +250,26 @@ def env_defaults(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     for attr, var in (("storage", STORAGE_ENV), ("tracking_uri", TRACKING_URI_ENV)):
         if hasattr(args, attr) and getattr(args, attr) is None and environ.get(var):
             setattr(args, attr, environ[var])
+
+
+RAY_ADDRESS_VERBS = ("run", "resume", "train")  # the verbs that join a cluster as its driver (submit reads it itself)
+
+
+def ray_address_default(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
+    """RAY_ADDRESS as --address of run, resume and train when the command line gave none, as `ray.init` reads it: `local`
+    (or empty) starts the embedded Ray, anything else (`auto`, HOST:6379, ray://HOST:10001) joins that cluster with the
+    checks --address gets. A dashboard URL (http://HEAD:8265, what `ray job submit` takes) cannot be joined: a SpecError."""
+    environ = os.environ if environ is None else environ
+    value = (environ.get("RAY_ADDRESS") or "").strip()
+    if args.command not in RAY_ADDRESS_VERBS or args.address is not None or value in ("", "local"):
+        return
+    if value.startswith(("http://", "https://")):
+        from isosweep.redact import scrub_text  # stdlib only
+
+        raise SpecError(f"RAY_ADDRESS={scrub_text(value)} is a dashboard address, which `isosweep submit` (and `ray job submit`) "
+                        f"take; `isosweep {args.command}` joins a cluster by HOST:6379, auto or ray://HOST:10001; fix: "
+                        f"`isosweep submit`, pass --address, or unset RAY_ADDRESS (RAY_ADDRESS=local: the embedded Ray)")
+    args.address = value
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -297,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides"):
             args.overrides = [*(args.overrides or []), *_env_overrides()]
         env_defaults(args)
+        ray_address_default(args)
         check_arguments(args)
         code = int(_dispatch(args) or 0)
         return _interrupted() if code == EXIT_INTERRUPTED else code
@@ -334,6 +379,8 @@ COMMANDS = {
     "results": ("sweep", "results_command"),
     "status": ("sweep", "results_command"),
     "promote": ("sweep", "promote_command"),
+    "list": ("listing", "list_command"),
+    "stop": ("control", "stop_command"),
     "submit": ("submit", "submit_command"),
     "train": ("train", "train_command"),
     "pretrain": ("models", "pretrain_command"),

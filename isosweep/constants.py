@@ -10,6 +10,7 @@ EXIT_SPEC_ERROR = 2  # bad spec or arguments, refused before anything ran
 EXIT_FAILED = 3  # some trials errored: `isosweep resume` runs them again
 EXIT_SWEEP_BUSY = 4  # `isosweep resume` refused: another driver is running that sweep (its lease is live)
 EXIT_NO_CHAMPION = 5  # a sweep completed, but no champion could be chosen or promoted (e.g. the baseline failed)
+EXIT_NOT_RUNNING = 6  # `isosweep stop`: nothing to stop, no live driver holds that sweep
 EXIT_INTERRUPTED = 130  # stopped before the end (Ctrl-C): `isosweep resume` continues
 EXIT_TERMINATED = 143  # the same, stopped by SIGTERM (`ray job stop`, Kubernetes, Slurm): 128 + 15, as a shell reports it
 

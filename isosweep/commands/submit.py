@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from isosweep.console import note, result
+from isosweep.console import note, result, result_json
 from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR, EXIT_INTERRUPTED, OVERRIDES_ENV
 from isosweep.redact import scrub_text
-from isosweep.spec import load_spec
+from isosweep.spec import SpecError, load_spec
 from isosweep.sweep import jobs
 
 
@@ -22,6 +22,10 @@ def submit_command(args: argparse.Namespace, command: str = "run") -> int:
     --env or --runtime-env, a storage path or tracking URI only one machine sees. 1 when the cluster
     cannot be reached or refuses the token, 130 when interrupted while following (the job keeps running).
     """
+    as_json = bool(getattr(args, "json", False))
+    if as_json and not getattr(args, "no_wait", False):
+        raise SpecError("--json prints the submitted job as one JSON document, so it needs --no-wait (following the job "
+                        "prints its logs); fix: add --no-wait, then `ray job logs JOB_ID --follow`")
     if command == "run" and getattr(args, "resume", False):
         command = "resume"
     address, address_source = jobs.resolve_address(getattr(args, "address", None))
@@ -49,18 +53,24 @@ def submit_command(args: argparse.Namespace, command: str = "run") -> int:
     # the resolved http:// URL; scrubbed, since an address may carry user:password@
     base = scrub_text(getattr(client, "_address", jobs.dashboard_address(address, address_source)))
     addr = shlex.quote(base)
-    result(f"submitted job: {job_id}")
-    result(f"entrypoint:    {scrub_text(entrypoint)}")
     # names only: values (credentials among them) stay in the job's runtime env; isosweep's own are not the user's
     names = sorted(k for k in env_vars if k not in (OVERRIDES_ENV, jobs.JOB_STOP_WAIT_ENV) or k in env_items)
+    keys = [scrub_text(item.partition("=")[0]) for item in overrides]
+    commands = {"dashboard": f"{base}/#/jobs/{job_id}", "logs": f"ray job logs {job_id} --address {addr} --follow",
+                "stop": f"ray job stop {job_id} --address {addr}"}
+    if as_json:
+        result_json({"job_id": job_id, "address": base, "entrypoint": scrub_text(entrypoint), "env": names, "set": keys,
+                     **commands})
+        return EXIT_COMPLETED
+    result(f"submitted job: {job_id}")
+    result(f"entrypoint:    {scrub_text(entrypoint)}")
     if names:
         result(f"env:           {' '.join(names)} (values not shown)")
     if overrides:
-        keys = [scrub_text(item.partition("=")[0]) for item in overrides]
         result(f"--set:         {' '.join(keys)} (values not shown; they travel in {OVERRIDES_ENV})")
-    result(f"dashboard:     {base}/#/jobs/{job_id}")
-    result(f"logs:          ray job logs {job_id} --address {addr} --follow")
-    result(f"stop:          ray job stop {job_id} --address {addr}")
+    result(f"dashboard:     {commands['dashboard']}")
+    result(f"logs:          {commands['logs']}")
+    result(f"stop:          {commands['stop']}")
     if getattr(args, "no_wait", False):
         return EXIT_COMPLETED
     try:

@@ -9,15 +9,16 @@ from pathlib import Path
 
 from isosweep import storage as st
 from isosweep.commands.validate import preflight
-from isosweep.console import note, result, say
+from isosweep.console import note, result, result_json, say
 from isosweep.constants import EXIT_COMPLETED, EXIT_ERROR, EXIT_NO_CHAMPION
 from isosweep.evaluation.features.common import unpublished_note
-from isosweep.redact import REDACTED, scrub_text
+from isosweep.redact import REDACTED, scrub_text, scrub_tree
 from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
 from isosweep.results.lease import refuse_if_held
 from isosweep.results.rows import SweepOutcome
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED
-from isosweep.results.tables import backbones_of, change_plain, plain_table
+from isosweep.results.summary import RESULTS_CSV, driver_of, public
+from isosweep.results.tables import backbones_of, change_plain, plain_table, table_rows
 from isosweep.spec import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
 from isosweep.spec.changes import spec_for_resume
 from isosweep.sweep.readback import read_sweep
@@ -80,8 +81,19 @@ def results_command(args: argparse.Namespace) -> int:
         how = f"{recorded.lower()}: `isosweep resume {shlex.quote(scrub_text(sweep))}` continues it"
     else:  # RUNNING, or a driver killed before it could record anything else
         how = "running or interrupted"
+    csv_uri = st.join(sweep, RESULTS_CSV)
+    csv_written = st.exists(csv_uri)
+    if getattr(args, "json", False):
+        result_json({"sweep_id": outcome.sweep_id, "uri": scrub_text(sweep), "state": recorded, "finished": is_done(sweep),
+                     "results_csv": scrub_text(csv_uri) if csv_written else None, "rows": scrub_tree(table_rows(outcome.rows)),
+                     "front": [r["trial_id"] for r in outcome.front], "backbones": backbones_of(outcome.rows),
+                     "champion": {"trial_id": outcome.champion.row["trial_id"], "reason": outcome.champion.reason}
+                     if outcome.champion else None, "driver": public(driver_of(sweep))})
+        return EXIT_COMPLETED
     result(f"sweep {outcome.sweep_id} ({how})")
     result(f"storage: {scrub_text(sweep)}")
+    result(f"results.csv: {scrub_text(csv_uri)}" if csv_written else
+           "results.csv: not written yet (the sweep writes it into its folder when it ends or is stopped)")
     result(plain_table(outcome.rows))
     _print_backbones(outcome)
     result("\nPareto front: " + ", ".join(r["trial_id"] for r in outcome.front))

@@ -32,7 +32,7 @@ from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from isosweep.console import note, result
+from isosweep.console import note, result, result_json
 from isosweep.constants import EXIT_COMPLETED, STORAGE_ENV
 from isosweep.data.imagefiles import ImageScan, scan_image_folder
 from isosweep.redact import scrub_text, scrub_tree
@@ -52,6 +52,7 @@ def validate_command(args: argparse.Namespace) -> int:
     if args.deep and args.no_path_checks:
         raise SpecError(f"{args.spec}: --deep reads the image folder and --no-path-checks skips it; fix: drop one of them")
     spec = load_spec(args.spec, args.overrides, check_paths=not args.no_path_checks)
+    found, networks = None, None
     if args.no_path_checks:
         check_metric_names(spec, args.spec)  # preflight checks them otherwise
     else:  # stdout is the resolved spec alone (it can be piped to a file): notes go to stderr
@@ -61,9 +62,16 @@ def validate_command(args: argparse.Namespace) -> int:
         if found.scan is not None:
             note(scrub_text(found.scan.summary()))
         if args.deep:
-            note(scrub_text("feature networks:\n" + "\n".join(f"  {line}" for line in backbone_lines(spec, args.spec))))
+            networks = backbone_lines(spec, args.spec)
+            note(scrub_text("feature networks:\n" + "\n".join(f"  {line}" for line in networks)))
     # every URI printed scrubbed (a terminal and a CI log keep them): the tracking URI, storage, base model
-    result(yaml.safe_dump(scrub_tree(spec.to_dict()), sort_keys=False), end="")
+    if getattr(args, "json", False):
+        result_json(scrub_tree({"spec_file": str(args.spec), "name": spec.name, "valid": True, "spec": spec.to_dict(),
+                                "base_model": found.base_model if found else None,
+                                "images": found.scan.summary() if found and found.scan is not None else None,
+                                "feature_networks": networks}))
+    else:
+        result(yaml.safe_dump(scrub_tree(spec.to_dict()), sort_keys=False), end="")
     note(scrub_text(f"ok: {args.spec} is a valid sweep spec"))
     return EXIT_COMPLETED
 

@@ -170,6 +170,12 @@ def _busy(lease_uri: str, held: dict | None) -> SweepBusy:
                      f"is {stale_after_s():.0f} s old (ISOSWEEP_LEASE_STALE_S)")
 
 
+def read_lease(sweep_uri: str) -> dict | None:
+    """The lease in a sweep's folder as its holder wrote it (host, pid, command, started, heartbeat), or None when
+    there is none or it is unreadable."""
+    return _parse(st.read_bytes(st.join(sweep_uri, LEASE_FILE)))
+
+
 def refuse_if_held(sweep_uri: str) -> None:
     """SweepBusy when a live driver holds the sweep: the quick check `resume` makes before its heavy imports (the
     driver's `DriverLease.acquire` is the one that counts)."""

@@ -15,7 +15,8 @@ from isosweep.spec.evaluation import (
 )
 from isosweep.spec.fields import SpecError
 from isosweep.spec.load import (
-    apply_overrides, deep_merge, load_spec, resolve_spec_data, resolve_trial_spec, spec_chain, spec_from_dict, trial_params_of,
+    apply_overrides, deep_merge, load_spec, planned_trials, resolve_spec_data, resolve_trial_spec, spec_chain, spec_from_dict,
+    trial_params_of,
 )
 from isosweep.spec.sections import (
     ADDED_FIELDS, BASELINE_PARAMS, POINT_KEYS, RENAMED_FIELDS, TRIAL_KEYS, BaseModelSpec, DatasetSpec, Distribution,
@@ -27,6 +28,6 @@ __all__ = [
     "TRIAL_KEYS", "BaseModelSpec", "BootstrapSpec", "CheckpointFidSpec", "DatasetSpec", "Distribution", "EvaluationSpec",
     "FidSpec", "JacobianSpec", "LsSpec", "PplSpec", "ResourcesSpec", "RtlSpec", "SearchSpec", "SelectionSpec", "SpecError",
     "StorageSpec", "SweepSpec", "TrackingSpec", "TrainSpec", "TrialPoint", "apply_overrides", "base_metric", "deep_merge",
-    "is_result_metric", "load_spec", "register_result_names", "resolve_spec_data", "resolve_trial_spec", "spec_chain", "spec_from_dict",
+    "is_result_metric", "load_spec", "planned_trials", "register_result_names", "resolve_spec_data", "resolve_trial_spec", "spec_chain", "spec_from_dict",
     "timestep_metric", "trial_params_of",
 ]

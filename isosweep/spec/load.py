@@ -181,3 +181,16 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, check
     if overrides:
         data = apply_overrides(data, overrides)
     return spec_from_dict(data, source=str(path), check_paths=check_paths)
+
+
+def planned_trials(spec: SweepSpec) -> int:
+    """How many trials the search will run, the baseline included (a grid runs every combination)."""
+    s = spec.search
+    if s.algorithm == "points":
+        return 1 + len(s.points)
+    if s.algorithm != "grid":
+        return s.num_trials + 1
+    combinations = 1
+    for key in TRIAL_KEYS:
+        combinations *= len(getattr(s, key).values)
+    return 1 + s.num_trials * combinations

@@ -28,7 +28,10 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from isosweep.spec import BASELINE_PARAMS, POINT_KEYS, TRIAL_KEYS, SweepSpec
+from isosweep.spec import load as _spec_load
 
+# defined with the spec, so that `isosweep list` counts a sweep's trials without importing Ray; named here for its callers
+planned_trials = _spec_load.planned_trials
 JOURNAL_FILE = "optuna.journal"  # beside Tune's searcher state in <sweep>/: `optuna-dashboard <sweep>/optuna.journal`
 BASELINE_ATTR = "baseline"  # the study's user attribute with the baseline trial's id, parameters and objectives
 
@@ -132,19 +135,6 @@ def _export_journal(searcher: Searcher, path: Path) -> None:
     finally:
         optuna.logging.set_verbosity(verbosity)
     os.replace(tmp, path)
-
-
-def planned_trials(spec: SweepSpec) -> int:
-    """How many trials the search will run, the baseline included (a grid runs every combination)."""
-    s = spec.search
-    if s.algorithm == "points":
-        return 1 + len(s.points)
-    if s.algorithm != "grid":
-        return s.num_trials + 1
-    combinations = 1
-    for key in TRIAL_KEYS:
-        combinations *= len(getattr(s, key).values)
-    return 1 + s.num_trials * combinations
 
 
 def build_search(spec: SweepSpec, study_name: str, max_concurrent: int = 0):
