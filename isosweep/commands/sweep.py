@@ -20,7 +20,7 @@ from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED
 from isosweep.results.tables import backbones_of, change_plain, plain_table
 from isosweep.spec import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
 from isosweep.spec.changes import spec_for_resume
-from isosweep.sweep.readback import read_sweep
+from isosweep.results.readback import read_sweep
 
 # The driver (torch, MLflow, the feature networks) and the registry are imported by the verbs that use them:
 # `isosweep results` and `status` read storage only and start in seconds.

@@ -3,6 +3,7 @@
     <storage>/<sweep id>/              the Tune experiment (sweep id = <spec name>-<YYYYmmdd-HHMMSS>-<6 hex>)
         isosweep_driver.lease          the lease of the driver running the sweep (results.lease), while one runs
         isosweep_sweep.json            the sweep's state: the spec as it ran, storage, tracking URI, parent run id
+        isosweep_trials.json           every trial's config, last result and status (what `results`/`status` read)
         spec.yaml                      the spec as it ran, for people
         sweep_done.json                written once the sweep has finished
         results.csv, results.md        the results table; pareto.png
@@ -24,6 +25,7 @@ from isosweep.spec import SpecError, SweepSpec
 
 STATE_FILE = "isosweep_sweep.json"
 LEASE_FILE = "isosweep_driver.lease"  # JSON; not named *.json: Tune copies those back into the folder when it restores
+TRIALS_FILE = "isosweep_trials.json"  # written by sweep.callbacks.TrialRecords, read by results.readback
 SPEC_FILE = "spec.yaml"
 DONE_MARKER = "sweep_done.json"
 TRAIN_DIR = "train"  # <sweep>/train/<trial id>/: a trial's Train run is named after its Tune trial id

@@ -9,7 +9,11 @@ import time
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from isosweep.console import say
+from isosweep import storage as st
+from isosweep.console import say, warn
+from isosweep.redact import scrub_text
+from isosweep.results.layout import TRIALS_FILE
+from isosweep.results.readback import trial_record
 from isosweep.sweep.monitoring import SweepMetrics
 
 
@@ -107,6 +111,43 @@ class SweepProgress(Callback):
         finished = [(t.trial_id, bool((t.config or {}).get("baseline")), dict(t.last_result or {}))
                     for t, state in zip(trials, states) if state == "done"]
         self.metrics.publish(counts, finished, eta)
+
+
+class TrialRecords(Callback):
+    """Writes every trial's config, last result and status to `<sweep>/isosweep_trials.json` (plain JSON) at each
+    trial event, so `isosweep results`/`status` read the sweep without Tune's pickled experiment state."""
+
+    def __init__(self, sweep_uri: str) -> None:
+        self.sweep_uri = sweep_uri
+        self._ended: dict[str, set[str]] = {"done": set(), "failed": set()}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._write(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("evaluated"):  # the final report: training reports change no row
+            self._write(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended["done"].add(trial.trial_id)
+        self._write(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended["failed"].add(trial.trial_id)
+        self._write(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self._write(trials)
+
+    def _write(self, trials) -> None:
+        status = {"done": "TERMINATED", "failed": "ERROR", "running": "RUNNING", "pending": "PENDING"}
+        records = [trial_record(t.trial_id, dict(t.config or {}), dict(t.last_result or {}),
+                                status[trial_state(t, self._ended["done"], self._ended["failed"])]) for t in trials]
+        uri = st.join(self.sweep_uri, TRIALS_FILE)
+        try:
+            st.write_json(uri, {"trials": records})
+        except OSError as exc:  # storage down: the next event writes them all again
+            warn(f"could not record the trials at {scrub_text(uri)}: {scrub_text(str(exc))}")
 
 
 class ForwardToTune(TuneReportCallback):

@@ -34,7 +34,7 @@ from isosweep.results.publish import write_results
 from isosweep.results.rows import SweepOutcome, summarize
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, SweepState, promotion_refusal, sweep_state
 from isosweep.spec import SpecError, SweepSpec
-from isosweep.sweep.callbacks import SweepProgress
+from isosweep.sweep.callbacks import SweepProgress, TrialRecords
 from isosweep.sweep.full_eval import run_full_protocol
 from isosweep.sweep.monitoring import SweepMetrics
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
@@ -193,7 +193,8 @@ class Sweep:
             run_config=tune.RunConfig(
                 name=place.sweep_id,
                 callbacks=[SweepProgress(planned, concurrency,  # and the sweep's Ray metrics (monitoring.py)
-                                         SweepMetrics(place.sweep_id, planned, list(spec.selection.objectives)))],
+                                         SweepMetrics(place.sweep_id, planned, list(spec.selection.objectives))),
+                           TrialRecords(place.sweep_uri)],  # what `isosweep results`/`status` read
                 storage_path=place.storage,  # a URI with its query intact: Tune joins the name inside its path
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 verbose=1,

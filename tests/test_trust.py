@@ -1,0 +1,126 @@
+"""Storage is a trust boundary: whoever can write a sweep's bucket must not run code on the machine of whoever
+reads or resumes the sweep. Tune's files embed cloudpickle; isosweep's read-only verbs never open them."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from isosweep.results.place import SweepPlace
+from isosweep.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "search_spaces" / "demo.yaml"
+
+
+class _WritesMarker:
+    """Unpickling this object creates the file `path`: the code a planted payload would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def plant_payloads(sweep: Path, marker: Path) -> list[Path]:
+    """Every pickled file of Tune's in the sweep (tuner.pkl, the searcher state, `experiment_state-*.json`'s embedded
+    cloudpickle) replaced by a payload that writes `marker` when loaded; returns the files planted."""
+    from ray import cloudpickle
+
+    blob = cloudpickle.dumps(_WritesMarker(marker))
+    planted = []
+    for f in sorted(sweep.rglob("*")):
+        if f.name.startswith("experiment_state-") and f.suffix == ".json":
+            f.write_text(json.dumps({"trial_data": [], "checkpoint": {"_type": "CLOUDPICKLE_FALLBACK", "value": blob.hex()}}))
+        elif f.suffix == ".pkl":
+            f.write_bytes(blob)
+        else:
+            continue
+        planted.append(f)
+    return planted
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """A finished two-trial sweep in storage, as the driver leaves it: the state file, a real Tune experiment (its
+    experiment state, tuner.pkl and trial folders) and the trial records; the trials report without training."""
+    import ray
+    from ray import tune
+
+    from isosweep.sweep.callbacks import TrialRecords
+
+    root = tmp_path_factory.mktemp("storage")
+    spec = load_spec(DEMO, ["search.num_trials=1"], check_paths=False)
+    place = SweepPlace.open(spec, str(root), None)
+    place.record_start(spec, None, "http://127.0.0.1:9/", "parent-run")
+
+    def trial(config):
+        fid = 10.0 if config["baseline"] else 9.0
+        tune.report({"fid": fid, "ppl": 5.0 - 2 * (not config["baseline"]), "evaluated": True, "mlflow_run_id": "run",
+                     "checkpoint_path": "nowhere", **config})
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        tune.Tuner(trial, param_space={"baseline": tune.grid_search([True, False]), "lambda_iso": 0.1, "p": 0.0,
+                                       "iso_metric": "stereographic"},
+                   run_config=tune.RunConfig(name=place.sweep_id, storage_path=str(root), verbose=0,
+                                             callbacks=[TrialRecords(place.sweep_uri)])).fit()
+    finally:
+        ray.shutdown()
+    place.record_done(None)
+    return Path(place.sweep_uri)
+
+
+def _isosweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "isosweep", *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+def test_results_and_status_never_load_the_pickles_a_bucket_writer_planted(finished_sweep, tmp_path):
+    """Payloads planted in every pickled Tune file of a finished sweep: `isosweep status` and `results` still show
+    both trials DONE and the champion (from isosweep's JSON), and no payload ran."""
+    marker = tmp_path / "payload-ran"
+    planted = plant_payloads(finished_sweep, marker)
+    names = {p.name for p in planted}
+    assert "tuner.pkl" in names and any(n.startswith("experiment_state-") for n in names), names
+    for verb in ("status", "results"):
+        out = _isosweep(verb, str(finished_sweep), cwd=tmp_path)
+        assert not marker.exists(), f"`isosweep {verb}` ran a payload planted in storage"
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = [line for line in out.stdout.splitlines() if " DONE " in f"{line} "]
+        assert len(rows) == 2, out.stdout
+        assert "champion: " in out.stdout and "(finished)" in out.stdout, out.stdout
+    # the check has teeth: Tune's own reader runs the payload
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        ExperimentAnalysis(str(finished_sweep))
+    except Exception:  # noqa: BLE001 -- whatever it makes of the rest, the payload ran first
+        pass
+    assert marker.exists()
+
+
+def test_a_corrupt_trial_records_file_is_named(finished_sweep, tmp_path):
+    """A trial records file that is not what isosweep writes: one line naming it and the fix, exit 2."""
+    records = finished_sweep / "isosweep_trials.json"
+    saved = records.read_text()
+    try:
+        records.write_text(json.dumps({"trials": [{"trial_id": 1, "status": "DONE", "config": {}, "last_result": {}}]}))
+        out = _isosweep("results", str(finished_sweep), cwd=tmp_path)
+    finally:
+        records.write_text(saved)
+    assert out.returncode == 2 and "isosweep_trials.json: unreadable" in out.stderr and "fix:" in out.stderr, out.stderr
+
+
+def test_pickle_module_is_not_what_payloads_need(tmp_path):
+    """The planted object really runs code on load (guards the planted payload itself)."""
+    marker = tmp_path / "m"
+    pickle.loads(pickle.dumps(_WritesMarker(marker)))
+    assert marker.exists()
