@@ -47,16 +47,20 @@ def plant_payloads(sweep: Path, marker: Path) -> list[Path]:
     return planted
 
 
-@pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory):
-    """A finished two-trial sweep in storage, as the driver leaves it: the state file, a real Tune experiment (its
-    experiment state, tuner.pkl and trial folders) and the trial records; the trials report without training."""
+KEY = "test-state-key-0123456789abcdef"  # ISOSWEEP_STATE_KEY of this module's driver and CLI runs
+
+
+def make_sweep(root: Path, *, finished: bool) -> Path:
+    """A two-trial sweep in storage as the driver leaves it: the state file, a real Tune experiment (experiment state,
+    tuner.pkl, searcher state, trial folders) with isosweep's callbacks (trial records, seals); the trials report
+    an evaluation without training. Unfinished: `isosweep resume` would continue it."""
     import ray
     from ray import tune
 
-    from isosweep.sweep.callbacks import TrialRecords
+    from isosweep.results.layout import TUNER_FILE
+    from isosweep.results.seal import seal_stored
+    from isosweep.sweep.callbacks import StateSeal, TrialRecords
 
-    root = tmp_path_factory.mktemp("storage")
     spec = load_spec(DEMO, ["search.num_trials=1"], check_paths=False)
     place = SweepPlace.open(spec, str(root), None)
     place.record_start(spec, None, "http://127.0.0.1:9/", "parent-run")
@@ -68,14 +72,38 @@ def finished_sweep(tmp_path_factory):
 
     ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
     try:
-        tune.Tuner(trial, param_space={"baseline": tune.grid_search([True, False]), "lambda_iso": 0.1, "p": 0.0,
-                                       "iso_metric": "stereographic"},
-                   run_config=tune.RunConfig(name=place.sweep_id, storage_path=str(root), verbose=0,
-                                             callbacks=[TrialRecords(place.sweep_uri)])).fit()
+        tuner = tune.Tuner(trial, param_space={"baseline": tune.grid_search([True, False]), "lambda_iso": 0.1, "p": 0.0,
+                                               "iso_metric": "stereographic"},
+                           run_config=tune.RunConfig(name=place.sweep_id, storage_path=str(root), verbose=0,
+                                                     callbacks=[TrialRecords(place.sweep_uri), StateSeal(place.sweep_uri)]))
+        seal_stored(place.sweep_uri, [TUNER_FILE])
+        tuner.fit()
     finally:
         ray.shutdown()
-    place.record_done(None)
+    if finished:
+        place.record_done(None)
     return Path(place.sweep_uri)
+
+
+@pytest.fixture(scope="module")
+def state_key():
+    before = os.environ.get("ISOSWEEP_STATE_KEY")
+    os.environ["ISOSWEEP_STATE_KEY"] = KEY
+    yield KEY
+    if before is None:
+        os.environ.pop("ISOSWEEP_STATE_KEY")
+    else:
+        os.environ["ISOSWEEP_STATE_KEY"] = before
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, state_key):
+    return make_sweep(tmp_path_factory.mktemp("storage"), finished=True)
+
+
+@pytest.fixture(scope="module")
+def unfinished_sweep(tmp_path_factory, state_key):
+    return make_sweep(tmp_path_factory.mktemp("storage"), finished=False)
 
 
 def _isosweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -109,14 +137,14 @@ def test_results_and_status_never_load_the_pickles_a_bucket_writer_planted(finis
 
 def test_a_corrupt_trial_records_file_is_named(finished_sweep, tmp_path):
     """A trial records file that is not what isosweep writes: one line naming it and the fix, exit 2."""
-    records = finished_sweep / "isosweep_trials.json"
+    records = finished_sweep / "isosweep_trials.records"
     saved = records.read_text()
     try:
         records.write_text(json.dumps({"trials": [{"trial_id": 1, "status": "DONE", "config": {}, "last_result": {}}]}))
         out = _isosweep("results", str(finished_sweep), cwd=tmp_path)
     finally:
         records.write_text(saved)
-    assert out.returncode == 2 and "isosweep_trials.json: unreadable" in out.stderr and "fix:" in out.stderr, out.stderr
+    assert out.returncode == 2 and "isosweep_trials.records: unreadable" in out.stderr and "fix:" in out.stderr, out.stderr
 
 
 def test_pickle_module_is_not_what_payloads_need(tmp_path):
@@ -124,3 +152,46 @@ def test_pickle_module_is_not_what_payloads_need(tmp_path):
     marker = tmp_path / "m"
     pickle.loads(pickle.dumps(_WritesMarker(marker)))
     assert marker.exists()
+
+
+def test_every_tune_file_a_resume_unpickles_is_sealed_and_a_tampered_one_is_refused(unfinished_sweep, tmp_path):
+    """The driver's seals cover every file of Tune's at the sweep's top level (tuner.pkl, the experiment and searcher
+    states); a tampered tuner.pkl makes `isosweep resume` refuse with one line (exit 2) before anything is unpickled; a
+    resume with another key refuses too; with --trust-storage it goes on to restore the sweep."""
+    import shutil
+
+    from isosweep.results.seal import unsealed
+
+    sweep = tmp_path / unfinished_sweep.name
+    shutil.copytree(unfinished_sweep, sweep)
+    names = sorted(p.name for p in sweep.iterdir() if p.is_file())
+    assert "tuner.pkl" in names and any(n.startswith("experiment_state-") for n in names), names
+    assert unsealed(str(sweep)) == [], names
+    other = subprocess.run([sys.executable, "-m", "isosweep", "resume", str(sweep)], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "ISOSWEEP_STATE_KEY": "another-key"})
+    assert other.returncode == 2 and "without a valid seal" in other.stderr, other.stderr[-2000:]
+
+    marker = tmp_path / "payload-ran"
+    from ray import cloudpickle
+
+    (sweep / "tuner.pkl").write_bytes(cloudpickle.dumps(_WritesMarker(marker)))
+    assert unsealed(str(sweep)) == ["tuner.pkl"]
+    out = _isosweep("resume", str(sweep), cwd=tmp_path)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "tuner.pkl: Tune's state without a valid seal" in lines[-1] and "--trust-storage" in lines[-1], lines
+    assert not marker.exists()
+    # --trust-storage: past the seal, on to the restore (stopped once it says it resumes; it would unpickle the payload)
+    proc = subprocess.Popen([sys.executable, "-m", "isosweep", "resume", str(sweep), "--trust-storage"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    said = []
+    try:
+        for line in proc.stdout:
+            said.append(line)
+            if "resuming " in line or "without a valid seal" in line:
+                break
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    assert said and "resuming " in said[-1], "".join(said)[-3000:]

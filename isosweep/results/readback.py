@@ -32,7 +32,7 @@ def read_sweep(sweep: str | Path) -> tuple[SweepSpec, SweepOutcome]:
 
 
 def read_trial_records(sweep: str) -> list[dict]:
-    """The sweep's trial records (`<sweep>/isosweep_trials.json`): each a trial id, its config, its last result and its
+    """The sweep's trial records (`<sweep>/isosweep_trials.records`): each a trial id, its config, its last result and its
     status, as plain JSON values; empty before the first trial starts. A SpecError naming the file when it is corrupt."""
     where = st.join(sweep, TRIALS_FILE)
     try:

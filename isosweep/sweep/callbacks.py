@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -14,6 +15,7 @@ from isosweep.console import say, warn
 from isosweep.redact import scrub_text
 from isosweep.results.layout import TRIALS_FILE
 from isosweep.results.readback import trial_record
+from isosweep.results.seal import add_seals, is_tune_state, read_seals, state_key, write_seals
 from isosweep.sweep.monitoring import SweepMetrics
 
 
@@ -114,7 +116,7 @@ class SweepProgress(Callback):
 
 
 class TrialRecords(Callback):
-    """Writes every trial's config, last result and status to `<sweep>/isosweep_trials.json` (plain JSON) at each
+    """Writes every trial's config, last result and status to `<sweep>/isosweep_trials.records` (plain JSON) at each
     trial event, so `isosweep results`/`status` read the sweep without Tune's pickled experiment state."""
 
     def __init__(self, sweep_uri: str) -> None:
@@ -148,6 +150,43 @@ class TrialRecords(Callback):
             st.write_json(uri, {"trials": records})
         except OSError as exc:  # storage down: the next event writes them all again
             warn(f"could not record the trials at {scrub_text(uri)}: {scrub_text(str(exc))}")
+
+
+class StateSeal(Callback):
+    """Seals Tune's state files as this driver writes them (`results.seal`): every few seconds and at the end, the
+    files of the driver's staging folder (what Tune uploads to the sweep) are given their HMAC, kept in storage
+    beside them. Holds no key (it is pickled into tuner.pkl): the key is read where it is used."""
+
+    EVERY_S = 5.0
+    _seals: dict | None = None  # loaded from storage on first use (and after a restore)
+    _sealed_at = 0.0
+
+    def __init__(self, sweep_uri: str) -> None:
+        self.sweep_uri = sweep_uri
+
+    def __getstate__(self):
+        return {"sweep_uri": self.sweep_uri}
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self._sealed_at >= self.EVERY_S:
+            self._seal(trials)
+
+    def on_experiment_end(self, trials, **info):  # after Tune's last upload of its state
+        self._seal(trials)
+
+    def _seal(self, trials) -> None:
+        self._sealed_at = time.time()
+        if not trials:
+            return
+        staging = Path(trials[0].storage.experiment_driver_staging_path)
+        files = {p.name: p.read_bytes() for p in staging.iterdir() if p.is_file() and is_tune_state(p.name)}
+        if self._seals is None:
+            self._seals = read_seals(self.sweep_uri)
+        try:
+            if add_seals(self._seals, files, state_key()):
+                write_seals(self.sweep_uri, self._seals)
+        except OSError as exc:  # storage down: sealed at the next tick; a resume before then asks for --trust-storage
+            warn(f"could not seal the sweep's Tune state at {scrub_text(self.sweep_uri)}: {scrub_text(str(exc))}")
 
 
 class ForwardToTune(TuneReportCallback):

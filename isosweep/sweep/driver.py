@@ -27,14 +27,15 @@ from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.evaluation.suite_metrics import selected
 from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
 from isosweep.redact import REDACTED, scrub_text
-from isosweep.results.layout import STATE_FILE, TRAIN_DIR
+from isosweep.results.layout import STATE_FILE, TRAIN_DIR, TUNER_FILE
 from isosweep.results.lease import DriverLease
 from isosweep.results.place import SweepPlace
 from isosweep.results.publish import write_results
 from isosweep.results.rows import SweepOutcome, summarize
+from isosweep.results.seal import seal_stored
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, SweepState, promotion_refusal, sweep_state
 from isosweep.spec import SpecError, SweepSpec
-from isosweep.sweep.callbacks import SweepProgress, TrialRecords
+from isosweep.sweep.callbacks import StateSeal, SweepProgress, TrialRecords
 from isosweep.sweep.full_eval import run_full_protocol
 from isosweep.sweep.monitoring import SweepMetrics
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
@@ -186,7 +187,7 @@ class Sweep:
         space, alg, num_samples = build_search(spec, place.sweep_id, concurrency)
         planned = planned_trials(spec)
         say(f"search: {spec.search.algorithm}, {planned} trials (baseline included), up to {concurrency} at once ({why})")
-        return tune.Tuner(
+        tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, max_concurrent_trials=concurrency),
@@ -194,12 +195,15 @@ class Sweep:
                 name=place.sweep_id,
                 callbacks=[SweepProgress(planned, concurrency,  # and the sweep's Ray metrics (monitoring.py)
                                          SweepMetrics(place.sweep_id, planned, list(spec.selection.objectives))),
-                           TrialRecords(place.sweep_uri)],  # what `isosweep results`/`status` read
+                           TrialRecords(place.sweep_uri),  # what `isosweep results`/`status` read
+                           StateSeal(place.sweep_uri)],  # what `isosweep resume` checks before Tune unpickles its state
                 storage_path=place.storage,  # a URI with its query intact: Tune joins the name inside its path
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 verbose=1,
             ),
         )
+        seal_stored(place.sweep_uri, [TUNER_FILE])  # written by Tuner() just now, restored (unpickled) by a resume
+        return tuner
 
     def publish(self, outcome: SweepOutcome, *, report_dir: str | None, write_report: bool) -> dict[str, Path]:
         """Tables, plot and report in storage, for any state; first the finished trials MLflow lacks are synced,
