@@ -48,6 +48,7 @@ def plant_payloads(sweep: Path, marker: Path) -> list[Path]:
 
 
 KEY = "test-state-key-0123456789abcdef"  # ISOSWEEP_STATE_KEY of this module's driver and CLI runs
+PASSWORD = "pw-SECRET-0x7e57"  # in the tracking URI the trials hold, as a sweep's trial function does
 
 
 def make_sweep(root: Path, *, finished: bool) -> Path:
@@ -65,7 +66,10 @@ def make_sweep(root: Path, *, finished: bool) -> Path:
     place = SweepPlace.open(spec, str(root), None)
     place.record_start(spec, None, "http://127.0.0.1:9/", "parent-run")
 
+    tracking = f"http://isosweep:{PASSWORD}@127.0.0.1:9/"
+
     def trial(config):
+        assert tracking  # the trial function holds the tracking URI with its password
         fid = 10.0 if config["baseline"] else 9.0
         tune.report({"fid": fid, "ppl": 5.0 - 2 * (not config["baseline"]), "evaluated": True, "mlflow_run_id": "run",
                      "checkpoint_path": "nowhere", **config})
@@ -195,3 +199,66 @@ def test_every_tune_file_a_resume_unpickles_is_sealed_and_a_tampered_one_is_refu
         os.killpg(proc.pid, 9)
         proc.wait()
     assert said and "resuming " in said[-1], "".join(said)[-3000:]
+
+
+def _pickled_strings(data: bytes) -> list[str]:
+    """Every string and bytes value a pickle holds, read by pickletools (nothing is loaded)."""
+    import pickletools
+
+    out = []
+    for op, arg, _ in pickletools.genops(data):
+        if isinstance(arg, (str, bytes)):
+            out.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+    return out
+
+
+def _decoded_strings(path: Path) -> list[str]:
+    """The strings of one of Tune's files: a pickle's (pickletools), or a JSON file's with every embedded pickle
+    (Tune's hex-encoded cloudpickle) decoded the same way."""
+    data = path.read_bytes()
+    if path.suffix == ".pkl" or data[:1] == b"\x80":
+        found = _pickled_strings(data)
+    else:
+        found, todo = [], [json.loads(data)]
+        while todo:
+            value = todo.pop()
+            if isinstance(value, dict):
+                todo += list(value.values())
+            elif isinstance(value, list):
+                todo += value
+            elif isinstance(value, str):
+                found.append(value)
+                if value.startswith("{") or value.startswith("["):
+                    try:
+                        todo.append(json.loads(value))
+                    except ValueError:
+                        pass
+                elif len(value) > 8 and len(value) % 2 == 0 and all(c in "0123456789abcdef" for c in value[:16]):
+                    try:
+                        found += _pickled_strings(bytes.fromhex(value))
+                    except Exception:  # noqa: BLE001 -- hex that is no pickle
+                        pass
+    return found
+
+
+def test_tunes_pickled_state_holds_no_credential(unfinished_sweep):
+    """Every pickle Tune left in the sweep (tuner.pkl, the experiment and searcher states, the trial folders'),
+    decoded opcode by opcode: no trace of the tracking password the trial function held. The driver's callbacks
+    (pickled into tuner.pkl) keep their storage URI scrubbed, and find it again in the driver that restores them."""
+    from ray import cloudpickle
+
+    from isosweep.sweep.callbacks import StateSeal, TrialRecords
+
+    files = [p for p in unfinished_sweep.rglob("*") if p.is_file() and (p.suffix == ".pkl" or p.name.startswith(
+        ("experiment_state-", "basic-variant-state-", "search_gen_state-", "searcher-state-")))]
+    assert any(p.name == "tuner.pkl" for p in files), files
+    for f in files:
+        strings = _decoded_strings(f)
+        assert strings and not [s for s in strings if PASSWORD in s], f
+        if f.name.startswith("experiment_state-"):  # the decoding reaches the trials' pickled configs
+            assert any("stereographic" in s for s in strings), f
+    uri = "s3://bucket/sweeps/demo-1?endpoint_override=127.0.0.1:9&secret_key=KEY-SECRET-0x5eed"
+    for cls in (TrialRecords, StateSeal):
+        data = cloudpickle.dumps(cls(uri))
+        assert not [s for s in _pickled_strings(data) if "KEY-SECRET-0x5eed" in s], cls
+        assert cloudpickle.loads(data).uri == uri  # restored in the driver of the sweep: its own URI again

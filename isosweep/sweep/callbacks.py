@@ -115,12 +115,34 @@ class SweepProgress(Callback):
         self.metrics.publish(counts, finished, eta)
 
 
-class TrialRecords(Callback):
+# The sweep URIs of this driver process by their scrubbed text: the callbacks below are pickled into tuner.pkl with the
+# scrubbed URI only (no credential goes to storage), and a restored one finds its URI here again (`attach`).
+_DRIVER_URIS: dict[str, str] = {}
+
+
+def attach(sweep_uri: str) -> None:
+    """Lets the callbacks of this sweep (new or restored from tuner.pkl) write to `sweep_uri`, credentials included."""
+    _DRIVER_URIS[scrub_text(sweep_uri)] = sweep_uri
+
+
+class _WritesToSweep(Callback):
+    """A driver callback writing into the sweep's folder; pickled with the URI scrubbed."""
+
+    def __init__(self, sweep_uri: str) -> None:
+        attach(sweep_uri)
+        self.sweep_uri = scrub_text(sweep_uri)
+
+    @property
+    def uri(self) -> str:
+        return _DRIVER_URIS.get(self.sweep_uri, self.sweep_uri)
+
+
+class TrialRecords(_WritesToSweep):
     """Writes every trial's config, last result and status to `<sweep>/isosweep_trials.records` (plain JSON) at each
     trial event, so `isosweep results`/`status` read the sweep without Tune's pickled experiment state."""
 
     def __init__(self, sweep_uri: str) -> None:
-        self.sweep_uri = sweep_uri
+        super().__init__(sweep_uri)
         self._ended: dict[str, set[str]] = {"done": set(), "failed": set()}
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -145,14 +167,14 @@ class TrialRecords(Callback):
         status = {"done": "TERMINATED", "failed": "ERROR", "running": "RUNNING", "pending": "PENDING"}
         records = [trial_record(t.trial_id, dict(t.config or {}), dict(t.last_result or {}),
                                 status[trial_state(t, self._ended["done"], self._ended["failed"])]) for t in trials]
-        uri = st.join(self.sweep_uri, TRIALS_FILE)
+        uri = st.join(self.uri, TRIALS_FILE)
         try:
             st.write_json(uri, {"trials": records})
         except OSError as exc:  # storage down: the next event writes them all again
             warn(f"could not record the trials at {scrub_text(uri)}: {scrub_text(str(exc))}")
 
 
-class StateSeal(Callback):
+class StateSeal(_WritesToSweep):
     """Seals Tune's state files as this driver writes them (`results.seal`): every few seconds and at the end, the
     files of the driver's staging folder (what Tune uploads to the sweep) are given their HMAC, kept in storage
     beside them. Holds no key (it is pickled into tuner.pkl): the key is read where it is used."""
@@ -160,9 +182,6 @@ class StateSeal(Callback):
     EVERY_S = 5.0
     _seals: dict | None = None  # loaded from storage on first use (and after a restore)
     _sealed_at = 0.0
-
-    def __init__(self, sweep_uri: str) -> None:
-        self.sweep_uri = sweep_uri
 
     def __getstate__(self):
         return {"sweep_uri": self.sweep_uri}
@@ -181,12 +200,12 @@ class StateSeal(Callback):
         staging = Path(trials[0].storage.experiment_driver_staging_path)
         files = {p.name: p.read_bytes() for p in staging.iterdir() if p.is_file() and is_tune_state(p.name)}
         if self._seals is None:
-            self._seals = read_seals(self.sweep_uri)
+            self._seals = read_seals(self.uri)
         try:
             if add_seals(self._seals, files, state_key()):
-                write_seals(self.sweep_uri, self._seals)
+                write_seals(self.uri, self._seals)
         except OSError as exc:  # storage down: sealed at the next tick; a resume before then asks for --trust-storage
-            warn(f"could not seal the sweep's Tune state at {scrub_text(self.sweep_uri)}: {scrub_text(str(exc))}")
+            warn(f"could not seal the sweep's Tune state at {self.sweep_uri}: {scrub_text(str(exc))}")
 
 
 class ForwardToTune(TuneReportCallback):
