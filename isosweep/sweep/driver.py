@@ -181,7 +181,9 @@ class Sweep:
                      f"its concurrency, whatever search.max_concurrent_trials or the cluster now says ({concurrency}); "
                      f"the full evaluations of screened trials do run {concurrency} at once. For {concurrency} trials at "
                      "once, start a new sweep")
-            return tune.Tuner.restore(place.sweep_uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            restored = tune.Tuner.restore(place.sweep_uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            seal_stored(place.sweep_uri, [TUNER_FILE])  # checked before this restore, or trusted by --trust-storage
+            return restored
         if place.resuming:
             say(f"resuming {place.sweep_id}: no Tune experiment was saved yet, so the search starts from its first trial")
         place.record_concurrency(concurrency)
