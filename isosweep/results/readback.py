@@ -3,7 +3,7 @@
 Read from isosweep's own JSON only (the state file, the trial records `sweep.callbacks.TrialRecords` writes, the
 full-evaluation records), never from Tune's experiment state: Tune's files embed cloudpickle, and whoever can write
 the bucket must not run code on the machine of whoever looks at the sweep. No Ray, torch or MLflow is imported, so
-`isosweep results`, `status` and `promote` start in about a second.
+`isosweep results`, `status` and `promote` start in under a second (docs/operations.md, "Threat model").
 """
 
 from __future__ import annotations
