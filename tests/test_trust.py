@@ -58,8 +58,6 @@ def make_sweep(root: Path, *, finished: bool) -> Path:
     import ray
     from ray import tune
 
-    from isosweep.results.layout import TUNER_FILE
-    from isosweep.results.seal import seal_stored
     from isosweep.sweep.callbacks import StateSeal, TrialRecords
 
     spec = load_spec(DEMO, ["search.num_trials=1"], check_paths=False)
@@ -76,12 +74,10 @@ def make_sweep(root: Path, *, finished: bool) -> Path:
 
     ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
     try:
-        tuner = tune.Tuner(trial, param_space={"baseline": tune.grid_search([True, False]), "lambda_iso": 0.1, "p": 0.0,
+        tune.Tuner(trial, param_space={"baseline": tune.grid_search([True, False]), "lambda_iso": 0.1, "p": 0.0,
                                                "iso_metric": "stereographic"},
                            run_config=tune.RunConfig(name=place.sweep_id, storage_path=str(root), verbose=0,
-                                                     callbacks=[TrialRecords(place.sweep_uri), StateSeal(place.sweep_uri)]))
-        seal_stored(place.sweep_uri, [TUNER_FILE])
-        tuner.fit()
+                                                     callbacks=[TrialRecords(place.sweep_uri), StateSeal(place.sweep_uri)])).fit()
     finally:
         ray.shutdown()
     if finished:

@@ -13,9 +13,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from isosweep import storage as st
 from isosweep.console import say, warn
 from isosweep.redact import scrub_text
-from isosweep.results.layout import TRIALS_FILE
+from isosweep.results.layout import TRIALS_FILE, TUNER_FILE
 from isosweep.results.readback import trial_record
-from isosweep.results.seal import add_seals, is_tune_state, read_seals, state_key, write_seals
+from isosweep.results.seal import add_seals, is_tune_state, read_seals, seal_stored, state_key, write_seals
 from isosweep.sweep.monitoring import SweepMetrics
 
 
@@ -175,9 +175,9 @@ class TrialRecords(_WritesToSweep):
 
 
 class StateSeal(_WritesToSweep):
-    """Seals Tune's state files as this driver writes them (`results.seal`): every few seconds and at the end, the
-    files of the driver's staging folder (what Tune uploads to the sweep) are given their HMAC, kept in storage
-    beside them. Holds no key (it is pickled into tuner.pkl): the key is read where it is used."""
+    """Seals Tune's state files as this driver writes them (`results.seal`): tuner.pkl when the run starts, then every
+    few seconds and at the end the files of the driver's staging folder (what Tune uploads to the sweep) are given
+    their HMAC, kept in storage beside them. Holds no key (it is pickled into tuner.pkl): the key is read where it is used."""
 
     EVERY_S = 5.0
     _seals: dict | None = None  # loaded from storage on first use (and after a restore)
@@ -185,6 +185,13 @@ class StateSeal(_WritesToSweep):
 
     def __getstate__(self):
         return {"sweep_uri": self.sweep_uri}
+
+    def setup(self, **info):
+        """tuner.pkl, as `Tuner()` wrote it just before this run (or as the resume checked, or was told to trust, it)."""
+        try:
+            seal_stored(self.uri, [TUNER_FILE])
+        except OSError as exc:
+            warn(f"could not seal {TUNER_FILE} at {self.sweep_uri}: {scrub_text(str(exc))}")
 
     def on_step_end(self, iteration, trials, **info):
         if time.time() - self._sealed_at >= self.EVERY_S:

@@ -27,12 +27,11 @@ from isosweep.evaluation.features.resolver import load_feature_networks
 from isosweep.evaluation.suite_metrics import selected
 from isosweep.models.builtin import BUILTIN_SHAPES, pretrain_builtin
 from isosweep.redact import REDACTED, scrub_text
-from isosweep.results.layout import STATE_FILE, TRAIN_DIR, TUNER_FILE
+from isosweep.results.layout import STATE_FILE, TRAIN_DIR
 from isosweep.results.lease import DriverLease
 from isosweep.results.place import SweepPlace
 from isosweep.results.publish import write_results
 from isosweep.results.rows import SweepOutcome, summarize
-from isosweep.results.seal import seal_stored
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, SweepState, promotion_refusal, sweep_state
 from isosweep.spec import SpecError, SweepSpec
 from isosweep.sweep.callbacks import StateSeal, SweepProgress, TrialRecords, attach
@@ -181,16 +180,14 @@ class Sweep:
                      f"its concurrency, whatever search.max_concurrent_trials or the cluster now says ({concurrency}); "
                      f"the full evaluations of screened trials do run {concurrency} at once. For {concurrency} trials at "
                      "once, start a new sweep")
-            restored = tune.Tuner.restore(place.sweep_uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
-            seal_stored(place.sweep_uri, [TUNER_FILE])  # checked before this restore, or trusted by --trust-storage
-            return restored
+            return tune.Tuner.restore(place.sweep_uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
         if place.resuming:
             say(f"resuming {place.sweep_id}: no Tune experiment was saved yet, so the search starts from its first trial")
         place.record_concurrency(concurrency)
         space, alg, num_samples = build_search(spec, place.sweep_id, concurrency)
         planned = planned_trials(spec)
         say(f"search: {spec.search.algorithm}, {planned} trials (baseline included), up to {concurrency} at once ({why})")
-        tuner = tune.Tuner(
+        return tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, max_concurrent_trials=concurrency),
@@ -205,8 +202,6 @@ class Sweep:
                 verbose=1,
             ),
         )
-        seal_stored(place.sweep_uri, [TUNER_FILE])  # written by Tuner() just now, restored (unpickled) by a resume
-        return tuner
 
     def publish(self, outcome: SweepOutcome, *, report_dir: str | None, write_report: bool) -> dict[str, Path]:
         """Tables, plot and report in storage, for any state; first the finished trials MLflow lacks are synced,
