@@ -196,7 +196,7 @@ def _iv(m: dict, k: str) -> str:
 
 def run_sweep(sweep: Path, args) -> dict:
     from isosweep.results.pareto import lower_beyond_noise
-    from isosweep.sweep.readback import read_sweep
+    from isosweep.results.readback import read_sweep
 
     spec, outcome = read_sweep(sweep)
     sizes = screening_sizes(spec, args)

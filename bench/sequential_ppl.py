@@ -34,7 +34,7 @@ def stopped_pairs(d: np.ndarray, *, stop_width: float, round_pairs: int, level: 
 
 def replay(sweep: Path, stop_width: float, round_pairs: int) -> dict:
     from isosweep.results.rows import summarize
-    from isosweep.sweep.readback import read_sweep
+    from isosweep.results.readback import read_sweep
 
     spec, outcome = read_sweep(sweep)
     ev = spec.evaluation

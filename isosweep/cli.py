@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--report-dir", default=None, help="as for run")
     p.add_argument("--shared-fs", action="store_true")
+    p.add_argument("--trust-storage", action="store_true",
+                   help="restore Tune's state even without a valid seal (it is unpickled: only when you trust whoever can "
+                        "write the storage)")
 
     for verb, text in (("results", "print the results table and Pareto front of a sweep, from its storage"),
                        ("status", "the same table for a running sweep, from any machine")):

@@ -21,3 +21,6 @@ OVERRIDES_ENV = "ISOSWEEP_OVERRIDES"
 # spec (`storage.path`; `tracking.uri`, then MLFLOW_TRACKING_URI, then the local store under the storage path).
 STORAGE_ENV = "ISOSWEEP_STORAGE"
 TRACKING_URI_ENV = "ISOSWEEP_TRACKING_URI"
+# The key that seals Tune's pickled state of a sweep (`results.seal`): text, the same on every machine that runs or
+# resumes the sweep; without it, `~/.isosweep/state.key` (made on first use). It never goes to storage.
+STATE_KEY_ENV = "ISOSWEEP_STATE_KEY"

@@ -215,6 +215,16 @@ def list_dirs(uri: str) -> list[str]:
     return sorted(PurePosixPath(i.path).name for i in infos if i.type == pafs.FileType.Directory)
 
 
+def list_files(uri: str) -> list[str]:
+    """Names of the files directly under `uri` (empty when it does not exist)."""
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    except FileNotFoundError:
+        return []
+    return sorted(PurePosixPath(i.path).name for i in infos if i.type == pafs.FileType.File)
+
+
 def make_private_dirs(path: str | os.PathLike) -> Path:
     """Create the local folder `path` and its missing parents, each 0700; folders that exist keep their mode."""
     target = Path(path)

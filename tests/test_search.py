@@ -210,3 +210,52 @@ def test_bad_points_are_refused_with_the_field(overrides, message):
     with pytest.raises(SpecError) as err:
         load_spec(DEMO, overrides)
     assert message in str(err.value)
+
+
+class _WritesMarker:
+    """Unpickling this object creates the file `path`: the code a planted searcher state would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_the_searcher_state_is_json_a_running_trial_finishes_after_a_restore_and_a_pickle_never_loads(tmp_path):
+    """The searcher state holds no pickle: a restore from it tells the finished trials to a fresh study and asks
+    a running one again under its Tune id, whose result then reaches the study, and the search goes on with new
+    points. A pickle planted in its place is never loaded (no code runs) and the baseline is not suggested again."""
+    import json
+    import pickle
+
+    spec = load_spec(DEMO, ["search.num_trials=6"])
+    space, alg, _ = build_search(spec, "demo-2")
+    got = _suggestions(alg, space, 7, 4)  # t0 the baseline, t1..t3 searched
+    alg.on_trial_complete("t0", {"fid": 9.0, "ppl": 6.0})
+    alg.on_trial_complete("t1", {"fid": 10.0, "ppl": 5.0})
+    alg.on_trial_complete("t2", {"fid": 11.0, "ppl": 4.0})  # t3 still running
+    path = tmp_path / "searcher-state-x.pkl"
+    alg.save(str(path))
+    state = json.loads(path.read_text())  # plain JSON
+    assert state["baseline_trial"] == "t0" and list(state["study"]["running"]) == ["t3"]
+
+    fresh_space, fresh, _ = build_search(spec, "demo-2")
+    fresh.set_search_properties(None, None, fresh_space)
+    fresh.restore(str(path))
+    study = fresh.inner._ot_study
+    assert sorted(tuple(t.values) for t in study.trials if t.state.name == "COMPLETE") == [(10.0, 5.0), (11.0, 4.0)]
+    assert study.user_attrs["baseline"]["trial_id"] == "t0"
+    fresh.on_trial_complete("t3", {"fid": 8.0, "ppl": 3.0})  # the running trial, restarted by Tune, ends
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 3 and any(t.params["lambda_iso"] == got[3]["lambda_iso"] and t.values == [8.0, 3.0] for t in done)
+    nxt = fresh.suggest("t4")
+    assert nxt["baseline"] is False and nxt["lambda_iso"] not in {g["lambda_iso"] for g in got}
+
+    marker = tmp_path / "payload-ran"
+    path.write_bytes(pickle.dumps(_WritesMarker(marker)))
+    _, planted, _ = build_search(spec, "demo-2")
+    planted.set_search_properties(None, None, fresh_space)
+    planted.restore(str(path))
+    assert not marker.exists()
+    assert planted.suggest("t9")["baseline"] is False  # the baseline is never run twice

@@ -123,7 +123,7 @@ def test_demo_sweep_interrupted_resumed_and_complete(tmp_path, cache_env, mlflow
     from isosweep.evaluation.record import read_record
     from isosweep.results.layout import LEASE_FILE
     from isosweep.results.pareto import lower_beyond_noise
-    from isosweep.sweep.readback import read_sweep
+    from isosweep.results.readback import read_sweep
     from isosweep.training.checkpoint import load_train_state
 
     storage = tmp_path / "runs"

@@ -16,12 +16,13 @@ from isosweep.redact import REDACTED, scrub_text, scrub_tree
 from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
 from isosweep.results.lease import refuse_if_held
 from isosweep.results.rows import SweepOutcome
+from isosweep.results.seal import refuse_unsealed
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED
 from isosweep.results.summary import RESULTS_CSV, driver_of, public
 from isosweep.results.tables import backbones_of, change_plain, plain_table, table_rows
 from isosweep.spec import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
 from isosweep.spec.changes import spec_for_resume
-from isosweep.sweep.readback import read_sweep
+from isosweep.results.readback import read_sweep
 
 # The driver (torch, MLflow, the feature networks) and the registry are imported by the verbs that use them:
 # `isosweep results` and `status` read storage only and start in seconds.
@@ -56,6 +57,8 @@ def resume_command(args: argparse.Namespace) -> int:
         raise SpecError(f"{scrub_text(sweep)}: the sweep finished already; fix: `isosweep results {scrub_text(sweep)}`, "
                         "or start a new sweep with `isosweep run`")
     refuse_if_held(sweep)  # another driver is running it: refused in seconds, nothing written
+    if not args.trust_storage:
+        refuse_unsealed(sweep)  # before Tune unpickles the sweep's state (results.seal)
     spec = spec_for_resume(state["spec"], given, allow_changes=args.allow_changes, source=args.target)
     say(f"resuming {state['sweep_id']} from {scrub_text(sweep)} with the spec it ran with")
     spec_path = state.get("spec_path") if state.get("spec_path") and Path(state["spec_path"]).is_file() else None

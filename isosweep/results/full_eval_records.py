@@ -2,7 +2,7 @@
 
 A screened sweep evaluates its contenders again at the full protocol (`sweep.full_eval`) and stores one JSON record
 per trial at `<train storage>/<trial id>/isosweep_full_eval.json`. The full-evaluation phase and every reader of a sweep
-(`sweep.readback.read_sweep`: `isosweep results/status/promote`) put those records into the rows the same way, here,
+(`results.readback.read_sweep`: `isosweep results/status/promote`) put those records into the rows the same way, here,
 without importing Ray or torch. (`tracking.sync` reads the same file to log its values to MLflow.)
 """
 

@@ -3,6 +3,8 @@
     <storage>/<sweep id>/              the Tune experiment (sweep id = <spec name>-<YYYYmmdd-HHMMSS>-<6 hex>)
         isosweep_driver.lease          the lease of the driver running the sweep (results.lease), while one runs
         isosweep_sweep.json            the sweep's state: the spec as it ran, storage, tracking URI, parent run id
+        isosweep_trials.records        every trial's config, last result and status (what `results`/`status` read)
+        isosweep_state.seal            the HMACs of Tune's pickled files (results.seal), checked before a resume restores them
         spec.yaml                      the spec as it ran, for people
         sweep_done.json                written once the sweep has finished
         results.csv, results.md        the results table; pareto.png
@@ -24,10 +26,15 @@ from isosweep.spec import SpecError, SweepSpec
 
 STATE_FILE = "isosweep_sweep.json"
 LEASE_FILE = "isosweep_driver.lease"  # JSON; not named *.json: Tune copies those back into the folder when it restores
+# JSON, written by sweep.callbacks.TrialRecords and read by results.readback; not *.json, as LEASE_FILE
+TRIALS_FILE = "isosweep_trials.records"
 SPEC_FILE = "spec.yaml"
 DONE_MARKER = "sweep_done.json"
+TUNER_FILE = "tuner.pkl"  # Tune's, written by Tuner() and unpickled by Tuner.restore (sealed: results.seal)
+OWN_JSON = (STATE_FILE, DONE_MARKER)  # isosweep's own *.json at the sweep's top level: read as JSON only, never sealed
 TRAIN_DIR = "train"  # <sweep>/train/<trial id>/: a trial's Train run is named after its Tune trial id
 REPORT_DIR = "report"
+SEAL_FILE = "isosweep_state.seal"  # not *.json: Tune copies those back into the folder when it restores
 # <sweep>/train/<trial id>/: the full-protocol record of a screened trial (evaluation.screening; sweep.full_eval)
 FULL_EVAL_FILE = "isosweep_full_eval.json"
 # the values a full-protocol record replaces in a screened row; the screening ones stay as `screen_<name>`

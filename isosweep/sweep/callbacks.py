@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from isosweep.console import say
+from isosweep import storage as st
+from isosweep.console import say, warn
+from isosweep.redact import scrub_text
+from isosweep.results.layout import TRIALS_FILE, TUNER_FILE
+from isosweep.results.readback import trial_record
+from isosweep.results.seal import add_seals, is_tune_state, read_seals, seal_stored, state_key, write_seals
 from isosweep.sweep.monitoring import SweepMetrics
 
 
@@ -107,6 +113,106 @@ class SweepProgress(Callback):
         finished = [(t.trial_id, bool((t.config or {}).get("baseline")), dict(t.last_result or {}))
                     for t, state in zip(trials, states) if state == "done"]
         self.metrics.publish(counts, finished, eta)
+
+
+# The sweep URIs of this driver process by their scrubbed text: the callbacks below are pickled into tuner.pkl with the
+# scrubbed URI only (no credential goes to storage), and a restored one finds its URI here again (`attach`).
+_DRIVER_URIS: dict[str, str] = {}
+
+
+def attach(sweep_uri: str) -> None:
+    """Lets the callbacks of this sweep (new or restored from tuner.pkl) write to `sweep_uri`, credentials included."""
+    _DRIVER_URIS[scrub_text(sweep_uri)] = sweep_uri
+
+
+class _WritesToSweep(Callback):
+    """A driver callback writing into the sweep's folder; pickled with the URI scrubbed."""
+
+    def __init__(self, sweep_uri: str) -> None:
+        attach(sweep_uri)
+        self.sweep_uri = scrub_text(sweep_uri)
+
+    @property
+    def uri(self) -> str:
+        return _DRIVER_URIS.get(self.sweep_uri, self.sweep_uri)
+
+
+class TrialRecords(_WritesToSweep):
+    """Writes every trial's config, last result and status to `<sweep>/isosweep_trials.records` (plain JSON) at each
+    trial event, so `isosweep results`/`status` read the sweep without Tune's pickled experiment state."""
+
+    def __init__(self, sweep_uri: str) -> None:
+        super().__init__(sweep_uri)
+        self._ended: dict[str, set[str]] = {"done": set(), "failed": set()}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._write(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("evaluated"):  # the final report: training reports change no row
+            self._write(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended["done"].add(trial.trial_id)
+        self._write(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended["failed"].add(trial.trial_id)
+        self._write(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self._write(trials)
+
+    def _write(self, trials) -> None:
+        status = {"done": "TERMINATED", "failed": "ERROR", "running": "RUNNING", "pending": "PENDING"}
+        records = [trial_record(t.trial_id, dict(t.config or {}), dict(t.last_result or {}),
+                                status[trial_state(t, self._ended["done"], self._ended["failed"])]) for t in trials]
+        uri = st.join(self.uri, TRIALS_FILE)
+        try:
+            st.write_json(uri, {"trials": records})
+        except OSError as exc:  # storage down: the next event writes them all again
+            warn(f"could not record the trials at {scrub_text(uri)}: {scrub_text(str(exc))}")
+
+
+class StateSeal(_WritesToSweep):
+    """Seals Tune's state files as this driver writes them (`results.seal`): tuner.pkl when the run starts, then every
+    few seconds and at the end the files of the driver's staging folder (what Tune uploads to the sweep) are given
+    their HMAC, kept in storage beside them. Holds no key (it is pickled into tuner.pkl): the key is read where it is used."""
+
+    EVERY_S = 5.0
+    _seals: dict | None = None  # loaded from storage on first use (and after a restore)
+    _sealed_at = 0.0
+
+    def __getstate__(self):
+        return {"sweep_uri": self.sweep_uri}
+
+    def setup(self, **info):
+        """tuner.pkl, as `Tuner()` wrote it just before this run (or as the resume checked, or was told to trust, it)."""
+        try:
+            seal_stored(self.uri, [TUNER_FILE])
+        except OSError as exc:
+            warn(f"could not seal {TUNER_FILE} at {self.sweep_uri}: {scrub_text(str(exc))}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self._sealed_at >= self.EVERY_S:
+            self._seal(trials)
+
+    def on_experiment_end(self, trials, **info):  # after Tune's last upload of its state
+        self._seal(trials)
+
+    def _seal(self, trials) -> None:
+        self._sealed_at = time.time()
+        if not trials:
+            return
+        staging = Path(trials[0].storage.experiment_driver_staging_path)
+        files = {p.name: p.read_bytes() for p in staging.iterdir() if p.is_file() and is_tune_state(p.name)}
+        if self._seals is None:
+            self._seals = read_seals(self.uri)
+        try:
+            if add_seals(self._seals, files, state_key()):
+                write_seals(self.uri, self._seals)
+        except OSError as exc:  # storage down: sealed at the next tick; a resume before then asks for --trust-storage
+            warn(f"could not seal the sweep's Tune state at {self.sweep_uri}: {scrub_text(str(exc))}")
 
 
 class ForwardToTune(TuneReportCallback):

@@ -35,7 +35,7 @@ from isosweep.results.publish import write_results
 from isosweep.results.rows import SweepOutcome, summarize
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED, SweepState, promotion_refusal, sweep_state
 from isosweep.spec import SpecError, SweepSpec
-from isosweep.sweep.callbacks import SweepProgress
+from isosweep.sweep.callbacks import StateSeal, SweepProgress, TrialRecords, attach
 from isosweep.sweep.full_eval import run_full_protocol
 from isosweep.sweep.monitoring import SweepMetrics
 from isosweep.sweep.ray_env import init_ray, quiet_libraries
@@ -172,6 +172,7 @@ class Sweep:
         # the trial function only waits on its TorchTrainer: it holds no CPU (1 MB so the bundle is not empty)
         trainable = tune.with_resources(make_trial_fn(spec.to_dict(), sweep), {"CPU": 0, "memory": 2**20})
         concurrency, why = trial_concurrency(spec)  # what the cluster can grow to, not what is up now
+        attach(place.sweep_uri)  # the restored callbacks' URI, credentials included (tuner.pkl holds it scrubbed)
         if place.resuming and tune.Tuner.can_restore(place.sweep_uri):
             say(f"resuming {place.sweep_id}: finished trials are kept, unfinished ones continue from their checkpoints")
             started = place.state.get("trial_concurrency")
@@ -194,7 +195,9 @@ class Sweep:
             run_config=tune.RunConfig(
                 name=place.sweep_id,
                 callbacks=[SweepProgress(planned, concurrency,  # and the sweep's Ray metrics (monitoring.py)
-                                         SweepMetrics(place.sweep_id, planned, list(spec.selection.objectives)))],
+                                         SweepMetrics(place.sweep_id, planned, list(spec.selection.objectives))),
+                           TrialRecords(place.sweep_uri),  # what `isosweep results`/`status` read
+                           StateSeal(place.sweep_uri)],  # what `isosweep resume` checks before Tune unpickles its state
                 storage_path=place.storage,  # a URI with its query intact: Tune joins the name inside its path
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 verbose=1,

@@ -5,8 +5,9 @@ The baseline (lambda_iso = 0, `spec.BASELINE_PARAMS`) is injected in front of an
 model never sees it (its lambda_iso = 0 lies outside a log-uniform space and would corrupt TPE).
 
 The Optuna study is held in memory and travels in the searcher state that Tune saves into the sweep's
-experiment folder in storage, so a resume on another machine restores the whole history (no finished
-point is suggested as new, TPE keeps what it learned). Each save also writes `optuna.journal` there,
+experiment folder in storage, as JSON (the study's trials, never a pickle: storage is not trusted to hold
+code), so a resume on another machine tells the whole history to a fresh study (no finished point is
+suggested as new, TPE keeps what it learned). Each save also writes `optuna.journal` there,
 Optuna's plain-text journal format, for `optuna-dashboard`. The study names its objectives (`fid`, `ppl`:
 `selection.objectives`) and holds the baseline's result as its user attribute `baseline`, which is all
 the study ever learns of the baseline.
@@ -14,10 +15,9 @@ the study ever learns of the baseline.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import pickle
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from isosweep.console import warn
 from isosweep.spec import BASELINE_PARAMS, POINT_KEYS, TRIAL_KEYS, SweepSpec
 from isosweep.spec import load as _spec_load
 
@@ -78,23 +79,77 @@ class BaselineFirst(Searcher):
                                                 **{k: v for k, v in self.baseline.items() if k != "baseline"}, **objectives})
 
     def save(self, checkpoint_path: str) -> None:
+        """The searcher's state as JSON (never a pickle: the file lives in storage): the baseline and the Optuna
+        study's trials, the running ones with their Tune trial ids."""
         _export_journal(self.inner, Path(checkpoint_path).parent / JOURNAL_FILE)
-        with tempfile.TemporaryDirectory() as tmp:
-            inner_path = os.path.join(tmp, "inner.pkl")
-            self.inner.save(inner_path)
-            inner_bytes = Path(inner_path).read_bytes()
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"baseline_trial": self.baseline_trial, "baseline": self.baseline, "inner": inner_bytes}, f)
+        state = {"format": STATE_FORMAT, "baseline_trial": self.baseline_trial, "baseline": self.baseline,
+                 "study": _study_state(self.inner)}
+        tmp = f"{checkpoint_path}.tmp"
+        Path(tmp).write_text(json.dumps(state))
+        os.replace(tmp, checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
+        """Read the JSON state `save` wrote and tell its trials to the (empty) study again; a running trial is asked
+        anew with its parameters pinned, under its Tune trial id, so its result reaches the study when it ends. A state
+        that is not this JSON (a pickle of an older isosweep, or a planted one) is never loaded: the search then goes on
+        without its history, and says so."""
+        data = Path(checkpoint_path).read_bytes()
+        try:
+            state = json.loads(data)
+            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                raise ValueError("not isosweep's searcher state")
+        except ValueError:
+            warn(f"{Path(checkpoint_path).name}: not isosweep's JSON searcher state (an older sweep's pickle is never "
+                 "loaded), so the search continues without its history: no baseline again, TPE learns anew")
+            self.baseline_trial = self.baseline_trial or "unknown"
+            return
         self.baseline_trial = state["baseline_trial"]
-        self.baseline = state["baseline"]
-        with tempfile.TemporaryDirectory() as tmp:
-            inner_path = os.path.join(tmp, "inner.pkl")
-            Path(inner_path).write_bytes(state["inner"])
-            self.inner.restore(inner_path)
+        self.baseline = dict(state["baseline"])
+        if state.get("study") is not None:
+            _restore_study(self.inner, state["study"])
+            _name_objectives(self.inner)
+
+
+STATE_FORMAT = "isosweep-searcher-1"
+
+
+def _study_state(searcher: Searcher) -> dict | None:
+    """The Optuna study's trials and user attributes as JSON values; which Tune trials are still running."""
+    study = getattr(searcher, "_ot_study", None)
+    if study is None:
+        return None
+    trials = [{"number": t.number, "state": t.state.name, "params": t.params, "user_attrs": t.user_attrs,
+               "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in t.distributions.items()},
+               "values": [_json_number(v) for v in t.values] if t.values else None}
+              for t in study.get_trials(deepcopy=False)]
+    running = {tid: ot.number for tid, ot in searcher._ot_trials.items() if tid not in searcher._completed_trials}
+    return {"trials": trials, "user_attrs": study.user_attrs, "running": running,
+            "completed": sorted(searcher._completed_trials)}
+
+
+def _restore_study(searcher: Searcher, state: dict) -> None:
+    """Tell the saved trials to the searcher's study: finished ones as they ended, running ones asked again. Tune sets
+    the search space (which makes the study) before it restores; without it the study is made here."""
+    if searcher._ot_study is None:
+        searcher._setup_study(searcher._mode)
+    study = searcher._ot_study
+    for key, value in state["user_attrs"].items():
+        study.set_user_attr(key, value)
+    by_number = {}
+    for t in state["trials"]:
+        dists = {k: optuna.distributions.json_to_distribution(d) for k, d in t["distributions"].items()}
+        by_number[t["number"]] = (t["params"], dists)
+        trial_state = optuna.trial.TrialState[t["state"]]
+        if trial_state.is_finished():
+            values = t["values"] if trial_state == optuna.trial.TrialState.COMPLETE else None
+            study.add_trial(optuna.trial.create_trial(state=trial_state, params=t["params"], distributions=dists,
+                                                      values=values, user_attrs=t["user_attrs"]))
+    for tune_id, number in state["running"].items():
+        if number in by_number:
+            params, dists = by_number[number]
+            study.enqueue_trial(params, skip_if_exists=False)
+            searcher._ot_trials[tune_id] = study.ask(fixed_distributions=dists)
+    searcher._completed_trials = set(state["completed"])
 
 
 def _objectives(searcher: Searcher) -> list[str]:
