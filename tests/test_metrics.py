@@ -277,8 +277,10 @@ def test_ddim_sampling_is_deterministic_and_batch_independent():
     assert a.images.shape == (3, 3, 16, 16) and a.images.min() >= -1 and a.images.max() <= 1
     assert a.h.shape == (4, 3, 32, 8, 8)
     assert len(a.timesteps) == 4 and a.timesteps[0] > a.timesteps[-1]
-    assert torch.allclose(a.images, b.images, atol=1e-5)
-    assert torch.allclose(a.h, b.h, atol=1e-5)
+    # a batching mistake moves values by O(1); fp32 convolutions of another batch size may differ by ~1.5e-5 after
+    # 4 steps, depending on the CPU's kernels
+    assert torch.allclose(a.images, b.images, atol=1e-4)
+    assert torch.allclose(a.h, b.h, atol=1e-4)
     assert sched.num_inference_steps is None  # the caller's scheduler is untouched
 
 

@@ -172,7 +172,7 @@ STORAGE_VERBS, TRACKING_VERBS = _verbs_taking("--storage"), _verbs_taking("--tra
 
 
 def test_the_verbs_that_take_storage_and_tracking_uri():
-    assert {a[0] for a in STORAGE_VERBS} == {"run", "resume", "results", "status", "promote", "train", "sync"}
+    assert {a[0] for a in STORAGE_VERBS} == {"run", "resume", "results", "status", "list", "stop", "promote", "train", "sync"}
     assert {a[0] for a in TRACKING_VERBS} == {"validate", "run", "resume", "promote", "sync", "pull", "sample", "interpolate",
                                               "invert", "edit"}
 
