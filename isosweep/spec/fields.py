@@ -79,7 +79,7 @@ class Section(BaseModel):
 
 
 FIXES = {
-    "extra_forbidden": "remove it, or check its spelling against the spec reference in README.md",
+    "extra_forbidden": "remove it, or check its spelling against the spec reference in docs/spec.md",
     "missing": "add it",
     "literal_error": "use one of the allowed values",
     "greater_than_equal": "raise it to the minimum",

@@ -1,5 +1,5 @@
 """The spec reference (every field, its type, default and meaning) generated from the schema, so the
-README's table cannot drift from `SweepSpec` (tests/test_readme.py compares them)."""
+table in docs/spec.md cannot drift from `SweepSpec` (tests/test_readme.py compares them)."""
 
 from __future__ import annotations
 
