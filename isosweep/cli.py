@@ -27,10 +27,27 @@ from isosweep.spec import SpecError
 MODEL_HELP = "a diffusers folder, a hub id (org/name; the local Hugging Face cache when offline), builtin:shapes, or an MLflow model URI (models:/NAME@alias, runs:/ID/model)"
 
 
+SET_HELP = "override a field of the spec (repeatable), e.g. --set search.num_trials=2"
+TRACKING_HELP = "MLflow tracking URI (default: ISOSWEEP_TRACKING_URI, the spec's tracking.uri, MLFLOW_TRACKING_URI, <storage>/mlflow.db)"
+STORAGE_HELP = "where the sweeps live, local or s3:// (default: ISOSWEEP_STORAGE, then the spec's storage.path)"
+SHARED_FS_HELP = "the storage is a file system every node mounts at the same path (skips the multi-node storage check)"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default where it has a meaningful one and the text does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        meaningful = not (default is None or default is False or default is argparse.SUPPRESS or default == [])
+        if action.option_strings and meaningful and "default" not in text and not action.required:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _add_spec(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="YAML sweep spec, e.g. search_spaces/demo.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a spec field (repeatable), e.g. --set search.num_trials=2")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
 
 
 EPILOG = (f"exit codes: {EXIT_COMPLETED} done, {EXIT_ERROR} error (one line; -v prints the traceback), {EXIT_SPEC_ERROR} bad "
@@ -47,12 +64,12 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 def _image_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options `invert` and `edit` share: where they write, how they run, and the spec that names the distance."""
     p.add_argument("--out", required=True, help="a new or empty folder")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per UNet call (lower it when memory runs out)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     p.add_argument("--spec", default="search_spaces/demo.yaml",
                    help="spec whose evaluation section names the perceptual distance (PPL's) and the bootstrap")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec(p)
     p.add_argument("--address", default=None,
                    help="Ray cluster address: auto, ray://HOST:10001, HOST:6379 (default: RAY_ADDRESS; unset or local: embedded Ray)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: ISOSWEEP_TRACKING_URI, spec, MLFLOW_TRACKING_URI, or local sqlite)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     p.add_argument("--storage", default=None,
                    help="where the sweep lives: a directory, or s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http] "
                    "(default: ISOSWEEP_STORAGE, then the spec's storage.path)")
@@ -97,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-changes", action="store_true",
                    help="allow changes to fields that do not change results (concurrency, tracking, caches, dataset.path)")
     p.add_argument("--address", default=None, help="as for run (default: RAY_ADDRESS)")
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     p.add_argument("--report-dir", default=None, help="as for run")
-    p.add_argument("--shared-fs", action="store_true")
+    p.add_argument("--shared-fs", action="store_true", help=SHARED_FS_HELP)
     p.add_argument("--trust-storage", action="store_true",
                    help="restore Tune's state even without a valid seal (it is unpickled: only when you trust whoever can "
                         "write the storage)")
@@ -109,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=text)
         p.add_argument("target", help=target_help)
         p.add_argument("--storage", default=None, help="where to look for a spec file's or a name's sweeps")
-        p.add_argument("--set", dest="overrides", action="append", default=[])
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
         _add_json(p)
 
     p = sub.add_parser("list", help="the sweeps under a storage, newest first: id, state, trials done/planned, champion, started")
@@ -128,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="move the registry's @champion alias to a finished trial chosen by hand")
     p.add_argument("target", help=target_help)
     p.add_argument("--trial", required=True, help="the trial id (as `isosweep results` lists it)")
-    p.add_argument("--storage", default=None)
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
 
     p = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a Ray job",
                        description="Submit a sweep as a Ray job. --set values and --env values travel in the job's "
@@ -155,42 +172,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run one trial (no Tune) with the spec's fixed train values")
     _add_spec(p)
     p.add_argument("--address", default=None, help="as for run (default: RAY_ADDRESS)")
-    p.add_argument("--storage", default=None)
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
     p.add_argument("--resume-from", default=None, help="checkpoint directory to continue from")
 
     p = sub.add_parser("pretrain", help="train (or reuse) the built-in shapes base model")
     p.add_argument("spec", nargs="?", default=None, help="spec whose base_model/dataset to use (default: demo settings)")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
     p.add_argument("--force", action="store_true", help="retrain even if cached")
     p.add_argument("--out", default=None, help="also write a sample grid PNG here")
 
     p = sub.add_parser("eval", help="evaluate a model directory or MLflow model URI (Table-1 row)")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--spec", default="search_spaces/demo.yaml", help="spec whose evaluation section to use")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
     p.add_argument("--metrics", nargs="+", default=None, help="subset of fid ppl mrtl mcn vor ls")
 
     p = sub.add_parser("pull", help="download a registered model and check it loads")
     p.add_argument("model_uri", help="e.g. models:/isodiff-demo@champion")
-    p.add_argument("--out", required=True)
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", required=True, help="a new or empty folder for the model")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
 
     p = sub.add_parser("sample", help="sample a grid of images from a model")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="grid.png")
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--n", type=int, default=16, help="how many images")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--out", default="grid.png", help="the PNG to write")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
 
     p = sub.add_parser("interpolate", help="interpolate between two seeds' latents and plot frame distances")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--seeds", type=int, nargs=2, default=[1, 2])
-    p.add_argument("--frames", type=int, default=9)
-    p.add_argument("--mode", choices=["slerp", "lerp"], default="slerp")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--out", default="strip.png")
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--seeds", type=int, nargs=2, default=[1, 2], help="the two seeds whose initial noise the path joins")
+    p.add_argument("--frames", type=int, default=9, help="images along the path, both ends included")
+    p.add_argument("--mode", choices=["slerp", "lerp"], default="slerp", help="spherical or linear interpolation of the noise")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--out", default="strip.png", help="the PNG to write; the distance plot and JSON go beside it")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
 
     p = sub.add_parser("invert", help="DDIM-invert images to their x_T and measure how well they come back",
                        description="Map each image back to the x_T from which DDIM draws it again (the DDIM ODE run forward "
@@ -230,11 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="upload to MLflow what a sweep's storage holds but the tracking server lacks")
     p.add_argument("target", help=target_help)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--storage", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
     for p in sub.choices.values():  # -v after the verb too; SUPPRESS keeps a -v given before the verb
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as `isosweep -v`")
+        p.formatter_class = _HelpFormatter
     return parser
 
 

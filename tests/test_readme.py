@@ -67,3 +67,15 @@ def test_version_prints_the_package_version(capsys):
     with pytest.raises(SystemExit) as done:
         build_parser().parse_args(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"isosweep {isosweep.__version__}"
+
+
+def test_every_argument_of_every_verb_says_what_it_is_for_and_its_default():
+    import argparse
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    bare = [f"{verb} {a.option_strings or a.dest}" for verb, p in sub.choices.items() for a in p._actions if not a.help]
+    assert not bare, bare
+    sample = " ".join(sub.choices["sample"].format_help().split())
+    assert "--seed SEED seed of the initial noise (default: 0)" in sample and "--n N how many images (default: 16)" in sample
+    assert "(default: None)" not in " ".join(p.format_help() for p in sub.choices.values())
