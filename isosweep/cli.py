@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "working_dir and py_modules are isosweep's and refused")
     p.add_argument("--resume", action="store_true",
                    help="the job resumes the newest unfinished sweep of the spec instead of starting one")
+    p.add_argument("--trust-storage", action="store_true",
+                   help="with --resume: the job restores Tune's state without a valid seal (pass the sweep's key with "
+                        "--env ISOSWEEP_STATE_KEY instead where you can)")
     p.add_argument("--shared-fs", action="store_true",
                    help="every node mounts the same file system: allow absolute local storage paths and SQLite/file tracking URIs")
     p.add_argument("--no-wait", action="store_true", help="return after submission instead of following the logs")

@@ -70,6 +70,10 @@ def test_entrypoint_is_a_real_isosweep_command_that_joins_the_cluster_and_carrie
     assert jobs.build_entrypoint("x.yaml", command="validate") == "python -m isosweep.cli validate x.yaml"
     # `submit --resume --set ...`: the resume may take the asked-for changes (results-changing ones are still refused)
     assert jobs.build_entrypoint("x.yaml", command="resume", allow_changes=True).endswith("--address auto --allow-changes")
+    assert jobs.build_entrypoint("x.yaml", command="resume", trust_storage=True).endswith("--address auto --trust-storage")
+    assert "--trust-storage" not in jobs.build_entrypoint("x.yaml", command="run", trust_storage=True)
+    assert build_parser().parse_args(["resume", "x", "--trust-storage"]).trust_storage  # what the job's command accepts
+    assert cli.main(["submit", str(REPO / "search_spaces" / "demo.yaml"), "--trust-storage"]) == cli.EXIT_SPEC_ERROR  # no --resume
     shared = jobs.build_entrypoint("x.yaml", shared_fs=True)  # run's driver checks storage on a multi-node cluster too
     assert shared == "python -m isosweep.cli run x.yaml --address auto --shared-fs"
     assert build_parser().parse_args(shlex.split(shared)[3:]).shared_fs

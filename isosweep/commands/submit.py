@@ -28,6 +28,9 @@ def submit_command(args: argparse.Namespace, command: str = "run") -> int:
                         "prints its logs); fix: add --no-wait, then `ray job logs JOB_ID --follow`")
     if command == "run" and getattr(args, "resume", False):
         command = "resume"
+    trust_storage = bool(getattr(args, "trust_storage", False))
+    if trust_storage and command != "resume":
+        raise SpecError("--trust-storage only applies to a resume; fix: add --resume, or leave it out")
     address, address_source = jobs.resolve_address(getattr(args, "address", None))
     overrides = list(getattr(args, "overrides", None) or [])
     # schema, ranges and --set here; paths (dataset.path, weights) are the cluster's, checked by the job
@@ -45,7 +48,8 @@ def submit_command(args: argparse.Namespace, command: str = "run") -> int:
     try:
         client = jobs.connect(address, token, source, address_source)
         package = jobs.build_package(args.spec, user_env)
-        entrypoint = jobs.build_entrypoint(package.spec_arg, command=command, shared_fs=shared_fs, allow_changes=bool(overrides))
+        entrypoint = jobs.build_entrypoint(package.spec_arg, command=command, shared_fs=shared_fs, allow_changes=bool(overrides),
+                                           trust_storage=trust_storage)
         job_id = jobs.submit(client, entrypoint, package, spec)
     except jobs.JobSubmitError as exc:
         note(f"error: {scrub_text(str(exc))}")

@@ -242,7 +242,8 @@ def build_package(spec_path: str | os.PathLike, user_env: dict[str, Any] | None 
     return package
 
 
-def build_entrypoint(spec_arg: str, command: str = "run", shared_fs: bool = False, allow_changes: bool = False) -> str:
+def build_entrypoint(spec_arg: str, command: str = "run", shared_fs: bool = False, allow_changes: bool = False,
+                     trust_storage: bool = False) -> str:
     """The shell command the job runs: `python -m isosweep.cli run SPEC --address auto [--shared-fs]`.
 
     Only the command, the spec's path and flags: `--set` values travel in OVERRIDES_ENV, never here, since
@@ -254,8 +255,8 @@ def build_entrypoint(spec_arg: str, command: str = "run", shared_fs: bool = Fals
         parts += ["--address", "auto"]  # join the cluster the job runs on; never an embedded Ray
     if shared_fs and command in ("run", "resume"):
         parts.append("--shared-fs")
-    if allow_changes and command == "resume":  # `submit --resume --set K=V`: the user asked for these changes
-        parts.append("--allow-changes")  # (fields that change results are refused all the same)
+    if command == "resume":  # `--set K=V` asks for changes (those that change results are refused all the same);
+        parts += ["--allow-changes"] * allow_changes + ["--trust-storage"] * trust_storage  # the user vouches for the bucket
     return shlex.join(parts)
 
 
