@@ -17,6 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+# A checkpoint's manifest: every file's size and sha256, its step and the run's total steps; written last
+# (training.checkpoint), read to verify a checkpoint and by `isosweep status` for a running trial's progress.
+MANIFEST = "manifest.json"
+
 # The files an image_folder dataset is made of: every file under dataset.path with one of these suffixes.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 

@@ -270,6 +270,13 @@ def upload_dir(local: str | os.PathLike, uri: str) -> None:
                 make_private(dest / f.relative_to(local))
 
 
+def modified(uri: str) -> float | None:
+    """When the file at `uri` was last written (seconds since the epoch), from its listing; None when it is not there."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    return info.mtime.timestamp() if info.type == pafs.FileType.File and info.mtime is not None else None
+
+
 def file_sizes(uri: str) -> dict[str, int]:
     """{path relative to `uri`: size in bytes} of every file under `uri`, from the listing alone (empty when none)."""
     fs, path = filesystem(uri)

@@ -106,7 +106,7 @@ def test_checkpoint_has_a_manifest_of_every_file_written_last(run_dir):
     manifest = json.loads((ckpt / MANIFEST).read_text())
     on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(manifest["files"]) == on_disk and {TRAIN_STATE, SAFETENSORS, "spec.json", "model_index.json"} <= on_disk
-    assert manifest["step"] == 6
+    assert manifest["step"] == 6 and manifest["max_steps"] == 6  # the run's total: `isosweep status` tells progress by it
     assert manifest["files"][TRAIN_STATE]["size"] == (ckpt / TRAIN_STATE).stat().st_size
     assert verify_checkpoint(ckpt)["files"] == manifest["files"]
     assert not [p for p in run_dir.iterdir() if not p.name.startswith("checkpoint_")]  # no partial folders beside

@@ -138,7 +138,7 @@ def test_status_results_and_validate_print_json_documents(tmp_path):
         assert proc.returncode == EXIT_COMPLETED, proc.stderr[-3000:]
         out = json.loads(proc.stdout)
         assert set(out) == {"sweep_id", "uri", "state", "finished", "results_csv", "rows", "front", "backbones", "champion",
-                            "driver"}, out
+                            "driver", "progress"}, out
         assert out["sweep_id"] == st.name_of(sweep) and out["state"] == INTERRUPTED and out["finished"] is False
         assert out["results_csv"] == str(Path(sweep) / "results.csv") and isinstance(out["rows"], list)
         assert out["driver"] is None
@@ -153,6 +153,34 @@ def test_status_results_and_validate_print_json_documents(tmp_path):
     assert "is a valid sweep spec" in proc.stderr  # notes stay on stderr
     bad = isosweep("validate", DEMO, "--no-path-checks", "--json", "--set", "search.num_trials=-1")
     assert bad.returncode == EXIT_SPEC_ERROR and not bad.stdout and bad.stderr.startswith("error: ")
+
+
+def test_status_shows_a_running_trials_step_and_when_its_training_ends(tmp_path):
+    """A running trial's step, total steps and training ETA come from its checkpoints' manifests in storage (the pace
+    between the two newest); a trial without a checkpoint says so."""
+    from isosweep.results.layout import TRAIN_DIR, TRIALS_FILE
+    from isosweep.results.readback import trial_record
+    from isosweep.training.checkpoint import write_manifest
+
+    sweep = _sweep(str(tmp_path / "runs"), 1_000, state="RUNNING")
+    config = {"baseline": False, "lambda_iso": 0.1, "p": 0.5, "iso_metric": "sphere"}
+    st.write_json(st.join(sweep, TRIALS_FILE), {"trials": [trial_record("t1", config, {}, "RUNNING"),
+                                                           trial_record("t2", config, {}, "RUNNING")]})
+    now = time.time()
+    for step, age in ((200, 110), (400, 10)):  # 200 steps in 100 s: 2 steps/s, 600 to go, the newest 10 s old
+        ckpt = Path(sweep) / TRAIN_DIR / "t1" / f"checkpoint_{step:06d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "weights.bin").write_bytes(b"w")
+        manifest = write_manifest(ckpt, step=step, max_steps=1000)
+        os.utime(manifest, (now - age, now - age))
+    proc = isosweep("status", sweep, "--json")
+    assert proc.returncode == EXIT_COMPLETED, proc.stderr[-3000:]
+    progress = json.loads(proc.stdout)["progress"]
+    assert progress["t2"] is None and progress["t1"]["step"] == 400 and progress["t1"]["max_steps"] == 1000, progress
+    assert 280 <= progress["t1"]["eta_s"] <= 290, progress  # 600 / 2 - 10, less the seconds this test took
+    human = isosweep("status", sweep)
+    assert "running t1: step 400/1000 (checkpoint " in human.stdout and "training ends in about 5 min" in human.stdout, human.stdout
+    assert "running t2: no checkpoint yet" in human.stdout
 
 
 def test_stop_sends_sigterm_to_the_driver_on_this_machine_and_it_stops_resumable(tmp_path):

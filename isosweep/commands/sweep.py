@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import time
 from pathlib import Path
 
 from isosweep import storage as st
@@ -15,6 +16,8 @@ from isosweep.evaluation.features.common import unpublished_note
 from isosweep.redact import REDACTED, scrub_text, scrub_tree
 from isosweep.results.layout import STATE_FILE, find_sweeps, is_done, is_sweep, read_state, resolve_storage
 from isosweep.results.lease import refuse_if_held
+from isosweep.results.progress import trial_progress
+from isosweep.results.readback import read_sweep
 from isosweep.results.rows import SweepOutcome
 from isosweep.results.seal import refuse_unsealed
 from isosweep.results.states import COMPLETED, FAILED, INTERRUPTED
@@ -22,7 +25,6 @@ from isosweep.results.summary import RESULTS_CSV, driver_of, public
 from isosweep.results.tables import backbones_of, change_plain, plain_table, table_rows
 from isosweep.spec import SpecError, SweepSpec, apply_overrides, load_spec, spec_from_dict
 from isosweep.spec.changes import spec_for_resume
-from isosweep.results.readback import read_sweep
 
 # The driver (torch, MLflow, the feature networks) and the registry are imported by the verbs that use them:
 # `isosweep results` and `status` read storage only and start in seconds.
@@ -86,18 +88,24 @@ def results_command(args: argparse.Namespace) -> int:
         how = "running or interrupted"
     csv_uri = st.join(sweep, RESULTS_CSV)
     csv_written = st.exists(csv_uri)
+    now = time.time()
+    running = {r["trial_id"]: trial_progress(sweep, r["trial_id"], now) for r in outcome.rows if r["status"] == "RUNNING"}
     if getattr(args, "json", False):
         result_json({"sweep_id": outcome.sweep_id, "uri": scrub_text(sweep), "state": recorded, "finished": is_done(sweep),
                      "results_csv": scrub_text(csv_uri) if csv_written else None, "rows": scrub_tree(table_rows(outcome.rows)),
                      "front": [r["trial_id"] for r in outcome.front], "backbones": backbones_of(outcome.rows),
                      "champion": {"trial_id": outcome.champion.row["trial_id"], "reason": outcome.champion.reason}
-                     if outcome.champion else None, "driver": public(driver_of(sweep))})
+                     if outcome.champion else None, "driver": public(driver_of(sweep)),
+                     "progress": {tid: None if p is None else {"step": p.step, "max_steps": p.max_steps, "checkpoint_at": p.saved_at,
+                                                              "eta_s": p.eta_s} for tid, p in running.items()}})
         return EXIT_COMPLETED
     result(f"sweep {outcome.sweep_id} ({how})")
     result(f"storage: {scrub_text(sweep)}")
     result(f"results.csv: {scrub_text(csv_uri)}" if csv_written else
            "results.csv: not written yet (the sweep writes it into its folder when it ends or is stopped)")
     result(plain_table(outcome.rows))
+    for tid, progress in running.items():
+        result(f"running {tid}: " + (progress.line(now) if progress else "no checkpoint yet"))
     _print_backbones(outcome)
     result("\nPareto front: " + ", ".join(r["trial_id"] for r in outcome.front))
     if outcome.champion:

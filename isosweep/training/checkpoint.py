@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from isosweep import storage
 from isosweep.core.ema import EMA
-from isosweep.files import atomic_directory
+from isosweep.files import MANIFEST, atomic_directory
 from isosweep.training.best_step import read_saved
 
 if TYPE_CHECKING:  # types only: reading a manifest (the trial process, registration) needs no diffusers
@@ -50,7 +50,6 @@ if TYPE_CHECKING:  # types only: reading a manifest (the trial process, registra
     from isosweep.core.codec import Codec
 
 TRAIN_STATE = "train_state.pt"
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "isosweep-checkpoint/1"
 SIBLING_PREFIX = "checkpoint_"  # Ray Train's checkpoint folders (checkpoint_<time>), LocalReporter's (checkpoint_<step>)
 _HASH_CHUNK = 1 << 22  # bytes read at a time while hashing
@@ -89,7 +88,7 @@ class Location:
 
 def save_checkpoint(directory: Path, unet: UNet2DModel, ema: EMA, scheduler, state: dict[str, Any],
                     spec_json: dict[str, Any], *, extra: Callable[[Path], None] | None = None,
-                    model: UNet2DModel | None = None, codec: Codec | None = None) -> Path:
+                    model: UNet2DModel | None = None, codec: Codec | None = None, max_steps: int | None = None) -> Path:
     """Write the checkpoint folder `directory` (which must not exist) atomically.
 
     Everything is written into a temporary folder beside it: the EMA UNet (or `model`, the selected weights
@@ -111,12 +110,13 @@ def save_checkpoint(directory: Path, unet: UNet2DModel, ema: EMA, scheduler, sta
         (tmp / "spec.json").write_text(json.dumps(spec_json, indent=2, sort_keys=True))
         if extra is not None:
             extra(tmp)
-        write_manifest(tmp, step=int(state["step"]))
+        write_manifest(tmp, step=int(state["step"]), max_steps=max_steps)
     return directory
 
 
-def write_manifest(directory: str | Path, step: int | None = None) -> Path:
-    """Record every file under `directory` (its path relative to it, size in bytes, sha256) in manifest.json."""
+def write_manifest(directory: str | Path, step: int | None = None, max_steps: int | None = None) -> Path:
+    """Record every file under `directory` (its path relative to it, size in bytes, sha256) in manifest.json, with the
+    step it was saved at and the run's total steps (`max_steps`, when given: how `isosweep status` tells progress)."""
     directory = Path(directory)
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
@@ -124,7 +124,8 @@ def write_manifest(directory: str | Path, step: int | None = None) -> Path:
         if rel != MANIFEST:
             files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     out = directory / MANIFEST
-    out.write_text(json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1, sort_keys=True))
+    head = {"format": MANIFEST_FORMAT, "step": step, **({"max_steps": int(max_steps)} if max_steps is not None else {})}
+    out.write_text(json.dumps({**head, "files": files}, indent=1, sort_keys=True))
     return out
 
 

@@ -374,5 +374,5 @@ def _report(reporter: Reporter, run: Run, metrics: dict[str, Any], state: dict[s
 
     with tempfile.TemporaryDirectory(prefix="isosweep-ckpt-") as tmp:
         folder = save_checkpoint(Path(tmp) / "checkpoint", run.unet, run.ema, run.scheduler, state, spec_json,
-                                 extra=extra, model=model, codec=run.codec)
+                                 extra=extra, model=model, codec=run.codec, max_steps=run.max_steps)
         reporter.report(metrics, checkpoint_dir=str(folder))
