@@ -91,3 +91,41 @@ def atomic_directory(final: str | os.PathLike, *, replace: bool = False) -> Iter
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+SCRATCH_PREFIX = "isosweep-scratch-"  # <tmp>/isosweep-scratch-<pid>-<kind>-<random>: whose process made it
+
+
+@contextlib.contextmanager
+def scratch_dir(kind: str) -> Iterator[Path]:
+    """A private temporary folder (a checkpoint on its way to storage, a downloaded one), removed on exit. Its name
+    carries this process's id, so a folder a killed process left behind (a whole model) is found and removed by
+    `remove_orphaned_scratch`."""
+    path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{kind}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_orphaned_scratch(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove this user's scratch folders under `root` (the temporary folder) whose process no longer runs on this
+    machine; returns them. Folders of live processes, of other users and of other names are left alone."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and path.is_dir() and path.stat().st_uid == os.getuid() and not _running(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

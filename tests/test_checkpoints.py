@@ -301,3 +301,28 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
     assert r0_ok == r1_ok == {"step": 4, "source": str(tmp_path / "run" / "checkpoint_000004")}
     assert r0_err["error"].startswith("CheckpointError: no checkpoint to resume from verifies")
     assert r1_err["error"].startswith("CheckpointError: rank 0 could not resume: CheckpointError: no checkpoint")
+
+
+def test_a_killed_workers_checkpoint_copy_is_removed_and_a_live_ones_kept(tmp_path):
+    """A process killed while its checkpoint sits in a scratch folder leaves it behind (a whole model in /tmp on a
+    real run); the next worker's clean-up removes it, and leaves a running process's folder alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from isosweep.files import SCRATCH_PREFIX, remove_orphaned_scratch, scratch_dir
+
+    code = ("import sys, time\nfrom isosweep.files import scratch_dir\nwith scratch_dir('ckpt') as d:\n"
+            "    (d / 'weights.bin').write_bytes(bytes(1 << 20))\n    print(d, flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    left = Path(proc.stdout.readline().strip())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert left.parent == tmp_path and left.name.startswith(f"{SCRATCH_PREFIX}{proc.pid}-ckpt-") and (left / "weights.bin").is_file()
+    with scratch_dir("ckpt") as ours:  # this process's, in the default temporary folder
+        live = tmp_path / ours.name
+        live.mkdir()
+        assert remove_orphaned_scratch(tmp_path) == [left]
+        assert not left.exists() and live.is_dir()
+    assert not ours.exists()

@@ -19,6 +19,7 @@ from ray.train import Checkpoint
 
 from isosweep.console import say
 from isosweep.evaluation.suite import checkpoint_fid_scorer, trial_evaluator
+from isosweep.files import remove_orphaned_scratch
 from isosweep.models.loading import Fetch
 from isosweep.models.sources import is_model_uri
 from isosweep.spec import resolve_trial_spec
@@ -104,6 +105,7 @@ def train_loop_per_worker(config: dict[str, Any], tracking_uri: str | None = Non
     the Ray metrics; "" outside a sweep). tracking_uri: where the run is and where a `models:/` base model is looked
     up (`build_trainer` binds it)."""
     _quiet_train_reports()
+    remove_orphaned_scratch()  # checkpoint copies of workers killed on this machine (a whole model each)
     spec = resolve_trial_spec(config["spec"], config.get("trial_params"))
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

@@ -27,8 +27,6 @@ import json
 import os
 import pickle
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -41,7 +39,7 @@ import torch.distributed as dist
 
 from isosweep import storage
 from isosweep.core.ema import EMA
-from isosweep.files import MANIFEST, atomic_directory
+from isosweep.files import MANIFEST, atomic_directory, scratch_dir
 from isosweep.training.best_step import read_saved
 
 if TYPE_CHECKING:  # types only: reading a manifest (the trial process, registration) needs no diffusers
@@ -289,15 +287,12 @@ def _local_copy(loc: Location) -> Iterator[Path]:
     if isinstance(loc.filesystem, pafs.LocalFileSystem):
         yield Path(loc.path)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="isosweep-resume-"))
-    try:
+    with scratch_dir("resume") as tmp:
         if loc.filesystem.get_file_info(loc.path).type != pafs.FileType.Directory:
             yield tmp / "missing"  # nothing there: reported as a folder that does not exist
             return
         pafs.copy_files(loc.path, str(tmp), source_filesystem=loc.filesystem, destination_filesystem=pafs.LocalFileSystem())
         yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _display(loc: Location) -> str:

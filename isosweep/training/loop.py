@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from isosweep.core.losses import IsoDiffusionLoss
 from isosweep.core.step import FiniteFlags
 from isosweep.core.step import step_generators as core_step_generators
 from isosweep.data.datasets import ShardedLoader, build_dataset
+from isosweep.files import scratch_dir
 from isosweep.models.loading import BaseModel, Fetch, load_base, weights_sha256
 from isosweep.redact import scrub_text, scrub_tree
 from isosweep.spec import POINT_KEYS, TRIAL_KEYS, SweepSpec, TrainSpec
@@ -372,7 +372,7 @@ def _report(reporter: Reporter, run: Run, metrics: dict[str, Any], state: dict[s
         if evaluation is not None:
             evaluation.write(folder)
 
-    with tempfile.TemporaryDirectory(prefix="isosweep-ckpt-") as tmp:
+    with scratch_dir("ckpt") as tmp:  # a worker killed here leaves it to the next worker's clean-up (files.scratch_dir)
         folder = save_checkpoint(Path(tmp) / "checkpoint", run.unet, run.ema, run.scheduler, state, spec_json,
                                  extra=extra, model=model, codec=run.codec, max_steps=run.max_steps)
         reporter.report(metrics, checkpoint_dir=str(folder))
