@@ -207,22 +207,21 @@ def write_json(uri: str, value: Any) -> None:
 
 def list_dirs(uri: str) -> list[str]:
     """Names of the folders directly under `uri` (empty when it does not exist)."""
-    fs, path = filesystem(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    except FileNotFoundError:
-        return []
-    return sorted(PurePosixPath(i.path).name for i in infos if i.type == pafs.FileType.Directory)
+    return _names(uri, pafs.FileType.Directory)
 
 
 def list_files(uri: str) -> list[str]:
     """Names of the files directly under `uri` (empty when it does not exist)."""
+    return _names(uri, pafs.FileType.File)
+
+
+def _names(uri: str, kind: pafs.FileType) -> list[str]:
     fs, path = filesystem(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
     except FileNotFoundError:
         return []
-    return sorted(PurePosixPath(i.path).name for i in infos if i.type == pafs.FileType.File)
+    return sorted(PurePosixPath(i.path).name for i in infos if i.type == kind)
 
 
 def make_private_dirs(path: str | os.PathLike) -> Path:

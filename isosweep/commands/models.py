@@ -28,7 +28,7 @@ from isosweep.core.sampling import ddim_sample, sample_shape
 from isosweep.data.images import make_grid, make_strip, save_png, to_uint8
 from isosweep.evaluation.metrics.paths import lerp, slerp
 from isosweep.models.builtin import builtin_model_dir, pretrain_builtin, sample_grid
-from isosweep.models.loading import BaseModel, load_base, load_local, load_local_base, load_unet_and_scheduler
+from isosweep.models.loading import BaseModel, load_base, load_local, load_local_base, pixel_only
 from isosweep.models.sources import BUILTIN_SHAPES, is_model_uri
 from isosweep.results.plots import distance_plot
 from isosweep.spec import BaseModelSpec, SpecError, apply_overrides, load_spec, spec_from_dict
@@ -105,20 +105,15 @@ def _remove_partial(out: Path, created: bool) -> None:
 
 
 def load_model(model: str, tracking_uri: str | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
-    """The UNet and scheduler of a pixel-space model: a folder; a hub id (the local Hugging Face cache when offline) or
-    the built-in model, loaded as a spec's `base_model.source` is; or a `models:/` / `runs:/` URI downloaded into a
-    temporary folder that is removed once the weights are in memory (on every exit path). A latent model is refused
-    (`models.loading.LatentModelError`)."""
-    if not is_model_uri(str(model)):
-        if not Path(model).expanduser().exists():
-            return load_unet_and_scheduler(BaseModelSpec(source=str(model)), None)
-        return load_local(resolve_model(model), None)
-    with tempfile.TemporaryDirectory(prefix="isosweep-model-", ignore_cleanup_errors=True) as tmp:
-        return load_local(resolve_model(model, tracking_uri, dst=tmp), None)
+    """The UNet and scheduler of a pixel-space model (`load_base_model`); a latent model is refused
+    (`models.loading.LatentModelError`, exit 2)."""
+    return pixel_only(load_base_model(model, tracking_uri), model)
 
 
 def load_base_model(model: str, tracking_uri: str | None = None) -> BaseModel:
-    """`load_model`'s model with a latent model's codec (`models.loading.BaseModel`)."""
+    """A model and, for a latent model, its codec (`models.loading.BaseModel`): a folder; a hub id (the local Hugging Face
+    cache when offline) or the built-in model, loaded as a spec's `base_model.source` is; or a `models:/` / `runs:/` URI
+    downloaded into a temporary folder that is removed once the weights are in memory (on every exit path)."""
     if not is_model_uri(str(model)):
         if not Path(model).expanduser().exists():
             return load_base(BaseModelSpec(source=str(model)), None)

@@ -66,10 +66,11 @@ class BaseModel:
 def load_unet_and_scheduler(base_model_spec, dataset_spec=None, *, progress: bool = True,
                             fetch: Fetch | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
     """`load_base`'s UNet and scheduler of a pixel-space model; LatentModelError for a latent one."""
-    return _pixel(load_base(base_model_spec, dataset_spec, progress=progress, fetch=fetch), base_model_spec.source)
+    return pixel_only(load_base(base_model_spec, dataset_spec, progress=progress, fetch=fetch), base_model_spec.source)
 
 
-def _pixel(base: BaseModel, source) -> tuple[UNet2DModel, DDPMScheduler]:
+def pixel_only(base: BaseModel, source) -> tuple[UNet2DModel, DDPMScheduler]:
+    """The UNet and scheduler of a pixel-space model; LatentModelError (exit 2) for a latent one."""
     if base.codec is not None:
         raise LatentModelError(f"{source} is a latent diffusion model ({type(base.codec.module).__name__} autoencoder); "
                                "this command handles pixel-space models only; fix: give a pixel-space model (DDPMPipeline), or use "
@@ -115,7 +116,7 @@ def _load_fetched(uri: str, subfolder: str | None, fetch: Fetch) -> BaseModel:
 
 def load_local(path: Path | str, subfolder: str | None) -> tuple[UNet2DModel, DDPMScheduler]:
     """The UNet and scheduler of a local pixel-space model folder; LatentModelError for a latent one."""
-    return _pixel(load_local_base(path, subfolder), path)
+    return pixel_only(load_local_base(path, subfolder), path)
 
 
 def load_local_base(path: Path | str, subfolder: str | None) -> BaseModel:
