@@ -108,3 +108,26 @@ def test_several_rows_are_answered_row_by_row(model, saved):
     answers = model.predict(example["inputs"])
     assert [len(answers[0]), len(answers[1]["images"])] == [4, 3]
     assert all(_pixels(p).shape == (8, 8, 3) for p in answers[0] + answers[1]["images"])
+
+
+def test_the_code_logged_with_the_model_never_shadows_an_installed_isosweep(saved):
+    """MLflow puts the model's code folder (a few isosweep modules) first on sys.path. Where isosweep is installed, a
+    fresh process that loads the model first still imports the rest of isosweep, and the processes it starts (which
+    inherit sys.path: Ray's and torch's spawned workers) find the installed package, not the partial copy."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import os, subprocess, sys\nimport mlflow\n"
+            f"mlflow.pyfunc.load_model({str(saved)!r})\n"
+            "import isosweep.core.ema\n"  # a module the logged copy lacks
+            "child = 'import isosweep.core.ema, isosweep.cli; print(isosweep.cli.__file__)'\n"
+            "out = subprocess.run([sys.executable, '-c', f'import sys; sys.path[:] = {sys.path!r}; ' + child],\n"
+            "                     capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ''})\n"
+            "print(out.returncode, out.stdout.strip(), out.stderr[-500:])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=saved.parent,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"0 {root / 'isosweep' / 'cli.py'}"), proc.stdout + proc.stderr[-2000:]

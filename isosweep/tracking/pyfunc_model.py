@@ -51,7 +51,9 @@ What one request may cost is bounded by three settings of the serving process, r
 from __future__ import annotations
 
 import copy
+import importlib
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -64,7 +66,31 @@ from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, TEMPORARILY_UNAVAILA
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from isosweep.tracking.serving_modes import (
+
+
+def _prefer_installed_isosweep() -> None:
+    """MLflow puts the model's logged code folder (a few isosweep modules, `registry.SERVED_CODE`) first on sys.path.
+    Where isosweep is installed, that partial copy must not shadow it, neither here (a later `import isosweep.x` of a
+    module the copy lacks) nor in the processes this one starts, which inherit sys.path: it is taken off the path
+    while an installed isosweep imports, and put back only where there is none."""
+    logged = [p for p in sys.path if os.path.isfile(os.path.join(p, "isosweep", "tracking", "serving_modes.py"))
+              and not os.path.isfile(os.path.join(p, "isosweep", "cli.py"))]
+    if not logged:
+        return
+    sys.path[:] = [p for p in sys.path if p not in logged]
+    if "isosweep" in sys.modules:  # imported already: its own __path__ finds its modules
+        return
+    try:
+        importlib.import_module("isosweep.tracking.serving_modes")  # the installed package
+    except ImportError:
+        for name in [m for m in sys.modules if m == "isosweep" or m.startswith("isosweep.")]:
+            del sys.modules[name]
+        sys.path[:0] = logged  # no isosweep here: the copy logged with the model serves
+
+
+_prefer_installed_isosweep()
+
+from isosweep.tracking.serving_modes import (  # noqa: E402  (after the path is settled)
     EDIT_DEFAULTS, INVERT_DEFAULTS, bad, check_edit, edit_cost, integer, read_png, run_edit, run_invert, scalar, to_png,
 )
 
